@@ -1,0 +1,674 @@
+//! Configuration of both daemons: the TOML file formats, their defaults, and
+//! validation into checked runtime types. Every error names the file, the line
+//! and the key.
+
+use crate::frame::{DEFAULT_EXCHANGE_WINDOW, MAX_EXCHANGE_WINDOW, MIN_EXCHANGE_WINDOW};
+use crate::proto;
+use crate::rules::{HostPattern, Rule, RuleProblem, RuleSet};
+use crate::units::{ByteSize, HumanDuration};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use toml::Spanned;
+
+/// Default public HTTP listener.
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:8080";
+/// Default gRPC listener that tunnel clients dial.
+pub const DEFAULT_GRPC_LISTEN: &str = "127.0.0.1:7000";
+/// Default heartbeat interval of a group's streams.
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(30);
+/// Shortest heartbeat interval accepted.
+pub const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// Default number of data (Proxy) streams per client.
+pub const DEFAULT_DATA_STREAMS: u32 = 2;
+/// Most data streams per client.
+pub const MAX_DATA_STREAMS: u32 = 64;
+/// Default bound on the wait for an upstream's response head.
+pub const DEFAULT_RULE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default time given to in-flight requests at shutdown.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// Default cap on gRPC streams per client connection (a client holds 1 + N).
+pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 128;
+/// Default cap on concurrent public connections.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Default client connect (TCP + HTTP/2 handshake) timeout.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default cap of the client's reconnect backoff.
+pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(30);
+
+/// A secret (token) whose Debug output is masked.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    /// The secret itself, for sending it; never log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    /// Compares in constant time, so timing tells an attacker nothing.
+    pub fn matches(&self, other: &[u8]) -> bool {
+        use subtle::ConstantTimeEq;
+        self.0.as_bytes().ct_eq(other).into()
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+/// A configuration that could not be read or is invalid.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, or a key is wrong.
+    #[error("{file}:{line}: {key}: {message}")]
+    Invalid {
+        file: String,
+        line: usize,
+        key: String,
+        message: String,
+    },
+}
+
+/// Where a config text came from, to locate errors in it.
+struct Source<'a> {
+    file: &'a str,
+    text: &'a str,
+}
+
+impl Source<'_> {
+    fn line_of(&self, offset: usize) -> usize {
+        let end = offset.min(self.text.len());
+        self.text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
+    }
+
+    fn error(&self, offset: Option<usize>, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.file.to_string(),
+            line: offset.map_or(1, |o| self.line_of(o)),
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    fn at<T>(&self, spanned: &Spanned<T>, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        self.error(Some(spanned.span().start), key, message)
+    }
+
+    fn parse<T: DeserializeOwned>(&self) -> Result<T, ConfigError> {
+        let de = toml::Deserializer::parse(self.text)
+            .map_err(|e| self.error(e.span().map(|s| s.start), "syntax", e.message().trim()))?;
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            // Spanned<T> shows up in serde's path as a private field: hide it.
+            let key = e.path().to_string().replace(".$__serde_spanned_private_value", "");
+            let inner = e.into_inner();
+            let key = if key == "." { "top level".to_string() } else { key };
+            self.error(inner.span().map(|s| s.start), key, inner.message().trim())
+        })
+    }
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Where and how a daemon logs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// Filter such as "info" or "tunnel_daemon=debug"; `RUST_LOG` overrides it.
+    #[serde(default)]
+    pub level: Option<String>,
+    /// Write daily-rolling files in this directory instead of stderr.
+    #[serde(default)]
+    pub directory: Option<PathBuf>,
+    /// File name prefix of the rolling files (default: the binary's name).
+    #[serde(default)]
+    pub file_prefix: Option<String>,
+}
+
+// ---------------------------------------------------------------- server
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServerFile {
+    #[serde(default)]
+    server: ServerSection,
+    #[serde(default)]
+    log: LogConfig,
+    #[serde(default)]
+    groups: Vec<GroupSection>,
+    #[serde(default)]
+    rules: Vec<RuleSection>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ServerSection {
+    http_listen: Option<SocketAddr>,
+    grpc_listen: Option<SocketAddr>,
+    heartbeat_timeout: Option<Spanned<HumanDuration>>,
+    server_id: Option<String>,
+    shutdown_grace: Option<HumanDuration>,
+    worker_threads: Option<usize>,
+    max_streams_per_connection: Option<u32>,
+    max_connections: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GroupSection {
+    name: Spanned<String>,
+    token: Spanned<Secret>,
+    heartbeat_interval: Option<Spanned<HumanDuration>>,
+    data_streams: Option<Spanned<u32>>,
+    exchange_window: Option<Spanned<ByteSize>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleSection {
+    host: Option<Spanned<String>>,
+    path_prefix: Option<Spanned<String>>,
+    group: Spanned<String>,
+    upstream: Spanned<String>,
+    timeout: Option<HumanDuration>,
+}
+
+/// `[server]`: listeners and server-wide settings, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSettings {
+    pub http_listen: SocketAddr,
+    pub grpc_listen: SocketAddr,
+    /// Names this server in its acknowledgements (default: the host name).
+    pub server_id: String,
+    pub shutdown_grace: Duration,
+    /// Tokio worker threads; 0 = one per core.
+    pub worker_threads: usize,
+    pub max_streams_per_connection: u32,
+    pub max_connections: usize,
+}
+
+/// One group of clients and what the server manages for them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupSettings {
+    pub name: String,
+    pub token: Secret,
+    pub heartbeat_interval: Duration,
+    /// A stream silent this long is reaped (`[server] heartbeat_timeout`,
+    /// default 3 x the group's interval).
+    pub heartbeat_timeout: Duration,
+    pub data_streams: u32,
+    /// Credit per exchange and direction, bytes.
+    pub exchange_window: u32,
+}
+
+/// The whole server configuration, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    pub server: ServerSettings,
+    pub log: LogConfig,
+    pub groups: Vec<GroupSettings>,
+    pub rules: RuleSet,
+}
+
+impl ServerConfig {
+    /// Reads and checks a server.toml.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = read(path)?;
+        Self::from_str_named(&text, &path.display().to_string())
+    }
+
+    /// Parses and checks server.toml text; `file` names it in errors.
+    pub fn from_str_named(text: &str, file: &str) -> Result<Self, ConfigError> {
+        let src = Source { file, text };
+        let raw: ServerFile = src.parse()?;
+        let s = raw.server;
+        let server = ServerSettings {
+            http_listen: s.http_listen.unwrap_or_else(|| parse_default_addr(DEFAULT_HTTP_LISTEN)),
+            grpc_listen: s.grpc_listen.unwrap_or_else(|| parse_default_addr(DEFAULT_GRPC_LISTEN)),
+            server_id: s.server_id.unwrap_or_else(default_host_name),
+            shutdown_grace: s.shutdown_grace.map_or(DEFAULT_SHUTDOWN_GRACE, |d| d.0),
+            worker_threads: s.worker_threads.unwrap_or(0),
+            max_streams_per_connection: s
+                .max_streams_per_connection
+                .unwrap_or(DEFAULT_MAX_STREAMS_PER_CONNECTION),
+            max_connections: s.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+        };
+
+        let mut groups = Vec::new();
+        let mut names = BTreeSet::new();
+        for (i, g) in raw.groups.iter().enumerate() {
+            let key = |k: &str| format!("groups[{i}].{k}");
+            let name = g.name.get_ref().trim();
+            if name.is_empty() {
+                return Err(src.at(&g.name, key("name"), "group name is empty"));
+            }
+            if !names.insert(name.to_string()) {
+                return Err(src.at(&g.name, key("name"), format!("group {name:?} is defined twice")));
+            }
+            if g.token.get_ref().expose().is_empty() {
+                return Err(src.at(&g.token, key("token"), "token is empty"));
+            }
+            let interval = match &g.heartbeat_interval {
+                Some(d) if d.get_ref().0 < MIN_HEARTBEAT_INTERVAL => {
+                    return Err(src.at(d, key("heartbeat_interval"), "must be at least 1s"))
+                }
+                Some(d) => d.get_ref().0,
+                None => DEFAULT_HEARTBEAT_INTERVAL,
+            };
+            let timeout = match &s.heartbeat_timeout {
+                Some(t) if t.get_ref().0 <= interval => {
+                    return Err(src.at(
+                        t,
+                        "server.heartbeat_timeout",
+                        format!(
+                            "must be longer than group {name:?}'s heartbeat_interval ({})",
+                            humantime::format_duration(interval)
+                        ),
+                    ))
+                }
+                Some(t) => t.get_ref().0,
+                None => interval * 3,
+            };
+            let data_streams = match &g.data_streams {
+                Some(n) if !(1..=MAX_DATA_STREAMS).contains(n.get_ref()) => {
+                    return Err(src.at(n, key("data_streams"), format!("must be 1 to {MAX_DATA_STREAMS}")))
+                }
+                Some(n) => *n.get_ref(),
+                None => DEFAULT_DATA_STREAMS,
+            };
+            let exchange_window = match &g.exchange_window {
+                Some(w) if !(MIN_EXCHANGE_WINDOW as u64..=MAX_EXCHANGE_WINDOW as u64).contains(&w.get_ref().0) => {
+                    return Err(src.at(
+                        w,
+                        key("exchange_window"),
+                        format!("must be {}KiB to {}MiB", MIN_EXCHANGE_WINDOW >> 10, MAX_EXCHANGE_WINDOW >> 20),
+                    ))
+                }
+                Some(w) => w.get_ref().0 as u32,
+                None => DEFAULT_EXCHANGE_WINDOW,
+            };
+            groups.push(GroupSettings {
+                name: name.to_string(),
+                token: g.token.get_ref().clone(),
+                heartbeat_interval: interval,
+                heartbeat_timeout: timeout,
+                data_streams,
+                exchange_window,
+            });
+        }
+
+        let mut rules = Vec::new();
+        let mut rule_lines = Vec::new();
+        for (i, r) in raw.rules.iter().enumerate() {
+            let key = |k: &str| format!("rules[{i}].{k}");
+            let host = match &r.host {
+                None => HostPattern::Any,
+                Some(h) => HostPattern::parse(h.get_ref()).map_err(|m| src.at(h, key("host"), m))?,
+            };
+            let path_prefix = match &r.path_prefix {
+                None => "/".to_string(),
+                Some(p) if !p.get_ref().starts_with('/') => {
+                    return Err(src.at(p, key("path_prefix"), "must start with '/'"))
+                }
+                Some(p) => p.get_ref().clone(),
+            };
+            let group = r.group.get_ref().trim();
+            if !names.contains(group) {
+                return Err(src.at(
+                    &r.group,
+                    key("group"),
+                    format!("no group named {group:?} (defined: {})", join(&names)),
+                ));
+            }
+            let upstream = r.upstream.get_ref().trim();
+            if upstream.is_empty() {
+                return Err(src.at(&r.upstream, key("upstream"), "upstream name is empty"));
+            }
+            rules.push(Rule {
+                host,
+                path_prefix,
+                group: group.to_string(),
+                upstream: upstream.to_string(),
+                timeout: r.timeout.map_or(DEFAULT_RULE_TIMEOUT, |d| d.0),
+            });
+            rule_lines.push(r.group.span().start);
+        }
+        let rules = RuleSet::new(rules);
+        if let Some(p) = rules.problems().first() {
+            let (i, msg) = match *p {
+                RuleProblem::Duplicate { rule, earlier } => {
+                    (rule, format!("duplicate of rules[{earlier}] (same host and path_prefix)"))
+                }
+                RuleProblem::Unreachable { rule, earlier } => {
+                    (rule, format!("unreachable: rules[{earlier}] matches every request it would"))
+                }
+            };
+            return Err(src.error(Some(rule_lines[i]), format!("rules[{i}]"), msg));
+        }
+        Ok(ServerConfig {
+            server,
+            log: raw.log,
+            groups,
+            rules,
+        })
+    }
+
+    /// The group named `name`.
+    pub fn group(&self, name: &str) -> Option<&GroupSettings> {
+        self.groups.iter().find(|g| g.name == name)
+    }
+
+    /// What `ConfigSync` carries for a group, and its version (content hash).
+    pub fn group_sync(&self, name: &str) -> Option<(String, proto::GroupConfig)> {
+        let g = self.group(name)?;
+        let mut routes: Vec<proto::UpstreamRoute> = Vec::new();
+        for r in self.rules.rules().iter().filter(|r| r.group == name) {
+            let ms = r.timeout.as_millis() as u64;
+            match routes.iter_mut().find(|x| x.upstream == r.upstream) {
+                Some(x) => x.timeout_ms = x.timeout_ms.max(ms),
+                None => routes.push(proto::UpstreamRoute {
+                    upstream: r.upstream.clone(),
+                    timeout_ms: ms,
+                }),
+            }
+        }
+        let cfg = proto::GroupConfig {
+            group: g.name.clone(),
+            heartbeat_interval_ms: g.heartbeat_interval.as_millis() as u64,
+            data_streams: g.data_streams,
+            routes,
+            exchange_window: g.exchange_window,
+        };
+        Some((config_version(&cfg), cfg))
+    }
+}
+
+/// The content hash naming a group config: FNV-1a 64 over its protobuf
+/// encoding, which is deterministic for our messages (no maps), so every
+/// server computes the same version for the same config.
+pub fn config_version(cfg: &proto::GroupConfig) -> String {
+    use prost::Message;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in cfg.encode_to_vec() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")[..12].to_string()
+}
+
+fn join(names: &BTreeSet<String>) -> String {
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.iter().cloned().collect::<Vec<_>>().join(", ")
+    }
+}
+
+fn parse_default_addr(s: &str) -> SocketAddr {
+    s.parse().expect("built-in default addresses are valid")
+}
+
+/// The machine's host name, or "localhost" when it cannot be read.
+pub fn default_host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+// ---------------------------------------------------------------- client
+
+/// How the client lays its streams over connections (the design's plans).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Transport {
+    /// Plan B: control on ControlStream, data on N Proxy streams, one connection.
+    #[default]
+    Split,
+    /// Plan A: everything on one Proxy stream.
+    Single,
+    /// Plan 3: the control stream on its own TCP connection.
+    SplitConnection,
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Transport::Split => "split",
+            Transport::Single => "single",
+            Transport::SplitConnection => "split-connection",
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientFile {
+    server: Spanned<String>,
+    client_id: Option<Spanned<String>>,
+    group: Spanned<String>,
+    token: Spanned<Secret>,
+    #[serde(default)]
+    transport: Transport,
+    heartbeat_interval: Option<Spanned<HumanDuration>>,
+    data_streams: Option<Spanned<u32>>,
+    connect_timeout: Option<HumanDuration>,
+    reconnect_max: Option<HumanDuration>,
+    shutdown_grace: Option<HumanDuration>,
+    worker_threads: Option<usize>,
+    #[serde(default)]
+    log: LogConfig,
+    #[serde(default)]
+    upstreams: BTreeMap<String, Spanned<String>>,
+}
+
+/// The whole client configuration, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientConfig {
+    /// The server's gRPC address, `http://host:port`.
+    pub server: http::Uri,
+    pub client_id: String,
+    pub group: String,
+    pub token: Secret,
+    pub transport: Transport,
+    /// Used until the server's config arrives.
+    pub heartbeat_interval: Duration,
+    /// Used until the server's config arrives.
+    pub data_streams: u32,
+    pub connect_timeout: Duration,
+    pub reconnect_max: Duration,
+    pub shutdown_grace: Duration,
+    pub worker_threads: usize,
+    pub log: LogConfig,
+    /// Upstream name to base URL (`http://host:port`).
+    pub upstreams: BTreeMap<String, http::Uri>,
+}
+
+impl ClientConfig {
+    /// Reads and checks a client.toml.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = read(path)?;
+        Self::from_str_named(&text, &path.display().to_string())
+    }
+
+    /// Parses and checks client.toml text; `file` names it in errors.
+    pub fn from_str_named(text: &str, file: &str) -> Result<Self, ConfigError> {
+        let src = Source { file, text };
+        let raw: ClientFile = src.parse()?;
+        let server = parse_http_url(raw.server.get_ref()).map_err(|m| src.at(&raw.server, "server", m))?;
+        let client_id = match &raw.client_id {
+            Some(id) if id.get_ref().trim().is_empty() => {
+                return Err(src.at(id, "client_id", "is empty; omit it to use the host name"))
+            }
+            Some(id) => id.get_ref().trim().to_string(),
+            None => default_host_name(),
+        };
+        if raw.group.get_ref().trim().is_empty() {
+            return Err(src.at(&raw.group, "group", "group name is empty"));
+        }
+        if raw.token.get_ref().expose().is_empty() {
+            return Err(src.at(&raw.token, "token", "token is empty"));
+        }
+        let heartbeat_interval = match &raw.heartbeat_interval {
+            Some(d) if d.get_ref().0 < MIN_HEARTBEAT_INTERVAL => {
+                return Err(src.at(d, "heartbeat_interval", "must be at least 1s"))
+            }
+            Some(d) => d.get_ref().0,
+            None => DEFAULT_HEARTBEAT_INTERVAL,
+        };
+        let data_streams = match &raw.data_streams {
+            Some(n) if !(1..=MAX_DATA_STREAMS).contains(n.get_ref()) => {
+                return Err(src.at(n, "data_streams", format!("must be 1 to {MAX_DATA_STREAMS}")))
+            }
+            Some(n) => *n.get_ref(),
+            None => DEFAULT_DATA_STREAMS,
+        };
+        let mut upstreams = BTreeMap::new();
+        for (name, url) in &raw.upstreams {
+            let uri = parse_http_url(url.get_ref()).map_err(|m| src.at(url, format!("upstreams.{name}"), m))?;
+            upstreams.insert(name.clone(), uri);
+        }
+        Ok(ClientConfig {
+            server,
+            client_id,
+            group: raw.group.get_ref().trim().to_string(),
+            token: raw.token.get_ref().clone(),
+            transport: raw.transport,
+            heartbeat_interval,
+            data_streams,
+            connect_timeout: raw.connect_timeout.map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0),
+            reconnect_max: raw.reconnect_max.map_or(DEFAULT_RECONNECT_MAX, |d| d.0),
+            shutdown_grace: raw.shutdown_grace.map_or(DEFAULT_SHUTDOWN_GRACE, |d| d.0),
+            worker_threads: raw.worker_threads.unwrap_or(0),
+            log: raw.log,
+            upstreams,
+        })
+    }
+}
+
+/// Checks an `http://host:port[/]` URL (TLS arrives with a later issue).
+fn parse_http_url(s: &str) -> Result<http::Uri, String> {
+    let uri: http::Uri = s.trim().parse().map_err(|e| format!("invalid URL {s:?}: {e}"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some(other) => return Err(format!("scheme {other:?} is not supported in {s:?}; use http://")),
+        None => return Err(format!("{s:?} has no scheme; write e.g. \"http://127.0.0.1:3000\"")),
+    }
+    if uri.authority().is_none() {
+        return Err(format!("{s:?} has no host"));
+    }
+    if uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
+        return Err(format!("{s:?} has a path; give only scheme, host and port"));
+    }
+    Ok(uri)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SERVER: &str = r#"
+[server]
+http_listen = "127.0.0.1:8080"
+grpc_listen = "127.0.0.1:7000"
+heartbeat_timeout = "90s"
+
+[[groups]]
+name = "demo"
+token = "change-me"
+heartbeat_interval = "30s"
+data_streams = 2
+
+[[rules]]
+host = "*.localhost"
+path_prefix = "/"
+group = "demo"
+upstream = "web"
+timeout = "30s"
+"#;
+
+    #[test]
+    fn server_example_parses() {
+        let c = ServerConfig::from_str_named(SERVER, "server.toml").expect("valid");
+        assert_eq!(c.groups[0].heartbeat_timeout, Duration::from_secs(90));
+        assert_eq!(c.groups[0].data_streams, 2);
+        assert_eq!(format!("{:?}", c.groups[0].token), "\"***\"");
+        let (v1, cfg) = c.group_sync("demo").expect("group");
+        assert_eq!(cfg.routes[0].upstream, "web");
+        let c2 = ServerConfig::from_str_named(&SERVER.replace("\"30s\"\ndata", "\"10s\"\ndata"), "s").expect("ok");
+        assert_ne!(c2.group_sync("demo").expect("group").0, v1, "version follows content");
+    }
+
+    /// Each bad config names the file, the line and the key.
+    #[test]
+    fn errors_name_file_line_and_key() {
+        struct Case {
+            text: String,
+            expect: &'static str,
+        }
+        let cases = [
+            Case { text: SERVER.replace("\"90s\"", "\"90 parsecs\""), expect: "server.toml:5: server.heartbeat_timeout: invalid duration" },
+            Case { text: SERVER.replace("data_streams = 2", "data_streams = 0"), expect: "server.toml:11: groups[0].data_streams: must be 1" },
+            Case { text: SERVER.replace("group = \"demo\"", "group = \"nope\""), expect: "server.toml:16: rules[0].group: no group named \"nope\"" },
+            Case { text: SERVER.replace("path_prefix", "path_prefx"), expect: "server.toml:15: rules[0].path_prefx: unknown field `path_prefx`" },
+            Case { text: SERVER.replace("[server]", "[server"), expect: "server.toml:2: syntax:" },
+            Case { text: SERVER.replace("\"127.0.0.1:7000\"", "\"localhost:x\""), expect: "server.toml:4: server.grpc_listen:" },
+            Case {
+                text: format!("{SERVER}\n[[rules]]\nhost = \"a.localhost\"\ngroup = \"demo\"\nupstream = \"web\"\n"),
+                expect: "server.toml:22: rules[1]: unreachable: rules[0]",
+            },
+        ];
+        let mut wrong = Vec::new();
+        for c in cases {
+            let err = ServerConfig::from_str_named(&c.text, "server.toml").expect_err("invalid").to_string();
+            if !err.starts_with(c.expect) {
+                wrong.push(format!("got {err:?}, want {:?}", c.expect));
+            }
+        }
+        assert!(wrong.is_empty(), "{wrong:#?}");
+    }
+
+    #[test]
+    fn client_config_parses_and_checks_urls() {
+        let text = r#"
+server = "http://127.0.0.1:7000"
+client_id = "edge-1"
+group = "demo"
+token = "change-me"
+transport = "split-connection"
+[upstreams]
+web = "http://127.0.0.1:3000"
+"#;
+        let c = ClientConfig::from_str_named(text, "client.toml").expect("valid");
+        assert_eq!(c.transport, Transport::SplitConnection);
+        assert_eq!(c.upstreams["web"].port_u16(), Some(3000));
+        let bad = text.replace("http://127.0.0.1:3000", "127.0.0.1:3000");
+        let err = ClientConfig::from_str_named(&bad, "client.toml").expect_err("invalid").to_string();
+        assert!(err.starts_with("client.toml:8: upstreams.web: "), "{err}");
+        let bad = text.replace("split-connection", "carrier-pigeon");
+        let err = ClientConfig::from_str_named(&bad, "client.toml").expect_err("invalid").to_string();
+        assert!(err.starts_with("client.toml:6: transport: "), "{err}");
+    }
+}

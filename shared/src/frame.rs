@@ -1,0 +1,302 @@
+//! Frame rules of the protocol, free of I/O so they can be tested alone:
+//! per-exchange credit accounting, the order of an exchange's frames, and
+//! conversion of HTTP heads to and from their protobuf form.
+
+use crate::proto::{self, tunnel_message::Payload, TunnelMessage};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+
+/// Largest body chunk in one frame.
+pub const MAX_CHUNK: usize = 64 * 1024;
+/// Least credit a body frame consumes, so that the frames a receiver buffers
+/// per exchange are bounded in number as well as in bytes.
+pub const MIN_FRAME_COST: u32 = 1024;
+/// Default credit per exchange and direction.
+pub const DEFAULT_EXCHANGE_WINDOW: u32 = 256 * 1024;
+/// Smallest window: a quarter is returned at a time, and the remaining three
+/// quarters must still fit a full chunk, or a sender could wait forever.
+pub const MIN_EXCHANGE_WINDOW: u32 = 128 * 1024;
+/// Largest window a peer may grant.
+pub const MAX_EXCHANGE_WINDOW: u32 = 16 * 1024 * 1024;
+
+/// Credit a body chunk of `len` bytes consumes.
+pub fn frame_cost(len: usize) -> u32 {
+    (len as u32).max(MIN_FRAME_COST)
+}
+
+/// Capacity of a per-exchange body buffer that a peer keeping to `window`
+/// can never overflow: every chunk costs at least MIN_FRAME_COST, plus room
+/// for the final frame.
+pub fn body_buffer_capacity(window: u32) -> usize {
+    (window / MIN_FRAME_COST) as usize + 2
+}
+
+/// A broken protocol rule, for one exchange or one message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("message has no payload")]
+    NoPayload,
+    #[error("{0} frame before the exchange's head")]
+    BeforeHead(&'static str),
+    #[error("second head for the exchange")]
+    DuplicateHead,
+    #[error("{0} frame after the exchange's body ended")]
+    AfterEnd(&'static str),
+    #[error("peer sent {cost} bytes of body with {available} bytes of credit")]
+    CreditExceeded { cost: u32, available: u32 },
+    #[error("peer granted credit past the {MAX_EXCHANGE_WINDOW} byte maximum")]
+    CreditOverflow,
+    #[error("empty body chunk")]
+    EmptyChunk,
+    #[error("body chunk of {0} bytes exceeds {MAX_CHUNK}")]
+    ChunkTooLarge(usize),
+    #[error("invalid header {0:?}")]
+    BadHeader(String),
+    #[error("invalid {0}")]
+    BadHead(&'static str),
+}
+
+/// The receiving side's view of one direction of an exchange's credit.
+#[derive(Debug, Clone)]
+pub struct RecvWindow {
+    /// Credit the peer still holds.
+    available: u32,
+    /// Bytes consumed by our reader and not yet granted back.
+    pending: u32,
+    threshold: u32,
+}
+
+impl RecvWindow {
+    /// A window of `window` bytes, granted back a quarter at a time.
+    pub fn new(window: u32) -> Self {
+        RecvWindow {
+            available: window,
+            pending: 0,
+            threshold: (window / 4).max(1),
+        }
+    }
+
+    /// Accounts a chunk that arrived; an error if the peer overran its credit.
+    pub fn on_chunk(&mut self, len: usize) -> Result<(), FrameError> {
+        if len == 0 {
+            return Err(FrameError::EmptyChunk);
+        }
+        if len > MAX_CHUNK {
+            return Err(FrameError::ChunkTooLarge(len));
+        }
+        let cost = frame_cost(len);
+        if cost > self.available {
+            return Err(FrameError::CreditExceeded {
+                cost,
+                available: self.available,
+            });
+        }
+        self.available -= cost;
+        Ok(())
+    }
+
+    /// Accounts a chunk our reader consumed; returns credit to grant back once
+    /// enough has built up (batched, so small chunks do not each cost a frame).
+    pub fn on_consumed(&mut self, len: usize) -> Option<u32> {
+        self.pending += frame_cost(len);
+        if self.pending >= self.threshold {
+            let grant = std::mem::take(&mut self.pending);
+            self.available += grant;
+            Some(grant)
+        } else {
+            None
+        }
+    }
+}
+
+/// Where one direction of an exchange is: the order its frames must keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Phase {
+    #[default]
+    AwaitHead,
+    Body,
+    Ended,
+}
+
+/// Kinds of frames, for [`Phase::advance`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameKind {
+    /// HttpRequest or HttpResponse; `ends` when it carries end_of_stream.
+    Head { ends: bool },
+    Body,
+    End,
+}
+
+impl FrameKind {
+    fn name(self) -> &'static str {
+        match self {
+            FrameKind::Head { .. } => "head",
+            FrameKind::Body => "body",
+            FrameKind::End => "end",
+        }
+    }
+}
+
+impl Phase {
+    /// The phase after a frame of `kind`, or why the frame is out of order.
+    pub fn advance(self, kind: FrameKind) -> Result<Phase, FrameError> {
+        match (self, kind) {
+            (Phase::AwaitHead, FrameKind::Head { ends: true }) => Ok(Phase::Ended),
+            (Phase::AwaitHead, FrameKind::Head { ends: false }) => Ok(Phase::Body),
+            (Phase::AwaitHead, k) => Err(FrameError::BeforeHead(k.name())),
+            (Phase::Body, FrameKind::Head { .. }) => Err(FrameError::DuplicateHead),
+            (Phase::Body, FrameKind::Body) => Ok(Phase::Body),
+            (Phase::Body, FrameKind::End) => Ok(Phase::Ended),
+            (Phase::Ended, k) => Err(FrameError::AfterEnd(k.name())),
+        }
+    }
+}
+
+/// Headers a proxy must not forward (RFC 9110 7.6.1), plus those named in
+/// `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    use http::header;
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in [
+        header::CONNECTION,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(n);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+}
+
+/// Headers to their protobuf form, in order, repeated names kept.
+pub fn headers_to_proto(headers: &HeaderMap) -> Vec<proto::Header> {
+    headers
+        .iter()
+        .map(|(n, v)| proto::Header {
+            name: n.as_str().to_string(),
+            value: bytes::Bytes::copy_from_slice(v.as_bytes()),
+        })
+        .collect()
+}
+
+/// Headers from their protobuf form; a peer's invalid name or value is an error.
+pub fn headers_from_proto(headers: Vec<proto::Header>) -> Result<HeaderMap, FrameError> {
+    let mut map = HeaderMap::with_capacity(headers.len());
+    for h in headers {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| FrameError::BadHeader(h.name.clone()))?;
+        let value = HeaderValue::from_maybe_shared(h.value).map_err(|_| FrameError::BadHeader(h.name))?;
+        map.append(name, value);
+    }
+    Ok(map)
+}
+
+/// Unix time now, milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Builds an envelope for one exchange frame.
+pub fn message(client_id: &str, request_id: &str, direction: proto::Direction, payload: Payload) -> TunnelMessage {
+    TunnelMessage {
+        client_id: client_id.to_string(),
+        request_id: request_id.to_string(),
+        direction: direction as i32,
+        payload: Some(payload),
+        trace_id: String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A peer can send exactly its window, no more; consumption grants credit back in batches.
+    #[test]
+    fn credit_is_enforced_and_returned_in_batches() {
+        let mut w = RecvWindow::new(MIN_EXCHANGE_WINDOW);
+        for _ in 0..2 {
+            w.on_chunk(MAX_CHUNK).expect("within credit");
+        }
+        assert!(matches!(w.on_chunk(1), Err(FrameError::CreditExceeded { .. })));
+        assert_eq!(w.on_consumed(MAX_CHUNK), Some(MAX_CHUNK as u32), "quarter reached");
+        w.on_chunk(MAX_CHUNK).expect("credit granted back");
+        // Small chunks cost the minimum and are granted back only once a quarter builds up.
+        let mut w = RecvWindow::new(MIN_EXCHANGE_WINDOW);
+        let per_quarter = (MIN_EXCHANGE_WINDOW / 4 / MIN_FRAME_COST) as usize;
+        for i in 1..=per_quarter {
+            w.on_chunk(10).expect("within credit");
+            let grant = w.on_consumed(10);
+            assert_eq!(grant.is_some(), i == per_quarter);
+        }
+        assert_eq!(w.on_chunk(0), Err(FrameError::EmptyChunk));
+        assert_eq!(w.on_chunk(MAX_CHUNK + 1), Err(FrameError::ChunkTooLarge(MAX_CHUNK + 1)));
+    }
+
+    /// The buffer capacity covers every frame a well-behaved peer can have outstanding.
+    #[test]
+    fn buffer_capacity_covers_the_window() {
+        let window = DEFAULT_EXCHANGE_WINDOW;
+        let mut w = RecvWindow::new(window);
+        let mut frames = 0;
+        while w.on_chunk(1).is_ok() {
+            frames += 1;
+        }
+        assert!(frames + 1 <= body_buffer_capacity(window));
+    }
+
+    /// Frames must come head, body*, end; anything else is an error.
+    #[test]
+    fn frame_order() {
+        use FrameKind::*;
+        let p = Phase::AwaitHead;
+        assert_eq!(p.advance(Body), Err(FrameError::BeforeHead("body")));
+        assert_eq!(p.advance(End), Err(FrameError::BeforeHead("end")));
+        assert_eq!(p.advance(Head { ends: true }), Ok(Phase::Ended));
+        let p = p.advance(Head { ends: false }).expect("head first");
+        assert_eq!(p.advance(Head { ends: false }), Err(FrameError::DuplicateHead));
+        let p = p.advance(Body).and_then(|p| p.advance(End)).expect("body then end");
+        assert_eq!(p.advance(Body), Err(FrameError::AfterEnd("body")));
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn headers_round_trip_with_binary_values() {
+        let mut h = HeaderMap::new();
+        h.append("x-a", HeaderValue::from_static("1"));
+        h.append("x-a", HeaderValue::from_static("2"));
+        h.append("x-bin", HeaderValue::from_bytes(b"caf\xc3\xa9").expect("obs-text allowed"));
+        let back = headers_from_proto(headers_to_proto(&h)).expect("valid");
+        assert_eq!(back, h);
+        let bad = vec![proto::Header {
+            name: "bad name".into(),
+            value: bytes::Bytes::new(),
+        }];
+        assert!(headers_from_proto(bad).is_err());
+    }
+}

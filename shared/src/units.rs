@@ -1,0 +1,75 @@
+//! Human units in config files: durations ("30s", "500ms") and sizes ("256KiB").
+
+use serde::{de, Deserialize, Deserializer};
+use std::time::Duration;
+
+/// A duration written as a string such as "30s", "500ms" or "1m 30s".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(s.trim())
+            .map(HumanDuration)
+            .map_err(|e| de::Error::custom(format!("invalid duration {s:?} ({e}); write e.g. \"30s\" or \"500ms\"")))
+    }
+}
+
+/// A byte size written as an integer or a string such as "256KiB" or "8MiB".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    /// Parses "123", "64KiB", "8 MiB", "1GiB", "10KB" (KB/MB/GB are decimal).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("invalid size {s:?}; write e.g. \"256KiB\""))?;
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            "KB" | "kB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            other => return Err(format!("unknown size unit {other:?} in {s:?}; use B, KiB, MiB, GiB")),
+        };
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("size {s:?} is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(ByteSize(n)),
+            Raw::Str(s) => ByteSize::parse(&s).map_err(de::Error::custom),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(ByteSize::parse("256KiB"), Ok(ByteSize(256 * 1024)));
+        assert_eq!(ByteSize::parse("8 MiB"), Ok(ByteSize(8 << 20)));
+        assert_eq!(ByteSize::parse("10"), Ok(ByteSize(10)));
+        assert!(ByteSize::parse("10 parsecs").is_err());
+        assert!(ByteSize::parse("KiB").is_err());
+    }
+}
