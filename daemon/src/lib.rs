@@ -1,1 +1,9 @@
+//! The tunnel daemons: `tunnel-server` (public ingress, registry, rules) and
+//! `tunnel-client` (streams to the server, forwarding to local upstreams).
 
+pub mod client;
+pub mod demo;
+pub mod logging;
+pub mod server;
+pub mod signal;
+pub mod tunnel;

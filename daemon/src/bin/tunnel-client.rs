@@ -1,1 +1,72 @@
-fn main(){}
+//! tunnel-client: dials the tunnel server and forwards its requests to local upstreams.
+
+use anyhow::Context as _;
+use clap::Parser;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tunnel_daemon::client::Client;
+use tunnel_lib::config::ClientConfig;
+
+#[derive(Parser)]
+#[command(version, about = "Reverse HTTP tunnel client: serves the tunnel server's requests from local upstreams")]
+struct Args {
+    /// Path to client.toml.
+    #[arg(long, short)]
+    config: PathBuf,
+    /// Validate the config, print the result and exit (0 valid, 2 invalid).
+    #[arg(long)]
+    check: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let config = match ClientConfig::from_file(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("invalid config: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.check {
+        println!(
+            "{}: OK (server {}, client {}, group {}, transport {}, {} upstreams)",
+            args.config.display(),
+            config.server,
+            config.client_id,
+            config.group,
+            config.transport,
+            config.upstreams.len()
+        );
+        return ExitCode::SUCCESS;
+    }
+    let _guard = match tunnel_daemon::logging::init(&config.log, "tunnel-client") {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("logging: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let workers = config.worker_threads;
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if workers > 1 {
+            b.worker_threads(workers);
+        }
+        b
+    };
+    let result = builder
+        .enable_all()
+        .build()
+        .context("starting the runtime")
+        .and_then(|rt| rt.block_on(Client::new(config).run(tunnel_daemon::signal::shutdown())));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("tunnel-client: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,1 +1,92 @@
-fn main(){}
+//! tunnel-server: public HTTP ingress and the gRPC endpoint tunnel clients dial.
+
+use anyhow::Context as _;
+use clap::Parser;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tunnel_daemon::server::{Listeners, Server};
+use tunnel_lib::config::ServerConfig;
+
+#[derive(Parser)]
+#[command(version, about = "Reverse HTTP tunnel server: public ingress, routed to tunnel clients over gRPC")]
+struct Args {
+    /// Path to server.toml.
+    #[arg(long, short, required_unless_present = "demo")]
+    config: Option<PathBuf>,
+    /// Validate the config, print the result and exit (0 valid, 2 invalid).
+    #[arg(long)]
+    check: bool,
+    /// Run server, client and a demo upstream on loopback with built-in defaults.
+    #[arg(long, conflicts_with_all = ["config", "check"])]
+    demo: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if args.demo {
+        let _ = tunnel_daemon::logging::init(&Default::default(), "tunnel-server");
+        return finish(runtime(0).and_then(|rt| rt.block_on(tunnel_daemon::demo::run(tunnel_daemon::signal::shutdown()))));
+    }
+    let Some(path) = args.config else {
+        return ExitCode::from(2);
+    };
+    let config = match ServerConfig::from_file(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("invalid config: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.check {
+        println!(
+            "{}: OK ({} groups, {} rules, http {}, grpc {})",
+            path.display(),
+            config.groups.len(),
+            config.rules.rules().len(),
+            config.server.http_listen,
+            config.server.grpc_listen
+        );
+        return ExitCode::SUCCESS;
+    }
+    let _guard = match tunnel_daemon::logging::init(&config.log, "tunnel-server") {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("logging: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = runtime(config.server.worker_threads).and_then(|rt| {
+        rt.block_on(async move {
+            let listeners = Listeners::bind(&config).await?;
+            Server::new(config, Some(path))
+                .run(listeners, tunnel_daemon::signal::shutdown())
+                .await
+        })
+    });
+    finish(result)
+}
+
+/// A runtime with `workers` threads (0 = one per core, 1 = current-thread).
+fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut b = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if workers > 1 {
+            b.worker_threads(workers);
+        }
+        b
+    };
+    b.enable_all().build().context("starting the runtime")
+}
+
+fn finish(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("tunnel-server: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! tunnel-client: dials the server, keeps a control stream and N data streams
+//! registered and heartbeating, applies the config the server pushes, and
+//! forwards every exchange to a local upstream.
+
+pub mod session;
+pub mod upstream;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tunnel_lib::config::ClientConfig;
+
+/// First reconnect delay; doubled per failure up to `reconnect_max`.
+const BACKOFF_START: Duration = Duration::from_millis(200);
+/// A session that lived this long resets the backoff.
+const STABLE_SESSION: Duration = Duration::from_secs(30);
+
+/// What the client reports about itself (for tests, logs and status lines).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientStatus {
+    /// Streams registered with the server now.
+    pub registered_streams: usize,
+    /// The config version applied ("" until the first sync).
+    pub config_version: String,
+    /// The server's name, from its acknowledgements.
+    pub server_id: String,
+    /// Sessions started (1 + reconnects).
+    pub sessions: u64,
+}
+
+/// Capped exponential backoff with jitter (50–100% of the step), so that
+/// many clients cut off together do not reconnect together.
+pub struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    /// Starts at BACKOFF_START, capped at `max`.
+    pub fn new(max: Duration) -> Self {
+        Backoff {
+            next: BACKOFF_START.min(max),
+            max,
+        }
+    }
+
+    /// The delay before the next attempt.
+    pub fn step(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.max);
+        d.mul_f64(0.5 + fastrand::f64() / 2.0)
+    }
+
+    /// Back to the first step.
+    pub fn reset(&mut self) {
+        self.next = BACKOFF_START.min(self.max);
+    }
+}
+
+/// A client ready to run.
+pub struct Client {
+    config: Arc<ClientConfig>,
+    status: watch::Sender<ClientStatus>,
+}
+
+impl Client {
+    /// A client on `config`.
+    pub fn new(config: ClientConfig) -> Self {
+        Client {
+            config: Arc::new(config),
+            status: watch::Sender::new(ClientStatus::default()),
+        }
+    }
+
+    /// Watches the client's status.
+    pub fn status(&self) -> watch::Receiver<ClientStatus> {
+        self.status.subscribe()
+    }
+
+    /// Runs sessions until `shutdown` resolves, reconnecting with backoff.
+    /// At shutdown it drains: tells the server, lets in-flight requests finish
+    /// within the grace period, then closes.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let stop = CancellationToken::new();
+        let upstreams = upstream::Upstreams::new(self.config.upstreams.clone());
+        tracing::info!(server = %self.config.server, client = %self.config.client_id, group = %self.config.group, transport = %self.config.transport, upstreams = ?upstreams.names(), "tunnel-client starting");
+        let runner = async {
+            let mut backoff = Backoff::new(self.config.reconnect_max);
+            loop {
+                let started = Instant::now();
+                self.status.send_modify(|s| s.sessions += 1);
+                let result = session::run(self.config.clone(), upstreams.clone(), self.status.clone(), stop.clone()).await;
+                self.status.send_modify(|s| s.registered_streams = 0);
+                if stop.is_cancelled() {
+                    return;
+                }
+                if started.elapsed() > STABLE_SESSION {
+                    backoff.reset();
+                }
+                let delay = backoff.step();
+                match result {
+                    Ok(()) => tracing::info!(retry_in = ?delay, "session ended; reconnecting"),
+                    Err(e) => tracing::warn!(retry_in = ?delay, "session failed: {e:#}"),
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        };
+        tokio::pin!(runner);
+        tokio::select! {
+            _ = &mut runner => {}
+            _ = shutdown => {
+                tracing::info!("shutting down: draining");
+                stop.cancel();
+                // The session sees `stop`, drains within the grace period and returns.
+                let bound = self.config.shutdown_grace + Duration::from_secs(2);
+                if tokio::time::timeout(bound, runner).await.is_err() {
+                    tracing::warn!("drain did not finish within the grace period; exiting anyway");
+                }
+            }
+        }
+        tracing::info!("tunnel-client stopped");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Backoff doubles up to its cap, with jitter, and resets.
+    #[test]
+    fn backoff_is_capped_and_jittered() {
+        let mut b = Backoff::new(Duration::from_secs(2));
+        let steps: Vec<Duration> = (0..8).map(|_| b.step()).collect();
+        assert!(steps[0] >= Duration::from_millis(100) && steps[0] <= Duration::from_millis(200));
+        assert!(steps.iter().all(|d| *d <= Duration::from_secs(2)));
+        assert!(steps[7] >= Duration::from_secs(1), "reached the cap");
+        b.reset();
+        assert!(b.step() <= Duration::from_millis(200));
+    }
+}

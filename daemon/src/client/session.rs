@@ -1,0 +1,460 @@
+//! One connection session of the client: its channel(s), the control stream
+//! and the data streams, each registered and heartbeating on its own, and the
+//! config the server pushes. Any loss of the connection ends the session; the
+//! caller reconnects with backoff and a new session id.
+
+use super::upstream::{self, Upstreams};
+use super::ClientStatus;
+use crate::tunnel::exchange::{payload_name, Dispatched, ExchangeFailure, Exchanges, Role};
+use crate::tunnel::outbound::Outbound;
+use anyhow::{bail, Context as _};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+use tonic::Request;
+use tunnel_lib::config::{ClientConfig, Transport};
+use tunnel_lib::frame::now_ms;
+use tunnel_lib::proto::tunnel_service_client::TunnelServiceClient;
+use tunnel_lib::proto::{
+    tunnel_message::Payload, ConfigSyncRequest, ConfigSyncResponse, Direction, Drain, StreamOpenRequest, StreamType,
+    TunnelMessage,
+};
+use tunnel_lib::GROUP_METADATA;
+
+/// Bound on opening a stream and getting its registration acknowledged.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 keepalive toward the server: a dead server is noticed within interval + timeout.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+/// See the server's windows: our readers always drain h2 into per-exchange buffers.
+const STREAM_WINDOW: u32 = 4 << 20;
+const CONNECTION_WINDOW: u32 = 16 << 20;
+const MAX_MESSAGE: usize = 2 << 20;
+/// Pause before reopening a data stream the server closed.
+const REOPEN_DELAY: Duration = Duration::from_millis(200);
+/// How often a drain checks for in-flight exchanges.
+const DRAIN_POLL: Duration = Duration::from_millis(50);
+
+/// What the server manages for us; client.toml's values until it speaks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Settings {
+    heartbeat_interval: Duration,
+    data_streams: u32,
+    config_version: String,
+}
+
+/// State shared by the streams of one session.
+struct Session {
+    cfg: Arc<ClientConfig>,
+    id: String,
+    upstreams: Arc<Upstreams>,
+    settings: watch::Sender<Settings>,
+    status: watch::Sender<ClientStatus>,
+    /// Fires to end the session (a stream lost, or shutdown).
+    cancel: CancellationToken,
+    /// Data streams alive now, for draining.
+    live: Mutex<HashMap<String, Arc<Exchanges>>>,
+}
+
+/// What a stream does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// ControlStream: heartbeats and config.
+    Control,
+    /// Proxy: exchanges.
+    Data,
+    /// Proxy with everything (transport "single").
+    Single,
+}
+
+async fn connect(cfg: &ClientConfig) -> anyhow::Result<Channel> {
+    let ep = Endpoint::from(cfg.server.clone())
+        .connect_timeout(cfg.connect_timeout)
+        .tcp_nodelay(true)
+        .tcp_keepalive(Some(TCP_KEEPALIVE))
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW);
+    // connect_timeout bounds TCP only; this bounds the HTTP/2 handshake too.
+    tokio::time::timeout(cfg.connect_timeout, ep.connect())
+        .await
+        .map_err(|_| anyhow::anyhow!("no connection to {} within {:?}", cfg.server, cfg.connect_timeout))?
+        .with_context(|| format!("connecting to {}", cfg.server))
+}
+
+/// Runs one session until the connection is lost (error) or `stop` fires
+/// (drain, then Ok).
+pub async fn run(
+    cfg: Arc<ClientConfig>,
+    upstreams: Arc<Upstreams>,
+    status: watch::Sender<ClientStatus>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let data_channel = connect(&cfg).await?;
+    let control_channel = match cfg.transport {
+        Transport::SplitConnection => connect(&cfg).await?,
+        _ => data_channel.clone(),
+    };
+    let held_version = status.borrow().config_version.clone();
+    let session = Arc::new(Session {
+        id: uuid::Uuid::new_v4().to_string(),
+        upstreams,
+        settings: watch::Sender::new(Settings {
+            heartbeat_interval: cfg.heartbeat_interval,
+            data_streams: cfg.data_streams,
+            config_version: held_version,
+        }),
+        status,
+        cancel: CancellationToken::new(),
+        live: Mutex::new(HashMap::new()),
+        cfg,
+    });
+    tracing::info!(session = %session.id, "connected");
+    let mut tasks = JoinSet::new();
+    match session.cfg.transport {
+        Transport::Single => {
+            tasks.spawn(stream_task(session.clone(), data_channel, Kind::Single, CancellationToken::new()));
+        }
+        Transport::Split | Transport::SplitConnection => {
+            tasks.spawn(stream_task(session.clone(), control_channel, Kind::Control, CancellationToken::new()));
+            tasks.spawn(supervise_data_streams(session.clone(), data_channel));
+        }
+    }
+    let result = tokio::select! {
+        _ = session.cancel.cancelled() => Err(anyhow::anyhow!("connection lost")),
+        _ = stop.cancelled() => {
+            drain(&session).await;
+            Ok(())
+        }
+    };
+    session.cancel.cancel();
+    // Every task watches the session token: they end promptly.
+    while tasks.join_next().await.is_some() {}
+    result
+}
+
+/// Tells the server we are draining, then waits (within the grace period)
+/// for in-flight exchanges to finish.
+async fn drain(session: &Session) {
+    let streams: Vec<Arc<Exchanges>> = session.live.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+    for ex in &streams {
+        let msg = ex.message("", Payload::Drain(Drain { reason: "client shutting down".into(), grace_ms: session.cfg.shutdown_grace.as_millis() as u64 }));
+        ex.outbound().try_priority(msg);
+    }
+    let deadline = Instant::now() + session.cfg.shutdown_grace;
+    loop {
+        let in_flight: usize = streams.iter().map(|e| e.in_flight()).sum();
+        if in_flight == 0 {
+            tracing::info!("drained: no requests in flight");
+            return;
+        }
+        if Instant::now() >= deadline {
+            tracing::warn!(in_flight, "grace period over: cancelling the requests still in flight");
+            for ex in &streams {
+                ex.fail_all(ExchangeFailure::Cancelled("client shutting down".into()));
+            }
+            return;
+        }
+        tokio::time::sleep(DRAIN_POLL).await;
+    }
+}
+
+/// Keeps as many data streams as the config asks for; retires extra ones by draining them.
+async fn supervise_data_streams(session: Arc<Session>, channel: Channel) {
+    let mut settings = session.settings.subscribe();
+    let mut retire: Vec<CancellationToken> = Vec::new();
+    loop {
+        let want = settings.borrow_and_update().data_streams as usize;
+        while retire.len() < want {
+            let token = CancellationToken::new();
+            retire.push(token.clone());
+            tokio::spawn(stream_task(session.clone(), channel.clone(), Kind::Data, token));
+        }
+        while retire.len() > want {
+            if let Some(t) = retire.pop() {
+                t.cancel();
+            }
+        }
+        tokio::select! {
+            _ = session.cancel.cancelled() => return,
+            r = settings.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+/// Runs one stream; a data stream the server closes is reopened with a new id.
+async fn stream_task(session: Arc<Session>, channel: Channel, kind: Kind, retire: CancellationToken) {
+    loop {
+        match run_stream(&session, channel.clone(), kind, &retire).await {
+            Ok(End::Retired) => return,
+            Ok(End::ClosedByServer) if kind == Kind::Data && !session.cancel.is_cancelled() => {
+                tokio::select! {
+                    _ = session.cancel.cancelled() => return,
+                    _ = tokio::time::sleep(REOPEN_DELAY) => continue,
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                if !session.cancel.is_cancelled() {
+                    tracing::warn!(kind = ?kind, "stream failed: {e:#}");
+                }
+            }
+        }
+        // The control stream, or a stream that could not be (re)opened: the session is over.
+        session.cancel.cancel();
+        return;
+    }
+}
+
+enum End {
+    Retired,
+    ClosedByServer,
+    SessionOver,
+}
+
+fn open_message(session: &Session, stream_id: &str, kind: Kind, seq: u64) -> TunnelMessage {
+    let settings = session.settings.borrow();
+    let now = now_ms();
+    TunnelMessage {
+        client_id: session.cfg.client_id.clone(),
+        request_id: uuid::Uuid::new_v4().to_string(),
+        direction: Direction::ClientToServer as i32,
+        trace_id: String::new(),
+        payload: Some(Payload::StreamOpen(StreamOpenRequest {
+            client_id: session.cfg.client_id.clone(),
+            group: session.cfg.group.clone(),
+            version: tunnel_lib::VERSION.to_string(),
+            stream_id: stream_id.to_string(),
+            stream_type: match kind {
+                Kind::Control => StreamType::Control,
+                Kind::Data | Kind::Single => StreamType::Http,
+            } as i32,
+            timestamp: now / 1000,
+            timestamp_ms: now,
+            sequence: seq,
+            session_id: session.id.clone(),
+            config_version: settings.config_version.clone(),
+        })),
+    }
+}
+
+fn sync_message(session: &Session) -> TunnelMessage {
+    TunnelMessage {
+        client_id: session.cfg.client_id.clone(),
+        request_id: uuid::Uuid::new_v4().to_string(),
+        direction: Direction::ClientToServer as i32,
+        trace_id: String::new(),
+        payload: Some(Payload::ConfigSync(ConfigSyncRequest {
+            client_id: session.cfg.client_id.clone(),
+            group: session.cfg.group.clone(),
+            config_version: session.settings.borrow().config_version.clone(),
+            upstreams: session.upstreams.names(),
+        })),
+    }
+}
+
+fn authed<T>(cfg: &ClientConfig, msg: T) -> anyhow::Result<Request<T>> {
+    let mut req = Request::new(msg);
+    let md = req.metadata_mut();
+    md.insert(
+        "authorization",
+        format!("Bearer {}", cfg.token.expose())
+            .parse()
+            .map_err(|_| anyhow::anyhow!("token has characters not allowed in a header"))?,
+    );
+    md.insert(
+        GROUP_METADATA,
+        cfg.group
+            .parse()
+            .map_err(|_| anyhow::anyhow!("group has characters not allowed in a header"))?,
+    );
+    Ok(req)
+}
+
+async fn run_stream(session: &Arc<Session>, channel: Channel, kind: Kind, retire: &CancellationToken) -> anyhow::Result<End> {
+    let stream_id = uuid::Uuid::new_v4().to_string();
+    let cancel = session.cancel.child_token();
+    // Closing the outbound ends our half of the RPC whenever this function returns.
+    let _close = cancel.clone().drop_guard();
+    let (out, outbound) = Outbound::new(cancel.clone());
+    let exchanges = Exchanges::new(out.clone(), Role::Client, session.cfg.client_id.clone());
+    out.try_priority(open_message(session, &stream_id, kind, 0));
+    let syncs_config = kind != Kind::Data;
+    if syncs_config {
+        out.try_priority(sync_message(session));
+    }
+    let mut client = TunnelServiceClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    let req = authed(&session.cfg, outbound)?;
+    let call = async {
+        match kind {
+            Kind::Control => client.control_stream(req).await,
+            _ => client.proxy(req).await,
+        }
+    };
+    let mut inbound = match tokio::time::timeout(REGISTER_TIMEOUT, call).await {
+        Err(_) => bail!("no answer to registration within {REGISTER_TIMEOUT:?}"),
+        Ok(Err(status)) if status.code() == tonic::Code::Unauthenticated => {
+            bail!("server refused our token for group {:?}: {}", session.cfg.group, status.message())
+        }
+        Ok(Err(status)) => bail!("server refused the stream: {} ({:?})", status.message(), status.code()),
+        Ok(Ok(resp)) => resp.into_inner(),
+    };
+    let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
+        .await
+        .map_err(|_| anyhow::anyhow!("no registration acknowledgement within {REGISTER_TIMEOUT:?}"))??;
+    match first.and_then(|m| m.payload) {
+        Some(Payload::StreamOpenResponse(r)) if r.accepted => {
+            session.status.send_modify(|s| {
+                s.registered_streams += 1;
+                s.server_id = r.server_id.clone();
+            });
+        }
+        Some(Payload::StreamOpenResponse(r)) => bail!("registration refused: {}", r.reason),
+        _ => bail!("the server's first message was not a registration acknowledgement"),
+    }
+    tracing::info!(stream = %stream_id, kind = ?kind, "stream registered");
+    if kind != Kind::Control {
+        session.live.lock().unwrap_or_else(|e| e.into_inner()).insert(stream_id.clone(), exchanges.clone());
+    }
+    let end = stream_loop(session, &stream_id, kind, &out, &exchanges, &mut inbound, retire).await;
+    session.live.lock().unwrap_or_else(|e| e.into_inner()).remove(&stream_id);
+    session.status.send_modify(|s| s.registered_streams = s.registered_streams.saturating_sub(1));
+    exchanges.fail_all(ExchangeFailure::StreamLost);
+    Ok(end)
+}
+
+async fn stream_loop(
+    session: &Arc<Session>,
+    stream_id: &str,
+    kind: Kind,
+    out: &Outbound,
+    exchanges: &Arc<Exchanges>,
+    inbound: &mut tonic::Streaming<TunnelMessage>,
+    retire: &CancellationToken,
+) -> End {
+    let mut settings = session.settings.subscribe();
+    let mut interval = settings.borrow_and_update().heartbeat_interval;
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seq = 0u64;
+    let mut retiring: Option<Instant> = None;
+    loop {
+        if let Some(since) = retiring {
+            if exchanges.in_flight() == 0 || since.elapsed() > session.cfg.shutdown_grace {
+                tracing::info!(stream = %stream_id, "retired data stream closed");
+                return End::Retired;
+            }
+        }
+        tokio::select! {
+            _ = session.cancel.cancelled() => return End::SessionOver,
+            _ = retire.cancelled(), if retiring.is_none() => {
+                let msg = exchanges.message("", Payload::Drain(Drain { reason: "fewer data streams configured".into(), grace_ms: 0 }));
+                out.try_priority(msg);
+                retiring = Some(Instant::now());
+            }
+            _ = tokio::time::sleep(DRAIN_POLL), if retiring.is_some() => {}
+            _ = tick.tick() => {
+                seq += 1;
+                if !out.try_priority(open_message(session, stream_id, kind, seq)) {
+                    tracing::warn!(stream = %stream_id, "priority queue full: heartbeat not sent");
+                }
+            }
+            r = settings.changed() => {
+                if r.is_err() { return End::SessionOver; }
+                let now = settings.borrow_and_update().heartbeat_interval;
+                if now != interval {
+                    interval = now;
+                    tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                }
+            }
+            m = inbound.message() => match m {
+                Ok(Some(m)) => on_message(session, stream_id, kind, out, exchanges, m),
+                Ok(None) => {
+                    tracing::info!(stream = %stream_id, "stream closed by server");
+                    return End::ClosedByServer;
+                }
+                Err(status) => {
+                    tracing::info!(stream = %stream_id, "stream lost: {}", status.message());
+                    return End::ClosedByServer;
+                }
+            },
+        }
+    }
+}
+
+fn on_message(session: &Arc<Session>, stream_id: &str, kind: Kind, out: &Outbound, exchanges: &Arc<Exchanges>, m: TunnelMessage) {
+    if m.direction != Direction::ServerToClient as i32 {
+        tracing::warn!(stream = %stream_id, direction = m.direction, "message marked with the wrong direction; dropped");
+        return;
+    }
+    let Some(payload) = &m.payload else {
+        tracing::warn!(stream = %stream_id, request_id = %m.request_id, "message with no payload; dropped");
+        return;
+    };
+    match payload {
+        Payload::StreamOpenResponse(ack) => {
+            let rtt = now_ms() - ack.echo_timestamp_ms;
+            tracing::debug!(stream = %stream_id, seq = ack.sequence, rtt_ms = rtt, "heartbeat acknowledged");
+            if kind != Kind::Data && !ack.config_version.is_empty() && ack.config_version != session.settings.borrow().config_version {
+                // The server holds a config we have not applied (a push was lost): ask for it.
+                out.try_priority(sync_message(session));
+            }
+        }
+        Payload::ConfigSyncResponse(resp) => apply_config(session, stream_id, out, kind, resp),
+        Payload::Drain(d) => {
+            tracing::info!(stream = %stream_id, reason = %d.reason, "server is draining; reconnecting");
+            session.cancel.cancel();
+        }
+        Payload::StreamOpen(_) | Payload::ConfigSync(_) | Payload::HttpResponse(_) => {
+            tracing::warn!(stream = %stream_id, payload = payload_name(payload), "client-bound message of a client-sent kind; dropped");
+        }
+        _ if kind == Kind::Control => {
+            tracing::warn!(stream = %stream_id, payload = payload_name(payload), "exchange frame on the control stream; dropped");
+        }
+        _ => {
+            if let Dispatched::NewRequest(head, io, trace_id) = exchanges.dispatch(m) {
+                // Owned by the exchange: ends when it completes or is cancelled
+                // (stream loss cancels every exchange on the stream).
+                tokio::spawn(upstream::serve(session.upstreams.clone(), exchanges.clone(), head, io, trace_id));
+            }
+        }
+    }
+}
+
+fn apply_config(session: &Session, stream_id: &str, out: &Outbound, kind: Kind, resp: &ConfigSyncResponse) {
+    let Some(cfg) = &resp.config else {
+        tracing::warn!(stream = %stream_id, "config response without a config; dropped");
+        return;
+    };
+    if !resp.missing_upstreams.is_empty() {
+        tracing::warn!(missing = ?resp.missing_upstreams, "the server routes to upstreams this client does not have; add them to [upstreams] in client.toml");
+    }
+    let interval = Duration::from_millis(cfg.heartbeat_interval_ms).max(tunnel_lib::config::MIN_HEARTBEAT_INTERVAL);
+    let streams = cfg.data_streams.clamp(1, tunnel_lib::config::MAX_DATA_STREAMS);
+    let changed = session.settings.send_if_modified(|s| {
+        let new = Settings {
+            heartbeat_interval: interval,
+            data_streams: streams,
+            config_version: resp.config_version.clone(),
+        };
+        let changed = *s != new;
+        *s = new;
+        changed
+    });
+    if changed {
+        tracing::info!(version = %resp.config_version, heartbeat_interval = ?interval, data_streams = streams, "config applied");
+        session.status.send_modify(|s| s.config_version = resp.config_version.clone());
+        // Acknowledge at once with a heartbeat naming the new version.
+        out.try_priority(open_message(session, stream_id, kind, 0));
+    }
+}

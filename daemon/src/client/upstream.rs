@@ -1,0 +1,157 @@
+//! Forwarding an exchange to a local upstream through a pooled HTTP client,
+//! and streaming the response back under the exchange's credit.
+
+use crate::tunnel::body::{send_body, InboundBody, SendError};
+use crate::tunnel::exchange::{ExchangeGuard, ExchangeIo, Exchanges};
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Uri};
+use http_body_util::{Either, Empty};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tunnel_lib::frame::{self, strip_hop_by_hop};
+use tunnel_lib::proto::{self, exchange_error::Kind, tunnel_message::Payload};
+
+/// Bound on connecting to an upstream.
+const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Idle pooled upstream connections are closed after this long.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Used when a request carries no timeout.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+type UpstreamBody = Either<InboundBody, Empty<Bytes>>;
+
+/// The client's upstreams by name, and one pooled HTTP client for all.
+pub struct Upstreams {
+    urls: BTreeMap<String, Uri>,
+    http: Client<HttpConnector, UpstreamBody>,
+}
+
+impl Upstreams {
+    /// Upstreams from client.toml's `[upstreams]`.
+    pub fn new(urls: BTreeMap<String, Uri>) -> Arc<Self> {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(UPSTREAM_CONNECT_TIMEOUT));
+        let http = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_timer(TokioTimer::new())
+            .build(connector);
+        Arc::new(Upstreams { urls, http })
+    }
+
+    /// The names, for config sync.
+    pub fn names(&self) -> Vec<String> {
+        self.urls.keys().cloned().collect()
+    }
+}
+
+/// Why forwarding failed before a response head.
+struct Failure(Kind, String);
+
+/// Serves one exchange: forwards the request, streams the response back.
+/// Returns when the exchange is complete, failed or cancelled.
+pub async fn serve(up: Arc<Upstreams>, exchanges: Arc<Exchanges>, head: proto::HttpRequest, io: ExchangeIo, trace_id: String) {
+    let request_id = io.request_id.clone();
+    // Dropped on every way out: frees the exchange, and cancels it at the
+    // server if it is still open (e.g. the upstream answered before reading
+    // the whole request body).
+    let _guard = ExchangeGuard::new(exchanges.clone(), request_id.clone());
+    let cancel = io.cancel.clone();
+    tokio::select! {
+        // Cancelled by the server (public client gone): dropping the request
+        // future closes the upstream connection, so the upstream sees it too.
+        _ = cancel.cancelled() => {
+            tracing::debug!(request_id = %request_id, trace_id = %trace_id, "exchange cancelled; upstream request dropped");
+        }
+        r = forward(&up, &exchanges, head, io) => {
+            if let Err(Failure(kind, message)) = r {
+                tracing::info!(request_id = %request_id, trace_id = %trace_id, ?kind, "{message}");
+                exchanges.fail(&request_id, kind, message);
+            }
+        }
+    }
+}
+
+async fn forward(up: &Upstreams, exchanges: &Arc<Exchanges>, head: proto::HttpRequest, io: ExchangeIo) -> Result<(), Failure> {
+    let Some(base) = up.urls.get(&head.upstream) else {
+        return Err(Failure(
+            Kind::UnknownUpstream,
+            format!("no upstream named {:?} in client.toml", head.upstream),
+        ));
+    };
+    let bad = |what: &str| Failure(Kind::Protocol, format!("invalid {what} in request head"));
+    let method = Method::from_bytes(head.method.as_bytes()).map_err(|_| bad("method"))?;
+    let uri = Uri::builder()
+        .scheme(base.scheme_str().unwrap_or("http"))
+        .authority(base.authority().map_or("", |a| a.as_str()))
+        .path_and_query(head.path_and_query.as_str())
+        .build()
+        .map_err(|_| bad("path"))?;
+    let mut headers = frame::headers_from_proto(head.headers).map_err(|e| Failure(Kind::Protocol, e.to_string()))?;
+    strip_hop_by_hop(&mut headers);
+    if !headers.contains_key(header::HOST) {
+        // HTTP/2 public requests carry the host as :authority only.
+        if let Ok(v) = HeaderValue::from_str(&head.authority) {
+            headers.insert(header::HOST, v);
+        }
+    }
+    let body = if head.end_of_stream { Either::Right(Empty::new()) } else { Either::Left(io.body) };
+    let mut req = Request::new(body);
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.headers_mut() = headers;
+
+    let timeout = if head.timeout_ms == 0 { DEFAULT_TIMEOUT } else { Duration::from_millis(head.timeout_ms) };
+    let resp = match tokio::time::timeout(timeout, up.http.request(req)).await {
+        Err(_) => {
+            return Err(Failure(
+                Kind::UpstreamTimeout,
+                format!("upstream {:?} did not answer within {timeout:?}", head.upstream),
+            ))
+        }
+        Ok(Err(e)) if e.is_connect() => {
+            return Err(Failure(Kind::UpstreamUnreachable, format!("cannot connect to {base}: {}", source_chain(&e))))
+        }
+        Ok(Err(e)) => return Err(Failure(Kind::UpstreamFailed, source_chain(&e))),
+        Ok(Ok(r)) => r,
+    };
+    let (parts, body) = resp.into_parts();
+    let mut headers = parts.headers;
+    strip_hop_by_hop(&mut headers);
+    let end_of_stream = hyper::body::Body::is_end_stream(&body);
+    let resp_head = proto::HttpResponse {
+        status: u32::from(parts.status.as_u16()),
+        headers: frame::headers_to_proto(&headers),
+        end_of_stream,
+    };
+    let request_id = io.request_id;
+    exchanges
+        .outbound()
+        .send_data(exchanges.message(&request_id, Payload::HttpResponse(resp_head)))
+        .await
+        .map_err(|_| Failure(Kind::ShuttingDown, "stream closed".into()))?;
+    if end_of_stream {
+        exchanges.finish_outbound(&request_id);
+        return Ok(());
+    }
+    match send_body(body, &request_id, &io.credit, &io.cancel, exchanges).await {
+        Ok(()) | Err(SendError::Cancelled) => Ok(()),
+        Err(SendError::Body(e)) => Err(Failure(Kind::UpstreamFailed, format!("upstream response body failed: {e}"))),
+    }
+}
+
+/// An error with its causes, on one line.
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,277 @@
+//! Public HTTP ingress (HTTP/1.1 and h2c): routes each request by the rules
+//! to a data stream of a client in the target group and streams the response
+//! back; answers what it cannot serve with a status and a one-line reason.
+
+use super::Shared;
+use crate::tunnel::body::{send_body, SendError};
+use crate::tunnel::exchange::{ExchangeFailure, ExchangeGuard};
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tunnel_lib::frame::{self, strip_hop_by_hop};
+use tunnel_lib::proto::{self, exchange_error::Kind, tunnel_message::Payload};
+use tunnel_lib::rules::normalize_host;
+
+/// Slow-header (slowloris) bound on HTTP/1 request heads.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause after an accept error (fd exhaustion), so the loop does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Body of a public response: the tunnel's stream, or a short local answer.
+pub type ProxyBody = Either<crate::tunnel::body::InboundBody, Full<Bytes>>;
+
+/// Accepts public connections until `stop` fires, then waits up to the
+/// shutdown grace for in-flight requests.
+pub async fn run(shared: Arc<Shared>, listener: TcpListener, stop: CancellationToken) -> anyhow::Result<()> {
+    let cfg = shared.config();
+    let limit = Arc::new(tokio::sync::Semaphore::new(cfg.server.max_connections));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // Without a timer hyper silently ignores header_read_timeout.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder.http2().timer(TokioTimer::new());
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = stop.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "connection limit reached; connection refused");
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let shared = shared.clone();
+        let svc = hyper::service::service_fn(move |req| handle(shared.clone(), peer, req));
+        let conn = builder.serve_connection(TokioIo::new(tcp), svc).into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, "public connection: {e}");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    let grace = shared.config().server.shutdown_grace;
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!(?grace, "public connections still open after the grace period; closing them");
+    }
+    Ok(())
+}
+
+/// A local answer: status and a one-line reason.
+fn reply(status: StatusCode, reason: impl Into<String>) -> Response<ProxyBody> {
+    let mut text = reason.into();
+    text.push('\n');
+    let mut r = Response::new(Either::Right(Full::new(Bytes::from(text))));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}
+
+/// The trace id of a request: the W3C traceparent's, the X-Request-Id, or a new one.
+fn trace_id(headers: &HeaderMap, request_id: &str) -> String {
+    if let Some(tp) = headers.get("traceparent").and_then(|v| v.to_str().ok()) {
+        let parts: Vec<&str> = tp.split('-').collect();
+        if parts.len() == 4 && parts[1].len() == 32 && parts[1].bytes().all(|b| b.is_ascii_hexdigit()) {
+            return parts[1].to_string();
+        }
+    }
+    if let Some(id) = headers.get("x-request-id").and_then(|v| v.to_str().ok()) {
+        if !id.is_empty() && id.len() <= 128 {
+            return id.to_string();
+        }
+    }
+    request_id.replace('-', "")
+}
+
+/// Sets X-Forwarded-For (appended), -Proto and -Host.
+fn set_forwarded(headers: &mut HeaderMap, peer: SocketAddr, host: &str) {
+    let ip = peer.ip().to_string();
+    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {ip}"),
+        None => ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert("x-forwarded-for", v);
+    }
+    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    if let Ok(v) = HeaderValue::from_str(host) {
+        headers.insert("x-forwarded-host", v);
+    }
+}
+
+async fn handle(shared: Arc<Shared>, peer: SocketAddr, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
+    Ok(forward(&shared, peer, req).await)
+}
+
+async fn forward(shared: &Shared, peer: SocketAddr, req: Request<Incoming>) -> Response<ProxyBody> {
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string))
+        .unwrap_or_default();
+    let host = normalize_host(&authority);
+    let path = req.uri().path().to_string();
+    let cfg = shared.config();
+    let Some(rule) = cfg.rules.route(&host, &path) else {
+        tracing::info!(%host, %path, "no rule matches: 404");
+        return reply(StatusCode::NOT_FOUND, format!("no route for host {host:?} path {path:?}"));
+    };
+    let Some(stream) = shared.registry.pick(&rule.group) else {
+        tracing::info!(%host, %path, group = %rule.group, "no client connected: 503");
+        return reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("no tunnel client connected for group {:?}", rule.group),
+        );
+    };
+    let window = cfg.group(&rule.group).map_or(0, |g| g.exchange_window);
+    let request_id = uuid::Uuid::new_v4().to_string();
+    let trace = trace_id(req.headers(), &request_id);
+    let (parts, body) = req.into_parts();
+    let mut headers = parts.headers;
+    strip_hop_by_hop(&mut headers);
+    set_forwarded(&mut headers, peer, &authority);
+    let end_of_stream = hyper::body::Body::is_end_stream(&body);
+    let head = proto::HttpRequest {
+        method: parts.method.as_str().to_string(),
+        path_and_query: parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string(),
+        authority: authority.clone(),
+        scheme: "http".into(),
+        headers: frame::headers_to_proto(&headers),
+        upstream: rule.upstream.clone(),
+        timeout_ms: rule.timeout.as_millis() as u64,
+        end_of_stream,
+        version: format!("{:?}", parts.version),
+        window,
+    };
+    let exchanges = stream.exchanges.clone();
+    let (io, head_rx) = exchanges.open(&request_id, window);
+    // From here, dropping the guard (public client gone, timeout) cancels the exchange at the client.
+    let guard = ExchangeGuard::new(exchanges.clone(), request_id.clone());
+    let mut msg = exchanges.message(&request_id, Payload::HttpRequest(head));
+    msg.trace_id = trace.clone();
+    let span = tracing::debug_span!("exchange", request_id = %request_id, trace_id = %trace, client = %stream.client_id);
+    if exchanges.outbound().send_data(msg).await.is_err() {
+        return reply(StatusCode::BAD_GATEWAY, "tunnel client disconnected");
+    }
+    if !end_of_stream {
+        let (ex, id, credit, cancel) = (exchanges.clone(), request_id.clone(), io.credit.clone(), io.cancel.clone());
+        // Owned by the exchange: it ends when the body is sent or the exchange is cancelled.
+        tokio::spawn(async move {
+            match send_body(body, &id, &credit, &cancel, &ex).await {
+                Ok(()) | Err(SendError::Cancelled) => {}
+                Err(SendError::Body(e)) => {
+                    tracing::debug!(request_id = %id, "public request body failed: {e}");
+                    ex.abandon(&id, "public request body failed");
+                }
+            }
+        });
+    }
+    let outcome = tokio::time::timeout(rule.timeout, head_rx).await;
+    let _enter = span.enter();
+    let resp_head = match outcome {
+        Err(_) => {
+            tracing::info!(%host, %path, timeout = ?rule.timeout, "no response head in time: 504");
+            return reply(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("upstream did not answer within {}", humantime(rule.timeout)),
+            );
+        }
+        Ok(Err(_)) => return reply(StatusCode::BAD_GATEWAY, "tunnel client disconnected"),
+        Ok(Ok(Err(failure))) => return failure_reply(&failure, &rule.upstream),
+        Ok(Ok(Ok(h))) => h,
+    };
+    let status = match u16::try_from(resp_head.status).ok().and_then(|s| StatusCode::from_u16(s).ok()) {
+        Some(s) => s,
+        None => {
+            exchanges.abandon(&request_id, "invalid status");
+            return reply(StatusCode::BAD_GATEWAY, "tunnel client sent an invalid status");
+        }
+    };
+    let mut resp_headers = match frame::headers_from_proto(resp_head.headers) {
+        Ok(h) => h,
+        Err(e) => {
+            exchanges.abandon(&request_id, "invalid headers");
+            return reply(StatusCode::BAD_GATEWAY, format!("tunnel client sent {e}"));
+        }
+    };
+    strip_hop_by_hop(&mut resp_headers);
+    let mut resp = Response::new(Either::Left(io.body.guard(guard)));
+    *resp.status_mut() = status;
+    *resp.headers_mut() = resp_headers;
+    resp
+}
+
+fn humantime(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+/// The status and reason for an exchange that failed before its response head.
+fn failure_reply(failure: &ExchangeFailure, upstream: &str) -> Response<ProxyBody> {
+    match failure {
+        ExchangeFailure::StreamLost => reply(StatusCode::BAD_GATEWAY, "tunnel client disconnected"),
+        ExchangeFailure::Cancelled(r) => reply(StatusCode::BAD_GATEWAY, format!("tunnel client cancelled the request: {r}")),
+        ExchangeFailure::Protocol(e) => reply(StatusCode::BAD_GATEWAY, format!("tunnel protocol error: {e}")),
+        ExchangeFailure::Peer { kind, message } => match kind {
+            Kind::UpstreamTimeout => reply(StatusCode::GATEWAY_TIMEOUT, format!("upstream {upstream:?} timed out: {message}")),
+            Kind::UnknownUpstream => reply(StatusCode::BAD_GATEWAY, format!("tunnel client has no upstream {upstream:?}")),
+            Kind::UpstreamUnreachable => reply(StatusCode::BAD_GATEWAY, format!("upstream {upstream:?} unreachable: {message}")),
+            Kind::ShuttingDown => reply(StatusCode::SERVICE_UNAVAILABLE, "tunnel client is shutting down"),
+            _ => reply(StatusCode::BAD_GATEWAY, format!("upstream {upstream:?} failed: {message}")),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trace_id_prefers_traceparent_then_request_id() {
+        let mut h = HeaderMap::new();
+        assert_eq!(trace_id(&h, "a-b"), "ab");
+        h.insert("x-request-id", HeaderValue::from_static("req-7"));
+        assert_eq!(trace_id(&h, "a-b"), "req-7");
+        h.insert(
+            "traceparent",
+            HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        );
+        assert_eq!(trace_id(&h, "a-b"), "4bf92f3577b34da6a3ce929d0e0e4736");
+    }
+
+    #[test]
+    fn forwarded_headers_append() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        set_forwarded(&mut h, "127.0.0.1:5".parse().expect("addr"), "app.localhost:8080");
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
+        assert_eq!(h["x-forwarded-host"], "app.localhost:8080");
+        assert_eq!(h["x-forwarded-proto"], "http");
+    }
+}

@@ -1,0 +1,170 @@
+//! tunnel-server: the gRPC endpoint clients dial, the public HTTP ingress,
+//! the registry of live streams, and config reloads pushed to clients.
+
+pub mod ingress;
+pub mod registry;
+pub mod reload;
+pub mod service;
+
+use anyhow::Context as _;
+use registry::Registry;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tunnel_lib::config::ServerConfig;
+use tunnel_lib::proto::{tunnel_message::Payload, Drain};
+
+/// How often silent streams are looked for.
+const REAP_INTERVAL: Duration = Duration::from_millis(500);
+/// Bound on the gRPC server's own graceful stop, after our grace period
+/// (hyper's graceful shutdown can wait forever on long-lived streams).
+const GRPC_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The server's listeners, bound before `run` so tests can use port 0.
+pub struct Listeners {
+    pub http: TcpListener,
+    pub grpc: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the configured addresses.
+    pub async fn bind(cfg: &ServerConfig) -> anyhow::Result<Self> {
+        let http = TcpListener::bind(cfg.server.http_listen)
+            .await
+            .with_context(|| format!("binding http_listen {}", cfg.server.http_listen))?;
+        let grpc = TcpListener::bind(cfg.server.grpc_listen)
+            .await
+            .with_context(|| format!("binding grpc_listen {}", cfg.server.grpc_listen))?;
+        Ok(Listeners { http, grpc })
+    }
+
+    /// The bound addresses (public HTTP, gRPC).
+    pub fn addrs(&self) -> std::io::Result<(SocketAddr, SocketAddr)> {
+        Ok((self.http.local_addr()?, self.grpc.local_addr()?))
+    }
+}
+
+/// State every part of the server shares.
+pub struct Shared {
+    config: RwLock<Arc<ServerConfig>>,
+    /// Where the config came from, for reloads.
+    pub config_path: Option<PathBuf>,
+    pub registry: Registry,
+    pub server_id: String,
+    pub started: Instant,
+    /// Parent of every stream's token: cancelling it closes all streams.
+    pub streams: CancellationToken,
+    /// Stream reader tasks, waited for at shutdown.
+    pub tasks: TaskTracker,
+}
+
+impl Shared {
+    /// The config in force now.
+    pub fn config(&self) -> Arc<ServerConfig> {
+        self.config.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set_config(&self, cfg: ServerConfig) {
+        *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(cfg);
+    }
+}
+
+/// A server ready to run.
+pub struct Server {
+    shared: Arc<Shared>,
+}
+
+impl Server {
+    /// A server on `config`; `config_path` is re-read on SIGHUP and on change.
+    pub fn new(config: ServerConfig, config_path: Option<PathBuf>) -> Self {
+        let server_id = config.server.server_id.clone();
+        Server {
+            shared: Arc::new(Shared {
+                config: RwLock::new(Arc::new(config)),
+                config_path,
+                registry: Registry::new(),
+                server_id,
+                started: Instant::now(),
+                streams: CancellationToken::new(),
+                tasks: TaskTracker::new(),
+            }),
+        }
+    }
+
+    /// The shared state (registry, config), for tests and the console.
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then drains: public listener closed,
+    /// in-flight requests given the grace period, clients told, streams closed.
+    pub async fn run(self, listeners: Listeners, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let shared = self.shared;
+        let cfg = shared.config();
+        let (http_addr, grpc_addr) = listeners.addrs()?;
+        tracing::info!(%http_addr, %grpc_addr, server_id = %shared.server_id, groups = cfg.groups.len(), rules = cfg.rules.rules().len(), "tunnel-server listening");
+
+        let background = CancellationToken::new();
+        let grpc_stop = CancellationToken::new();
+        let grpc = tokio::spawn(service::serve(shared.clone(), listeners.grpc, grpc_stop.clone()));
+        let ingress_stop = CancellationToken::new();
+        let ingress = tokio::spawn(ingress::run(shared.clone(), listeners.http, ingress_stop.clone()));
+        let reaper = tokio::spawn(reap(shared.clone(), background.clone()));
+        let reloader = tokio::spawn(reload::watch(shared.clone(), background.clone()));
+
+        shutdown.await;
+        let grace = shared.config().server.shutdown_grace;
+        tracing::info!(grace = ?grace, "shutting down: public listener closed, finishing in-flight requests");
+        ingress_stop.cancel();
+        match ingress.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("ingress: {e:#}"),
+            Err(e) => tracing::warn!("ingress task: {e}"),
+        }
+        for s in shared.registry.all_streams() {
+            let msg = s.exchanges.message("", Payload::Drain(Drain { reason: "server shutting down".into(), grace_ms: 0 }));
+            s.outbound().try_priority(msg);
+        }
+        // Give the drain messages a moment to be written before the streams end.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        shared.streams.cancel();
+        grpc_stop.cancel();
+        background.cancel();
+        shared.tasks.close();
+        if tokio::time::timeout(GRPC_STOP_TIMEOUT, shared.tasks.wait()).await.is_err() {
+            tracing::warn!("stream tasks still running after {GRPC_STOP_TIMEOUT:?}; exiting anyway");
+        }
+        match tokio::time::timeout(GRPC_STOP_TIMEOUT, grpc).await {
+            Ok(Ok(Err(e))) => tracing::warn!("gRPC server: {e:#}"),
+            Err(_) => tracing::warn!("gRPC server did not stop within {GRPC_STOP_TIMEOUT:?}; exiting anyway"),
+            _ => {}
+        }
+        let _ = reaper.await;
+        let _ = reloader.await;
+        tracing::info!("tunnel-server stopped");
+        Ok(())
+    }
+}
+
+/// Closes streams whose heartbeat is overdue.
+async fn reap(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(REAP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let cfg = shared.config();
+        let timeout_of = |group: &str| cfg.group(group).map_or(Duration::from_secs(90), |g| g.heartbeat_timeout);
+        for (h, age) in shared.registry.reap(timeout_of) {
+            tracing::warn!(stream = %h.stream_id, client = %h.client_id, group = %h.group, silent = ?age, "no heartbeat within the timeout: stream closed");
+            h.cancel.cancel();
+        }
+    }
+}

@@ -1,0 +1,461 @@
+//! The client registry: every live stream by `stream_id`, with its client,
+//! group, type and heartbeat, and the choice of a data stream for a request.
+
+use crate::tunnel::exchange::Exchanges;
+use crate::tunnel::outbound::Outbound;
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+use tokio_util::sync::CancellationToken;
+use tunnel_lib::proto::StreamType;
+
+/// One live stream: fixed facts, and the handles to use and close it.
+pub struct StreamHandle {
+    pub stream_id: String,
+    pub client_id: String,
+    pub group: String,
+    pub stream_type: StreamType,
+    pub session_id: String,
+    pub peer: Option<SocketAddr>,
+    pub connected_at: SystemTime,
+    pub exchanges: Arc<Exchanges>,
+    /// Fires to close the stream.
+    pub cancel: CancellationToken,
+    draining: AtomicBool,
+    /// Has asked for config: config pushes go here.
+    syncs_config: AtomicBool,
+}
+
+impl StreamHandle {
+    /// A handle for a stream that just registered.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        stream_id: String,
+        client_id: String,
+        group: String,
+        stream_type: StreamType,
+        session_id: String,
+        peer: Option<SocketAddr>,
+        exchanges: Arc<Exchanges>,
+        cancel: CancellationToken,
+    ) -> Self {
+        StreamHandle {
+            stream_id,
+            client_id,
+            group,
+            stream_type,
+            session_id,
+            peer,
+            connected_at: SystemTime::now(),
+            exchanges,
+            cancel,
+            draining: AtomicBool::new(false),
+            syncs_config: AtomicBool::new(false),
+        }
+    }
+
+    /// The stream's outbound queues.
+    pub fn outbound(&self) -> &Outbound {
+        self.exchanges.outbound()
+    }
+
+    /// No new exchanges go to a draining stream.
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the stream takes no new exchanges.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Marks the stream as the one its client syncs config on.
+    pub fn set_syncs_config(&self) {
+        self.syncs_config.store(true, Ordering::Relaxed);
+    }
+}
+
+struct StreamState {
+    handle: Arc<StreamHandle>,
+    last_heartbeat: Instant,
+    last_heartbeat_at: SystemTime,
+    last_delay_ms: i64,
+    heartbeats: u64,
+}
+
+struct ClientState {
+    group: String,
+    version: String,
+    session_id: String,
+    connected_at: SystemTime,
+    config_version: String,
+    streams: BTreeSet<String>,
+}
+
+#[derive(Default)]
+struct Inner {
+    streams: HashMap<String, StreamState>,
+    clients: HashMap<String, ClientState>,
+    /// HTTP streams per group, for picking.
+    by_group: HashMap<String, Vec<Arc<StreamHandle>>>,
+}
+
+/// A copy of one stream's state, for tests, logs and the console.
+#[derive(Debug, Clone)]
+pub struct StreamView {
+    pub stream_id: String,
+    pub client_id: String,
+    pub group: String,
+    pub stream_type: StreamType,
+    pub peer: Option<SocketAddr>,
+    pub connected_at: SystemTime,
+    pub last_heartbeat: SystemTime,
+    pub heartbeat_age: Duration,
+    pub last_delay_ms: i64,
+    pub heartbeats: u64,
+    pub in_flight: usize,
+    pub queue_depth: usize,
+    pub queue_capacity: usize,
+    pub draining: bool,
+}
+
+/// A copy of one client's state.
+#[derive(Debug, Clone)]
+pub struct ClientView {
+    pub client_id: String,
+    pub group: String,
+    pub version: String,
+    pub session_id: String,
+    pub connected_at: SystemTime,
+    pub config_version: String,
+    pub streams: Vec<String>,
+}
+
+/// All live streams and clients.
+#[derive(Default)]
+pub struct Registry {
+    // std RwLock: never held across an await; reads (picks) dominate.
+    inner: RwLock<Inner>,
+    rr: AtomicUsize,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds a registered stream. Returns the streams of the client's older
+    /// sessions, which the caller closes: a client that reconnected has left
+    /// them behind, and waiting for their heartbeats to time out would send
+    /// requests into dead streams.
+    pub fn register(&self, handle: Arc<StreamHandle>, version: &str, config_version: &str) -> Vec<Arc<StreamHandle>> {
+        let mut inner = self.write();
+        let mut stale = Vec::new();
+        let replaced_session = inner
+            .clients
+            .get(&handle.client_id)
+            .is_some_and(|c| c.session_id != handle.session_id);
+        if replaced_session {
+            let old: Vec<String> = inner.clients[&handle.client_id].streams.iter().cloned().collect();
+            for id in old {
+                if let Some(s) = Self::remove_locked(&mut inner, &id) {
+                    stale.push(s);
+                }
+            }
+        }
+        // Re-registration of a known stream id replaces the old entry.
+        if let Some(s) = Self::remove_locked(&mut inner, &handle.stream_id) {
+            stale.push(s);
+        }
+        let client = inner.clients.entry(handle.client_id.clone()).or_insert_with(|| ClientState {
+            group: handle.group.clone(),
+            version: version.to_string(),
+            session_id: handle.session_id.clone(),
+            connected_at: SystemTime::now(),
+            config_version: config_version.to_string(),
+            streams: BTreeSet::new(),
+        });
+        client.streams.insert(handle.stream_id.clone());
+        client.version = version.to_string();
+        if handle.stream_type == StreamType::Http {
+            inner.by_group.entry(handle.group.clone()).or_default().push(handle.clone());
+        }
+        inner.streams.insert(
+            handle.stream_id.clone(),
+            StreamState {
+                handle,
+                last_heartbeat: Instant::now(),
+                last_heartbeat_at: SystemTime::now(),
+                last_delay_ms: 0,
+                heartbeats: 0,
+            },
+        );
+        stale
+    }
+
+    /// Records a heartbeat of `stream_id`; false if the stream is unknown.
+    pub fn heartbeat(&self, stream_id: &str, delay_ms: i64, config_version: &str) -> bool {
+        let mut inner = self.write();
+        let Some(s) = inner.streams.get_mut(stream_id) else {
+            return false;
+        };
+        s.last_heartbeat = Instant::now();
+        s.last_heartbeat_at = SystemTime::now();
+        s.last_delay_ms = delay_ms;
+        s.heartbeats += 1;
+        let client_id = s.handle.client_id.clone();
+        if let Some(c) = inner.clients.get_mut(&client_id) {
+            if !config_version.is_empty() {
+                c.config_version = config_version.to_string();
+            }
+        }
+        true
+    }
+
+    /// Records the config version a client says it holds.
+    pub fn set_config_version(&self, client_id: &str, version: &str) {
+        if let Some(c) = self.write().clients.get_mut(client_id) {
+            c.config_version = version.to_string();
+        }
+    }
+
+    /// Removes a stream (and its client when it was the last one).
+    pub fn remove(&self, stream_id: &str) -> Option<Arc<StreamHandle>> {
+        Self::remove_locked(&mut self.write(), stream_id)
+    }
+
+    /// Removes `stream_id` only if it is still this very handle (a newer
+    /// registration with the same id must not be removed by the old stream's end).
+    pub fn remove_if_same(&self, handle: &Arc<StreamHandle>) {
+        let mut inner = self.write();
+        let same = inner
+            .streams
+            .get(&handle.stream_id)
+            .is_some_and(|s| Arc::ptr_eq(&s.handle, handle));
+        if same {
+            Self::remove_locked(&mut inner, &handle.stream_id);
+        }
+    }
+
+    fn remove_locked(inner: &mut Inner, stream_id: &str) -> Option<Arc<StreamHandle>> {
+        let s = inner.streams.remove(stream_id)?;
+        let h = s.handle;
+        if let Some(list) = inner.by_group.get_mut(&h.group) {
+            list.retain(|x| !Arc::ptr_eq(x, &h));
+            if list.is_empty() {
+                inner.by_group.remove(&h.group);
+            }
+        }
+        let gone = inner.clients.get_mut(&h.client_id).is_some_and(|c| {
+            c.streams.remove(stream_id);
+            c.streams.is_empty()
+        });
+        if gone {
+            inner.clients.remove(&h.client_id);
+        }
+        Some(h)
+    }
+
+    /// A data stream of `group` for a new exchange: the least loaded, ties
+    /// broken round robin; draining streams are skipped.
+    pub fn pick(&self, group: &str) -> Option<Arc<StreamHandle>> {
+        let inner = self.read();
+        let list = inner.by_group.get(group)?;
+        let n = list.len();
+        let start = self.rr.fetch_add(1, Ordering::Relaxed);
+        let mut best: Option<(&Arc<StreamHandle>, usize)> = None;
+        for i in 0..n {
+            let h = &list[(start + i) % n];
+            if h.is_draining() {
+                continue;
+            }
+            let load = h.exchanges.in_flight();
+            if best.is_none_or(|(_, l)| load < l) {
+                best = Some((h, load));
+            }
+        }
+        best.map(|(h, _)| h.clone())
+    }
+
+    /// Removes and returns streams silent for longer than their group's timeout.
+    pub fn reap(&self, timeout_of: impl Fn(&str) -> Duration) -> Vec<(Arc<StreamHandle>, Duration)> {
+        let now = Instant::now();
+        let expired: Vec<(String, Duration)> = self
+            .read()
+            .streams
+            .iter()
+            .filter_map(|(id, s)| {
+                let age = now.duration_since(s.last_heartbeat);
+                (age > timeout_of(&s.handle.group)).then(|| (id.clone(), age))
+            })
+            .collect();
+        if expired.is_empty() {
+            return Vec::new();
+        }
+        let mut inner = self.write();
+        expired
+            .into_iter()
+            .filter_map(|(id, age)| Self::remove_locked(&mut inner, &id).map(|h| (h, age)))
+            .collect()
+    }
+
+    /// Marks every stream of a client as draining.
+    pub fn drain_client(&self, client_id: &str) {
+        let inner = self.read();
+        if let Some(c) = inner.clients.get(client_id) {
+            for id in &c.streams {
+                if let Some(s) = inner.streams.get(id) {
+                    s.handle.set_draining();
+                }
+            }
+        }
+    }
+
+    /// Streams that config pushes for `group` go to.
+    pub fn config_streams(&self, group: &str) -> Vec<Arc<StreamHandle>> {
+        self.read()
+            .streams
+            .values()
+            .filter(|s| s.handle.group == group && s.handle.syncs_config.load(Ordering::Relaxed))
+            .map(|s| s.handle.clone())
+            .collect()
+    }
+
+    /// Every live stream.
+    pub fn all_streams(&self) -> Vec<Arc<StreamHandle>> {
+        self.read().streams.values().map(|s| s.handle.clone()).collect()
+    }
+
+    /// A copy of every stream's state, sorted by client then stream id.
+    pub fn streams(&self) -> Vec<StreamView> {
+        let now = Instant::now();
+        let mut v: Vec<StreamView> = self
+            .read()
+            .streams
+            .values()
+            .map(|s| {
+                let h = &s.handle;
+                StreamView {
+                    stream_id: h.stream_id.clone(),
+                    client_id: h.client_id.clone(),
+                    group: h.group.clone(),
+                    stream_type: h.stream_type,
+                    peer: h.peer,
+                    connected_at: h.connected_at,
+                    last_heartbeat: s.last_heartbeat_at,
+                    heartbeat_age: now.duration_since(s.last_heartbeat),
+                    last_delay_ms: s.last_delay_ms,
+                    heartbeats: s.heartbeats,
+                    in_flight: h.exchanges.in_flight(),
+                    queue_depth: h.outbound().depth(),
+                    queue_capacity: h.outbound().capacity(),
+                    draining: h.is_draining(),
+                }
+            })
+            .collect();
+        v.sort_by(|a, b| (&a.client_id, &a.stream_id).cmp(&(&b.client_id, &b.stream_id)));
+        v
+    }
+
+    /// A copy of every client's state, sorted by id.
+    pub fn clients(&self) -> Vec<ClientView> {
+        let mut v: Vec<ClientView> = self
+            .read()
+            .clients
+            .iter()
+            .map(|(id, c)| ClientView {
+                client_id: id.clone(),
+                group: c.group.clone(),
+                version: c.version.clone(),
+                session_id: c.session_id.clone(),
+                connected_at: c.connected_at,
+                config_version: c.config_version.clone(),
+                streams: c.streams.iter().cloned().collect(),
+            })
+            .collect();
+        v.sort_by(|a, b| a.client_id.cmp(&b.client_id));
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tunnel::exchange::Role;
+
+    fn handle(stream: &str, client: &str, session: &str, ty: StreamType) -> Arc<StreamHandle> {
+        let cancel = CancellationToken::new();
+        let (out, _stream) = Outbound::new(cancel.clone());
+        Arc::new(StreamHandle::new(
+            stream.into(),
+            client.into(),
+            "g".into(),
+            ty,
+            session.into(),
+            None,
+            Exchanges::new(out, Role::Server, client.into()),
+            cancel,
+        ))
+    }
+
+    /// Picks spread over streams, skip draining ones, and only HTTP streams are picked.
+    #[test]
+    fn pick_spreads_and_skips_draining() {
+        let r = Registry::new();
+        r.register(handle("c", "a", "s1", StreamType::Control), "v", "");
+        let h1 = handle("h1", "a", "s1", StreamType::Http);
+        let h2 = handle("h2", "a", "s1", StreamType::Http);
+        r.register(h1.clone(), "v", "");
+        r.register(h2.clone(), "v", "");
+        let picks: BTreeSet<String> = (0..4).filter_map(|_| r.pick("g")).map(|h| h.stream_id.clone()).collect();
+        assert_eq!(picks, BTreeSet::from(["h1".to_string(), "h2".to_string()]));
+        h1.set_draining();
+        assert!((0..4).all(|_| r.pick("g").is_some_and(|h| h.stream_id == "h2")));
+        h2.set_draining();
+        assert!(r.pick("g").is_none());
+        assert!(r.pick("other").is_none());
+    }
+
+    /// A reconnect (new session) evicts the old session's streams at once.
+    #[test]
+    fn new_session_evicts_stale_streams() {
+        let r = Registry::new();
+        r.register(handle("old1", "a", "s1", StreamType::Http), "v", "");
+        r.register(handle("old2", "a", "s1", StreamType::Control), "v", "");
+        let stale = r.register(handle("new1", "a", "s2", StreamType::Http), "v", "");
+        let mut ids: Vec<_> = stale.iter().map(|h| h.stream_id.clone()).collect();
+        ids.sort();
+        assert_eq!(ids, ["old1", "old2"]);
+        assert_eq!(r.streams().len(), 1);
+        assert_eq!(r.clients()[0].streams, ["new1"]);
+    }
+
+    /// Heartbeats update their own stream; silent streams are reaped; a client goes with its last stream.
+    #[test]
+    fn heartbeats_and_reaping() {
+        let r = Registry::new();
+        r.register(handle("h1", "a", "s", StreamType::Http), "v", "");
+        r.register(handle("h2", "a", "s", StreamType::Http), "v", "");
+        assert!(r.heartbeat("h1", 3, "cfg1"));
+        assert!(!r.heartbeat("nope", 0, ""));
+        let v = r.streams();
+        assert_eq!((v[0].heartbeats, v[0].last_delay_ms), (1, 3));
+        assert_eq!(v[1].heartbeats, 0);
+        assert_eq!(r.clients()[0].config_version, "cfg1");
+        assert!(r.reap(|_| Duration::from_secs(60)).is_empty());
+        let reaped = r.reap(|_| Duration::ZERO);
+        assert_eq!(reaped.len(), 2);
+        assert!(r.clients().is_empty());
+    }
+}

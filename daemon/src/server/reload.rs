@@ -1,0 +1,134 @@
+//! Config reloads: on SIGHUP and when server.toml changes on disk. An invalid
+//! file is refused (the old config keeps serving); a valid one is applied and
+//! pushed to the connected clients of every group whose config changed.
+
+use super::Shared;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio_util::sync::CancellationToken;
+use tunnel_lib::config::ServerConfig;
+use tunnel_lib::proto::{tunnel_message::Payload, ConfigSyncResponse};
+
+/// How often the file is checked for changes. Polling (rather than inotify)
+/// also catches configs swapped in by symlink, as config-management tools do.
+const POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Result of one reload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reload {
+    /// Applied; the groups whose config version changed.
+    Applied(Vec<String>),
+    /// Nothing changed.
+    Unchanged,
+    /// Refused; the old config keeps serving.
+    Refused(String),
+}
+
+fn stamp(path: &std::path::Path) -> Option<(SystemTime, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+/// Reloads on SIGHUP and on file change until `stop` fires.
+pub async fn watch(shared: Arc<Shared>, stop: CancellationToken) {
+    let Some(path) = shared.config_path.clone() else {
+        stop.cancelled().await;
+        return;
+    };
+    #[cfg(unix)]
+    let mut hup = crate::signal::hangups();
+    let mut last = stamp(&path);
+    let mut tick = tokio::time::interval(POLL_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        #[cfg(unix)]
+        let hangup = async {
+            match hup.as_mut() {
+                Some(h) => {
+                    h.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hangup = std::future::pending::<()>();
+        let why = tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = hangup => "SIGHUP",
+            _ = tick.tick() => {
+                let now = stamp(&path);
+                if now == last { continue; }
+                last = now;
+                "file changed"
+            }
+        };
+        tracing::info!(path = %path.display(), trigger = why, "reloading config");
+        reload_from_file(&shared);
+    }
+}
+
+/// Re-reads the config file and applies it.
+pub fn reload_from_file(shared: &Shared) -> Reload {
+    let Some(path) = &shared.config_path else {
+        return Reload::Unchanged;
+    };
+    match ServerConfig::from_file(path) {
+        Ok(cfg) => apply(shared, cfg),
+        Err(e) => {
+            tracing::error!("config reload refused, old config keeps serving: {e}");
+            Reload::Refused(e.to_string())
+        }
+    }
+}
+
+/// Applies a new config and pushes changed group configs to their clients.
+pub fn apply(shared: &Shared, new: ServerConfig) -> Reload {
+    let old = shared.config();
+    if old.server.http_listen != new.server.http_listen || old.server.grpc_listen != new.server.grpc_listen {
+        tracing::warn!("listen addresses changed in the file; they apply at the next restart");
+    }
+    let versions = |c: &ServerConfig| -> BTreeMap<String, String> {
+        c.groups
+            .iter()
+            .filter_map(|g| c.group_sync(&g.name).map(|(v, _)| (g.name.clone(), v)))
+            .collect()
+    };
+    let (before, after) = (versions(&old), versions(&new));
+    if *old == new {
+        return Reload::Unchanged;
+    }
+    shared.set_config(new);
+    let changed: Vec<String> = after
+        .iter()
+        .filter(|(g, v)| before.get(*g) != Some(v))
+        .map(|(g, _)| g.clone())
+        .collect();
+    let cfg = shared.config();
+    for group in &changed {
+        let Some((version, config)) = cfg.group_sync(group) else { continue };
+        let streams = shared.registry.config_streams(group);
+        tracing::info!(group = %group, %version, clients = streams.len(), "config changed: pushing to connected clients");
+        for s in streams {
+            let resp = ConfigSyncResponse {
+                config_version: version.clone(),
+                config: Some(config.clone()),
+                server_id: shared.server_id.clone(),
+                missing_upstreams: Vec::new(),
+            };
+            let msg = s.exchanges.message(&uuid::Uuid::new_v4().to_string(), Payload::ConfigSyncResponse(resp));
+            if !s.outbound().try_priority(msg) {
+                tracing::warn!(stream = %s.stream_id, "priority queue full: config push dropped (the next heartbeat acknowledgement names the new version)");
+            }
+        }
+    }
+    // Groups removed from the file: their clients can no longer authenticate new
+    // streams; close the current ones so they notice.
+    for g in before.keys().filter(|g| !after.contains_key(*g)) {
+        for s in shared.registry.all_streams().into_iter().filter(|s| &s.group == g) {
+            tracing::info!(stream = %s.stream_id, group = %g, "group removed from config: stream closed");
+            s.cancel.cancel();
+        }
+    }
+    Reload::Applied(changed)
+}

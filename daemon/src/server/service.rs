@@ -1,0 +1,300 @@
+//! The gRPC side of the server: authentication, stream registration,
+//! heartbeats, config sync, and the reader task of every stream.
+
+use super::registry::StreamHandle;
+use super::Shared;
+use crate::tunnel::exchange::{payload_name, ExchangeFailure, Exchanges, Role};
+use crate::tunnel::outbound::{Outbound, ServerOutbound};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::metadata::MetadataMap;
+use tonic::transport::server::TcpIncoming;
+use tonic::{Request, Response, Status, Streaming};
+use tunnel_lib::frame::now_ms;
+use tunnel_lib::proto::tunnel_service_server::{TunnelService, TunnelServiceServer};
+use tunnel_lib::proto::{
+    tunnel_message::Payload, ConfigSyncRequest, ConfigSyncResponse, Direction, StreamOpenRequest, StreamOpenResponse,
+    StreamType, TunnelMessage,
+};
+use tunnel_lib::GROUP_METADATA;
+
+/// Bound on the wait for a new stream's registration message.
+const REGISTRATION_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 keepalive: a dead client connection is noticed within interval + timeout.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// TCP keepalive, for peers that vanish without a FIN.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+/// HTTP/2 windows. Our stream readers always drain h2 at once into
+/// per-exchange buffers, so h2 windows only bound what is in transit; large
+/// ones keep a bulk transfer from waiting on WINDOW_UPDATE round trips, and a
+/// connection window above the stream window keeps one stream from using it up.
+const STREAM_WINDOW: u32 = 4 << 20;
+const CONNECTION_WINDOW: u32 = 16 << 20;
+/// Largest message accepted: a 64 KiB chunk, or a head with up to 1 MiB of headers.
+const MAX_MESSAGE: usize = 2 << 20;
+/// Cap on locally reset streams before GOAWAY (hyper's own default; tonic
+/// passes none, which disables the protection against reset floods).
+const MAX_LOCAL_RESETS: usize = 1024;
+
+/// Serves the tunnel gRPC service on `listener` until `stop` fires.
+pub async fn serve(shared: Arc<Shared>, listener: TcpListener, stop: CancellationToken) -> anyhow::Result<()> {
+    let max_streams = shared.config().server.max_streams_per_connection;
+    let svc = TunnelServiceServer::new(TunnelSvc { shared })
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(TCP_KEEPALIVE));
+    tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(max_streams))
+        .http2_max_local_error_reset_streams(Some(MAX_LOCAL_RESETS))
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .add_service(svc)
+        .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+        .await?;
+    Ok(())
+}
+
+/// The TunnelService implementation.
+pub struct TunnelSvc {
+    shared: Arc<Shared>,
+}
+
+fn bearer(md: &MetadataMap) -> &str {
+    md.get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("")
+}
+
+impl TunnelSvc {
+    /// The caller's group, if its token is that group's.
+    fn authenticate(&self, md: &MetadataMap, peer: Option<SocketAddr>) -> Result<String, Status> {
+        let group = md.get(GROUP_METADATA).and_then(|v| v.to_str().ok()).unwrap_or("");
+        let cfg = self.shared.config();
+        match cfg.group(group) {
+            Some(g) if g.token.matches(bearer(md).as_bytes()) => Ok(group.to_string()),
+            _ => {
+                tracing::warn!(peer = ?peer, group, "authentication failed: unknown group or wrong token");
+                Err(Status::unauthenticated("unknown group or wrong token"))
+            }
+        }
+    }
+
+    fn sync_response(&self, client_id: &str, group: &str, req: &ConfigSyncRequest) -> Result<ConfigSyncResponse, Status> {
+        let cfg = self.shared.config();
+        let (version, config) = cfg
+            .group_sync(group)
+            .ok_or_else(|| Status::not_found("group no longer configured"))?;
+        let missing: Vec<String> = config
+            .routes
+            .iter()
+            .filter(|r| !req.upstreams.contains(&r.upstream))
+            .map(|r| r.upstream.clone())
+            .collect();
+        if !missing.is_empty() {
+            tracing::warn!(client = client_id, group, ?missing, "client lacks upstreams that its group's rules use");
+        }
+        Ok(ConfigSyncResponse {
+            config_version: version,
+            config: Some(config),
+            server_id: self.shared.server_id.clone(),
+            missing_upstreams: missing,
+        })
+    }
+
+    async fn open_stream(
+        &self,
+        req: Request<Streaming<TunnelMessage>>,
+        rpc_type: StreamType,
+    ) -> Result<Response<ServerOutbound>, Status> {
+        let peer = req.remote_addr();
+        let group = self.authenticate(req.metadata(), peer)?;
+        let mut inbound = req.into_inner();
+        let first = tokio::time::timeout(REGISTRATION_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no registration within 10s"))??;
+        let open = match first.and_then(|m| m.payload) {
+            Some(Payload::StreamOpen(o)) => o,
+            _ => return Err(Status::invalid_argument("the first message must be a StreamOpen")),
+        };
+        let stream_type = StreamType::try_from(open.stream_type).unwrap_or(StreamType::Unspecified);
+        let type_ok = match rpc_type {
+            StreamType::Control => stream_type == StreamType::Control,
+            _ => stream_type == StreamType::Http,
+        };
+        if !type_ok || open.stream_id.is_empty() || open.client_id.is_empty() || open.group != group {
+            tracing::warn!(peer = ?peer, client = %open.client_id, "invalid registration: stream type, ids or group");
+            return Err(Status::invalid_argument("StreamOpen must carry stream_id, client_id, its group and the RPC's stream type"));
+        }
+
+        let cancel = self.shared.streams.child_token();
+        let (out, outbound) = Outbound::new(cancel.clone());
+        let exchanges = Exchanges::new(out, Role::Server, open.client_id.clone());
+        let handle = Arc::new(StreamHandle::new(
+            open.stream_id.clone(),
+            open.client_id.clone(),
+            group.clone(),
+            stream_type,
+            open.session_id.clone(),
+            peer,
+            exchanges,
+            cancel,
+        ));
+        for old in self.shared.registry.register(handle.clone(), &open.version, &open.config_version) {
+            tracing::info!(stream = %old.stream_id, client = %old.client_id, "closing a stream the client left behind");
+            old.cancel.cancel();
+        }
+        tracing::info!(stream = %open.stream_id, client = %open.client_id, group = %group, r#type = ?stream_type, peer = ?peer, "stream registered");
+        self.ack(&handle, &open);
+        let shared = self.shared.clone();
+        self.shared.tasks.spawn(read_stream(shared, handle, inbound));
+        Ok(Response::new(ServerOutbound(outbound)))
+    }
+
+    fn ack(&self, handle: &StreamHandle, open: &StreamOpenRequest) {
+        ack(&self.shared, handle, open);
+    }
+}
+
+/// Acknowledges a registration or heartbeat, ahead of any queued data.
+fn ack(shared: &Shared, handle: &StreamHandle, open: &StreamOpenRequest) {
+    let version = shared
+        .config()
+        .group_sync(&handle.group)
+        .map(|(v, _)| v)
+        .unwrap_or_default();
+    let msg = TunnelMessage {
+        client_id: handle.client_id.clone(),
+        request_id: String::new(),
+        direction: Direction::ServerToClient as i32,
+        trace_id: String::new(),
+        payload: Some(Payload::StreamOpenResponse(StreamOpenResponse {
+            stream_id: handle.stream_id.clone(),
+            accepted: true,
+            reason: String::new(),
+            echo_timestamp_ms: open.timestamp_ms,
+            sequence: open.sequence,
+            server_timestamp_ms: now_ms(),
+            server_id: shared.server_id.clone(),
+            config_version: version,
+        })),
+    };
+    if !handle.outbound().try_priority(msg) {
+        tracing::warn!(stream = %handle.stream_id, "priority queue full: heartbeat acknowledgement dropped");
+    }
+}
+
+/// Reads one stream until it ends, never waiting on any one exchange.
+async fn read_stream(shared: Arc<Shared>, handle: Arc<StreamHandle>, mut inbound: Streaming<TunnelMessage>) {
+    let svc = TunnelSvc { shared: shared.clone() };
+    loop {
+        let msg = tokio::select! {
+            _ = handle.cancel.cancelled() => break,
+            m = inbound.message() => m,
+        };
+        match msg {
+            Ok(Some(m)) => on_message(&svc, &handle, m),
+            Ok(None) => {
+                tracing::info!(stream = %handle.stream_id, client = %handle.client_id, "stream ended by client");
+                break;
+            }
+            Err(status) => {
+                // A peer hanging up is routine.
+                tracing::info!(stream = %handle.stream_id, client = %handle.client_id, error = %status.message(), "stream lost");
+                break;
+            }
+        }
+    }
+    shared.registry.remove_if_same(&handle);
+    handle.exchanges.fail_all(ExchangeFailure::StreamLost);
+    handle.cancel.cancel();
+}
+
+fn on_message(svc: &TunnelSvc, handle: &Arc<StreamHandle>, m: TunnelMessage) {
+    if m.direction != Direction::ClientToServer as i32 {
+        tracing::warn!(stream = %handle.stream_id, direction = m.direction, "message marked with the wrong direction; dropped");
+        return;
+    }
+    let Some(payload) = &m.payload else {
+        tracing::warn!(stream = %handle.stream_id, request_id = %m.request_id, "message with no payload; dropped");
+        return;
+    };
+    match payload {
+        Payload::StreamOpen(open) => {
+            if open.stream_id != handle.stream_id {
+                tracing::warn!(stream = %handle.stream_id, other = %open.stream_id, "heartbeat names another stream; dropped");
+                return;
+            }
+            let delay = now_ms() - open.timestamp_ms;
+            svc.shared.registry.heartbeat(&handle.stream_id, delay, &open.config_version);
+            if delay > 1000 {
+                tracing::warn!(stream = %handle.stream_id, client = %handle.client_id, delay_ms = delay, "late heartbeat");
+            }
+            ack(&svc.shared, handle, open);
+        }
+        Payload::ConfigSync(req) => {
+            handle.set_syncs_config();
+            svc.shared.registry.set_config_version(&handle.client_id, &req.config_version);
+            match svc.sync_response(&handle.client_id, &handle.group, req) {
+                Ok(resp) => {
+                    let msg = handle.exchanges.message(&m.request_id, Payload::ConfigSyncResponse(resp));
+                    if !handle.outbound().try_priority(msg) {
+                        tracing::warn!(stream = %handle.stream_id, "priority queue full: config response dropped");
+                    }
+                }
+                Err(status) => tracing::warn!(stream = %handle.stream_id, "config sync: {}", status.message()),
+            }
+        }
+        Payload::Drain(d) => {
+            tracing::info!(stream = %handle.stream_id, client = %handle.client_id, reason = %d.reason, "client draining: no new requests to it");
+            if handle.stream_type == StreamType::Control {
+                svc.shared.registry.drain_client(&handle.client_id);
+            } else {
+                handle.set_draining();
+            }
+        }
+        Payload::StreamOpenResponse(_) | Payload::ConfigSyncResponse(_) | Payload::HttpRequest(_) => {
+            tracing::warn!(stream = %handle.stream_id, payload = payload_name(payload), "server-bound message of a server-sent kind; dropped");
+        }
+        _ if handle.stream_type == StreamType::Control => {
+            tracing::warn!(stream = %handle.stream_id, payload = payload_name(payload), "exchange frame on a control stream; dropped");
+        }
+        _ => {
+            handle.exchanges.dispatch(m);
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl TunnelService for TunnelSvc {
+    type ControlStreamStream = ServerOutbound;
+    type ProxyStream = ServerOutbound;
+
+    async fn control_stream(
+        &self,
+        req: Request<Streaming<TunnelMessage>>,
+    ) -> Result<Response<Self::ControlStreamStream>, Status> {
+        self.open_stream(req, StreamType::Control).await
+    }
+
+    async fn proxy(&self, req: Request<Streaming<TunnelMessage>>) -> Result<Response<Self::ProxyStream>, Status> {
+        self.open_stream(req, StreamType::Http).await
+    }
+
+    async fn config_sync(&self, req: Request<ConfigSyncRequest>) -> Result<Response<ConfigSyncResponse>, Status> {
+        let group = self.authenticate(req.metadata(), req.remote_addr())?;
+        let body = req.into_inner();
+        if body.group != group {
+            return Err(Status::invalid_argument("group does not match the authenticated group"));
+        }
+        self.sync_response(&body.client_id, &group, &body).map(Response::new)
+    }
+}

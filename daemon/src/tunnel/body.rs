@@ -1,0 +1,195 @@
+//! Bodies crossing the tunnel in both directions: sending one as credit-bound
+//! frames, and receiving one as an `http_body::Body` that grants credit back as
+//! its consumer (a public client or an upstream) reads it.
+
+use super::exchange::{ExchangeFailure, ExchangeGuard, Exchanges};
+use bytes::Bytes;
+use http::HeaderMap;
+use http_body::{Body, Frame};
+use http_body_util::BodyExt;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::{CancellationToken, PollSender};
+use tunnel_lib::frame::{self, RecvWindow, MAX_CHUNK};
+use tunnel_lib::proto::{self, tunnel_message::Payload, TunnelMessage};
+
+/// What the stream reader hands to a body's consumer.
+#[derive(Debug)]
+pub enum BodyEvent {
+    Data(Bytes),
+    /// The body is complete, with optional trailers.
+    End(Option<HeaderMap>),
+    Failed(ExchangeFailure),
+}
+
+/// The peer's body of one exchange, read from a bounded per-exchange buffer.
+pub struct InboundBody {
+    rx: mpsc::Receiver<BodyEvent>,
+    window: Arc<Mutex<RecvWindow>>,
+    exchanges: Arc<Exchanges>,
+    request_id: String,
+    /// Credit owed to the peer and not yet queued.
+    grant: u32,
+    sender: PollSender<TunnelMessage>,
+    done: bool,
+    guard: Option<ExchangeGuard>,
+}
+
+impl InboundBody {
+    pub(super) fn new(
+        rx: mpsc::Receiver<BodyEvent>,
+        window: Arc<Mutex<RecvWindow>>,
+        exchanges: Arc<Exchanges>,
+        request_id: String,
+    ) -> Self {
+        let sender = PollSender::new(exchanges.outbound().priority_sender());
+        InboundBody {
+            rx,
+            window,
+            exchanges,
+            request_id,
+            grant: 0,
+            sender,
+            done: false,
+            guard: None,
+        }
+    }
+
+    /// Makes dropping this body (before the exchange finished) abandon the exchange.
+    pub fn guard(mut self, guard: ExchangeGuard) -> Self {
+        self.guard = Some(guard);
+        self
+    }
+
+    /// Queues owed credit as a WindowUpdate if the priority queue has room;
+    /// otherwise the waker is registered and the next poll retries.
+    fn flush_grant(&mut self, cx: &mut Context<'_>) {
+        if self.grant == 0 {
+            return;
+        }
+        match self.sender.poll_reserve(cx) {
+            Poll::Ready(Ok(())) => {
+                let msg = self.exchanges.message(
+                    &self.request_id,
+                    Payload::WindowUpdate(proto::WindowUpdate { credit: self.grant }),
+                );
+                let _ = self.sender.send_item(msg);
+                self.grant = 0;
+            }
+            // The stream is gone; the peer will never need the credit.
+            Poll::Ready(Err(_)) => self.grant = 0,
+            Poll::Pending => {}
+        }
+    }
+}
+
+impl Body for InboundBody {
+    type Data = Bytes;
+    type Error = ExchangeFailure;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, ExchangeFailure>>> {
+        let this = &mut *self;
+        if this.done {
+            return Poll::Ready(None);
+        }
+        this.flush_grant(cx);
+        match this.rx.poll_recv(cx) {
+            Poll::Ready(Some(BodyEvent::Data(b))) => {
+                let granted = this.window.lock().unwrap_or_else(|e| e.into_inner()).on_consumed(b.len());
+                if let Some(g) = granted {
+                    this.grant += g;
+                    this.flush_grant(cx);
+                }
+                Poll::Ready(Some(Ok(Frame::data(b))))
+            }
+            Poll::Ready(Some(BodyEvent::End(trailers))) => {
+                this.done = true;
+                Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))))
+            }
+            Poll::Ready(Some(BodyEvent::Failed(f))) => {
+                this.done = true;
+                Poll::Ready(Some(Err(f)))
+            }
+            Poll::Ready(None) => {
+                this.done = true;
+                Poll::Ready(Some(Err(ExchangeFailure::StreamLost)))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+}
+
+/// Why sending a body stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// The exchange was cancelled or the stream closed.
+    #[error("exchange cancelled")]
+    Cancelled,
+    /// Reading the body we were sending failed.
+    #[error("body failed: {0}")]
+    Body(String),
+}
+
+/// Sends `body` on exchange `request_id` as chunks of at most 64 KiB, each
+/// waiting for credit, then the end frame with any trailers. On success our
+/// direction of the exchange is finished; on error the caller decides how to
+/// end the exchange.
+pub async fn send_body<B>(
+    mut body: B,
+    request_id: &str,
+    credit: &Semaphore,
+    cancel: &CancellationToken,
+    exchanges: &Arc<Exchanges>,
+) -> Result<(), SendError>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    let out = exchanges.outbound();
+    let mut trailers = None;
+    loop {
+        let next = tokio::select! {
+            _ = cancel.cancelled() => return Err(SendError::Cancelled),
+            f = body.frame() => f,
+        };
+        let frame = match next {
+            None => break,
+            Some(Err(e)) => return Err(SendError::Body(e.to_string())),
+            Some(Ok(f)) => f,
+        };
+        let mut data = match frame.into_data() {
+            Ok(d) => d,
+            Err(f) => {
+                // Trailers end the body.
+                trailers = f.into_trailers().ok();
+                break;
+            }
+        };
+        while !data.is_empty() {
+            let chunk = data.split_to(data.len().min(MAX_CHUNK));
+            let cost = frame::frame_cost(chunk.len());
+            let permit = tokio::select! {
+                _ = cancel.cancelled() => return Err(SendError::Cancelled),
+                p = credit.acquire_many(cost) => p.map_err(|_| SendError::Cancelled)?,
+            };
+            // The credit is the peer's; it comes back only as a WindowUpdate.
+            permit.forget();
+            let msg = exchanges.message(request_id, Payload::Body(proto::BodyChunk { data: chunk }));
+            out.send_data(msg).await.map_err(|_| SendError::Cancelled)?;
+        }
+    }
+    let end = proto::BodyEnd {
+        trailers: trailers.as_ref().map(frame::headers_to_proto).unwrap_or_default(),
+    };
+    out.send_data(exchanges.message(request_id, Payload::End(end)))
+        .await
+        .map_err(|_| SendError::Cancelled)?;
+    exchanges.finish_outbound(request_id);
+    Ok(())
+}

@@ -1,0 +1,444 @@
+//! The exchanges of one gRPC stream: the table that routes each inbound frame
+//! to its exchange without ever blocking the stream's reader, and the
+//! cancellation that frees an exchange on either side.
+
+use super::body::{BodyEvent, InboundBody};
+use super::outbound::Outbound;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tunnel_lib::frame::{self, body_buffer_capacity, FrameError, FrameKind, Phase, RecvWindow, DEFAULT_EXCHANGE_WINDOW};
+use tunnel_lib::proto::{self, exchange_error::Kind, tunnel_message::Payload, Direction, TunnelMessage};
+
+/// Why an exchange ended without completing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExchangeFailure {
+    /// The gRPC stream carrying it ended.
+    #[error("tunnel stream lost")]
+    StreamLost,
+    /// The peer cancelled it.
+    #[error("cancelled by peer: {0}")]
+    Cancelled(String),
+    /// The peer reported an error.
+    #[error("{message}")]
+    Peer { kind: Kind, message: String },
+    /// A frame broke the protocol.
+    #[error("protocol error: {0}")]
+    Protocol(FrameError),
+}
+
+/// The server's wait for a response head.
+pub type HeadReceiver = oneshot::Receiver<Result<proto::HttpResponse, ExchangeFailure>>;
+
+/// Our side of one exchange: credit to send our body, the peer's body, and
+/// the token that fires when the exchange is abandoned.
+pub struct ExchangeIo {
+    pub request_id: String,
+    /// Our send credit, in bytes (see `frame::frame_cost`).
+    pub credit: Arc<Semaphore>,
+    pub cancel: CancellationToken,
+    /// The body the peer sends us.
+    pub body: InboundBody,
+}
+
+struct Slot {
+    phase: Phase,
+    window: Arc<Mutex<RecvWindow>>,
+    head: Option<oneshot::Sender<Result<proto::HttpResponse, ExchangeFailure>>>,
+    body: mpsc::Sender<BodyEvent>,
+    credit: Arc<Semaphore>,
+    cancel: CancellationToken,
+    outbound_done: bool,
+}
+
+/// What the reader should do after a frame was dispatched.
+pub enum Dispatched {
+    /// Delivered, or logged and dropped.
+    Done,
+    /// A new request arrived (client side): serve it.
+    NewRequest(proto::HttpRequest, ExchangeIo, String),
+}
+
+/// Which side of the tunnel this table serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Server,
+    Client,
+}
+
+/// The exchanges in flight on one stream.
+pub struct Exchanges {
+    // std Mutex: held only for map updates, never across an await.
+    slots: Mutex<HashMap<String, Slot>>,
+    in_flight: AtomicUsize,
+    out: Outbound,
+    role: Role,
+    client_id: String,
+}
+
+impl Exchanges {
+    /// An empty table for a stream whose outbound queues are `out`.
+    pub fn new(out: Outbound, role: Role, client_id: String) -> Arc<Self> {
+        Arc::new(Exchanges {
+            slots: Mutex::new(HashMap::new()),
+            in_flight: AtomicUsize::new(0),
+            out,
+            role,
+            client_id,
+        })
+    }
+
+    /// Exchanges in flight.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// The stream's outbound queues.
+    pub fn outbound(&self) -> &Outbound {
+        &self.out
+    }
+
+    fn our_direction(&self) -> Direction {
+        match self.role {
+            Role::Server => Direction::ServerToClient,
+            Role::Client => Direction::ClientToServer,
+        }
+    }
+
+    /// A frame of ours for `request_id`.
+    pub fn message(&self, request_id: &str, payload: Payload) -> TunnelMessage {
+        frame::message(&self.client_id, request_id, self.our_direction(), payload)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot>> {
+        // A panic while holding this lock leaves a consistent map (every
+        // update is a single insert or remove), so poisoning is ignored.
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn new_slot(self: &Arc<Self>, request_id: &str, window: u32, phase: Phase) -> (Slot, ExchangeIo) {
+        let window = if window == 0 { DEFAULT_EXCHANGE_WINDOW } else { window };
+        let (tx, rx) = mpsc::channel(body_buffer_capacity(window));
+        let recv = Arc::new(Mutex::new(RecvWindow::new(window)));
+        let credit = Arc::new(Semaphore::new(window as usize));
+        let cancel = CancellationToken::new();
+        let slot = Slot {
+            phase,
+            window: recv.clone(),
+            head: None,
+            body: tx,
+            credit: credit.clone(),
+            cancel: cancel.clone(),
+            outbound_done: false,
+        };
+        let io = ExchangeIo {
+            request_id: request_id.to_string(),
+            credit,
+            cancel,
+            body: InboundBody::new(rx, recv, self.clone(), request_id.to_string()),
+        };
+        (slot, io)
+    }
+
+    fn insert(&self, request_id: String, slot: Slot) {
+        if self.lock().insert(request_id, slot).is_none() {
+            self.in_flight.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn remove(&self, request_id: &str) -> Option<Slot> {
+        let slot = self.lock().remove(request_id);
+        if slot.is_some() {
+            self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+        slot
+    }
+
+    /// Server side: opens an exchange before its request head is sent.
+    pub fn open(self: &Arc<Self>, request_id: &str, window: u32) -> (ExchangeIo, HeadReceiver) {
+        let (mut slot, io) = self.new_slot(request_id, window, Phase::AwaitHead);
+        let (head_tx, head_rx) = oneshot::channel();
+        slot.head = Some(head_tx);
+        self.insert(request_id.to_string(), slot);
+        (io, head_rx)
+    }
+
+    /// Our body is fully sent (end or error frame queued).
+    pub fn finish_outbound(&self, request_id: &str) {
+        let mut slots = self.lock();
+        let done = match slots.get_mut(request_id) {
+            Some(s) => {
+                s.outbound_done = true;
+                s.phase == Phase::Ended
+            }
+            None => false,
+        };
+        if done {
+            slots.remove(request_id);
+            self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// We give the exchange up: free it and tell the peer, if it was still open.
+    pub fn abandon(&self, request_id: &str, reason: &str) {
+        if let Some(slot) = self.remove(request_id) {
+            slot.cancel.cancel();
+            let msg = self.message(request_id, Payload::Cancel(proto::Cancel { reason: reason.to_string() }));
+            self.send_ordered(msg);
+        }
+    }
+
+    /// Fails the exchange locally and reports it to the peer as `kind`.
+    pub fn fail(&self, request_id: &str, kind: Kind, message: String) {
+        if let Some(slot) = self.remove(request_id) {
+            slot.cancel.cancel();
+            let failure = ExchangeFailure::Peer { kind, message: message.clone() };
+            Self::deliver_failure(slot, failure);
+            let msg = self.message(request_id, Payload::Error(proto::ExchangeError { kind: kind as i32, message }));
+            self.send_ordered(msg);
+        }
+    }
+
+    /// Queues a frame behind the exchange's earlier frames (so a cancel never
+    /// overtakes the head it refers to), without waiting.
+    fn send_ordered(&self, msg: TunnelMessage) {
+        if let Err(mpsc::error::TrySendError::Full(msg)) = self.out.try_data(msg) {
+            // The queue is full: wait for room off the caller's path. The task
+            // ends when the frame is queued or the stream closes.
+            let out = self.out.clone();
+            tokio::spawn(async move {
+                let _ = out.send_data(msg).await;
+            });
+        }
+    }
+
+    /// The stream ended: fail every exchange on it.
+    pub fn fail_all(&self, failure: ExchangeFailure) {
+        let drained: Vec<Slot> = {
+            let mut slots = self.lock();
+            slots.drain().map(|(_, s)| s).collect()
+        };
+        self.in_flight.fetch_sub(drained.len(), Ordering::Relaxed);
+        for slot in drained {
+            slot.cancel.cancel();
+            Self::deliver_failure(slot, failure.clone());
+        }
+    }
+
+    fn deliver_failure(mut slot: Slot, failure: ExchangeFailure) {
+        slot.credit.close();
+        if let Some(head) = slot.head.take() {
+            let _ = head.send(Err(failure.clone()));
+        }
+        // The buffer may be full of data the consumer has not read; the
+        // failure is then seen as the sender's end, which also fails the body.
+        let _ = slot.body.try_send(BodyEvent::Failed(failure));
+    }
+
+    /// Routes one exchange frame from the peer. Never blocks.
+    pub fn dispatch(self: &Arc<Self>, msg: TunnelMessage) -> Dispatched {
+        let id = msg.request_id;
+        let Some(payload) = msg.payload else {
+            return Dispatched::Done;
+        };
+        match payload {
+            Payload::HttpRequest(head) if self.role == Role::Client => {
+                if self.lock().contains_key(&id) {
+                    self.protocol_error(&id, FrameError::DuplicateHead);
+                    return Dispatched::Done;
+                }
+                let phase = match Phase::AwaitHead.advance(FrameKind::Head { ends: head.end_of_stream }) {
+                    Ok(p) => p,
+                    Err(e) => return self.protocol_error(&id, e),
+                };
+                let (slot, io) = self.new_slot(&id, head.window, phase);
+                if head.end_of_stream {
+                    let _ = slot.body.try_send(BodyEvent::End(None));
+                }
+                self.insert(id.clone(), slot);
+                Dispatched::NewRequest(head, io, msg.trace_id)
+            }
+            Payload::HttpResponse(head) if self.role == Role::Server => {
+                let mut slots = self.lock();
+                let Some(slot) = slots.get_mut(&id) else {
+                    drop(slots);
+                    return self.unknown(&id, "response head");
+                };
+                match slot.phase.advance(FrameKind::Head { ends: head.end_of_stream }) {
+                    Ok(p) => slot.phase = p,
+                    Err(e) => {
+                        drop(slots);
+                        return self.protocol_error(&id, e);
+                    }
+                }
+                let ends = head.end_of_stream;
+                if ends {
+                    let _ = slot.body.try_send(BodyEvent::End(None));
+                }
+                if let Some(tx) = slot.head.take() {
+                    let _ = tx.send(Ok(head));
+                }
+                let remove = ends && slot.outbound_done;
+                drop(slots);
+                if remove {
+                    self.remove(&id);
+                }
+                Dispatched::Done
+            }
+            Payload::Body(chunk) => {
+                let mut slots = self.lock();
+                let Some(slot) = slots.get_mut(&id) else {
+                    drop(slots);
+                    return self.unknown(&id, "body");
+                };
+                let checked = slot
+                    .phase
+                    .advance(FrameKind::Body)
+                    .and_then(|_| slot.window.lock().unwrap_or_else(|e| e.into_inner()).on_chunk(chunk.data.len()));
+                if let Err(e) = checked {
+                    drop(slots);
+                    return self.protocol_error(&id, e);
+                }
+                // Cannot be full: the buffer holds a whole window of minimum-cost frames.
+                if slot.body.try_send(BodyEvent::Data(chunk.data)).is_err() && !slot.body.is_closed() {
+                    drop(slots);
+                    return self.protocol_error(&id, FrameError::CreditExceeded { cost: 0, available: 0 });
+                }
+                Dispatched::Done
+            }
+            Payload::End(end) => {
+                let mut slots = self.lock();
+                let Some(slot) = slots.get_mut(&id) else {
+                    drop(slots);
+                    return self.unknown(&id, "end");
+                };
+                match slot.phase.advance(FrameKind::End) {
+                    Ok(p) => slot.phase = p,
+                    Err(e) => {
+                        drop(slots);
+                        return self.protocol_error(&id, e);
+                    }
+                }
+                let trailers = if end.trailers.is_empty() {
+                    None
+                } else {
+                    match frame::headers_from_proto(end.trailers) {
+                        Ok(t) => Some(t),
+                        Err(e) => {
+                            drop(slots);
+                            return self.protocol_error(&id, e);
+                        }
+                    }
+                };
+                let _ = slot.body.try_send(BodyEvent::End(trailers));
+                let remove = slot.outbound_done;
+                drop(slots);
+                if remove {
+                    self.remove(&id);
+                }
+                Dispatched::Done
+            }
+            Payload::WindowUpdate(w) => {
+                let slots = self.lock();
+                let Some(slot) = slots.get(&id) else {
+                    // Credit for an exchange that just finished: normal.
+                    return Dispatched::Done;
+                };
+                let credit = slot.credit.clone();
+                drop(slots);
+                let granted = w.credit as usize;
+                if credit.available_permits() + granted > frame::MAX_EXCHANGE_WINDOW as usize {
+                    return self.protocol_error(&id, FrameError::CreditOverflow);
+                }
+                credit.add_permits(granted);
+                Dispatched::Done
+            }
+            Payload::Cancel(c) => {
+                if let Some(slot) = self.remove(&id) {
+                    tracing::debug!(request_id = %id, reason = %c.reason, "exchange cancelled by peer");
+                    slot.cancel.cancel();
+                    Self::deliver_failure(slot, ExchangeFailure::Cancelled(c.reason));
+                }
+                Dispatched::Done
+            }
+            Payload::Error(e) => {
+                if let Some(slot) = self.remove(&id) {
+                    let kind = Kind::try_from(e.kind).unwrap_or(Kind::Unspecified);
+                    tracing::debug!(request_id = %id, ?kind, message = %e.message, "exchange failed at peer");
+                    slot.cancel.cancel();
+                    Self::deliver_failure(slot, ExchangeFailure::Peer { kind, message: e.message });
+                }
+                Dispatched::Done
+            }
+            other => {
+                tracing::warn!(request_id = %id, payload = payload_name(&other), "unexpected frame on a data stream; dropped");
+                Dispatched::Done
+            }
+        }
+    }
+
+    fn unknown(&self, id: &str, what: &str) -> Dispatched {
+        // Frames in flight when an exchange was cancelled land here: normal,
+        // so debug, not warn.
+        tracing::debug!(request_id = %id, frame = what, "frame for an unknown exchange; dropped");
+        Dispatched::Done
+    }
+
+    fn protocol_error(&self, id: &str, e: FrameError) -> Dispatched {
+        tracing::warn!(request_id = %id, error = %e, "protocol error; exchange reset, other exchanges unaffected");
+        if let Some(slot) = self.remove(id) {
+            slot.cancel.cancel();
+            Self::deliver_failure(slot, ExchangeFailure::Protocol(e.clone()));
+        }
+        let msg = self.message(
+            id,
+            Payload::Error(proto::ExchangeError {
+                kind: Kind::Protocol as i32,
+                message: e.to_string(),
+            }),
+        );
+        self.send_ordered(msg);
+        Dispatched::Done
+    }
+}
+
+/// A payload's name, for logs.
+pub fn payload_name(p: &Payload) -> &'static str {
+    match p {
+        Payload::StreamOpen(_) => "stream_open",
+        Payload::StreamOpenResponse(_) => "stream_open_response",
+        Payload::ConfigSync(_) => "config_sync",
+        Payload::ConfigSyncResponse(_) => "config_sync_response",
+        Payload::HttpRequest(_) => "http_request",
+        Payload::HttpResponse(_) => "http_response",
+        Payload::Body(_) => "body",
+        Payload::End(_) => "end",
+        Payload::Error(_) => "error",
+        Payload::Cancel(_) => "cancel",
+        Payload::WindowUpdate(_) => "window_update",
+        Payload::Drain(_) => "drain",
+    }
+}
+
+/// Frees the exchange when dropped before it completed (public client hung
+/// up, handler aborted), telling the peer to stop work on it.
+pub struct ExchangeGuard {
+    exchanges: Arc<Exchanges>,
+    request_id: String,
+}
+
+impl ExchangeGuard {
+    /// Guards `request_id` in `exchanges`.
+    pub fn new(exchanges: Arc<Exchanges>, request_id: String) -> Self {
+        ExchangeGuard { exchanges, request_id }
+    }
+}
+
+impl Drop for ExchangeGuard {
+    fn drop(&mut self) {
+        // A no-op when both directions already finished (the slot is gone).
+        self.exchanges.abandon(&self.request_id, "abandoned");
+    }
+}

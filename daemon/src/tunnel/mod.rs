@@ -1,0 +1,9 @@
+//! Stream plumbing both daemons share: the outbound queues of a gRPC stream,
+//! the table of exchanges on it, and bodies crossing it under credit.
+
+pub mod body;
+pub mod exchange;
+pub mod outbound;
+
+#[cfg(test)]
+mod tests;
