@@ -5,5 +5,3 @@ pub mod body;
 pub mod exchange;
 pub mod outbound;
 
-#[cfg(test)]
-mod tests;

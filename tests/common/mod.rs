@@ -1,0 +1,365 @@
+//! Test harness: a recording upstream, a tunnel (server + clients) on loopback
+//! port 0, and a small HTTP client. Every wait is bounded.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::client::legacy::{connect::HttpConnector, Client as HttpClient};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use sha2::{Digest, Sha256};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tunnel_daemon::client::{Client, ClientStatus};
+use tunnel_daemon::server::{Listeners, Server, Shared};
+use tunnel_lib::config::{ClientConfig, ServerConfig};
+
+/// Every wait in these tests ends by this deadline at the latest.
+pub const WAIT: Duration = Duration::from_secs(15);
+
+/// Polls `f` until it is true or the deadline passes.
+pub async fn eventually(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let start = tokio::time::Instant::now();
+    while !f() {
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// ------------------------------------------------------------------ upstream
+
+/// Counters of what the upstream saw.
+#[derive(Default)]
+pub struct Seen {
+    pub requests: AtomicUsize,
+    /// Requests whose handler was dropped before it finished (cancelled).
+    pub cancelled: AtomicUsize,
+}
+
+struct CancelProbe(Arc<Seen>, bool);
+impl Drop for CancelProbe {
+    fn drop(&mut self) {
+        if !self.1 {
+            self.0.cancelled.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// A deterministic 64 KiB block that downloads repeat.
+pub fn pattern_block() -> Bytes {
+    let mut rng = fastrand_like(0x5eed);
+    Bytes::from((0..65536).map(|_| rng()).collect::<Vec<u8>>())
+}
+
+fn fastrand_like(mut state: u64) -> impl FnMut() -> u8 {
+    move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 24) as u8
+    }
+}
+
+/// The first `n` bytes of the repeated pattern, as 64 KiB chunks.
+pub fn pattern_chunks(n: usize) -> impl Iterator<Item = Bytes> {
+    let block = pattern_block();
+    (0..n.div_ceil(65536)).map(move |i| {
+        let len = (n - i * 65536).min(65536);
+        block.slice(..len)
+    })
+}
+
+pub fn sha256_of_pattern(n: usize) -> String {
+    let mut h = Sha256::new();
+    for c in pattern_chunks(n) {
+        h.update(&c);
+    }
+    hex(&h.finalize())
+}
+
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+type UpBody = BoxBody<Bytes, Infallible>;
+
+fn query(req: &Request<Incoming>, key: &str) -> Option<u64> {
+    req.uri().query()?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == key).then(|| v.parse().ok()).flatten()
+    })
+}
+
+fn full(b: impl Into<Bytes>) -> UpBody {
+    Full::new(b.into()).boxed()
+}
+
+async fn upstream_handler(seen: Arc<Seen>, name: String, req: Request<Incoming>) -> Result<Response<UpBody>, Infallible> {
+    seen.requests.fetch_add(1, Ordering::SeqCst);
+    let mut probe = CancelProbe(seen.clone(), false);
+    let path = req.uri().path().to_string();
+    let resp = match path.as_str() {
+        "/never" => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            Response::new(full("late"))
+        }
+        "/slow" => {
+            tokio::time::sleep(Duration::from_millis(query(&req, "ms").unwrap_or(200))).await;
+            Response::new(full("slow done"))
+        }
+        "/download" => {
+            let n = query(&req, "bytes").unwrap_or(0) as usize;
+            let stream = tokio_stream::iter(pattern_chunks(n).map(|c| Ok::<_, Infallible>(Frame::data(c))));
+            let mut r = Response::new(StreamBody::new(stream).boxed());
+            r.headers_mut().insert("content-length", n.into());
+            r
+        }
+        "/upload-sha" => {
+            let mut h = Sha256::new();
+            let mut body = req.into_body();
+            let mut len = 0usize;
+            while let Some(Ok(f)) = body.frame().await {
+                if let Ok(d) = f.into_data() {
+                    len += d.len();
+                    h.update(&d);
+                }
+            }
+            Response::new(full(format!("{len} {}", hex(&h.finalize()))))
+        }
+        p if p.starts_with("/status/") => {
+            let code: u16 = p["/status/".len()..].parse().unwrap_or(500);
+            let mut r = Response::new(full(Bytes::new()));
+            *r.status_mut() = StatusCode::from_u16(code).unwrap();
+            r.headers_mut().insert("x-status-test", "yes".parse().unwrap());
+            r
+        }
+        _ => {
+            // Echo: the request as the upstream saw it, in headers; its body back.
+            let (parts, body) = req.into_parts();
+            let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            let mut r = Response::new(full(body));
+            let h = r.headers_mut();
+            h.insert("x-upstream", name.parse().unwrap());
+            h.insert("x-seen-method", parts.method.as_str().parse().unwrap());
+            h.insert("x-seen-uri", parts.uri.to_string().parse().unwrap());
+            for (k, v) in &parts.headers {
+                if let Ok(name) = http::HeaderName::from_bytes(format!("x-seen-{k}").as_bytes()) {
+                    h.append(name, v.clone());
+                }
+            }
+            h.insert("x-multi", "a".parse().unwrap());
+            h.append("x-multi", "b".parse().unwrap());
+            r
+        }
+    };
+    probe.1 = true;
+    Ok(resp)
+}
+
+/// A recording upstream on 127.0.0.1:0.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub seen: Arc<Seen>,
+    stop: CancellationToken,
+}
+
+impl Upstream {
+    pub async fn start(name: &str) -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Seen::default());
+        let stop = CancellationToken::new();
+        let (s2, stop2, name) = (seen.clone(), stop.clone(), name.to_string());
+        tokio::spawn(async move {
+            loop {
+                let tcp = tokio::select! {
+                    _ = stop2.cancelled() => return,
+                    r = listener.accept() => r.unwrap().0,
+                };
+                let (seen, name, stop) = (s2.clone(), name.clone(), stop2.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| upstream_handler(seen.clone(), name.clone(), req));
+                    let conn = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .into_owned();
+                    tokio::select! { _ = stop.cancelled() => {}, _ = conn => {} }
+                });
+            }
+        });
+        Upstream { addr, seen, stop }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+// ------------------------------------------------------------------ tunnel
+
+/// A running server on loopback port 0.
+pub struct TestServer {
+    pub http: SocketAddr,
+    pub grpc: SocketAddr,
+    pub shared: Arc<Shared>,
+    pub config_path: Option<PathBuf>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+/// Rewrites the [server] listen addresses to port 0 and starts a server.
+pub async fn start_server(toml: &str, config_path: Option<PathBuf>) -> TestServer {
+    let cfg = ServerConfig::from_str_named(toml, "test server.toml").expect("valid test config");
+    let listeners = Listeners {
+        http: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        grpc: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    };
+    let (http, grpc) = listeners.addrs().unwrap();
+    let server = Server::new(cfg, config_path.clone());
+    let shared = server.shared();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(server.run(listeners, stop.clone().cancelled_owned()));
+    TestServer { http, grpc, shared, config_path, stop, task }
+}
+
+impl TestServer {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.http, path)
+    }
+
+    /// Waits until `n` streams of `group` are registered.
+    pub async fn wait_streams(&self, n: usize) {
+        let shared = self.shared.clone();
+        eventually(&format!("{n} registered streams"), WAIT, || shared.registry.streams().len() == n).await;
+    }
+
+    pub async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(WAIT, self.task).await.expect("server stops").unwrap().unwrap();
+    }
+}
+
+/// A client running on its own runtime and thread, so that `kill` can drop
+/// every task and socket at once, as a killed process would.
+pub struct TestClient {
+    rt: Option<tokio::runtime::Runtime>,
+    pub status: watch::Receiver<ClientStatus>,
+    stop: CancellationToken,
+    done: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestClient {
+    pub fn start(toml: &str) -> TestClient {
+        let cfg = ClientConfig::from_str_named(toml, "test client.toml").expect("valid test client config");
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let client = Client::new(cfg);
+        let status = client.status();
+        let stop = CancellationToken::new();
+        let done = rt.spawn(client.run(stop.clone().cancelled_owned()));
+        TestClient { rt: Some(rt), status, stop, done: Some(done) }
+    }
+
+    /// Abrupt death: every task dropped, every socket closed, no goodbye.
+    pub fn kill(mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+
+    /// Graceful stop (drain), waited for.
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(done) = self.done.take() {
+            tokio::time::timeout(WAIT, done).await.expect("client stops").unwrap().unwrap();
+        }
+    }
+}
+
+impl Drop for TestClient {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+pub fn client_toml(server: &TestServer, client_id: &str, group: &str, token: &str, extra: &str, upstreams: &[(&str, String)]) -> String {
+    let mut s = format!(
+        "server = \"http://{}\"\nclient_id = \"{client_id}\"\ngroup = \"{group}\"\ntoken = \"{token}\"\nreconnect_max = \"1s\"\nshutdown_grace = \"5s\"\n{extra}\n[upstreams]\n",
+        server.grpc
+    );
+    for (name, url) in upstreams {
+        s.push_str(&format!("{name} = \"{url}\"\n"));
+    }
+    s
+}
+
+// ------------------------------------------------------------------ http client
+
+pub type ReqBody = BoxBody<Bytes, Infallible>;
+
+pub fn http_client() -> HttpClient<HttpConnector, ReqBody> {
+    HttpClient::builder(TokioExecutor::new()).build(HttpConnector::new())
+}
+
+pub fn h2c_client() -> HttpClient<HttpConnector, ReqBody> {
+    HttpClient::builder(TokioExecutor::new()).http2_only(true).build(HttpConnector::new())
+}
+
+pub fn body(b: impl Into<Bytes>) -> ReqBody {
+    Full::new(b.into()).boxed()
+}
+
+pub fn empty() -> ReqBody {
+    body(Bytes::new())
+}
+
+/// A body sent as a stream of chunks (chunked on HTTP/1.1).
+pub fn streamed(chunks: Vec<Bytes>) -> ReqBody {
+    StreamBody::new(tokio_stream::iter(chunks.into_iter().map(|c| Ok::<_, Infallible>(Frame::data(c))))).boxed()
+}
+
+pub struct Got {
+    pub status: StatusCode,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Got {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Sends a request and reads the whole response, within WAIT.
+pub async fn send(client: &HttpClient<HttpConnector, ReqBody>, req: Request<ReqBody>) -> Got {
+    tokio::time::timeout(WAIT, async {
+        let resp = client.request(req).await.expect("response");
+        let (parts, b) = resp.into_parts();
+        let body = b.collect().await.expect("body").to_bytes();
+        Got { status: parts.status, headers: parts.headers, body }
+    })
+    .await
+    .expect("request finished in time")
+}
+
+pub async fn get(url: &str) -> Got {
+    send(&http_client(), Request::get(url).body(empty()).unwrap()).await
+}

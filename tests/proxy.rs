@@ -1,0 +1,327 @@
+//! HTTP through the whole tunnel over loopback: methods, bodies, large
+//! transfers, concurrency, isolation of slow readers, routing and errors.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+fn server_toml(extra_groups: &str, rules: &str) -> String {
+    format!(
+        r#"
+[server]
+shutdown_grace = "2s"
+[[groups]]
+name = "demo"
+token = "t-demo"
+heartbeat_interval = "1s"
+data_streams = 2
+{extra_groups}
+{rules}
+"#
+    )
+}
+
+const DEFAULT_RULES: &str = r#"
+[[rules]]
+path_prefix = "/"
+group = "demo"
+upstream = "web"
+timeout = "5s"
+"#;
+
+async fn tunnel(transport: &str) -> (TestServer, TestClient, Upstream) {
+    let up = Upstream::start("web").await;
+    let server = start_server(&server_toml("", DEFAULT_RULES), None).await;
+    let extra = format!("transport = \"{transport}\"");
+    let client = TestClient::start(&client_toml(&server, "edge-1", "demo", "t-demo", &extra, &[("web", up.url())]));
+    let streams = if transport == "single" { 1 } else { 3 };
+    server.wait_streams(streams).await;
+    (server, client, up)
+}
+
+async fn methods_round_trip(transport: &str) {
+    let (server, _client, _up) = tunnel(transport).await;
+    let c = http_client();
+    for method in ["GET", "POST", "PUT", "DELETE", "PATCH"] {
+        let payload = format!("{method} body");
+        let req = Request::builder()
+            .method(method)
+            .uri(server.url("/echo/caf%C3%A9/%E2%9C%93?q=a%20b&x=%C3%A9&empty="))
+            .header("x-custom", "value 1")
+            .header("x-bin", http::HeaderValue::from_bytes(b"caf\xc3\xa9").unwrap())
+            .body(body(payload.clone()))
+            .unwrap();
+        let got = send(&c, req).await;
+        assert_eq!(got.status, StatusCode::OK, "{method} via {transport}");
+        assert_eq!(got.headers["x-seen-method"], method);
+        assert_eq!(got.headers["x-seen-uri"], "/echo/caf%C3%A9/%E2%9C%93?q=a%20b&x=%C3%A9&empty=");
+        assert_eq!(got.headers["x-seen-x-custom"], "value 1");
+        assert_eq!(got.headers["x-seen-x-bin"].as_bytes(), b"caf\xc3\xa9");
+        assert_eq!(got.headers["x-seen-x-forwarded-for"], "127.0.0.1");
+        assert_eq!(got.headers["x-seen-x-forwarded-proto"], "http");
+        assert_eq!(got.headers["x-seen-x-forwarded-host"], server.http.to_string());
+        assert_eq!(got.headers["x-seen-host"], server.http.to_string(), "the public Host reaches the upstream");
+        let multi: Vec<_> = got.headers.get_all("x-multi").iter().collect();
+        assert_eq!(multi, ["a", "b"], "repeated response headers kept in order");
+        assert_eq!(got.text(), payload);
+    }
+    // HEAD: headers, no body.
+    let got = send(&c, Request::head(server.url("/echo")).body(empty()).unwrap()).await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.headers["x-seen-method"], "HEAD");
+    assert!(got.body.is_empty());
+    // 204 and 304: no body.
+    for code in [204u16, 304] {
+        let got = get(&server.url(&format!("/status/{code}"))).await;
+        assert_eq!(got.status.as_u16(), code);
+        assert_eq!(got.headers["x-status-test"], "yes");
+        assert!(got.body.is_empty());
+    }
+    // Request bodies: chunked (streamed) and with Content-Length.
+    let chunks: Vec<Bytes> = (0..50).map(|i| Bytes::from(format!("chunk {i};"))).collect();
+    let want: String = (0..50).map(|i| format!("chunk {i};")).collect();
+    let got = send(&c, Request::post(server.url("/echo")).body(streamed(chunks)).unwrap()).await;
+    assert_eq!(got.text(), want);
+    let got = send(&c, Request::post(server.url("/echo")).body(body(want.clone())).unwrap()).await;
+    assert_eq!(got.headers["x-seen-content-length"], want.len().to_string().as_str());
+    assert_eq!(got.text(), want);
+    // Hop-by-hop headers from the public client are removed, and those named in Connection.
+    let req = Request::get(server.url("/echo"))
+        .header("connection", "x-private")
+        .header("x-private", "secret")
+        .header("te", "trailers")
+        .body(empty())
+        .unwrap();
+    let got = send(&c, req).await;
+    assert!(got.headers.get("x-seen-x-private").is_none());
+    assert!(got.headers.get("x-seen-te").is_none());
+    // h2c public clients work too.
+    let got = send(&h2c_client(), Request::get(server.url("/echo?h2")).body(empty()).unwrap()).await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.headers["x-seen-uri"], "/echo?h2");
+    server.stop().await;
+}
+
+/// Methods, headers, bodies, odd paths and empty responses survive the split transport.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trips_split() {
+    methods_round_trip("split").await;
+}
+
+/// The same through a single stream (plan A).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trips_single() {
+    methods_round_trip("single").await;
+}
+
+/// The same with the control stream on its own connection (plan 3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trips_split_connection() {
+    methods_round_trip("split-connection").await;
+}
+
+/// 100 MiB each way arrives byte-identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_mib_upload_and_download_are_intact() {
+    let (server, _client, _up) = tunnel("split").await;
+    const N: usize = 100 << 20;
+    let c = http_client();
+    let got = send(&c, Request::post(server.url("/upload-sha")).body(streamed(pattern_chunks(N).collect())).unwrap()).await;
+    assert_eq!(got.text(), format!("{N} {}", sha256_of_pattern(N)));
+
+    let resp = tokio::time::timeout(WAIT, c.request(Request::get(server.url(&format!("/download?bytes={N}"))).body(empty()).unwrap()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.headers()["content-length"], N.to_string().as_str());
+    let mut body = resp.into_body();
+    let mut h = <sha2::Sha256 as sha2::Digest>::new();
+    let mut len = 0;
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(f) = body.frame().await {
+            if let Ok(d) = f.unwrap().into_data() {
+                len += d.len();
+                sha2::Digest::update(&mut h, &d);
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(len, N);
+    assert_eq!(hex(&sha2::Digest::finalize(h)), sha256_of_pattern(N));
+    server.stop().await;
+}
+
+/// 200 concurrent requests to an upstream that waits 200 ms take about one wait, not 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_are_served_concurrently() {
+    let (server, _client, up) = tunnel("split").await;
+    let c = http_client();
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..200 {
+        let (c, url) = (c.clone(), server.url("/slow?ms=200"));
+        tasks.spawn(async move { send(&c, Request::get(url).body(empty()).unwrap()).await.status });
+    }
+    while let Some(s) = tasks.join_next().await {
+        assert_eq!(s.unwrap(), StatusCode::OK);
+    }
+    let took = start.elapsed();
+    assert_eq!(up.seen.requests.load(Ordering::SeqCst), 200);
+    // Serial would be 40 s; the bound leaves room for a loaded CI machine.
+    assert!(took < Duration::from_secs(5), "200 x 200ms took {took:?}");
+    println!("200 concurrent 200ms requests took {took:?}");
+    server.stop().await;
+}
+
+/// A public client that stops reading a big response does not delay other
+/// requests through the same client, even on a single data stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_reader_does_not_stall_other_requests() {
+    let up = Upstream::start("web").await;
+    let server = start_server(&server_toml("", DEFAULT_RULES).replace("data_streams = 2", "data_streams = 1"), None).await;
+    let _client = TestClient::start(&client_toml(&server, "edge-1", "demo", "t-demo", "data_streams = 1", &[("web", up.url())]));
+    server.wait_streams(2).await;
+    // Start a 200 MiB download and read only its first frames, then stop reading.
+    let stalled = http_client();
+    let resp = stalled
+        .request(Request::get(server.url(&format!("/download?bytes={}", 200 << 20))).body(empty()).unwrap())
+        .await
+        .unwrap();
+    let mut stalled_body = resp.into_body();
+    stalled_body.frame().await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Other requests, small and large, go through the same stream.
+    let c = http_client();
+    for i in 0..20 {
+        let start = Instant::now();
+        let got = send(&c, Request::post(server.url("/echo")).body(body(format!("req {i}"))).unwrap()).await;
+        assert_eq!(got.text(), format!("req {i}"));
+        assert!(start.elapsed() < Duration::from_secs(2), "request {i} took {:?}", start.elapsed());
+    }
+    let got = get(&server.url(&format!("/download?bytes={}", 8 << 20))).await;
+    assert_eq!(got.body.len(), 8 << 20);
+    drop(stalled_body);
+    server.stop().await;
+}
+
+/// Host and path rules choose the group; unroutable requests get 404, 503,
+/// 502 and 504 fast, each with a one-line reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routing_and_error_statuses() {
+    let web = Upstream::start("web").await;
+    let api = Upstream::start("api").await;
+    let groups = r#"
+[[groups]]
+name = "api"
+token = "t-api"
+heartbeat_interval = "1s"
+[[groups]]
+name = "empty"
+token = "t-empty"
+"#;
+    let rules = r#"
+[[rules]]
+host = "api.example.test"
+group = "api"
+upstream = "api"
+[[rules]]
+host = "*.example.test"
+path_prefix = "/never"
+group = "demo"
+upstream = "web"
+timeout = "500ms"
+[[rules]]
+host = "*.example.test"
+path_prefix = "/gone"
+group = "demo"
+upstream = "closed"
+[[rules]]
+host = "*.example.test"
+path_prefix = "/unknown"
+group = "demo"
+upstream = "not-in-client"
+[[rules]]
+host = "*.example.test"
+group = "demo"
+upstream = "web"
+[[rules]]
+host = "nobody.test"
+group = "empty"
+upstream = "web"
+"#;
+    let server = start_server(&server_toml(groups, rules), None).await;
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let _web_client = TestClient::start(&client_toml(
+        &server,
+        "edge-web",
+        "demo",
+        "t-demo",
+        "",
+        &[("web", web.url()), ("closed", format!("http://{closed}"))],
+    ));
+    let _api_client = TestClient::start(&client_toml(&server, "edge-api", "api", "t-api", "", &[("api", api.url())]));
+    server.wait_streams(6).await;
+    let c = http_client();
+    let with_host = |host: &str, path: &str| {
+        Request::get(server.url(path)).header("host", host).body(empty()).unwrap()
+    };
+    let got = send(&c, with_host("API.example.test:8080", "/x")).await;
+    assert_eq!(got.headers["x-upstream"], "api");
+    let got = send(&c, with_host("www.example.test", "/x")).await;
+    assert_eq!(got.headers["x-upstream"], "web");
+
+    struct Case {
+        host: &'static str,
+        path: &'static str,
+        status: u16,
+        reason: &'static str,
+    }
+    let cases = [
+        Case { host: "other.test", path: "/", status: 404, reason: "no route for host \"other.test\"" },
+        Case { host: "nobody.test", path: "/", status: 503, reason: "no tunnel client connected for group \"empty\"" },
+        Case { host: "www.example.test", path: "/gone", status: 502, reason: "upstream \"closed\" unreachable" },
+        Case { host: "www.example.test", path: "/unknown", status: 502, reason: "tunnel client has no upstream \"not-in-client\"" },
+        Case { host: "www.example.test", path: "/never", status: 504, reason: "upstream did not answer within 500ms" },
+    ];
+    for case in cases {
+        let start = Instant::now();
+        let got = send(&c, with_host(case.host, case.path)).await;
+        let took = start.elapsed();
+        assert_eq!(got.status.as_u16(), case.status, "{} {}: {}", case.host, case.path, got.text());
+        assert!(got.text().starts_with(case.reason), "{:?} should start with {:?}", got.text(), case.reason);
+        assert_eq!(got.text().lines().count(), 1);
+        assert!(took < Duration::from_secs(2), "{} took {took:?}", case.status);
+    }
+    // The 504's upstream request was cancelled at the upstream.
+    let seen = web.seen.clone();
+    eventually("upstream sees the timed-out request cancelled", WAIT, || seen.cancelled.load(Ordering::SeqCst) >= 1).await;
+    server.stop().await;
+}
+
+/// A public client that hangs up cancels the request at the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_hang_up_cancels_upstream_request() {
+    let (server, _client, up) = tunnel("split").await;
+    let c = http_client();
+    let fut = c.request(Request::get(server.url("/never")).body(empty()).unwrap());
+    let seen = up.seen.clone();
+    // Give the request time to reach the upstream, then hang up.
+    let _ = tokio::time::timeout(Duration::from_millis(500), fut).await;
+    assert_eq!(seen.requests.load(Ordering::SeqCst), 1);
+    eventually("upstream sees the cancel", Duration::from_secs(3), || seen.cancelled.load(Ordering::SeqCst) == 1).await;
+    eventually("no exchange left in flight", Duration::from_secs(3), || {
+        server.shared.registry.streams().iter().all(|s| s.in_flight == 0)
+    })
+    .await;
+    server.stop().await;
+}
