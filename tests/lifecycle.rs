@@ -1,0 +1,295 @@
+//! Streams over time: client death and restart, heartbeats and reaping,
+//! config pushes and reloads, authentication, and malformed peer messages.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use http::{Request, StatusCode};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Request as GrpcRequest;
+use tunnel_lib::proto::tunnel_service_client::TunnelServiceClient;
+use tunnel_lib::proto::{self, tunnel_message::Payload, Direction, StreamType, TunnelMessage};
+
+const SERVER: &str = r#"
+[server]
+heartbeat_timeout = "3s"
+shutdown_grace = "2s"
+[[groups]]
+name = "demo"
+token = "t-demo"
+heartbeat_interval = "1s"
+data_streams = 2
+[[rules]]
+group = "demo"
+upstream = "web"
+timeout = "20s"
+"#;
+
+/// Killing a client mid-request gives the public side a 502 within 1 s; a
+/// restarted client serves again without touching the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_client_gives_502_then_restart_recovers() {
+    let up = Upstream::start("web").await;
+    let server = start_server(SERVER, None).await;
+    let toml = client_toml(&server, "edge-1", "demo", "t-demo", "", &[("web", up.url())]);
+    let client = TestClient::start(&toml);
+    server.wait_streams(3).await;
+    let c = http_client();
+    let url = server.url("/slow?ms=10000");
+    let pending = tokio::spawn(async move { send(&c, Request::get(url).body(empty()).unwrap()).await });
+    let seen = up.seen.clone();
+    eventually("request reached the upstream", WAIT, || seen.requests.load(std::sync::atomic::Ordering::SeqCst) == 1).await;
+    let killed = Instant::now();
+    client.kill();
+    let got = tokio::time::timeout(WAIT, pending).await.unwrap().unwrap();
+    let took = killed.elapsed();
+    assert_eq!(got.status, StatusCode::BAD_GATEWAY, "{}", got.text());
+    assert_eq!(got.text(), "tunnel client disconnected\n");
+    assert!(took < Duration::from_secs(1), "502 after {took:?}");
+    println!("502 {took:?} after the client was killed");
+    server.wait_streams(0).await;
+
+    let _client = TestClient::start(&toml);
+    server.wait_streams(3).await;
+    let got = get(&server.url("/echo")).await;
+    assert_eq!(got.status, StatusCode::OK);
+    server.stop().await;
+}
+
+fn open_msg(stream_id: &str, seq: u64) -> TunnelMessage {
+    let now = tunnel_lib::frame::now_ms();
+    TunnelMessage {
+        client_id: "raw".into(),
+        request_id: uuid::Uuid::new_v4().to_string(),
+        direction: Direction::ClientToServer as i32,
+        trace_id: String::new(),
+        payload: Some(Payload::StreamOpen(proto::StreamOpenRequest {
+            client_id: "raw".into(),
+            group: "demo".into(),
+            version: "test".into(),
+            stream_id: stream_id.into(),
+            stream_type: StreamType::Http as i32,
+            timestamp: now / 1000,
+            timestamp_ms: now,
+            sequence: seq,
+            session_id: "raw-session".into(),
+            config_version: String::new(),
+        })),
+    }
+}
+
+fn authed<T>(msg: T, token: &str) -> GrpcRequest<T> {
+    let mut r = GrpcRequest::new(msg);
+    r.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r.metadata_mut().insert("x-tunnel-group", "demo".parse().unwrap());
+    r
+}
+
+/// A hand-driven Proxy stream: what we send, and what the server answers.
+struct RawStream {
+    tx: mpsc::Sender<TunnelMessage>,
+    rx: tonic::Streaming<TunnelMessage>,
+}
+
+async fn raw_stream(server: &TestServer, stream_id: &str, token: &str) -> Result<RawStream, tonic::Status> {
+    let mut grpc = TunnelServiceClient::connect(format!("http://{}", server.grpc)).await.unwrap();
+    let (tx, rx) = mpsc::channel(16);
+    tx.send(open_msg(stream_id, 0)).await.unwrap();
+    let resp = grpc.proxy(authed(ReceiverStream::new(rx), token)).await?;
+    Ok(RawStream { tx, rx: resp.into_inner() })
+}
+
+impl RawStream {
+    async fn next(&mut self) -> TunnelMessage {
+        tokio::time::timeout(WAIT, self.rx.message()).await.unwrap().unwrap().expect("stream open")
+    }
+}
+
+/// Heartbeats update last_heartbeat per stream_id and are acknowledged with
+/// echoed timestamps; a stream that stops heartbeating is removed after the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_and_reaping() {
+    let up = Upstream::start("web").await;
+    let server = start_server(SERVER, None).await;
+    let _client = TestClient::start(&client_toml(&server, "edge-1", "demo", "t-demo", "", &[("web", up.url())]));
+    server.wait_streams(3).await;
+    // Every stream of the real client heartbeats on its own (interval 1s, pushed by the server).
+    let shared = server.shared.clone();
+    eventually("each stream has heartbeated twice", WAIT, || {
+        shared.registry.streams().iter().all(|s| s.heartbeats >= 2 && s.heartbeat_age < Duration::from_millis(1500))
+    })
+    .await;
+
+    // A raw stream: registered, acknowledged, then silent.
+    let mut raw = raw_stream(&server, "silent-stream", "t-demo").await.unwrap();
+    match raw.next().await.payload {
+        Some(Payload::StreamOpenResponse(ack)) => {
+            assert!(ack.accepted);
+            assert_eq!(ack.stream_id, "silent-stream");
+            assert!(!ack.server_id.is_empty());
+            assert!(ack.echo_timestamp_ms > 0);
+        }
+        other => panic!("expected an acknowledgement, got {other:?}"),
+    }
+    raw.tx.send(open_msg("silent-stream", 1)).await.unwrap();
+    match raw.next().await.payload {
+        Some(Payload::StreamOpenResponse(ack)) => assert_eq!(ack.sequence, 1),
+        other => panic!("expected a heartbeat acknowledgement, got {other:?}"),
+    }
+    let find = |id: &str| shared.registry.streams().into_iter().find(|s| s.stream_id == id);
+    assert_eq!(find("silent-stream").unwrap().heartbeats, 1);
+    let silent_since = Instant::now();
+    eventually("silent stream reaped", WAIT, || find("silent-stream").is_none()).await;
+    let took = silent_since.elapsed();
+    assert!(took >= Duration::from_millis(2500), "reaped too early: {took:?}");
+    println!("silent stream reaped after {took:?} (timeout 3s)");
+    // The real client's streams, which heartbeat, are untouched.
+    assert_eq!(shared.registry.streams().len(), 3);
+    server.stop().await;
+}
+
+/// A client with a wrong token is refused and nothing is registered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_token_is_refused() {
+    let server = start_server(SERVER, None).await;
+    let err = raw_stream(&server, "s", "wrong").await.err().expect("refused");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    let client = TestClient::start(&client_toml(&server, "edge-bad", "demo", "wrong", "", &[]));
+    let mut status = client.status.clone();
+    // It keeps trying (sessions count up) and never registers.
+    tokio::time::timeout(WAIT, status.wait_for(|s| s.sessions >= 2)).await.unwrap().unwrap();
+    assert_eq!(status.borrow().registered_streams, 0);
+    assert!(server.shared.registry.streams().is_empty());
+    assert!(server.shared.registry.clients().is_empty());
+    server.stop().await;
+}
+
+/// Malformed messages (no payload, unknown request_id, frames out of order,
+/// wrong direction) are logged and dropped; the stream and others carry on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_messages_are_dropped() {
+    let up = Upstream::start("web").await;
+    let server = start_server(SERVER, None).await;
+    let _client = TestClient::start(&client_toml(&server, "edge-1", "demo", "t-demo", "", &[("web", up.url())]));
+    server.wait_streams(3).await;
+    let mut raw = raw_stream(&server, "raw-stream", "t-demo").await.unwrap();
+    raw.next().await; // registration ack
+    let base = |payload: Option<Payload>, request_id: &str| TunnelMessage {
+        client_id: "raw".into(),
+        request_id: request_id.into(),
+        direction: Direction::ClientToServer as i32,
+        trace_id: String::new(),
+        payload,
+    };
+    let junk = vec![
+        base(None, "x"),
+        base(Some(Payload::Body(proto::BodyChunk { data: "orphan".into() })), "unknown-id"),
+        base(Some(Payload::End(proto::BodyEnd::default())), "unknown-id"),
+        base(Some(Payload::HttpResponse(proto::HttpResponse { status: 200, ..Default::default() })), "unknown-id"),
+        base(Some(Payload::WindowUpdate(proto::WindowUpdate { credit: u32::MAX })), "unknown-id"),
+        base(Some(Payload::HttpRequest(proto::HttpRequest::default())), "wrong-kind"),
+        TunnelMessage { direction: Direction::ServerToClient as i32, ..open_msg("raw-stream", 5) },
+    ];
+    for m in junk {
+        raw.tx.send(m).await.unwrap();
+    }
+    // The stream is still served: a heartbeat after the junk is acknowledged.
+    raw.tx.send(open_msg("raw-stream", 9)).await.unwrap();
+    match raw.next().await.payload {
+        Some(Payload::StreamOpenResponse(ack)) => assert_eq!(ack.sequence, 9),
+        other => panic!("expected the heartbeat acknowledgement, got {other:?}"),
+    }
+    // An exchange sent to the raw stream that gets frames out of order fails
+    // alone (502), and requests through the real client are unaffected.
+    let shared = server.shared.clone();
+    for s in shared.registry.streams() {
+        if s.client_id == "edge-1" {
+            // Only the raw stream can be picked.
+            shared.registry.remove(&s.stream_id).map(|h| h.set_draining());
+        }
+    }
+    let url = server.url("/echo");
+    let pending = tokio::spawn(async move { get(&url).await });
+    let req = loop {
+        let m = raw.next().await;
+        if let Some(Payload::HttpRequest(_)) = m.payload {
+            break m;
+        }
+    };
+    // Body before head: out of order.
+    raw.tx
+        .send(base(Some(Payload::Body(proto::BodyChunk { data: "early".into() })), &req.request_id))
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(WAIT, pending).await.unwrap().unwrap();
+    assert_eq!(got.status, StatusCode::BAD_GATEWAY);
+    assert!(got.text().starts_with("tunnel protocol error: body frame before the exchange's head"), "{}", got.text());
+    server.stop().await;
+}
+
+/// A config change on disk reaches a connected client without a restart; an
+/// invalid change is refused and the old config keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_reload_pushes_to_clients_and_refuses_invalid() {
+    let dir = std::env::temp_dir().join(format!("tunnel-test-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("server.toml");
+    std::fs::write(&path, SERVER).unwrap();
+    let up = Upstream::start("web").await;
+    let server = start_server(SERVER, Some(path.clone())).await;
+    let client = TestClient::start(&client_toml(&server, "edge-1", "demo", "t-demo", "", &[("web", up.url())]));
+    server.wait_streams(3).await;
+    let mut status = client.status.clone();
+    let first = tokio::time::timeout(WAIT, status.wait_for(|s| !s.config_version.is_empty()))
+        .await
+        .unwrap()
+        .unwrap()
+        .config_version
+        .clone();
+
+    // Valid change: 3 data streams instead of 2.
+    std::fs::write(&path, SERVER.replace("data_streams = 2", "data_streams = 3")).unwrap();
+    let second = tokio::time::timeout(WAIT, status.wait_for(|s| s.config_version != first))
+        .await
+        .expect("new config reached the client")
+        .unwrap()
+        .config_version
+        .clone();
+    server.wait_streams(4).await;
+    let shared = server.shared.clone();
+    eventually("server sees the client acknowledge the new version", WAIT, || {
+        shared.registry.clients().first().is_some_and(|c| c.config_version == second)
+    })
+    .await;
+
+    // Invalid change: refused, old config keeps serving.
+    std::fs::write(&path, SERVER.replace("data_streams = 2", "data_streams = \"many\"")).unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(status.borrow().config_version, second);
+    assert_eq!(server.shared.config().groups[0].data_streams, 3);
+    let got = get(&server.url("/echo")).await;
+    assert_eq!(got.status, StatusCode::OK);
+    let _ = std::fs::remove_dir_all(&dir);
+    server.stop().await;
+}
+
+/// A graceful client stop lets its in-flight request finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_client_stop_finishes_in_flight() {
+    let up = Upstream::start("web").await;
+    let server = start_server(SERVER, None).await;
+    let client = TestClient::start(&client_toml(&server, "edge-1", "demo", "t-demo", "", &[("web", up.url())]));
+    server.wait_streams(3).await;
+    let url = server.url("/slow?ms=1000");
+    let pending = tokio::spawn(async move { get(&url).await });
+    let seen = up.seen.clone();
+    eventually("request reached the upstream", WAIT, || seen.requests.load(std::sync::atomic::Ordering::SeqCst) == 1).await;
+    client.stop().await;
+    let got = tokio::time::timeout(WAIT, pending).await.unwrap().unwrap();
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.text(), "slow done");
+    server.stop().await;
+}
