@@ -132,13 +132,17 @@ async fn hundred_mib_upload_and_download_are_intact() {
     let (server, _client, _up) = tunnel("split").await;
     const N: usize = 100 << 20;
     let c = http_client();
-    let got = send(&c, Request::post(server.url("/upload-sha")).body(streamed(pattern_chunks(N).collect())).unwrap()).await;
+    let got =
+        send(&c, Request::post(server.url("/upload-sha")).body(streamed(pattern_chunks(N).collect())).unwrap()).await;
     assert_eq!(got.text(), format!("{N} {}", sha256_of_pattern(N)));
 
-    let resp = tokio::time::timeout(WAIT, c.request(Request::get(server.url(&format!("/download?bytes={N}"))).body(empty()).unwrap()))
-        .await
-        .unwrap()
-        .unwrap();
+    let resp = tokio::time::timeout(
+        WAIT,
+        c.request(Request::get(server.url(&format!("/download?bytes={N}"))).body(empty()).unwrap()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
     assert_eq!(resp.headers()["content-length"], N.to_string().as_str());
     let mut body = resp.into_body();
     let mut h = <sha2::Sha256 as sha2::Digest>::new();
@@ -185,8 +189,10 @@ async fn concurrent_requests_are_served_concurrently() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_reader_does_not_stall_other_requests() {
     let up = Upstream::start("web").await;
-    let server = start_server(&server_toml("", DEFAULT_RULES).replace("data_streams = 2", "data_streams = 1"), None).await;
-    let _client = TestClient::start(&client_toml(&server, "edge-1", "demo", "t-demo", "data_streams = 1", &[("web", up.url())]));
+    let server =
+        start_server(&server_toml("", DEFAULT_RULES).replace("data_streams = 2", "data_streams = 1"), None).await;
+    let _client =
+        TestClient::start(&client_toml(&server, "edge-1", "demo", "t-demo", "data_streams = 1", &[("web", up.url())]));
     server.wait_streams(2).await;
     // Start a 200 MiB download and read only its first frames, then stop reading.
     let stalled = http_client();
@@ -272,9 +278,7 @@ upstream = "web"
     let _api_client = TestClient::start(&client_toml(&server, "edge-api", "api", "t-api", "", &[("api", api.url())]));
     server.wait_streams(6).await;
     let c = http_client();
-    let with_host = |host: &str, path: &str| {
-        Request::get(server.url(path)).header("host", host).body(empty()).unwrap()
-    };
+    let with_host = |host: &str, path: &str| Request::get(server.url(path)).header("host", host).body(empty()).unwrap();
     let got = send(&c, with_host("API.example.test:8080", "/x")).await;
     assert_eq!(got.headers["x-upstream"], "api");
     let got = send(&c, with_host("www.example.test", "/x")).await;
@@ -290,7 +294,12 @@ upstream = "web"
         Case { host: "other.test", path: "/", status: 404, reason: "no route for host \"other.test\"" },
         Case { host: "nobody.test", path: "/", status: 503, reason: "no tunnel client connected for group \"empty\"" },
         Case { host: "www.example.test", path: "/gone", status: 502, reason: "upstream \"closed\" unreachable" },
-        Case { host: "www.example.test", path: "/unknown", status: 502, reason: "tunnel client has no upstream \"not-in-client\"" },
+        Case {
+            host: "www.example.test",
+            path: "/unknown",
+            status: 502,
+            reason: "tunnel client has no upstream \"not-in-client\"",
+        },
         Case { host: "www.example.test", path: "/never", status: 504, reason: "upstream did not answer within 500ms" },
     ];
     for case in cases {
@@ -304,7 +313,8 @@ upstream = "web"
     }
     // The 504's upstream request was cancelled at the upstream.
     let seen = web.seen.clone();
-    eventually("upstream sees the timed-out request cancelled", WAIT, || seen.cancelled.load(Ordering::SeqCst) >= 1).await;
+    eventually("upstream sees the timed-out request cancelled", WAIT, || seen.cancelled.load(Ordering::SeqCst) >= 1)
+        .await;
     server.stop().await;
 }
 

@@ -97,9 +97,12 @@ web = "http://{upstream_addr}"
     let client = Client::new(client_cfg);
     let mut status = client.status();
     let client = tokio::spawn(client.run(stop.clone().cancelled_owned()));
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), status.wait_for(|s| s.registered_streams >= 3)).await;
+    let _ =
+        tokio::time::timeout(std::time::Duration::from_secs(10), status.wait_for(|s| s.registered_streams >= 3)).await;
     println!("\nTunnel demo running: server {http_addr} (public) / {grpc_addr} (gRPC), client \"demo-client\", demo upstream {upstream_addr}.");
-    println!("Try:\n  curl http://{http_addr}/hello\n  curl --data 'round trip' http://{http_addr}/echo\nCtrl-C stops it.\n");
+    println!(
+        "Try:\n  curl http://{http_addr}/hello\n  curl --data 'round trip' http://{http_addr}/echo\nCtrl-C stops it.\n"
+    );
     shutdown.await;
     stop.cancel();
     let _ = client.await;

@@ -21,8 +21,7 @@ pub fn init(cfg: &LogConfig, binary: &str) -> anyhow::Result<Option<WorkerGuard>
             Ok(None)
         }
         Some(dir) => {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| anyhow::anyhow!("log directory {}: {e}", dir.display()))?;
+            std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("log directory {}: {e}", dir.display()))?;
             let prefix = cfg.file_prefix.clone().unwrap_or_else(|| binary.to_string());
             let appender = tracing_appender::rolling::daily(dir, format!("{prefix}.log"));
             let (writer, guard) = tracing_appender::non_blocking(appender);

@@ -78,12 +78,7 @@ pub enum ConfigError {
     },
     /// The file is not valid TOML, or a key is wrong.
     #[error("{file}:{line}: {key}: {message}")]
-    Invalid {
-        file: String,
-        line: usize,
-        key: String,
-        message: String,
-    },
+    Invalid { file: String, line: usize, key: String, message: String },
 }
 
 /// Where a config text came from, to locate errors in it.
@@ -125,10 +120,7 @@ impl Source<'_> {
 }
 
 fn read(path: &Path) -> Result<String, ConfigError> {
-    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.display().to_string(),
-        source,
-    })
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.display().to_string(), source })
 }
 
 /// Where and how a daemon logs.
@@ -249,9 +241,7 @@ impl ServerConfig {
             server_id: s.server_id.unwrap_or_else(default_host_name),
             shutdown_grace: s.shutdown_grace.map_or(DEFAULT_SHUTDOWN_GRACE, |d| d.0),
             worker_threads: s.worker_threads.unwrap_or(0),
-            max_streams_per_connection: s
-                .max_streams_per_connection
-                .unwrap_or(DEFAULT_MAX_STREAMS_PER_CONNECTION),
+            max_streams_per_connection: s.max_streams_per_connection.unwrap_or(DEFAULT_MAX_STREAMS_PER_CONNECTION),
             max_connections: s.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
         };
 
@@ -366,12 +356,7 @@ impl ServerConfig {
             };
             return Err(src.error(Some(rule_lines[i]), format!("rules[{i}]"), msg));
         }
-        Ok(ServerConfig {
-            server,
-            log: raw.log,
-            groups,
-            rules,
-        })
+        Ok(ServerConfig { server, log: raw.log, groups, rules })
     }
 
     /// The group named `name`.
@@ -387,10 +372,7 @@ impl ServerConfig {
             let ms = r.timeout.as_millis() as u64;
             match routes.iter_mut().find(|x| x.upstream == r.upstream) {
                 Some(x) => x.timeout_ms = x.timeout_ms.max(ms),
-                None => routes.push(proto::UpstreamRoute {
-                    upstream: r.upstream.clone(),
-                    timeout_ms: ms,
-                }),
+                None => routes.push(proto::UpstreamRoute { upstream: r.upstream.clone(), timeout_ms: ms }),
             }
         }
         let cfg = proto::GroupConfig {
@@ -629,12 +611,27 @@ timeout = "30s"
             expect: &'static str,
         }
         let cases = [
-            Case { text: SERVER.replace("\"90s\"", "\"90 parsecs\""), expect: "server.toml:5: server.heartbeat_timeout: invalid duration" },
-            Case { text: SERVER.replace("data_streams = 2", "data_streams = 0"), expect: "server.toml:11: groups[0].data_streams: must be 1" },
-            Case { text: SERVER.replace("group = \"demo\"", "group = \"nope\""), expect: "server.toml:16: rules[0].group: no group named \"nope\"" },
-            Case { text: SERVER.replace("path_prefix", "path_prefx"), expect: "server.toml:15: rules[0].path_prefx: unknown field `path_prefx`" },
+            Case {
+                text: SERVER.replace("\"90s\"", "\"90 parsecs\""),
+                expect: "server.toml:5: server.heartbeat_timeout: invalid duration",
+            },
+            Case {
+                text: SERVER.replace("data_streams = 2", "data_streams = 0"),
+                expect: "server.toml:11: groups[0].data_streams: must be 1",
+            },
+            Case {
+                text: SERVER.replace("group = \"demo\"", "group = \"nope\""),
+                expect: "server.toml:16: rules[0].group: no group named \"nope\"",
+            },
+            Case {
+                text: SERVER.replace("path_prefix", "path_prefx"),
+                expect: "server.toml:15: rules[0].path_prefx: unknown field `path_prefx`",
+            },
             Case { text: SERVER.replace("[server]", "[server"), expect: "server.toml:2: syntax:" },
-            Case { text: SERVER.replace("\"127.0.0.1:7000\"", "\"localhost:x\""), expect: "server.toml:4: server.grpc_listen:" },
+            Case {
+                text: SERVER.replace("\"127.0.0.1:7000\"", "\"localhost:x\""),
+                expect: "server.toml:4: server.grpc_listen:",
+            },
             Case {
                 text: format!("{SERVER}\n[[rules]]\nhost = \"a.localhost\"\ngroup = \"demo\"\nupstream = \"web\"\n"),
                 expect: "server.toml:22: rules[1]: unreachable: rules[0]",

@@ -33,11 +33,7 @@ impl HostPattern {
                 "invalid host {s:?}: write a host name such as \"app.example.com\" or \"*.example.com\" (no port, no scheme)"
             ));
         }
-        Ok(if wild {
-            HostPattern::Wildcard(format!(".{name}"))
-        } else {
-            HostPattern::Exact(name.to_string())
-        })
+        Ok(if wild { HostPattern::Wildcard(format!(".{name}")) } else { HostPattern::Exact(name.to_string()) })
     }
 
     /// Whether `host` (already normalized by [`normalize_host`]) matches.
@@ -79,9 +75,7 @@ pub fn normalize_host(authority: &str) -> String {
         // IPv6 literal: keep the brackets' content.
         rest.split(']').next().unwrap_or_default()
     } else {
-        a.rsplit_once(':')
-            .filter(|(_, port)| port.chars().all(|c| c.is_ascii_digit()))
-            .map_or(a, |(h, _)| h)
+        a.rsplit_once(':').filter(|(_, port)| port.chars().all(|c| c.is_ascii_digit())).map_or(a, |(h, _)| h)
     };
     host.trim_end_matches('.').to_ascii_lowercase()
 }
@@ -230,10 +224,7 @@ mod tests {
         ]);
         assert_eq!(
             set.problems(),
-            vec![
-                RuleProblem::Unreachable { rule: 1, earlier: 0 },
-                RuleProblem::Duplicate { rule: 2, earlier: 0 },
-            ]
+            vec![RuleProblem::Unreachable { rule: 1, earlier: 0 }, RuleProblem::Duplicate { rule: 2, earlier: 0 },]
         );
     }
 }

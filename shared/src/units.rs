@@ -26,9 +26,7 @@ impl ByteSize {
         let s = s.trim();
         let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
         let (num, unit) = s.split_at(split);
-        let n: u64 = num
-            .parse()
-            .map_err(|_| format!("invalid size {s:?}; write e.g. \"256KiB\""))?;
+        let n: u64 = num.parse().map_err(|_| format!("invalid size {s:?}; write e.g. \"256KiB\""))?;
         let mult: u64 = match unit.trim() {
             "" | "B" => 1,
             "KiB" => 1 << 10,
@@ -39,9 +37,7 @@ impl ByteSize {
             "GB" => 1_000_000_000,
             other => return Err(format!("unknown size unit {other:?} in {s:?}; use B, KiB, MiB, GiB")),
         };
-        n.checked_mul(mult)
-            .map(ByteSize)
-            .ok_or_else(|| format!("size {s:?} is too large"))
+        n.checked_mul(mult).map(ByteSize).ok_or_else(|| format!("size {s:?} is too large"))
     }
 }
 

@@ -102,7 +102,11 @@ fn full(b: impl Into<Bytes>) -> UpBody {
     Full::new(b.into()).boxed()
 }
 
-async fn upstream_handler(seen: Arc<Seen>, name: String, req: Request<Incoming>) -> Result<Response<UpBody>, Infallible> {
+async fn upstream_handler(
+    seen: Arc<Seen>,
+    name: String,
+    req: Request<Incoming>,
+) -> Result<Response<UpBody>, Infallible> {
     seen.requests.fetch_add(1, Ordering::SeqCst);
     let mut probe = CancelProbe(seen.clone(), false);
     let path = req.uri().path().to_string();
@@ -264,11 +268,7 @@ pub struct TestClient {
 impl TestClient {
     pub fn start(toml: &str) -> TestClient {
         let cfg = ClientConfig::from_str_named(toml, "test client.toml").expect("valid test client config");
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
         let client = Client::new(cfg);
         let status = client.status();
         let stop = CancellationToken::new();
@@ -300,7 +300,14 @@ impl Drop for TestClient {
     }
 }
 
-pub fn client_toml(server: &TestServer, client_id: &str, group: &str, token: &str, extra: &str, upstreams: &[(&str, String)]) -> String {
+pub fn client_toml(
+    server: &TestServer,
+    client_id: &str,
+    group: &str,
+    token: &str,
+    extra: &str,
+    upstreams: &[(&str, String)],
+) -> String {
     let mut s = format!(
         "server = \"http://{}\"\nclient_id = \"{client_id}\"\ngroup = \"{group}\"\ntoken = \"{token}\"\nreconnect_max = \"1s\"\nshutdown_grace = \"5s\"\n{extra}\n[upstreams]\n",
         server.grpc

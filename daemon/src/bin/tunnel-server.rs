@@ -25,7 +25,9 @@ fn main() -> ExitCode {
     let args = Args::parse();
     if args.demo {
         let _ = tunnel_daemon::logging::init(&Default::default(), "tunnel-server");
-        return finish(runtime(0).and_then(|rt| rt.block_on(tunnel_daemon::demo::run(tunnel_daemon::signal::shutdown()))));
+        return finish(
+            runtime(0).and_then(|rt| rt.block_on(tunnel_daemon::demo::run(tunnel_daemon::signal::shutdown()))),
+        );
     }
     let Some(path) = args.config else {
         return ExitCode::from(2);
@@ -58,9 +60,7 @@ fn main() -> ExitCode {
     let result = runtime(config.server.worker_threads).and_then(|rt| {
         rt.block_on(async move {
             let listeners = Listeners::bind(&config).await?;
-            Server::new(config, Some(path))
-                .run(listeners, tunnel_daemon::signal::shutdown())
-                .await
+            Server::new(config, Some(path)).run(listeners, tunnel_daemon::signal::shutdown()).await
         })
     });
     finish(result)

@@ -40,10 +40,7 @@ pub struct Backoff {
 impl Backoff {
     /// Starts at BACKOFF_START, capped at `max`.
     pub fn new(max: Duration) -> Self {
-        Backoff {
-            next: BACKOFF_START.min(max),
-            max,
-        }
+        Backoff { next: BACKOFF_START.min(max), max }
     }
 
     /// The delay before the next attempt.
@@ -68,10 +65,7 @@ pub struct Client {
 impl Client {
     /// A client on `config`.
     pub fn new(config: ClientConfig) -> Self {
-        Client {
-            config: Arc::new(config),
-            status: watch::Sender::new(ClientStatus::default()),
-        }
+        Client { config: Arc::new(config), status: watch::Sender::new(ClientStatus::default()) }
     }
 
     /// Watches the client's status.
@@ -91,7 +85,8 @@ impl Client {
             loop {
                 let started = Instant::now();
                 self.status.send_modify(|s| s.sessions += 1);
-                let result = session::run(self.config.clone(), upstreams.clone(), self.status.clone(), stop.clone()).await;
+                let result =
+                    session::run(self.config.clone(), upstreams.clone(), self.status.clone(), stop.clone()).await;
                 self.status.send_modify(|s| s.registered_streams = 0);
                 if stop.is_cancelled() {
                     return;

@@ -143,9 +143,16 @@ pub async fn run(
 /// Tells the server we are draining, then waits (within the grace period)
 /// for in-flight exchanges to finish.
 async fn drain(session: &Session) {
-    let streams: Vec<Arc<Exchanges>> = session.live.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+    let streams: Vec<Arc<Exchanges>> =
+        session.live.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
     for ex in &streams {
-        let msg = ex.message("", Payload::Drain(Drain { reason: "client shutting down".into(), grace_ms: session.cfg.shutdown_grace.as_millis() as u64 }));
+        let msg = ex.message(
+            "",
+            Payload::Drain(Drain {
+                reason: "client shutting down".into(),
+                grace_ms: session.cfg.shutdown_grace.as_millis() as u64,
+            }),
+        );
         ex.outbound().try_priority(msg);
     }
     let deadline = Instant::now() + session.cfg.shutdown_grace;
@@ -271,14 +278,17 @@ fn authed<T>(cfg: &ClientConfig, msg: T) -> anyhow::Result<Request<T>> {
     );
     md.insert(
         GROUP_METADATA,
-        cfg.group
-            .parse()
-            .map_err(|_| anyhow::anyhow!("group has characters not allowed in a header"))?,
+        cfg.group.parse().map_err(|_| anyhow::anyhow!("group has characters not allowed in a header"))?,
     );
     Ok(req)
 }
 
-async fn run_stream(session: &Arc<Session>, channel: Channel, kind: Kind, retire: &CancellationToken) -> anyhow::Result<End> {
+async fn run_stream(
+    session: &Arc<Session>,
+    channel: Channel,
+    kind: Kind,
+    retire: &CancellationToken,
+) -> anyhow::Result<End> {
     let stream_id = uuid::Uuid::new_v4().to_string();
     let cancel = session.cancel.child_token();
     // Closing the outbound ends our half of the RPC whenever this function returns.
@@ -290,9 +300,8 @@ async fn run_stream(session: &Arc<Session>, channel: Channel, kind: Kind, retire
     if syncs_config {
         out.try_priority(sync_message(session));
     }
-    let mut client = TunnelServiceClient::new(channel)
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE);
+    let mut client =
+        TunnelServiceClient::new(channel).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE);
     let req = authed(&session.cfg, outbound)?;
     let call = async {
         match kind {
@@ -392,7 +401,14 @@ async fn stream_loop(
     }
 }
 
-fn on_message(session: &Arc<Session>, stream_id: &str, kind: Kind, out: &Outbound, exchanges: &Arc<Exchanges>, m: TunnelMessage) {
+fn on_message(
+    session: &Arc<Session>,
+    stream_id: &str,
+    kind: Kind,
+    out: &Outbound,
+    exchanges: &Arc<Exchanges>,
+    m: TunnelMessage,
+) {
     if m.direction != Direction::ServerToClient as i32 {
         tracing::warn!(stream = %stream_id, direction = m.direction, "message marked with the wrong direction; dropped");
         return;
@@ -405,7 +421,10 @@ fn on_message(session: &Arc<Session>, stream_id: &str, kind: Kind, out: &Outboun
         Payload::StreamOpenResponse(ack) => {
             let rtt = now_ms() - ack.echo_timestamp_ms;
             tracing::debug!(stream = %stream_id, seq = ack.sequence, rtt_ms = rtt, "heartbeat acknowledged");
-            if kind != Kind::Data && !ack.config_version.is_empty() && ack.config_version != session.settings.borrow().config_version {
+            if kind != Kind::Data
+                && !ack.config_version.is_empty()
+                && ack.config_version != session.settings.borrow().config_version
+            {
                 // The server holds a config we have not applied (a push was lost): ask for it.
                 out.try_priority(sync_message(session));
             }
@@ -422,10 +441,10 @@ fn on_message(session: &Arc<Session>, stream_id: &str, kind: Kind, out: &Outboun
             tracing::warn!(stream = %stream_id, payload = payload_name(payload), "exchange frame on the control stream; dropped");
         }
         _ => {
-            if let Dispatched::NewRequest(head, io, trace_id) = exchanges.dispatch(m) {
+            if let Dispatched::NewRequest(new) = exchanges.dispatch(m) {
                 // Owned by the exchange: ends when it completes or is cancelled
                 // (stream loss cancels every exchange on the stream).
-                tokio::spawn(upstream::serve(session.upstreams.clone(), exchanges.clone(), head, io, trace_id));
+                tokio::spawn(upstream::serve(session.upstreams.clone(), exchanges.clone(), *new));
             }
         }
     }

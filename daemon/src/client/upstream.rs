@@ -2,7 +2,7 @@
 //! and streaming the response back under the exchange's credit.
 
 use crate::tunnel::body::{send_body, InboundBody, SendError};
-use crate::tunnel::exchange::{ExchangeGuard, ExchangeIo, Exchanges};
+use crate::tunnel::exchange::{ExchangeGuard, ExchangeIo, Exchanges, NewRequest};
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Uri};
 use http_body_util::{Either, Empty};
@@ -54,7 +54,8 @@ struct Failure(Kind, String);
 
 /// Serves one exchange: forwards the request, streams the response back.
 /// Returns when the exchange is complete, failed or cancelled.
-pub async fn serve(up: Arc<Upstreams>, exchanges: Arc<Exchanges>, head: proto::HttpRequest, io: ExchangeIo, trace_id: String) {
+pub async fn serve(up: Arc<Upstreams>, exchanges: Arc<Exchanges>, new: NewRequest) {
+    let NewRequest { head, io, trace_id } = new;
     let request_id = io.request_id.clone();
     // Dropped on every way out: frees the exchange, and cancels it at the
     // server if it is still open (e.g. the upstream answered before reading
@@ -76,12 +77,14 @@ pub async fn serve(up: Arc<Upstreams>, exchanges: Arc<Exchanges>, head: proto::H
     }
 }
 
-async fn forward(up: &Upstreams, exchanges: &Arc<Exchanges>, head: proto::HttpRequest, io: ExchangeIo) -> Result<(), Failure> {
+async fn forward(
+    up: &Upstreams,
+    exchanges: &Arc<Exchanges>,
+    head: proto::HttpRequest,
+    io: ExchangeIo,
+) -> Result<(), Failure> {
     let Some(base) = up.urls.get(&head.upstream) else {
-        return Err(Failure(
-            Kind::UnknownUpstream,
-            format!("no upstream named {:?} in client.toml", head.upstream),
-        ));
+        return Err(Failure(Kind::UnknownUpstream, format!("no upstream named {:?} in client.toml", head.upstream)));
     };
     let bad = |what: &str| Failure(Kind::Protocol, format!("invalid {what} in request head"));
     let method = Method::from_bytes(head.method.as_bytes()).map_err(|_| bad("method"))?;

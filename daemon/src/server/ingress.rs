@@ -36,10 +36,7 @@ pub async fn run(shared: Arc<Shared>, listener: TcpListener, stop: CancellationT
     let limit = Arc::new(tokio::sync::Semaphore::new(cfg.server.max_connections));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // Without a timer hyper silently ignores header_read_timeout.
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
     builder.http2().timer(TokioTimer::new());
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
@@ -84,8 +81,7 @@ fn reply(status: StatusCode, reason: impl Into<String>) -> Response<ProxyBody> {
     text.push('\n');
     let mut r = Response::new(Either::Right(Full::new(Bytes::from(text))));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     r
 }
 
@@ -121,7 +117,11 @@ fn set_forwarded(headers: &mut HeaderMap, peer: SocketAddr, host: &str) {
     }
 }
 
-async fn handle(shared: Arc<Shared>, peer: SocketAddr, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
+async fn handle(
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
     Ok(forward(&shared, peer, req).await)
 }
 
@@ -172,7 +172,8 @@ async fn forward(shared: &Shared, peer: SocketAddr, req: Request<Incoming>) -> R
     let guard = ExchangeGuard::new(exchanges.clone(), request_id.clone());
     let mut msg = exchanges.message(&request_id, Payload::HttpRequest(head));
     msg.trace_id = trace.clone();
-    let span = tracing::debug_span!("exchange", request_id = %request_id, trace_id = %trace, client = %stream.client_id);
+    let span =
+        tracing::debug_span!("exchange", request_id = %request_id, trace_id = %trace, client = %stream.client_id);
     if exchanges.outbound().send_data(msg).await.is_err() {
         return reply(StatusCode::BAD_GATEWAY, "tunnel client disconnected");
     }
@@ -236,12 +237,20 @@ fn humantime(d: Duration) -> String {
 fn failure_reply(failure: &ExchangeFailure, upstream: &str) -> Response<ProxyBody> {
     match failure {
         ExchangeFailure::StreamLost => reply(StatusCode::BAD_GATEWAY, "tunnel client disconnected"),
-        ExchangeFailure::Cancelled(r) => reply(StatusCode::BAD_GATEWAY, format!("tunnel client cancelled the request: {r}")),
+        ExchangeFailure::Cancelled(r) => {
+            reply(StatusCode::BAD_GATEWAY, format!("tunnel client cancelled the request: {r}"))
+        }
         ExchangeFailure::Protocol(e) => reply(StatusCode::BAD_GATEWAY, format!("tunnel protocol error: {e}")),
         ExchangeFailure::Peer { kind, message } => match kind {
-            Kind::UpstreamTimeout => reply(StatusCode::GATEWAY_TIMEOUT, format!("upstream {upstream:?} timed out: {message}")),
-            Kind::UnknownUpstream => reply(StatusCode::BAD_GATEWAY, format!("tunnel client has no upstream {upstream:?}")),
-            Kind::UpstreamUnreachable => reply(StatusCode::BAD_GATEWAY, format!("upstream {upstream:?} unreachable: {message}")),
+            Kind::UpstreamTimeout => {
+                reply(StatusCode::GATEWAY_TIMEOUT, format!("upstream {upstream:?} timed out: {message}"))
+            }
+            Kind::UnknownUpstream => {
+                reply(StatusCode::BAD_GATEWAY, format!("tunnel client has no upstream {upstream:?}"))
+            }
+            Kind::UpstreamUnreachable => {
+                reply(StatusCode::BAD_GATEWAY, format!("upstream {upstream:?} unreachable: {message}"))
+            }
             Kind::ShuttingDown => reply(StatusCode::SERVICE_UNAVAILABLE, "tunnel client is shutting down"),
             _ => reply(StatusCode::BAD_GATEWAY, format!("upstream {upstream:?} failed: {message}")),
         },
@@ -258,10 +267,7 @@ mod tests {
         assert_eq!(trace_id(&h, "a-b"), "ab");
         h.insert("x-request-id", HeaderValue::from_static("req-7"));
         assert_eq!(trace_id(&h, "a-b"), "req-7");
-        h.insert(
-            "traceparent",
-            HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
-        );
+        h.insert("traceparent", HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
         assert_eq!(trace_id(&h, "a-b"), "4bf92f3577b34da6a3ce929d0e0e4736");
     }
 

@@ -127,7 +127,8 @@ impl Server {
             Err(e) => tracing::warn!("ingress task: {e}"),
         }
         for s in shared.registry.all_streams() {
-            let msg = s.exchanges.message("", Payload::Drain(Drain { reason: "server shutting down".into(), grace_ms: 0 }));
+            let msg =
+                s.exchanges.message("", Payload::Drain(Drain { reason: "server shutting down".into(), grace_ms: 0 }));
             s.outbound().try_priority(msg);
         }
         // Give the drain messages a moment to be written before the streams end.

@@ -162,10 +162,7 @@ impl Registry {
     pub fn register(&self, handle: Arc<StreamHandle>, version: &str, config_version: &str) -> Vec<Arc<StreamHandle>> {
         let mut inner = self.write();
         let mut stale = Vec::new();
-        let replaced_session = inner
-            .clients
-            .get(&handle.client_id)
-            .is_some_and(|c| c.session_id != handle.session_id);
+        let replaced_session = inner.clients.get(&handle.client_id).is_some_and(|c| c.session_id != handle.session_id);
         if replaced_session {
             let old: Vec<String> = inner.clients[&handle.client_id].streams.iter().cloned().collect();
             for id in old {
@@ -239,10 +236,7 @@ impl Registry {
     /// registration with the same id must not be removed by the old stream's end).
     pub fn remove_if_same(&self, handle: &Arc<StreamHandle>) {
         let mut inner = self.write();
-        let same = inner
-            .streams
-            .get(&handle.stream_id)
-            .is_some_and(|s| Arc::ptr_eq(&s.handle, handle));
+        let same = inner.streams.get(&handle.stream_id).is_some_and(|s| Arc::ptr_eq(&s.handle, handle));
         if same {
             Self::remove_locked(&mut inner, &handle.stream_id);
         }
@@ -304,10 +298,7 @@ impl Registry {
             return Vec::new();
         }
         let mut inner = self.write();
-        expired
-            .into_iter()
-            .filter_map(|(id, age)| Self::remove_locked(&mut inner, &id).map(|h| (h, age)))
-            .collect()
+        expired.into_iter().filter_map(|(id, age)| Self::remove_locked(&mut inner, &id).map(|h| (h, age))).collect()
     }
 
     /// Marks every stream of a client as draining.

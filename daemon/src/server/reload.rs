@@ -89,24 +89,20 @@ pub fn apply(shared: &Shared, new: ServerConfig) -> Reload {
         tracing::warn!("listen addresses changed in the file; they apply at the next restart");
     }
     let versions = |c: &ServerConfig| -> BTreeMap<String, String> {
-        c.groups
-            .iter()
-            .filter_map(|g| c.group_sync(&g.name).map(|(v, _)| (g.name.clone(), v)))
-            .collect()
+        c.groups.iter().filter_map(|g| c.group_sync(&g.name).map(|(v, _)| (g.name.clone(), v))).collect()
     };
     let (before, after) = (versions(&old), versions(&new));
     if *old == new {
         return Reload::Unchanged;
     }
     shared.set_config(new);
-    let changed: Vec<String> = after
-        .iter()
-        .filter(|(g, v)| before.get(*g) != Some(v))
-        .map(|(g, _)| g.clone())
-        .collect();
+    let changed: Vec<String> =
+        after.iter().filter(|(g, v)| before.get(*g) != Some(v)).map(|(g, _)| g.clone()).collect();
     let cfg = shared.config();
     for group in &changed {
-        let Some((version, config)) = cfg.group_sync(group) else { continue };
+        let Some((version, config)) = cfg.group_sync(group) else {
+            continue;
+        };
         let streams = shared.registry.config_streams(group);
         tracing::info!(group = %group, %version, clients = streams.len(), "config changed: pushing to connected clients");
         for s in streams {

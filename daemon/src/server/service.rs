@@ -46,9 +46,7 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, stop: Cancellatio
     let svc = TunnelServiceServer::new(TunnelSvc { shared })
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
-    let incoming = TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(TCP_KEEPALIVE));
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true)).with_keepalive(Some(TCP_KEEPALIVE));
     tonic::transport::Server::builder()
         .max_concurrent_streams(Some(max_streams))
         .http2_max_local_error_reset_streams(Some(MAX_LOCAL_RESETS))
@@ -68,10 +66,7 @@ pub struct TunnelSvc {
 }
 
 fn bearer(md: &MetadataMap) -> &str {
-    md.get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("")
+    md.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("")
 }
 
 impl TunnelSvc {
@@ -88,17 +83,16 @@ impl TunnelSvc {
         }
     }
 
-    fn sync_response(&self, client_id: &str, group: &str, req: &ConfigSyncRequest) -> Result<ConfigSyncResponse, Status> {
+    fn sync_response(
+        &self,
+        client_id: &str,
+        group: &str,
+        req: &ConfigSyncRequest,
+    ) -> Result<ConfigSyncResponse, Status> {
         let cfg = self.shared.config();
-        let (version, config) = cfg
-            .group_sync(group)
-            .ok_or_else(|| Status::not_found("group no longer configured"))?;
-        let missing: Vec<String> = config
-            .routes
-            .iter()
-            .filter(|r| !req.upstreams.contains(&r.upstream))
-            .map(|r| r.upstream.clone())
-            .collect();
+        let (version, config) = cfg.group_sync(group).ok_or_else(|| Status::not_found("group no longer configured"))?;
+        let missing: Vec<String> =
+            config.routes.iter().filter(|r| !req.upstreams.contains(&r.upstream)).map(|r| r.upstream.clone()).collect();
         if !missing.is_empty() {
             tracing::warn!(client = client_id, group, ?missing, "client lacks upstreams that its group's rules use");
         }
@@ -132,7 +126,9 @@ impl TunnelSvc {
         };
         if !type_ok || open.stream_id.is_empty() || open.client_id.is_empty() || open.group != group {
             tracing::warn!(peer = ?peer, client = %open.client_id, "invalid registration: stream type, ids or group");
-            return Err(Status::invalid_argument("StreamOpen must carry stream_id, client_id, its group and the RPC's stream type"));
+            return Err(Status::invalid_argument(
+                "StreamOpen must carry stream_id, client_id, its group and the RPC's stream type",
+            ));
         }
 
         let cancel = self.shared.streams.child_token();
@@ -166,11 +162,7 @@ impl TunnelSvc {
 
 /// Acknowledges a registration or heartbeat, ahead of any queued data.
 fn ack(shared: &Shared, handle: &StreamHandle, open: &StreamOpenRequest) {
-    let version = shared
-        .config()
-        .group_sync(&handle.group)
-        .map(|(v, _)| v)
-        .unwrap_or_default();
+    let version = shared.config().group_sync(&handle.group).map(|(v, _)| v).unwrap_or_default();
     let msg = TunnelMessage {
         client_id: handle.client_id.clone(),
         request_id: String::new(),
@@ -250,7 +242,9 @@ fn on_message(svc: &TunnelSvc, handle: &Arc<StreamHandle>, m: TunnelMessage) {
                         tracing::warn!(stream = %handle.stream_id, "priority queue full: config response dropped");
                     }
                 }
-                Err(status) => tracing::warn!(stream = %handle.stream_id, "config sync: {}", status.message()),
+                Err(status) => {
+                    tracing::warn!(stream = %handle.stream_id, "config sync: {}", status.message())
+                }
             }
         }
         Payload::Drain(d) => {

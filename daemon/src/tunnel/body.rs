@@ -45,16 +45,7 @@ impl InboundBody {
         request_id: String,
     ) -> Self {
         let sender = PollSender::new(exchanges.outbound().priority_sender());
-        InboundBody {
-            rx,
-            window,
-            exchanges,
-            request_id,
-            grant: 0,
-            sender,
-            done: false,
-            guard: None,
-        }
+        InboundBody { rx, window, exchanges, request_id, grant: 0, sender, done: false, guard: None }
     }
 
     /// Makes dropping this body (before the exchange finished) abandon the exchange.
@@ -71,10 +62,9 @@ impl InboundBody {
         }
         match self.sender.poll_reserve(cx) {
             Poll::Ready(Ok(())) => {
-                let msg = self.exchanges.message(
-                    &self.request_id,
-                    Payload::WindowUpdate(proto::WindowUpdate { credit: self.grant }),
-                );
+                let msg = self
+                    .exchanges
+                    .message(&self.request_id, Payload::WindowUpdate(proto::WindowUpdate { credit: self.grant }));
                 let _ = self.sender.send_item(msg);
                 self.grant = 0;
             }
@@ -89,7 +79,10 @@ impl Body for InboundBody {
     type Data = Bytes;
     type Error = ExchangeFailure;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, ExchangeFailure>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ExchangeFailure>>> {
         let this = &mut *self;
         if this.done {
             return Poll::Ready(None);
@@ -184,12 +177,8 @@ where
             out.send_data(msg).await.map_err(|_| SendError::Cancelled)?;
         }
     }
-    let end = proto::BodyEnd {
-        trailers: trailers.as_ref().map(frame::headers_to_proto).unwrap_or_default(),
-    };
-    out.send_data(exchanges.message(request_id, Payload::End(end)))
-        .await
-        .map_err(|_| SendError::Cancelled)?;
+    let end = proto::BodyEnd { trailers: trailers.as_ref().map(frame::headers_to_proto).unwrap_or_default() };
+    out.send_data(exchanges.message(request_id, Payload::End(end))).await.map_err(|_| SendError::Cancelled)?;
     exchanges.finish_outbound(request_id);
     Ok(())
 }

@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tunnel_lib::frame::{self, body_buffer_capacity, FrameError, FrameKind, Phase, RecvWindow, DEFAULT_EXCHANGE_WINDOW};
+use tunnel_lib::frame::{
+    self, body_buffer_capacity, FrameError, FrameKind, Phase, RecvWindow, DEFAULT_EXCHANGE_WINDOW,
+};
 use tunnel_lib::proto::{self, exchange_error::Kind, tunnel_message::Payload, Direction, TunnelMessage};
 
 /// Why an exchange ended without completing.
@@ -53,12 +55,19 @@ struct Slot {
     outbound_done: bool,
 }
 
+/// A request that arrived on the client side, to serve.
+pub struct NewRequest {
+    pub head: proto::HttpRequest,
+    pub io: ExchangeIo,
+    pub trace_id: String,
+}
+
 /// What the reader should do after a frame was dispatched.
 pub enum Dispatched {
     /// Delivered, or logged and dropped.
     Done,
     /// A new request arrived (client side): serve it.
-    NewRequest(proto::HttpRequest, ExchangeIo, String),
+    NewRequest(Box<NewRequest>),
 }
 
 /// Which side of the tunnel this table serves.
@@ -81,13 +90,7 @@ pub struct Exchanges {
 impl Exchanges {
     /// An empty table for a stream whose outbound queues are `out`.
     pub fn new(out: Outbound, role: Role, client_id: String) -> Arc<Self> {
-        Arc::new(Exchanges {
-            slots: Mutex::new(HashMap::new()),
-            in_flight: AtomicUsize::new(0),
-            out,
-            role,
-            client_id,
-        })
+        Arc::new(Exchanges { slots: Mutex::new(HashMap::new()), in_flight: AtomicUsize::new(0), out, role, client_id })
     }
 
     /// Exchanges in flight.
@@ -204,7 +207,7 @@ impl Exchanges {
     /// Queues a frame behind the exchange's earlier frames (so a cancel never
     /// overtakes the head it refers to), without waiting.
     fn send_ordered(&self, msg: TunnelMessage) {
-        if let Err(mpsc::error::TrySendError::Full(msg)) = self.out.try_data(msg) {
+        if let Some(msg) = self.out.try_data(msg) {
             // The queue is full: wait for room off the caller's path. The task
             // ends when the frame is queued or the stream closes.
             let out = self.out.clone();
@@ -258,7 +261,7 @@ impl Exchanges {
                     let _ = slot.body.try_send(BodyEvent::End(None));
                 }
                 self.insert(id.clone(), slot);
-                Dispatched::NewRequest(head, io, msg.trace_id)
+                Dispatched::NewRequest(Box::new(NewRequest { head, io, trace_id: msg.trace_id }))
             }
             Payload::HttpResponse(head) if self.role == Role::Server => {
                 let mut slots = self.lock();
@@ -392,13 +395,8 @@ impl Exchanges {
             slot.cancel.cancel();
             Self::deliver_failure(slot, ExchangeFailure::Protocol(e.clone()));
         }
-        let msg = self.message(
-            id,
-            Payload::Error(proto::ExchangeError {
-                kind: Kind::Protocol as i32,
-                message: e.to_string(),
-            }),
-        );
+        let msg = self
+            .message(id, Payload::Error(proto::ExchangeError { kind: Kind::Protocol as i32, message: e.to_string() }));
         self.send_ordered(msg);
         Dispatched::Done
     }

@@ -4,4 +4,3 @@
 pub mod body;
 pub mod exchange;
 pub mod outbound;
-

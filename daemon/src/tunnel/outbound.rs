@@ -34,11 +34,7 @@ impl Outbound {
     pub fn new(cancel: CancellationToken) -> (Outbound, OutboundStream) {
         let (prio, prio_rx) = mpsc::channel(PRIORITY_QUEUE);
         let (data, data_rx) = mpsc::channel(DATA_QUEUE);
-        let stream = OutboundStream {
-            prio: prio_rx,
-            data: data_rx,
-            cancelled: Box::pin(cancel.cancelled_owned()),
-        };
+        let stream = OutboundStream { prio: prio_rx, data: data_rx, cancelled: Box::pin(cancel.cancelled_owned()) };
         (Outbound { prio, data }, stream)
     }
 
@@ -53,9 +49,13 @@ impl Outbound {
         self.data.send(msg).await.map_err(|_| Closed)
     }
 
-    /// Queues a data frame if there is room now.
-    pub fn try_data(&self, msg: TunnelMessage) -> Result<(), mpsc::error::TrySendError<TunnelMessage>> {
-        self.data.try_send(msg)
+    /// Queues a data frame if there is room now; hands the frame back when
+    /// the queue is full (a closed stream drops it: nothing can be sent).
+    pub fn try_data(&self, msg: TunnelMessage) -> Option<TunnelMessage> {
+        match self.data.try_send(msg) {
+            Err(mpsc::error::TrySendError::Full(m)) => Some(m),
+            _ => None,
+        }
     }
 
     /// The priority sender, for code that must wait for room inside `poll`.
@@ -120,11 +120,7 @@ mod tests {
     use tunnel_lib::proto::{tunnel_message::Payload, Drain};
 
     fn msg(id: &str) -> TunnelMessage {
-        TunnelMessage {
-            request_id: id.into(),
-            payload: Some(Payload::Drain(Drain::default())),
-            ..Default::default()
-        }
+        TunnelMessage { request_id: id.into(), payload: Some(Payload::Drain(Drain::default())), ..Default::default() }
     }
 
     /// A heartbeat queued after data frames is written before them.
