@@ -292,3 +292,28 @@ async fn graceful_client_stop_finishes_in_flight() {
     assert_eq!(got.text(), "slow done");
     server.stop().await;
 }
+
+/// The unary ConfigSync RPC answers the group's config and version to its
+/// token holders, names the upstreams the caller lacks, and refuses others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unary_config_sync() {
+    let server = start_server(SERVER, None).await;
+    let mut grpc = TunnelServiceClient::connect(format!("http://{}", server.grpc)).await.unwrap();
+    let ask = |upstreams: Vec<String>| proto::ConfigSyncRequest {
+        client_id: "tool".into(),
+        group: "demo".into(),
+        config_version: String::new(),
+        upstreams,
+    };
+    let err = grpc.config_sync(authed(ask(vec![]), "wrong")).await.expect_err("refused");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    let resp = grpc.config_sync(authed(ask(vec![]), "t-demo")).await.unwrap().into_inner();
+    let (version, cfg) = server.shared.config().group_sync("demo").unwrap();
+    assert_eq!(resp.config_version, version);
+    assert_eq!(resp.config.as_ref(), Some(&cfg));
+    assert_eq!(cfg.heartbeat_interval_ms, 1000);
+    assert_eq!(resp.missing_upstreams, ["web"]);
+    let resp = grpc.config_sync(authed(ask(vec!["web".into()]), "t-demo")).await.unwrap().into_inner();
+    assert!(resp.missing_upstreams.is_empty());
+    server.stop().await;
+}

@@ -375,12 +375,25 @@ impl ServerConfig {
                 None => routes.push(proto::UpstreamRoute { upstream: r.upstream.clone(), timeout_ms: ms }),
             }
         }
+        let rules = self
+            .rules
+            .rules()
+            .iter()
+            .filter(|r| r.group == name)
+            .map(|r| proto::RouteRule {
+                host: r.host.to_string(),
+                path_prefix: r.path_prefix.clone(),
+                upstream: r.upstream.clone(),
+                timeout_ms: r.timeout.as_millis() as u64,
+            })
+            .collect();
         let cfg = proto::GroupConfig {
             group: g.name.clone(),
             heartbeat_interval_ms: g.heartbeat_interval.as_millis() as u64,
             data_streams: g.data_streams,
             routes,
             exchange_window: g.exchange_window,
+            rules,
         };
         Some((config_version(&cfg), cfg))
     }
@@ -601,6 +614,9 @@ timeout = "30s"
         assert_eq!(cfg.routes[0].upstream, "web");
         let c2 = ServerConfig::from_str_named(&SERVER.replace("\"30s\"\ndata", "\"10s\"\ndata"), "s").expect("ok");
         assert_ne!(c2.group_sync("demo").expect("group").0, v1, "version follows content");
+        let c3 = ServerConfig::from_str_named(&SERVER.replace("*.localhost", "app.localhost"), "s").expect("ok");
+        assert_ne!(c3.group_sync("demo").expect("group").0, v1, "a rule is part of the group's config");
+        assert_eq!(c.group_sync("demo").expect("group").0, v1, "stable for the same content");
     }
 
     /// Each bad config names the file, the line and the key.

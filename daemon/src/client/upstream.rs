@@ -19,6 +19,8 @@ use tunnel_lib::proto::{self, exchange_error::Kind, tunnel_message::Payload};
 const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Idle pooled upstream connections are closed after this long.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Added to the server's timeout for our own.
+const TIMEOUT_BACKSTOP: Duration = Duration::from_secs(1);
 /// Used when a request carries no timeout.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -108,7 +110,10 @@ async fn forward(
     *req.uri_mut() = uri;
     *req.headers_mut() = headers;
 
+    // The server's deadline is authoritative (it answers 504 and cancels);
+    // ours, a little later, only frees the upstream request if the cancel is lost.
     let timeout = if head.timeout_ms == 0 { DEFAULT_TIMEOUT } else { Duration::from_millis(head.timeout_ms) };
+    let timeout = timeout + TIMEOUT_BACKSTOP;
     let resp = match tokio::time::timeout(timeout, up.http.request(req)).await {
         Err(_) => {
             return Err(Failure(

@@ -171,11 +171,14 @@ async fn forward(shared: &Shared, peer: SocketAddr, req: Request<Incoming>) -> R
     // From here, dropping the guard (public client gone, timeout) cancels the exchange at the client.
     let guard = ExchangeGuard::new(exchanges.clone(), request_id.clone());
     let mut msg = exchanges.message(&request_id, Payload::HttpRequest(head));
-    msg.trace_id = trace.clone();
-    let span =
-        tracing::debug_span!("exchange", request_id = %request_id, trace_id = %trace, client = %stream.client_id);
-    if exchanges.outbound().send_data(msg).await.is_err() {
-        return reply(StatusCode::BAD_GATEWAY, "tunnel client disconnected");
+    msg.trace_id = trace;
+    // The rule's timeout bounds everything up to the response head, including
+    // waiting for room in a busy stream's queue.
+    let deadline = tokio::time::Instant::now() + rule.timeout;
+    match tokio::time::timeout_at(deadline, exchanges.outbound().send_data(msg)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) => return reply(StatusCode::BAD_GATEWAY, "tunnel client disconnected"),
+        Err(_) => return timeout_reply(&host, &path, rule.timeout),
     }
     if !end_of_stream {
         let (ex, id, credit, cancel) = (exchanges.clone(), request_id.clone(), io.credit.clone(), io.cancel.clone());
@@ -190,16 +193,8 @@ async fn forward(shared: &Shared, peer: SocketAddr, req: Request<Incoming>) -> R
             }
         });
     }
-    let outcome = tokio::time::timeout(rule.timeout, head_rx).await;
-    let _enter = span.enter();
-    let resp_head = match outcome {
-        Err(_) => {
-            tracing::info!(%host, %path, timeout = ?rule.timeout, "no response head in time: 504");
-            return reply(
-                StatusCode::GATEWAY_TIMEOUT,
-                format!("upstream did not answer within {}", humantime(rule.timeout)),
-            );
-        }
+    let resp_head = match tokio::time::timeout_at(deadline, head_rx).await {
+        Err(_) => return timeout_reply(&host, &path, rule.timeout),
         Ok(Err(_)) => return reply(StatusCode::BAD_GATEWAY, "tunnel client disconnected"),
         Ok(Ok(Err(failure))) => return failure_reply(&failure, &rule.upstream),
         Ok(Ok(Ok(h))) => h,
@@ -223,6 +218,11 @@ async fn forward(shared: &Shared, peer: SocketAddr, req: Request<Incoming>) -> R
     *resp.status_mut() = status;
     *resp.headers_mut() = resp_headers;
     resp
+}
+
+fn timeout_reply(host: &str, path: &str, timeout: Duration) -> Response<ProxyBody> {
+    tracing::info!(%host, %path, ?timeout, "no response head in time: 504");
+    reply(StatusCode::GATEWAY_TIMEOUT, format!("upstream did not answer within {}", humantime(timeout)))
 }
 
 fn humantime(d: Duration) -> String {
