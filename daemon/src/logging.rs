@@ -13,8 +13,11 @@ pub fn init(cfg: &LogConfig, binary: &str) -> anyhow::Result<Option<WorkerGuard>
         .map_err(|e| anyhow::anyhow!("log level {default:?}: {e}"))?;
     match &cfg.directory {
         None => {
+            use std::io::IsTerminal;
             tracing_subscriber::fmt()
                 .with_env_filter(filter)
+                // Colour only on a terminal: journald and log files get plain text.
+                .with_ansi(std::io::stderr().is_terminal())
                 .with_writer(std::io::stderr)
                 .try_init()
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
