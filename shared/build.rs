@@ -1,10 +1,15 @@
-//! Compiles proto/*.proto with protox (pure Rust), so building needs no system protoc.
+//! Compiles proto/*.proto with protox (pure Rust), so building needs no
+//! system protoc, and keeps the descriptor set for gRPC server reflection.
+use prost::Message;
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["../proto/tunnel.proto"];
+    let protos = ["../proto/tunnel.proto", "../proto/introspection.proto"];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }
     let fds = protox::compile(protos, ["../proto"])?;
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(out.join("tunnel_descriptor.bin"), fds.encode_to_vec())?;
     tonic_prost_build::configure().bytes(".").compile_fds(fds)?;
     Ok(())
 }

@@ -78,6 +78,7 @@ fn open_msg(stream_id: &str, seq: u64) -> TunnelMessage {
             sequence: seq,
             session_id: "raw-session".into(),
             config_version: String::new(),
+            last_rtt_ms: -1,
         })),
     }
 }

@@ -73,8 +73,8 @@ timeout = "30s"
     )?;
     let listeners = Listeners::bind(&server_cfg)
         .await
-        .context("the demo uses 127.0.0.1:8080 and 127.0.0.1:7000; free them or use --config")?;
-    let (http_addr, grpc_addr) = listeners.addrs()?;
+        .context("the demo uses 127.0.0.1:8080, 7000 and 7001; free them or use --config")?;
+    let (http_addr, grpc_addr, admin_addr) = listeners.addrs()?;
     let upstream = TcpListener::bind("127.0.0.1:0").await?;
     let upstream_addr = upstream.local_addr()?;
     let client_cfg = ClientConfig::from_str_named(
@@ -99,7 +99,7 @@ web = "http://{upstream_addr}"
     let client = tokio::spawn(client.run(stop.clone().cancelled_owned()));
     let _ =
         tokio::time::timeout(std::time::Duration::from_secs(10), status.wait_for(|s| s.registered_streams >= 3)).await;
-    println!("\nTunnel demo running: server {http_addr} (public) / {grpc_addr} (gRPC), client \"demo-client\", demo upstream {upstream_addr}.");
+    println!("\nTunnel demo running: server {http_addr} (public) / {grpc_addr} (gRPC) / {admin_addr} (admin), client \"demo-client\", demo upstream {upstream_addr}.");
     println!(
         "Try:\n  curl http://{http_addr}/hello\n  curl --data 'round trip' http://{http_addr}/echo\nCtrl-C stops it.\n"
     );

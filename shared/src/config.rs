@@ -18,6 +18,8 @@ use toml::Spanned;
 pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:8080";
 /// Default gRPC listener that tunnel clients dial.
 pub const DEFAULT_GRPC_LISTEN: &str = "127.0.0.1:7000";
+/// Default admin (introspection) listener the console connects to.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:7001";
 /// Default heartbeat interval of a group's streams.
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(30);
 /// Shortest heartbeat interval accepted.
@@ -158,6 +160,10 @@ struct ServerFile {
 struct ServerSection {
     http_listen: Option<SocketAddr>,
     grpc_listen: Option<SocketAddr>,
+    admin_listen: Option<Spanned<SocketAddr>>,
+    admin_token: Option<Spanned<Secret>>,
+    #[serde(default)]
+    config_push: ConfigPush,
     heartbeat_timeout: Option<Spanned<HumanDuration>>,
     server_id: Option<String>,
     shutdown_grace: Option<HumanDuration>,
@@ -186,11 +192,37 @@ struct RuleSection {
     timeout: Option<HumanDuration>,
 }
 
+/// When a changed group config reaches connected clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConfigPush {
+    /// At once, on reload; clients that missed it notice at their next heartbeat.
+    #[default]
+    Auto,
+    /// Only when an operator forces a resync (from the console); lets a
+    /// change be rolled out client by client.
+    Manual,
+}
+
+impl std::fmt::Display for ConfigPush {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ConfigPush::Auto => "auto",
+            ConfigPush::Manual => "manual",
+        })
+    }
+}
+
 /// `[server]`: listeners and server-wide settings, checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerSettings {
     pub http_listen: SocketAddr,
     pub grpc_listen: SocketAddr,
+    /// Introspection service for the console.
+    pub admin_listen: SocketAddr,
+    /// Required on every introspection call when set.
+    pub admin_token: Option<Secret>,
+    pub config_push: ConfigPush,
     /// Names this server in its acknowledgements (default: the host name).
     pub server_id: String,
     pub shutdown_grace: Duration,
@@ -235,9 +267,31 @@ impl ServerConfig {
         let src = Source { file, text };
         let raw: ServerFile = src.parse()?;
         let s = raw.server;
+        let admin_listen = match &s.admin_listen {
+            Some(a) => *a.get_ref(),
+            None => parse_default_addr(DEFAULT_ADMIN_LISTEN),
+        };
+        let admin_token = match &s.admin_token {
+            Some(t) if t.get_ref().expose().is_empty() => {
+                return Err(src.at(t, "server.admin_token", "is empty; omit it to run without one on loopback"))
+            }
+            Some(t) => Some(t.get_ref().clone()),
+            None => None,
+        };
+        if admin_token.is_none() && !admin_listen.ip().is_loopback() {
+            let offset = s.admin_listen.as_ref().map(|a| a.span().start);
+            return Err(src.error(
+                offset,
+                "server.admin_listen",
+                format!("{admin_listen} is not a loopback address: set server.admin_token, or anyone who reaches it can close streams"),
+            ));
+        }
         let server = ServerSettings {
             http_listen: s.http_listen.unwrap_or_else(|| parse_default_addr(DEFAULT_HTTP_LISTEN)),
             grpc_listen: s.grpc_listen.unwrap_or_else(|| parse_default_addr(DEFAULT_GRPC_LISTEN)),
+            admin_listen,
+            admin_token,
+            config_push: s.config_push,
             server_id: s.server_id.unwrap_or_else(default_host_name),
             shutdown_grace: s.shutdown_grace.map_or(DEFAULT_SHUTDOWN_GRACE, |d| d.0),
             worker_threads: s.worker_threads.unwrap_or(0),

@@ -8,11 +8,29 @@ pub mod frame;
 pub mod rules;
 pub mod units;
 
-/// Code generated from `proto/tunnel.proto`.
+/// Code generated from `proto/`, nested as the proto packages are, so that
+/// cross-package references resolve.
 #[allow(clippy::all, missing_docs)]
-pub mod proto {
-    tonic::include_proto!("tunnel.v1");
+pub mod pb {
+    pub mod tunnel {
+        pub mod v1 {
+            tonic::include_proto!("tunnel.v1");
+        }
+        pub mod introspection {
+            pub mod v1 {
+                tonic::include_proto!("tunnel.introspection.v1");
+            }
+        }
+    }
 }
+
+/// The server's introspection service (`proto/introspection.proto`).
+pub use pb::tunnel::introspection::v1 as introspection;
+/// The tunnel protocol (`proto/tunnel.proto`).
+pub use pb::tunnel::v1 as proto;
+
+/// The encoded descriptors of both protos, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/tunnel_descriptor.bin"));
 
 /// Software version sent in every registration.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -218,6 +218,7 @@ impl Drop for Upstream {
 pub struct TestServer {
     pub http: SocketAddr,
     pub grpc: SocketAddr,
+    pub admin: SocketAddr,
     pub shared: Arc<Shared>,
     pub config_path: Option<PathBuf>,
     stop: CancellationToken,
@@ -227,16 +228,13 @@ pub struct TestServer {
 /// Rewrites the [server] listen addresses to port 0 and starts a server.
 pub async fn start_server(toml: &str, config_path: Option<PathBuf>) -> TestServer {
     let cfg = ServerConfig::from_str_named(toml, "test server.toml").expect("valid test config");
-    let listeners = Listeners {
-        http: TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        grpc: TcpListener::bind("127.0.0.1:0").await.unwrap(),
-    };
-    let (http, grpc) = listeners.addrs().unwrap();
+    let listeners = Listeners::ephemeral().await.unwrap();
+    let (http, grpc, admin) = listeners.addrs().unwrap();
     let server = Server::new(cfg, config_path.clone());
     let shared = server.shared();
     let stop = CancellationToken::new();
     let task = tokio::spawn(server.run(listeners, stop.clone().cancelled_owned()));
-    TestServer { http, grpc, shared, config_path, stop, task }
+    TestServer { http, grpc, admin, shared, config_path, stop, task }
 }
 
 impl TestServer {

@@ -226,7 +226,7 @@ enum End {
     SessionOver,
 }
 
-fn open_message(session: &Session, stream_id: &str, kind: Kind, seq: u64) -> TunnelMessage {
+fn open_message(session: &Session, stream_id: &str, kind: Kind, seq: u64, last_rtt_ms: i64) -> TunnelMessage {
     let settings = session.settings.borrow();
     let now = now_ms();
     TunnelMessage {
@@ -248,6 +248,7 @@ fn open_message(session: &Session, stream_id: &str, kind: Kind, seq: u64) -> Tun
             sequence: seq,
             session_id: session.id.clone(),
             config_version: settings.config_version.clone(),
+            last_rtt_ms,
         })),
     }
 }
@@ -295,7 +296,7 @@ async fn run_stream(
     let _close = cancel.clone().drop_guard();
     let (out, outbound) = Outbound::new(cancel.clone());
     let exchanges = Exchanges::new(out.clone(), Role::Client, session.cfg.client_id.clone());
-    out.try_priority(open_message(session, &stream_id, kind, 0));
+    out.try_priority(open_message(session, &stream_id, kind, 0, -1));
     let syncs_config = kind != Kind::Data;
     if syncs_config {
         out.try_priority(sync_message(session));
@@ -355,6 +356,7 @@ async fn stream_loop(
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seq = 0u64;
+    let mut last_rtt = -1i64;
     let mut retiring: Option<Instant> = None;
     loop {
         if let Some(since) = retiring {
@@ -373,7 +375,7 @@ async fn stream_loop(
             _ = tokio::time::sleep(DRAIN_POLL), if retiring.is_some() => {}
             _ = tick.tick() => {
                 seq += 1;
-                if !out.try_priority(open_message(session, stream_id, kind, seq)) {
+                if !out.try_priority(open_message(session, stream_id, kind, seq, last_rtt)) {
                     tracing::warn!(stream = %stream_id, "priority queue full: heartbeat not sent");
                 }
             }
@@ -387,7 +389,11 @@ async fn stream_loop(
                 }
             }
             m = inbound.message() => match m {
-                Ok(Some(m)) => on_message(session, stream_id, kind, out, exchanges, m),
+                Ok(Some(m)) => {
+                    if let Some(rtt) = on_message(session, stream_id, kind, out, exchanges, m) {
+                        last_rtt = rtt;
+                    }
+                }
                 Ok(None) => {
                     tracing::info!(stream = %stream_id, "stream closed by server");
                     return End::ClosedByServer;
@@ -408,14 +414,14 @@ fn on_message(
     out: &Outbound,
     exchanges: &Arc<Exchanges>,
     m: TunnelMessage,
-) {
+) -> Option<i64> {
     if m.direction != Direction::ServerToClient as i32 {
         tracing::warn!(stream = %stream_id, direction = m.direction, "message marked with the wrong direction; dropped");
-        return;
+        return None;
     }
     let Some(payload) = &m.payload else {
         tracing::warn!(stream = %stream_id, request_id = %m.request_id, "message with no payload; dropped");
-        return;
+        return None;
     };
     match payload {
         Payload::StreamOpenResponse(ack) => {
@@ -428,6 +434,7 @@ fn on_message(
                 // The server holds a config we have not applied (a push was lost): ask for it.
                 out.try_priority(sync_message(session));
             }
+            return Some(rtt);
         }
         Payload::ConfigSyncResponse(resp) => apply_config(session, stream_id, out, kind, resp),
         Payload::Drain(d) => {
@@ -448,6 +455,7 @@ fn on_message(
             }
         }
     }
+    None
 }
 
 fn apply_config(session: &Session, stream_id: &str, out: &Outbound, kind: Kind, resp: &ConfigSyncResponse) {
@@ -474,6 +482,6 @@ fn apply_config(session: &Session, stream_id: &str, out: &Outbound, kind: Kind, 
         tracing::info!(version = %resp.config_version, heartbeat_interval = ?interval, data_streams = streams, "config applied");
         session.status.send_modify(|s| s.config_version = resp.config_version.clone());
         // Acknowledge at once with a heartbeat naming the new version.
-        out.try_priority(open_message(session, stream_id, kind, 0));
+        out.try_priority(open_message(session, stream_id, kind, 0, -1));
     }
 }

@@ -147,7 +147,7 @@ async fn forward(
         return Ok(());
     }
     match send_body(body, &request_id, &io.credit, &io.cancel, exchanges).await {
-        Ok(()) | Err(SendError::Cancelled) => Ok(()),
+        Ok(_) | Err(SendError::Cancelled) => Ok(()),
         Err(SendError::Body(e)) => Err(Failure(Kind::UpstreamFailed, format!("upstream response body failed: {e}"))),
     }
 }

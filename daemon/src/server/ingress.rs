@@ -13,11 +13,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tunnel_lib::frame::{self, strip_hop_by_hop};
+use tunnel_lib::frame::{self, now_ms, strip_hop_by_hop};
+use tunnel_lib::introspection::RequestInfo;
 use tunnel_lib::proto::{self, exchange_error::Kind, tunnel_message::Payload};
 use tunnel_lib::rules::normalize_host;
 
@@ -75,12 +77,16 @@ pub async fn run(shared: Arc<Shared>, listener: TcpListener, stop: CancellationT
     Ok(())
 }
 
+/// Why the tunnel answered a request itself (kept with the response for the request log).
+#[derive(Clone)]
+struct LocalReason(String);
+
 /// A local answer: status and a one-line reason.
 fn reply(status: StatusCode, reason: impl Into<String>) -> Response<ProxyBody> {
-    let mut text = reason.into();
-    text.push('\n');
-    let mut r = Response::new(Either::Right(Full::new(Bytes::from(text))));
+    let reason = reason.into();
+    let mut r = Response::new(Either::Right(Full::new(Bytes::from(format!("{reason}\n")))));
     *r.status_mut() = status;
+    r.extensions_mut().insert(LocalReason(reason));
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     r
 }
@@ -122,10 +128,47 @@ async fn handle(
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
-    Ok(forward(&shared, peer, req).await)
+    let started = Instant::now();
+    let mut rec = RequestInfo {
+        unix_ms: now_ms(),
+        method: req.method().as_str().to_string(),
+        path: req.uri().path().to_string(),
+        ..Default::default()
+    };
+    let uploaded = Arc::new(AtomicU64::new(0));
+    let resp = forward(&shared, peer, req, &mut rec, &uploaded).await;
+    rec.status = u32::from(resp.status().as_u16());
+    let (mut parts, body) = resp.into_parts();
+    let body = match body {
+        Either::Left(tunnel) => {
+            // Recorded when the response body ends, with its size and duration.
+            let hook = Box::new(move |bytes, error: Option<String>| {
+                rec.bytes_out = bytes;
+                rec.bytes_in = uploaded.load(Ordering::Relaxed);
+                rec.duration_ms = started.elapsed().as_millis() as u64;
+                rec.error = error.unwrap_or_default();
+                shared.requests.record(rec);
+            });
+            Either::Left(tunnel.on_finish(hook))
+        }
+        Either::Right(local) => {
+            rec.duration_ms = started.elapsed().as_millis() as u64;
+            rec.bytes_in = uploaded.load(Ordering::Relaxed);
+            rec.error = parts.extensions.remove::<LocalReason>().map(|r| r.0).unwrap_or_default();
+            shared.requests.record(rec);
+            Either::Right(local)
+        }
+    };
+    Ok(Response::from_parts(parts, body))
 }
 
-async fn forward(shared: &Shared, peer: SocketAddr, req: Request<Incoming>) -> Response<ProxyBody> {
+async fn forward(
+    shared: &Shared,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+    rec: &mut RequestInfo,
+    uploaded: &Arc<AtomicU64>,
+) -> Response<ProxyBody> {
     let authority = req
         .uri()
         .authority()
@@ -134,6 +177,7 @@ async fn forward(shared: &Shared, peer: SocketAddr, req: Request<Incoming>) -> R
         .unwrap_or_default();
     let host = normalize_host(&authority);
     let path = req.uri().path().to_string();
+    rec.host = host.clone();
     let cfg = shared.config();
     let Some(rule) = cfg.rules.route(&host, &path) else {
         tracing::info!(%host, %path, "no rule matches: 404");
@@ -149,6 +193,9 @@ async fn forward(shared: &Shared, peer: SocketAddr, req: Request<Incoming>) -> R
     let window = cfg.group(&rule.group).map_or(0, |g| g.exchange_window);
     let request_id = uuid::Uuid::new_v4().to_string();
     let trace = trace_id(req.headers(), &request_id);
+    rec.client_id = stream.client_id.clone();
+    rec.stream_id = stream.stream_id.clone();
+    rec.trace_id = trace.clone();
     let (parts, body) = req.into_parts();
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
@@ -182,10 +229,12 @@ async fn forward(shared: &Shared, peer: SocketAddr, req: Request<Incoming>) -> R
     }
     if !end_of_stream {
         let (ex, id, credit, cancel) = (exchanges.clone(), request_id.clone(), io.credit.clone(), io.cancel.clone());
+        let uploaded = uploaded.clone();
         // Owned by the exchange: it ends when the body is sent or the exchange is cancelled.
         tokio::spawn(async move {
             match send_body(body, &id, &credit, &cancel, &ex).await {
-                Ok(()) | Err(SendError::Cancelled) => {}
+                Ok(n) => uploaded.store(n, Ordering::Relaxed),
+                Err(SendError::Cancelled) => {}
                 Err(SendError::Body(e)) => {
                     tracing::debug!(request_id = %id, "public request body failed: {e}");
                     ex.abandon(&id, "public request body failed");

@@ -2,17 +2,21 @@
 //! the registry of live streams, and config reloads pushed to clients.
 
 pub mod ingress;
+pub mod introspection;
+pub mod recent;
 pub mod registry;
 pub mod reload;
 pub mod service;
 
 use anyhow::Context as _;
+use recent::RequestLog;
 use registry::Registry;
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -29,6 +33,8 @@ const GRPC_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Listeners {
     pub http: TcpListener,
     pub grpc: TcpListener,
+    /// Introspection, for the console.
+    pub admin: TcpListener,
 }
 
 impl Listeners {
@@ -40,23 +46,39 @@ impl Listeners {
         let grpc = TcpListener::bind(cfg.server.grpc_listen)
             .await
             .with_context(|| format!("binding grpc_listen {}", cfg.server.grpc_listen))?;
-        Ok(Listeners { http, grpc })
+        let admin = TcpListener::bind(cfg.server.admin_listen)
+            .await
+            .with_context(|| format!("binding admin_listen {}", cfg.server.admin_listen))?;
+        Ok(Listeners { http, grpc, admin })
     }
 
-    /// The bound addresses (public HTTP, gRPC).
-    pub fn addrs(&self) -> std::io::Result<(SocketAddr, SocketAddr)> {
-        Ok((self.http.local_addr()?, self.grpc.local_addr()?))
+    /// Binds all three on 127.0.0.1 with ports chosen by the system (tests, demos).
+    pub async fn ephemeral() -> anyhow::Result<Self> {
+        let bind = || TcpListener::bind("127.0.0.1:0");
+        Ok(Listeners { http: bind().await?, grpc: bind().await?, admin: bind().await? })
+    }
+
+    /// The bound addresses (public HTTP, gRPC, admin).
+    pub fn addrs(&self) -> std::io::Result<(SocketAddr, SocketAddr, SocketAddr)> {
+        Ok((self.http.local_addr()?, self.grpc.local_addr()?, self.admin.local_addr()?))
     }
 }
 
 /// State every part of the server shares.
 pub struct Shared {
     config: RwLock<Arc<ServerConfig>>,
+    /// Each group's config version, computed once per config.
+    versions: RwLock<Arc<BTreeMap<String, String>>>,
+    /// Public requests: totals and the recent ones.
+    pub requests: RequestLog,
+    /// The listeners' bound addresses, for introspection.
+    pub addrs: OnceLock<(SocketAddr, SocketAddr, SocketAddr)>,
     /// Where the config came from, for reloads.
     pub config_path: Option<PathBuf>,
     pub registry: Registry,
     pub server_id: String,
     pub started: Instant,
+    pub started_at: SystemTime,
     /// Parent of every stream's token: cancelling it closes all streams.
     pub streams: CancellationToken,
     /// Stream reader tasks, waited for at shutdown.
@@ -70,8 +92,18 @@ impl Shared {
     }
 
     fn set_config(&self, cfg: ServerConfig) {
+        *self.versions.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(group_versions(&cfg));
         *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(cfg);
     }
+
+    /// The current config version of `group`.
+    pub fn group_version(&self, group: &str) -> Option<String> {
+        self.versions.read().unwrap_or_else(|e| e.into_inner()).get(group).cloned()
+    }
+}
+
+pub(crate) fn group_versions(cfg: &ServerConfig) -> BTreeMap<String, String> {
+    cfg.groups.iter().filter_map(|g| cfg.group_sync(&g.name).map(|(v, _)| (g.name.clone(), v))).collect()
 }
 
 /// A server ready to run.
@@ -85,11 +117,15 @@ impl Server {
         let server_id = config.server.server_id.clone();
         Server {
             shared: Arc::new(Shared {
+                versions: RwLock::new(Arc::new(group_versions(&config))),
                 config: RwLock::new(Arc::new(config)),
+                requests: RequestLog::default(),
+                addrs: OnceLock::new(),
                 config_path,
                 registry: Registry::new(),
                 server_id,
                 started: Instant::now(),
+                started_at: SystemTime::now(),
                 streams: CancellationToken::new(),
                 tasks: TaskTracker::new(),
             }),
@@ -106,12 +142,14 @@ impl Server {
     pub async fn run(self, listeners: Listeners, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let shared = self.shared;
         let cfg = shared.config();
-        let (http_addr, grpc_addr) = listeners.addrs()?;
-        tracing::info!(%http_addr, %grpc_addr, server_id = %shared.server_id, groups = cfg.groups.len(), rules = cfg.rules.rules().len(), "tunnel-server listening");
+        let (http_addr, grpc_addr, admin_addr) = listeners.addrs()?;
+        let _ = shared.addrs.set((http_addr, grpc_addr, admin_addr));
+        tracing::info!(%http_addr, %grpc_addr, %admin_addr, server_id = %shared.server_id, groups = cfg.groups.len(), rules = cfg.rules.rules().len(), "tunnel-server listening");
 
         let background = CancellationToken::new();
         let grpc_stop = CancellationToken::new();
         let grpc = tokio::spawn(service::serve(shared.clone(), listeners.grpc, grpc_stop.clone()));
+        let admin = tokio::spawn(introspection::serve(shared.clone(), listeners.admin, background.clone()));
         let ingress_stop = CancellationToken::new();
         let ingress = tokio::spawn(ingress::run(shared.clone(), listeners.http, ingress_stop.clone()));
         let reaper = tokio::spawn(reap(shared.clone(), background.clone()));
@@ -146,6 +184,11 @@ impl Server {
             _ => {}
         }
         let _ = reaper.await;
+        match tokio::time::timeout(GRPC_STOP_TIMEOUT, admin).await {
+            Ok(Ok(Err(e))) => tracing::warn!("admin server: {e:#}"),
+            Err(_) => tracing::warn!("admin server did not stop within {GRPC_STOP_TIMEOUT:?}"),
+            _ => {}
+        }
         let _ = reloader.await;
         tracing::info!("tunnel-server stopped");
         Ok(())

@@ -82,11 +82,13 @@ struct StreamState {
     last_heartbeat: Instant,
     last_heartbeat_at: SystemTime,
     last_delay_ms: i64,
+    last_rtt_ms: i64,
     heartbeats: u64,
 }
 
 struct ClientState {
     group: String,
+    peer: Option<SocketAddr>,
     version: String,
     session_id: String,
     connected_at: SystemTime,
@@ -114,8 +116,13 @@ pub struct StreamView {
     pub last_heartbeat: SystemTime,
     pub heartbeat_age: Duration,
     pub last_delay_ms: i64,
+    /// -1 until the client reports one.
+    pub last_rtt_ms: i64,
     pub heartbeats: u64,
     pub in_flight: usize,
+    pub requests: u64,
+    pub bytes_to_client: u64,
+    pub bytes_from_client: u64,
     pub queue_depth: usize,
     pub queue_capacity: usize,
     pub draining: bool,
@@ -126,6 +133,7 @@ pub struct StreamView {
 pub struct ClientView {
     pub client_id: String,
     pub group: String,
+    pub peer: Option<SocketAddr>,
     pub version: String,
     pub session_id: String,
     pub connected_at: SystemTime,
@@ -177,6 +185,7 @@ impl Registry {
         }
         let client = inner.clients.entry(handle.client_id.clone()).or_insert_with(|| ClientState {
             group: handle.group.clone(),
+            peer: handle.peer,
             version: version.to_string(),
             session_id: handle.session_id.clone(),
             connected_at: SystemTime::now(),
@@ -195,6 +204,7 @@ impl Registry {
                 last_heartbeat: Instant::now(),
                 last_heartbeat_at: SystemTime::now(),
                 last_delay_ms: 0,
+                last_rtt_ms: -1,
                 heartbeats: 0,
             },
         );
@@ -202,7 +212,7 @@ impl Registry {
     }
 
     /// Records a heartbeat of `stream_id`; false if the stream is unknown.
-    pub fn heartbeat(&self, stream_id: &str, delay_ms: i64, config_version: &str) -> bool {
+    pub fn heartbeat(&self, stream_id: &str, delay_ms: i64, rtt_ms: i64, config_version: &str) -> bool {
         let mut inner = self.write();
         let Some(s) = inner.streams.get_mut(stream_id) else {
             return false;
@@ -210,6 +220,9 @@ impl Registry {
         s.last_heartbeat = Instant::now();
         s.last_heartbeat_at = SystemTime::now();
         s.last_delay_ms = delay_ms;
+        if rtt_ms >= 0 {
+            s.last_rtt_ms = rtt_ms;
+        }
         s.heartbeats += 1;
         let client_id = s.handle.client_id.clone();
         if let Some(c) = inner.clients.get_mut(&client_id) {
@@ -323,6 +336,23 @@ impl Registry {
             .collect()
     }
 
+    /// The live stream `stream_id`.
+    pub fn stream(&self, stream_id: &str) -> Option<Arc<StreamHandle>> {
+        self.read().streams.get(stream_id).map(|s| s.handle.clone())
+    }
+
+    /// The live streams of a client.
+    pub fn client_streams(&self, client_id: &str) -> Vec<Arc<StreamHandle>> {
+        let inner = self.read();
+        let Some(c) = inner.clients.get(client_id) else { return Vec::new() };
+        c.streams.iter().filter_map(|id| inner.streams.get(id)).map(|s| s.handle.clone()).collect()
+    }
+
+    /// Whether config pushes go to this stream.
+    pub fn syncs_config(handle: &StreamHandle) -> bool {
+        handle.syncs_config.load(Ordering::Relaxed)
+    }
+
     /// Every live stream.
     pub fn all_streams(&self) -> Vec<Arc<StreamHandle>> {
         self.read().streams.values().map(|s| s.handle.clone()).collect()
@@ -347,8 +377,12 @@ impl Registry {
                     last_heartbeat: s.last_heartbeat_at,
                     heartbeat_age: now.duration_since(s.last_heartbeat),
                     last_delay_ms: s.last_delay_ms,
+                    last_rtt_ms: s.last_rtt_ms,
                     heartbeats: s.heartbeats,
                     in_flight: h.exchanges.in_flight(),
+                    requests: h.exchanges.stats.exchanges.load(Ordering::Relaxed),
+                    bytes_to_client: h.exchanges.stats.bytes_sent.load(Ordering::Relaxed),
+                    bytes_from_client: h.exchanges.stats.bytes_received.load(Ordering::Relaxed),
                     queue_depth: h.outbound().depth(),
                     queue_capacity: h.outbound().capacity(),
                     draining: h.is_draining(),
@@ -368,6 +402,7 @@ impl Registry {
             .map(|(id, c)| ClientView {
                 client_id: id.clone(),
                 group: c.group.clone(),
+                peer: c.peer,
                 version: c.version.clone(),
                 session_id: c.session_id.clone(),
                 connected_at: c.connected_at,
@@ -438,8 +473,8 @@ mod tests {
         let r = Registry::new();
         r.register(handle("h1", "a", "s", StreamType::Http), "v", "");
         r.register(handle("h2", "a", "s", StreamType::Http), "v", "");
-        assert!(r.heartbeat("h1", 3, "cfg1"));
-        assert!(!r.heartbeat("nope", 0, ""));
+        assert!(r.heartbeat("h1", 3, 1, "cfg1"));
+        assert!(!r.heartbeat("nope", 0, -1, ""));
         let v = r.streams();
         assert_eq!((v[0].heartbeats, v[0].last_delay_ms), (1, 3));
         assert_eq!(v[1].heartbeats, 0);

@@ -2,12 +2,12 @@
 //! file is refused (the old config keeps serving); a valid one is applied and
 //! pushed to the connected clients of every group whose config changed.
 
+use super::registry::StreamHandle;
 use super::Shared;
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
-use tunnel_lib::config::ServerConfig;
+use tunnel_lib::config::{ConfigPush, ServerConfig};
 use tunnel_lib::proto::{tunnel_message::Payload, ConfigSyncResponse};
 
 /// How often the file is checked for changes. Polling (rather than inotify)
@@ -88,36 +88,13 @@ pub fn apply(shared: &Shared, new: ServerConfig) -> Reload {
     if old.server.http_listen != new.server.http_listen || old.server.grpc_listen != new.server.grpc_listen {
         tracing::warn!("listen addresses changed in the file; they apply at the next restart");
     }
-    let versions = |c: &ServerConfig| -> BTreeMap<String, String> {
-        c.groups.iter().filter_map(|g| c.group_sync(&g.name).map(|(v, _)| (g.name.clone(), v))).collect()
-    };
-    let (before, after) = (versions(&old), versions(&new));
+    let (before, after) = (super::group_versions(&old), super::group_versions(&new));
     if *old == new {
         return Reload::Unchanged;
     }
     shared.set_config(new);
     let changed: Vec<String> =
         after.iter().filter(|(g, v)| before.get(*g) != Some(v)).map(|(g, _)| g.clone()).collect();
-    let cfg = shared.config();
-    for group in &changed {
-        let Some((version, config)) = cfg.group_sync(group) else {
-            continue;
-        };
-        let streams = shared.registry.config_streams(group);
-        tracing::info!(group = %group, %version, clients = streams.len(), "config changed: pushing to connected clients");
-        for s in streams {
-            let resp = ConfigSyncResponse {
-                config_version: version.clone(),
-                config: Some(config.clone()),
-                server_id: shared.server_id.clone(),
-                missing_upstreams: Vec::new(),
-            };
-            let msg = s.exchanges.message(&uuid::Uuid::new_v4().to_string(), Payload::ConfigSyncResponse(resp));
-            if !s.outbound().try_priority(msg) {
-                tracing::warn!(stream = %s.stream_id, "priority queue full: config push dropped (the next heartbeat acknowledgement names the new version)");
-            }
-        }
-    }
     // Groups removed from the file: their clients can no longer authenticate new
     // streams; close the current ones so they notice.
     for g in before.keys().filter(|g| !after.contains_key(*g)) {
@@ -126,5 +103,56 @@ pub fn apply(shared: &Shared, new: ServerConfig) -> Reload {
             s.cancel.cancel();
         }
     }
+    let cfg = shared.config();
+    if cfg.server.config_push == ConfigPush::Manual {
+        if !changed.is_empty() {
+            tracing::info!(groups = ?changed, "config changed; config_push = \"manual\": connected clients get it when an operator forces a resync");
+        }
+        return Reload::Applied(changed);
+    }
+    for group in &changed {
+        push_group(shared, group);
+    }
     Reload::Applied(changed)
+}
+
+/// Sends the group's current config to its connected clients' config streams.
+/// Returns the version sent and the number of clients it reached.
+pub fn push_group(shared: &Shared, group: &str) -> Option<(String, usize)> {
+    let streams = shared.registry.config_streams(group);
+    push(shared, group, streams)
+}
+
+/// Sends the current config to one client.
+pub fn push_client(shared: &Shared, client_id: &str) -> Option<(String, usize)> {
+    let streams: Vec<_> = shared
+        .registry
+        .client_streams(client_id)
+        .into_iter()
+        .filter(|s| super::registry::Registry::syncs_config(s))
+        .collect();
+    let group = streams.first()?.group.clone();
+    push(shared, &group, streams)
+}
+
+fn push(shared: &Shared, group: &str, streams: Vec<Arc<StreamHandle>>) -> Option<(String, usize)> {
+    let cfg = shared.config();
+    let (version, config) = cfg.group_sync(group)?;
+    tracing::info!(group = %group, %version, clients = streams.len(), "pushing config to connected clients");
+    let mut reached = std::collections::BTreeSet::new();
+    for s in &streams {
+        let resp = ConfigSyncResponse {
+            config_version: version.clone(),
+            config: Some(config.clone()),
+            server_id: shared.server_id.clone(),
+            missing_upstreams: Vec::new(),
+        };
+        let msg = s.exchanges.message(&uuid::Uuid::new_v4().to_string(), Payload::ConfigSyncResponse(resp));
+        if s.outbound().try_priority(msg) {
+            reached.insert(s.client_id.clone());
+        } else {
+            tracing::warn!(stream = %s.stream_id, "priority queue full: config push dropped (the next heartbeat acknowledgement names the new version)");
+        }
+    }
+    Some((version, reached.len()))
 }

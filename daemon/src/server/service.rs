@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataMap;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
+use tunnel_lib::config::ConfigPush;
 use tunnel_lib::frame::now_ms;
 use tunnel_lib::proto::tunnel_service_server::{TunnelService, TunnelServiceServer};
 use tunnel_lib::proto::{
@@ -162,7 +163,12 @@ impl TunnelSvc {
 
 /// Acknowledges a registration or heartbeat, ahead of any queued data.
 fn ack(shared: &Shared, handle: &StreamHandle, open: &StreamOpenRequest) {
-    let version = shared.config().group_sync(&handle.group).map(|(v, _)| v).unwrap_or_default();
+    // With manual pushes the ack names no version, so clients do not fetch a
+    // new config on their own before the operator pushes it.
+    let version = match shared.config().server.config_push {
+        ConfigPush::Auto => shared.group_version(&handle.group).unwrap_or_default(),
+        ConfigPush::Manual => String::new(),
+    };
     let msg = TunnelMessage {
         client_id: handle.client_id.clone(),
         request_id: String::new(),
@@ -226,7 +232,7 @@ fn on_message(svc: &TunnelSvc, handle: &Arc<StreamHandle>, m: TunnelMessage) {
                 return;
             }
             let delay = now_ms() - open.timestamp_ms;
-            svc.shared.registry.heartbeat(&handle.stream_id, delay, &open.config_version);
+            svc.shared.registry.heartbeat(&handle.stream_id, delay, open.last_rtt_ms, &open.config_version);
             if delay > 1000 {
                 tracing::warn!(stream = %handle.stream_id, client = %handle.client_id, delay_ms = delay, "late heartbeat");
             }

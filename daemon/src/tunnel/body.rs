@@ -24,6 +24,10 @@ pub enum BodyEvent {
     Failed(ExchangeFailure),
 }
 
+/// Called once when an inbound body ends: the bytes delivered, and why it
+/// ended early if it did.
+pub type FinishHook = Box<dyn FnOnce(u64, Option<String>) + Send>;
+
 /// The peer's body of one exchange, read from a bounded per-exchange buffer.
 pub struct InboundBody {
     rx: mpsc::Receiver<BodyEvent>,
@@ -35,6 +39,8 @@ pub struct InboundBody {
     sender: PollSender<TunnelMessage>,
     done: bool,
     guard: Option<ExchangeGuard>,
+    delivered: u64,
+    on_finish: Option<FinishHook>,
 }
 
 impl InboundBody {
@@ -45,7 +51,31 @@ impl InboundBody {
         request_id: String,
     ) -> Self {
         let sender = PollSender::new(exchanges.outbound().priority_sender());
-        InboundBody { rx, window, exchanges, request_id, grant: 0, sender, done: false, guard: None }
+        InboundBody {
+            rx,
+            window,
+            exchanges,
+            request_id,
+            grant: 0,
+            sender,
+            done: false,
+            guard: None,
+            delivered: 0,
+            on_finish: None,
+        }
+    }
+
+    /// Calls `hook` once the body ends, completely or not (also when dropped early).
+    pub fn on_finish(mut self, hook: FinishHook) -> Self {
+        self.on_finish = Some(hook);
+        self
+    }
+
+    fn finish(&mut self, error: Option<String>) {
+        self.done = true;
+        if let Some(hook) = self.on_finish.take() {
+            hook(self.delivered, error);
+        }
     }
 
     /// Makes dropping this body (before the exchange finished) abandon the exchange.
@@ -90,6 +120,8 @@ impl Body for InboundBody {
         this.flush_grant(cx);
         match this.rx.poll_recv(cx) {
             Poll::Ready(Some(BodyEvent::Data(b))) => {
+                this.delivered += b.len() as u64;
+                this.exchanges.count_received(b.len());
                 let granted = this.window.lock().unwrap_or_else(|e| e.into_inner()).on_consumed(b.len());
                 if let Some(g) = granted {
                     this.grant += g;
@@ -98,15 +130,15 @@ impl Body for InboundBody {
                 Poll::Ready(Some(Ok(Frame::data(b))))
             }
             Poll::Ready(Some(BodyEvent::End(trailers))) => {
-                this.done = true;
+                this.finish(None);
                 Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))))
             }
             Poll::Ready(Some(BodyEvent::Failed(f))) => {
-                this.done = true;
+                this.finish(Some(f.to_string()));
                 Poll::Ready(Some(Err(f)))
             }
             Poll::Ready(None) => {
-                this.done = true;
+                this.finish(Some(ExchangeFailure::StreamLost.to_string()));
                 Poll::Ready(Some(Err(ExchangeFailure::StreamLost)))
             }
             Poll::Pending => Poll::Pending,
@@ -115,6 +147,14 @@ impl Body for InboundBody {
 
     fn is_end_stream(&self) -> bool {
         self.done
+    }
+}
+
+impl Drop for InboundBody {
+    fn drop(&mut self) {
+        if !self.done {
+            self.finish(Some("reader went away before the end".into()));
+        }
     }
 }
 
@@ -132,20 +172,21 @@ pub enum SendError {
 /// Sends `body` on exchange `request_id` as chunks of at most 64 KiB, each
 /// waiting for credit, then the end frame with any trailers. On success our
 /// direction of the exchange is finished; on error the caller decides how to
-/// end the exchange.
+/// end the exchange. Returns the body bytes sent.
 pub async fn send_body<B>(
     mut body: B,
     request_id: &str,
     credit: &Semaphore,
     cancel: &CancellationToken,
     exchanges: &Arc<Exchanges>,
-) -> Result<(), SendError>
+) -> Result<u64, SendError>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
 {
     let out = exchanges.outbound();
     let mut trailers = None;
+    let mut sent = 0u64;
     loop {
         let next = tokio::select! {
             _ = cancel.cancelled() => return Err(SendError::Cancelled),
@@ -173,6 +214,8 @@ where
             };
             // The credit is the peer's; it comes back only as a WindowUpdate.
             permit.forget();
+            sent += chunk.len() as u64;
+            exchanges.count_sent(chunk.len());
             let msg = exchanges.message(request_id, Payload::Body(proto::BodyChunk { data: chunk }));
             out.send_data(msg).await.map_err(|_| SendError::Cancelled)?;
         }
@@ -180,5 +223,5 @@ where
     let end = proto::BodyEnd { trailers: trailers.as_ref().map(frame::headers_to_proto).unwrap_or_default() };
     out.send_data(exchanges.message(request_id, Payload::End(end))).await.map_err(|_| SendError::Cancelled)?;
     exchanges.finish_outbound(request_id);
-    Ok(())
+    Ok(sent)
 }

@@ -5,7 +5,7 @@
 use super::body::{BodyEvent, InboundBody};
 use super::outbound::Outbound;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -77,11 +77,24 @@ pub enum Role {
     Client,
 }
 
+/// Totals of one stream since it opened.
+#[derive(Debug, Default)]
+pub struct StreamStats {
+    /// Exchanges started.
+    pub exchanges: AtomicU64,
+    /// Body bytes received from the peer and delivered.
+    pub bytes_received: AtomicU64,
+    /// Body bytes sent to the peer.
+    pub bytes_sent: AtomicU64,
+}
+
 /// The exchanges in flight on one stream.
 pub struct Exchanges {
     // std Mutex: held only for map updates, never across an await.
     slots: Mutex<HashMap<String, Slot>>,
     in_flight: AtomicUsize,
+    /// Totals, for introspection.
+    pub stats: StreamStats,
     out: Outbound,
     role: Role,
     client_id: String,
@@ -90,7 +103,14 @@ pub struct Exchanges {
 impl Exchanges {
     /// An empty table for a stream whose outbound queues are `out`.
     pub fn new(out: Outbound, role: Role, client_id: String) -> Arc<Self> {
-        Arc::new(Exchanges { slots: Mutex::new(HashMap::new()), in_flight: AtomicUsize::new(0), out, role, client_id })
+        Arc::new(Exchanges {
+            slots: Mutex::new(HashMap::new()),
+            in_flight: AtomicUsize::new(0),
+            stats: StreamStats::default(),
+            out,
+            role,
+            client_id,
+        })
     }
 
     /// Exchanges in flight.
@@ -148,7 +168,18 @@ impl Exchanges {
     fn insert(&self, request_id: String, slot: Slot) {
         if self.lock().insert(request_id, slot).is_none() {
             self.in_flight.fetch_add(1, Ordering::Relaxed);
+            self.stats.exchanges.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Counts body bytes delivered from the peer.
+    pub fn count_received(&self, n: usize) {
+        self.stats.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Counts body bytes sent to the peer.
+    pub fn count_sent(&self, n: usize) {
+        self.stats.bytes_sent.fetch_add(n as u64, Ordering::Relaxed);
     }
 
     fn remove(&self, request_id: &str) -> Option<Slot> {

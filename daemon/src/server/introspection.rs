@@ -1,0 +1,276 @@
+//! The admin listener: the introspection service the console watches and
+//! steers the server with, plus gRPC health and reflection for standard tools.
+
+use super::reload;
+use super::Shared;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::metadata::MetadataMap;
+use tonic::transport::server::TcpIncoming;
+use tonic::{Request, Response, Status};
+use tunnel_lib::frame::now_ms;
+use tunnel_lib::introspection::introspection_server::{Introspection, IntrospectionServer};
+use tunnel_lib::introspection::{
+    ClientInfo, CloseClientRequest, CloseClientResponse, CloseStreamRequest, CloseStreamResponse, ForceResyncRequest,
+    ForceResyncResponse, GroupInfo, ServerInfo, StreamInfo, WatchRequest, WatchUpdate,
+};
+
+/// Update rate when the watcher asks for none, and the most it may ask for.
+const DEFAULT_RATE: u32 = 4;
+const MAX_RATE: u32 = 20;
+/// An update goes out at least this often, so a watcher sees the link is alive.
+const KEEPALIVE: Duration = Duration::from_secs(2);
+/// Updates queued per watcher; a slow one gets fewer, coalesced updates.
+const WATCH_QUEUE: usize = 2;
+
+/// Serves introspection, health and reflection on `listener` until `stop` fires.
+pub async fn serve(shared: Arc<Shared>, listener: TcpListener, stop: CancellationToken) -> anyhow::Result<()> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<IntrospectionServer<Introspect>>().await;
+    health
+        .set_serving::<tunnel_lib::proto::tunnel_service_server::TunnelServiceServer<super::service::TunnelSvc>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(tunnel_lib::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let svc = IntrospectionServer::new(Introspect { shared, stop: stop.clone() });
+    tonic::transport::Server::builder()
+        .add_service(svc)
+        .add_service(health_service)
+        .add_service(reflection)
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), stop.cancelled_owned())
+        .await?;
+    Ok(())
+}
+
+/// The Introspection implementation.
+pub struct Introspect {
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+}
+
+impl Introspect {
+    fn authorize(&self, md: &MetadataMap) -> Result<(), Status> {
+        let cfg = self.shared.config();
+        let Some(token) = &cfg.server.admin_token else { return Ok(()) };
+        let given =
+            md.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
+        if token.matches(given.as_bytes()) {
+            Ok(())
+        } else {
+            tracing::warn!("introspection call with a missing or wrong admin token refused");
+            Err(Status::unauthenticated("missing or wrong admin token"))
+        }
+    }
+}
+
+fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+fn server_info(shared: &Shared, clients: usize, streams: &HashMap<String, StreamInfo>) -> ServerInfo {
+    let cfg = shared.config();
+    let (http, grpc, admin) = shared
+        .addrs
+        .get()
+        .copied()
+        .map_or_else(|| (cfg.server.http_listen, cfg.server.grpc_listen, cfg.server.admin_listen), |a| a);
+    ServerInfo {
+        server_id: shared.server_id.clone(),
+        version: tunnel_lib::VERSION.to_string(),
+        started_unix_ms: unix_ms(shared.started_at),
+        now_unix_ms: now_ms(),
+        http_listen: http.to_string(),
+        grpc_listen: grpc.to_string(),
+        admin_listen: admin.to_string(),
+        groups: cfg
+            .groups
+            .iter()
+            .map(|g| GroupInfo {
+                name: g.name.clone(),
+                config_version: shared.group_version(&g.name).unwrap_or_default(),
+                heartbeat_interval_ms: g.heartbeat_interval.as_millis() as u64,
+                heartbeat_timeout_ms: g.heartbeat_timeout.as_millis() as u64,
+                data_streams: g.data_streams,
+            })
+            .collect(),
+        clients: clients as u64,
+        streams: streams.len() as u64,
+        requests_total: shared.requests.total(),
+        errors_total: shared.requests.errors(),
+        in_flight: streams.values().map(|s| u64::from(s.in_flight)).sum(),
+        config_push: cfg.server.config_push.to_string(),
+    }
+}
+
+/// The registry as introspection messages, keyed by id.
+fn current(shared: &Shared) -> (HashMap<String, ClientInfo>, HashMap<String, StreamInfo>) {
+    let streams = shared
+        .registry
+        .streams()
+        .into_iter()
+        .map(|s| {
+            let info = StreamInfo {
+                stream_id: s.stream_id.clone(),
+                stream_type: s.stream_type as i32,
+                client_id: s.client_id,
+                group: s.group,
+                peer: s.peer.map(|p| p.to_string()).unwrap_or_default(),
+                connected_unix_ms: unix_ms(s.connected_at),
+                last_heartbeat_unix_ms: unix_ms(s.last_heartbeat),
+                last_delay_ms: s.last_delay_ms,
+                last_rtt_ms: s.last_rtt_ms,
+                heartbeats: s.heartbeats,
+                queue_depth: s.queue_depth as u32,
+                queue_capacity: s.queue_capacity as u32,
+                in_flight: s.in_flight as u32,
+                requests: s.requests,
+                bytes_to_client: s.bytes_to_client,
+                bytes_from_client: s.bytes_from_client,
+                draining: s.draining,
+            };
+            (s.stream_id, info)
+        })
+        .collect();
+    let clients = shared
+        .registry
+        .clients()
+        .into_iter()
+        .map(|c| {
+            let info = ClientInfo {
+                client_id: c.client_id.clone(),
+                config_version_current: shared.group_version(&c.group).unwrap_or_default(),
+                group: c.group,
+                peer: c.peer.map(|p| p.to_string()).unwrap_or_default(),
+                connected_unix_ms: unix_ms(c.connected_at),
+                version: c.version,
+                config_version_acked: c.config_version,
+                streams: c.streams.len() as u32,
+                session_id: c.session_id,
+            };
+            (c.client_id, info)
+        })
+        .collect();
+    (clients, streams)
+}
+
+/// What changed from `old` to `new`: added or changed entries, and removed keys.
+fn diff<T: Clone + PartialEq>(old: &HashMap<String, T>, new: &HashMap<String, T>) -> (Vec<T>, Vec<String>) {
+    let changed = new.iter().filter(|(k, v)| old.get(*k) != Some(*v)).map(|(_, v)| v.clone()).collect();
+    let removed = old.keys().filter(|k| !new.contains_key(*k)).cloned().collect();
+    (changed, removed)
+}
+
+/// Feeds one watcher until it goes away or the server stops.
+async fn watch(shared: Arc<Shared>, rate: u32, tx: mpsc::Sender<Result<WatchUpdate, Status>>, stop: CancellationToken) {
+    let period = Duration::from_millis(1000 / u64::from(rate));
+    let mut sent_clients = HashMap::new();
+    let mut sent_streams = HashMap::new();
+    let mut last_seq = 0u64;
+    let mut last_sent: Option<Instant> = None;
+    loop {
+        let (clients, streams) = current(&shared);
+        let requests = shared.requests.since(last_seq);
+        let full = last_sent.is_none();
+        let (changed_clients, removed_clients) = diff(&sent_clients, &clients);
+        let (changed_streams, removed_streams) = diff(&sent_streams, &streams);
+        let quiet = changed_clients.is_empty()
+            && removed_clients.is_empty()
+            && changed_streams.is_empty()
+            && removed_streams.is_empty()
+            && requests.is_empty();
+        if full || !quiet || last_sent.is_some_and(|t| t.elapsed() >= KEEPALIVE) {
+            if let Some(r) = requests.last() {
+                last_seq = r.seq;
+            }
+            let update = WatchUpdate {
+                full,
+                server: Some(server_info(&shared, clients.len(), &streams)),
+                clients: if full { clients.values().cloned().collect() } else { changed_clients },
+                removed_clients,
+                streams: if full { streams.values().cloned().collect() } else { changed_streams },
+                removed_streams,
+                requests,
+            };
+            // Waiting here is what coalesces updates for a slow watcher: the
+            // next diff is taken against what it was actually sent.
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                r = tx.send(Ok(update)) => if r.is_err() { return },
+            }
+            sent_clients = clients;
+            sent_streams = streams;
+            last_sent = Some(Instant::now());
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tx.closed() => return,
+            _ = tokio::time::sleep(period) => {}
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Introspection for Introspect {
+    type WatchStream = ReceiverStream<Result<WatchUpdate, Status>>;
+
+    async fn watch(&self, req: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        self.authorize(req.metadata())?;
+        let rate = match req.into_inner().max_updates_per_second {
+            0 => DEFAULT_RATE,
+            r => r.min(MAX_RATE),
+        };
+        let (tx, rx) = mpsc::channel(WATCH_QUEUE);
+        // Owned by the watcher: ends when it hangs up or the server stops.
+        tokio::spawn(watch(self.shared.clone(), rate, tx, self.stop.clone()));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn force_resync(&self, req: Request<ForceResyncRequest>) -> Result<Response<ForceResyncResponse>, Status> {
+        self.authorize(req.metadata())?;
+        let r = req.into_inner();
+        let pushed = match (r.client_id.is_empty(), r.group.is_empty()) {
+            (false, true) => reload::push_client(&self.shared, &r.client_id)
+                .ok_or_else(|| Status::not_found(format!("no connected client {:?}", r.client_id)))?,
+            (true, false) => {
+                if self.shared.config().group(&r.group).is_none() {
+                    return Err(Status::not_found(format!("no group {:?}", r.group)));
+                }
+                reload::push_group(&self.shared, &r.group).unwrap_or_default()
+            }
+            _ => return Err(Status::invalid_argument("give exactly one of client_id and group")),
+        };
+        tracing::info!(client = %r.client_id, group = %r.group, version = %pushed.0, clients = pushed.1, "resync forced from the console");
+        Ok(Response::new(ForceResyncResponse { config_version: pushed.0, clients: pushed.1 as u32 }))
+    }
+
+    async fn close_stream(&self, req: Request<CloseStreamRequest>) -> Result<Response<CloseStreamResponse>, Status> {
+        self.authorize(req.metadata())?;
+        let id = req.into_inner().stream_id;
+        let handle = self.shared.registry.remove(&id).ok_or_else(|| Status::not_found(format!("no stream {id:?}")))?;
+        tracing::info!(stream = %id, client = %handle.client_id, "stream closed from the console");
+        handle.cancel.cancel();
+        Ok(Response::new(CloseStreamResponse {}))
+    }
+
+    async fn close_client(&self, req: Request<CloseClientRequest>) -> Result<Response<CloseClientResponse>, Status> {
+        self.authorize(req.metadata())?;
+        let id = req.into_inner().client_id;
+        let streams = self.shared.registry.client_streams(&id);
+        if streams.is_empty() {
+            return Err(Status::not_found(format!("no connected client {id:?}")));
+        }
+        for s in &streams {
+            self.shared.registry.remove(&s.stream_id);
+            s.cancel.cancel();
+        }
+        tracing::info!(client = %id, streams = streams.len(), "client closed from the console");
+        Ok(Response::new(CloseClientResponse { streams_closed: streams.len() as u32 }))
+    }
+}

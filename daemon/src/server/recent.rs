@@ -1,0 +1,70 @@
+//! The record of public requests: totals, and a bounded ring of the most
+//! recent ones for the console.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use tunnel_lib::introspection::RequestInfo;
+
+/// Requests kept for the console.
+pub const RECENT_REQUESTS: usize = 256;
+
+/// Totals and the recent-request ring.
+#[derive(Default)]
+pub struct RequestLog {
+    // std Mutex: held for a push or a copy, never across an await.
+    ring: Mutex<VecDeque<RequestInfo>>,
+    seq: AtomicU64,
+    errors: AtomicU64,
+}
+
+impl RequestLog {
+    /// Records a finished request; assigns its sequence number.
+    pub fn record(&self, mut info: RequestInfo) {
+        if info.status >= 500 || !info.error.is_empty() {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        info.seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+        if ring.len() == RECENT_REQUESTS {
+            ring.pop_front();
+        }
+        ring.push_back(info);
+    }
+
+    /// Requests recorded after sequence number `seq`, oldest first.
+    pub fn since(&self, seq: u64) -> Vec<RequestInfo> {
+        let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        ring.iter().filter(|r| r.seq > seq).cloned().collect()
+    }
+
+    /// Requests recorded since start.
+    pub fn total(&self) -> u64 {
+        self.seq.load(Ordering::Relaxed)
+    }
+
+    /// Of them, answered with a 5xx or cut short.
+    pub fn errors(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The ring keeps the newest requests, and `since` returns only new ones.
+    #[test]
+    fn ring_is_bounded_and_incremental() {
+        let log = RequestLog::default();
+        for i in 0..(RECENT_REQUESTS + 10) {
+            log.record(RequestInfo { status: if i % 2 == 0 { 200 } else { 502 }, ..Default::default() });
+        }
+        assert_eq!(log.total(), (RECENT_REQUESTS + 10) as u64);
+        assert_eq!(log.errors(), (RECENT_REQUESTS / 2 + 5) as u64);
+        let all = log.since(0);
+        assert_eq!(all.len(), RECENT_REQUESTS);
+        assert_eq!(all[0].seq, 11);
+        assert_eq!(log.since(log.total() - 2).len(), 2);
+    }
+}
