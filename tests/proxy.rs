@@ -105,6 +105,15 @@ async fn methods_round_trip(transport: &str) {
     let got = send(&h2c_client(), Request::get(server.url("/echo?h2")).body(empty()).unwrap()).await;
     assert_eq!(got.status, StatusCode::OK);
     assert_eq!(got.headers["x-seen-uri"], "/echo?h2");
+    // Every exchange above is finished and freed on the server.
+    let shared = server.shared.clone();
+    eventually("no exchange left in flight", WAIT, || shared.registry.streams().iter().all(|s| s.in_flight == 0)).await;
+    assert_eq!(
+        shared.requests.errors(),
+        0,
+        "{:?}",
+        shared.requests.since(0).iter().map(|r| &r.error).collect::<Vec<_>>()
+    );
     server.stop().await;
 }
 

@@ -227,7 +227,9 @@ async fn forward(
         Ok(Err(_)) => return reply(StatusCode::BAD_GATEWAY, "tunnel client disconnected"),
         Err(_) => return timeout_reply(&host, &path, rule.timeout),
     }
-    if !end_of_stream {
+    if end_of_stream {
+        exchanges.finish_outbound(&request_id);
+    } else {
         let (ex, id, credit, cancel) = (exchanges.clone(), request_id.clone(), io.credit.clone(), io.cancel.clone());
         let uploaded = uploaded.clone();
         // Owned by the exchange: it ends when the body is sent or the exchange is cancelled.
@@ -248,6 +250,7 @@ async fn forward(
         Ok(Ok(Err(failure))) => return failure_reply(&failure, &rule.upstream),
         Ok(Ok(Ok(h))) => h,
     };
+    let ends = resp_head.end_of_stream;
     let status = match u16::try_from(resp_head.status).ok().and_then(|s| StatusCode::from_u16(s).ok()) {
         Some(s) => s,
         None => {
@@ -263,7 +266,13 @@ async fn forward(
         }
     };
     strip_hop_by_hop(&mut resp_headers);
-    let mut resp = Response::new(Either::Left(io.body.guard(guard)));
+    // HEAD, 204 and 304 responses have no body whatever their Content-Length says.
+    let length = if ends {
+        Some(0)
+    } else {
+        resp_headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
+    };
+    let mut resp = Response::new(Either::Left(io.body.guard(guard).expect_len(length)));
     *resp.status_mut() = status;
     *resp.headers_mut() = resp_headers;
     resp

@@ -40,6 +40,8 @@ pub struct InboundBody {
     done: bool,
     guard: Option<ExchangeGuard>,
     delivered: u64,
+    /// The Content-Length the peer announced, if any.
+    expected: Option<u64>,
     on_finish: Option<FinishHook>,
 }
 
@@ -61,8 +63,16 @@ impl InboundBody {
             done: false,
             guard: None,
             delivered: 0,
+            expected: None,
             on_finish: None,
         }
+    }
+
+    /// The body's announced length: a consumer that stops after reading that
+    /// many bytes (as hyper does with Content-Length) has read it all.
+    pub fn expect_len(mut self, len: Option<u64>) -> Self {
+        self.expected = len;
+        self
     }
 
     /// Calls `hook` once the body ends, completely or not (also when dropped early).
@@ -152,7 +162,17 @@ impl Body for InboundBody {
 
 impl Drop for InboundBody {
     fn drop(&mut self) {
-        if !self.done {
+        if self.done {
+            return;
+        }
+        if self.expected == Some(self.delivered) {
+            // Complete by length; the end frame is still on its way and frees
+            // the exchange, so there is nothing to cancel.
+            if let Some(g) = self.guard.take() {
+                g.disarm();
+            }
+            self.finish(None);
+        } else {
             self.finish(Some("reader went away before the end".into()));
         }
     }

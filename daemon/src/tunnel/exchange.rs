@@ -456,18 +456,26 @@ pub fn payload_name(p: &Payload) -> &'static str {
 pub struct ExchangeGuard {
     exchanges: Arc<Exchanges>,
     request_id: String,
+    armed: bool,
 }
 
 impl ExchangeGuard {
     /// Guards `request_id` in `exchanges`.
     pub fn new(exchanges: Arc<Exchanges>, request_id: String) -> Self {
-        ExchangeGuard { exchanges, request_id }
+        ExchangeGuard { exchanges, request_id, armed: true }
+    }
+
+    /// The exchange completed: dropping the guard does nothing.
+    pub fn disarm(mut self) {
+        self.armed = false;
     }
 }
 
 impl Drop for ExchangeGuard {
     fn drop(&mut self) {
         // A no-op when both directions already finished (the slot is gone).
-        self.exchanges.abandon(&self.request_id, "abandoned");
+        if self.armed {
+            self.exchanges.abandon(&self.request_id, "abandoned");
+        }
     }
 }

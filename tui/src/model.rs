@@ -1,0 +1,219 @@
+//! What the console knows about the server: the state built from Watch
+//! updates, and the derived facts the views show (ages, health, sync).
+
+use std::collections::{BTreeMap, VecDeque};
+use tunnel_lib::introspection::{ClientInfo, GroupInfo, RequestInfo, ServerInfo, StreamInfo, WatchUpdate};
+
+/// Recent requests the console keeps.
+pub const MAX_REQUESTS: usize = 500;
+
+/// The server's state as the console last heard it.
+#[derive(Debug, Clone, Default)]
+pub struct Model {
+    pub server: Option<ServerInfo>,
+    pub clients: BTreeMap<String, ClientInfo>,
+    pub streams: BTreeMap<String, StreamInfo>,
+    /// Oldest first.
+    pub requests: VecDeque<RequestInfo>,
+    /// Server clock minus ours at the last update, ms: ages use the server's clock.
+    pub clock_offset_ms: i64,
+}
+
+/// How a heartbeat age compares with its group's interval and timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    /// Within the interval (plus slack).
+    Fresh,
+    /// Overdue, but not near the timeout.
+    Late,
+    /// Past two thirds of the timeout: about to be reaped.
+    Critical,
+}
+
+impl Model {
+    /// Applies one update received at local time `local_ms`.
+    pub fn apply(&mut self, u: WatchUpdate, local_ms: i64) {
+        if u.full {
+            self.clients.clear();
+            self.streams.clear();
+        }
+        if let Some(s) = u.server {
+            self.clock_offset_ms = s.now_unix_ms - local_ms;
+            self.server = Some(s);
+        }
+        for c in u.clients {
+            self.clients.insert(c.client_id.clone(), c);
+        }
+        for id in &u.removed_clients {
+            self.clients.remove(id);
+        }
+        for s in u.streams {
+            self.streams.insert(s.stream_id.clone(), s);
+        }
+        for id in &u.removed_streams {
+            self.streams.remove(id);
+        }
+        for r in u.requests {
+            if self.requests.len() == MAX_REQUESTS {
+                self.requests.pop_front();
+            }
+            self.requests.push_back(r);
+        }
+    }
+
+    /// The server's clock now, given ours.
+    pub fn server_now(&self, local_ms: i64) -> i64 {
+        local_ms + self.clock_offset_ms
+    }
+
+    /// The group's settings.
+    pub fn group(&self, name: &str) -> Option<&GroupInfo> {
+        self.server.as_ref()?.groups.iter().find(|g| g.name == name)
+    }
+
+    /// Milliseconds since the stream's last heartbeat.
+    pub fn heartbeat_age_ms(&self, s: &StreamInfo, local_ms: i64) -> i64 {
+        (self.server_now(local_ms) - s.last_heartbeat_unix_ms).max(0)
+    }
+
+    /// Whether the stream's heartbeat is fresh, late or about to be reaped.
+    pub fn freshness(&self, s: &StreamInfo, local_ms: i64) -> Freshness {
+        let age = self.heartbeat_age_ms(s, local_ms) as u64;
+        let Some(g) = self.group(&s.group) else { return Freshness::Fresh };
+        // Slack: a heartbeat is "fresh" until a quarter interval past due.
+        if age <= g.heartbeat_interval_ms + g.heartbeat_interval_ms / 4 {
+            Freshness::Fresh
+        } else if age < g.heartbeat_timeout_ms * 2 / 3 {
+            Freshness::Late
+        } else {
+            Freshness::Critical
+        }
+    }
+
+    /// The client's acknowledged and current config versions, if known.
+    pub fn config_of(&self, client_id: &str) -> Option<(&str, &str)> {
+        let c = self.clients.get(client_id)?;
+        Some((c.config_version_acked.as_str(), c.config_version_current.as_str()))
+    }
+}
+
+/// "1h02m", "3m05s", "4.2s", "850ms": short, for narrow columns.
+pub fn short_duration(ms: i64) -> String {
+    let ms = ms.max(0);
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if ms < 10_000 {
+        format!("{:.1}s", ms as f64 / 1000.0)
+    } else if ms < 60_000 {
+        format!("{}s", ms / 1000)
+    } else if ms < 3_600_000 {
+        format!("{}m{:02}s", ms / 60_000, (ms / 1000) % 60)
+    } else if ms < 86_400_000 {
+        format!("{}h{:02}m", ms / 3_600_000, (ms / 60_000) % 60)
+    } else {
+        format!("{}d{:02}h", ms / 86_400_000, (ms / 3_600_000) % 24)
+    }
+}
+
+/// An age in whole seconds ("0s", "42s", "3m05s"), so it changes once a second on screen.
+pub fn short_age(ms: i64) -> String {
+    let ms = ms.max(0);
+    if ms < 60_000 {
+        format!("{}s", ms / 1000)
+    } else {
+        short_duration(ms)
+    }
+}
+
+/// "1.5 MiB", "312 B": short byte counts.
+pub fn short_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// The first 8 characters of an id, as the tables show it.
+pub fn short_id(id: &str) -> &str {
+    id.get(..8).unwrap_or(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stream(id: &str, last_hb: i64) -> StreamInfo {
+        StreamInfo { stream_id: id.into(), group: "g".into(), last_heartbeat_unix_ms: last_hb, ..Default::default() }
+    }
+
+    fn server(now: i64) -> ServerInfo {
+        ServerInfo {
+            now_unix_ms: now,
+            groups: vec![GroupInfo {
+                name: "g".into(),
+                heartbeat_interval_ms: 1000,
+                heartbeat_timeout_ms: 3000,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    /// Deltas add, replace and remove; a full update starts over.
+    #[test]
+    fn updates_apply_as_deltas() {
+        let mut m = Model::default();
+        m.apply(
+            WatchUpdate {
+                full: true,
+                server: Some(server(1000)),
+                streams: vec![stream("a", 0), stream("b", 0)],
+                ..Default::default()
+            },
+            1000,
+        );
+        assert_eq!(m.streams.len(), 2);
+        m.apply(
+            WatchUpdate { streams: vec![stream("c", 0)], removed_streams: vec!["a".into()], ..Default::default() },
+            1000,
+        );
+        assert_eq!(m.streams.keys().collect::<Vec<_>>(), ["b", "c"]);
+        m.apply(WatchUpdate { full: true, streams: vec![stream("z", 0)], ..Default::default() }, 1000);
+        assert_eq!(m.streams.keys().collect::<Vec<_>>(), ["z"]);
+    }
+
+    /// Ages use the server's clock; freshness follows interval and timeout.
+    #[test]
+    fn ages_and_freshness() {
+        let mut m = Model::default();
+        // Our clock is 5 s behind the server's.
+        m.apply(WatchUpdate { full: true, server: Some(server(10_000)), ..Default::default() }, 5_000);
+        let s = stream("a", 9_500);
+        assert_eq!(m.heartbeat_age_ms(&s, 5_000), 500);
+        assert_eq!(m.freshness(&s, 5_000), Freshness::Fresh);
+        assert_eq!(m.freshness(&s, 6_000), Freshness::Late);
+        assert_eq!(m.freshness(&s, 7_000), Freshness::Critical);
+    }
+
+    #[test]
+    fn short_formats() {
+        assert_eq!(short_duration(850), "850ms");
+        assert_eq!(short_duration(4_200), "4.2s");
+        assert_eq!(short_duration(185_000), "3m05s");
+        assert_eq!(short_duration(3_720_000), "1h02m");
+        assert_eq!(short_age(999), "0s");
+        assert_eq!(short_age(42_500), "42s");
+        assert_eq!(short_bytes(312), "312 B");
+        assert_eq!(short_bytes(1536 * 1024), "1.5 MiB");
+        assert_eq!(short_id("0123456789"), "01234567");
+        assert_eq!(short_id("abc"), "abc");
+    }
+}
