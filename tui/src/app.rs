@@ -254,7 +254,7 @@ impl App {
                     .collect();
                 match self.sort {
                     Sort::Natural => v.reverse(),
-                    Sort::Age => v.sort_by(|a, b| b.duration_ms.cmp(&a.duration_ms)),
+                    Sort::Age => v.sort_by_key(|r| std::cmp::Reverse(r.duration_ms)),
                     Sort::Load => v.sort_by(|a, b| b.status.cmp(&a.status).then(b.seq.cmp(&a.seq))),
                 }
                 v.into_iter().map(RowRef::Request).collect()

@@ -12,7 +12,7 @@ use tunnel_lib::introspection::{ClientInfo, RequestInfo, StreamInfo};
 use tunnel_lib::proto::StreamType;
 
 /// Width from which tables show their extra columns.
-const WIDE: u16 = 120;
+const WIDE: u16 = 140;
 /// How long a command's outcome stays in the footer.
 const NOTICE_MS: i64 = 5_000;
 
@@ -97,21 +97,37 @@ pub fn render(app: &App, f: &mut Frame) {
 
 fn render_header(app: &App, f: &mut Frame, area: Rect) {
     let dim = Style::new().fg(Color::DarkGray);
-    let mut spans = vec![Span::styled(" tunnel-tui ", Style::new().add_modifier(Modifier::BOLD).fg(Color::Cyan))];
+    let title = Style::new().add_modifier(Modifier::BOLD).fg(Color::Cyan);
+    // The product name and version only where there is room for them.
+    let roomy = area.width >= 100;
+    let mut spans = vec![Span::raw(" ")];
+    if roomy {
+        spans.push(Span::styled("tunnel-tui  ", title));
+    }
     match &app.model.server {
         Some(s) => {
             let up = app.model.server_now(app.now_ms) - s.started_unix_ms;
+            let sep = || Span::styled(" · ", dim);
+            spans.push(Span::styled(s.server_id.clone(), title));
+            if roomy {
+                spans.push(Span::styled(format!(" v{}", s.version), dim));
+            }
             spans.extend([
-                Span::raw(format!("{} ", s.server_id)),
-                Span::styled(format!("v{} ", s.version), dim),
-                Span::raw(format!("up {}  ", short_duration(up))),
-                Span::raw(format!("clients {}  streams {}  ", s.clients, s.streams)),
-                Span::raw(format!("req {}  ", s.requests_total)),
+                sep(),
+                Span::raw(format!("up {}", short_duration(up))),
+                sep(),
+                Span::raw(format!("{} clients", s.clients)),
+                sep(),
+                Span::raw(format!("{} streams", s.streams)),
+                sep(),
+                Span::raw(format!("{} req", s.requests_total)),
+                sep(),
                 Span::styled(
-                    format!("err {}  ", s.errors_total),
+                    format!("{} err", s.errors_total),
                     if s.errors_total > 0 { Style::new().fg(Color::Yellow) } else { Style::new() },
                 ),
-                Span::raw(format!("in-flight {}", s.in_flight)),
+                sep(),
+                Span::raw(format!("{} in flight", s.in_flight)),
             ]);
         }
         None => spans.push(Span::styled("no data yet", dim)),
@@ -139,7 +155,7 @@ fn render_tabs(app: &App, f: &mut Frame, area: Rect) {
         ConnState::Connecting => ("○ connecting", Style::new().fg(Color::Yellow)),
         ConnState::Lost(_) => ("✗ lost", Style::new().fg(Color::Red)),
     };
-    let right = format!("{dot} {} ", app.target);
+    let right = format!("  {dot} {} ", app.target);
     let [left_area, right_area] =
         Layout::horizontal([Constraint::Min(0), Constraint::Length(right.chars().count() as u16)]).areas(area);
     f.render_widget(Paragraph::new(Line::from(spans)), left_area);
@@ -148,7 +164,7 @@ fn render_tabs(app: &App, f: &mut Frame, area: Rect) {
 
 fn render_banner(app: &App, f: &mut Frame, area: Rect) {
     let text = match &app.conn {
-        ConnState::Lost(why) => format!(" ✗ server unreachable: {why} (retrying; data shown is from before)"),
+        ConnState::Lost(why) => format!(" ✗ {why} · retrying · data below is from before"),
         _ => format!(" connecting to {}…", app.target),
     };
     let style = match app.conn {
@@ -264,7 +280,9 @@ fn render_table(app: &App, f: &mut Frame, area: Rect) {
         .header(header)
         .block(Block::new().borders(Borders::TOP).title(title))
         .column_spacing(1)
-        .row_highlight_style(Style::new().add_modifier(Modifier::REVERSED));
+        .row_highlight_style(Style::new().add_modifier(Modifier::REVERSED))
+        // A marker as well as reverse video, for terminals without colour or styles.
+        .highlight_symbol("›");
     let mut state = TableState::default().with_selected(if empty { None } else { Some(selected) });
     f.render_stateful_widget(table, area, &mut state);
     if empty {
@@ -358,7 +376,7 @@ fn request_row<'a>(r: &RequestInfo, wide: bool) -> Row<'a> {
 }
 
 fn kv(k: &str, v: impl Into<String>) -> Line<'static> {
-    Line::from(vec![Span::styled(format!("{k:>14}: "), Style::new().fg(Color::Cyan)), Span::raw(v.into())])
+    Line::from(vec![Span::styled(format!("{k:>10}: "), Style::new().fg(Color::Cyan)), Span::raw(v.into())])
 }
 
 fn render_detail(app: &App, f: &mut Frame, area: Rect) {
@@ -422,7 +440,7 @@ fn render_detail(app: &App, f: &mut Frame, area: Rect) {
         ],
     };
     let block = Block::new().borders(Borders::TOP).title(" Detail (Enter/Esc to close) ");
-    f.render_widget(Paragraph::new(lines).block(block).wrap(Wrap { trim: true }), area);
+    f.render_widget(Paragraph::new(lines).block(block).wrap(Wrap { trim: false }), area);
 }
 
 fn render_footer(app: &App, f: &mut Frame, area: Rect) {
@@ -440,16 +458,24 @@ fn render_footer(app: &App, f: &mut Frame, area: Rect) {
             Err(m) => Line::from(Span::styled(format!(" ✗ {m}"), Style::new().fg(Color::Red))),
         }
     } else {
-        let mut keys: Vec<(&str, &str)> =
-            vec![("↑↓", "move"), ("Tab", "view"), ("/", "filter"), ("s", "sort"), ("⏎", "detail")];
+        // (key, meaning, priority): on a narrow terminal the least important go first.
+        let mut keys: Vec<(&str, &str, u8)> =
+            vec![("↑↓", "move", 3), ("Tab", "view", 4), ("/", "filter", 1), ("s", "sort", 0), ("⏎", "detail", 2)];
         match app.view {
-            View::Streams => keys.extend([("r", "resync"), ("x", "close"), ("X", "close client")]),
-            View::Clients => keys.extend([("r", "resync"), ("R", "group"), ("X", "close")]),
+            View::Streams => keys.extend([("r", "resync", 5), ("x", "close", 5), ("X", "close client", 5)]),
+            View::Clients => keys.extend([("r", "resync", 5), ("R", "group", 5), ("X", "close", 5)]),
             View::Requests => {}
         }
-        keys.extend([("?", "help"), ("q", "quit")]);
+        keys.extend([("?", "help", 9), ("q", "quit", 9)]);
+        let width = |keys: &[(&str, &str, u8)]| -> usize {
+            1 + keys.iter().map(|(k, w, _)| k.chars().count() + w.chars().count() + 3).sum::<usize>()
+        };
+        while width(&keys) > area.width as usize {
+            let Some(i) = keys.iter().enumerate().min_by_key(|(_, k)| k.2).map(|(i, _)| i) else { break };
+            keys.remove(i);
+        }
         let mut spans = vec![Span::raw(" ")];
-        for (k, what) in keys {
+        for (k, what, _) in keys {
             spans.push(Span::styled(k, key));
             spans.push(Span::raw(format!(" {what}  ")));
         }
@@ -503,7 +529,7 @@ fn render_help(f: &mut Frame) {
         .collect();
     lines.push(Line::from(""));
     lines.push(Line::from(Span::styled(
-        " heartbeat age: green fresh, yellow late, red about to be reaped",
+        " heartbeat age: green fresh, yellow late, red near timeout",
         Style::new().fg(Color::DarkGray),
     )));
     f.render_widget(Paragraph::new(lines).block(Block::bordered().title(" Keys (any key closes) ")), area);

@@ -321,42 +321,51 @@ async fn run_stream(
     let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
         .await
         .map_err(|_| anyhow::anyhow!("no registration acknowledgement within {REGISTER_TIMEOUT:?}"))??;
-    match first.and_then(|m| m.payload) {
+    let first_rtt = match first.and_then(|m| m.payload) {
         Some(Payload::StreamOpenResponse(r)) if r.accepted => {
             session.status.send_modify(|s| {
                 s.registered_streams += 1;
                 s.server_id = r.server_id.clone();
             });
+            now_ms() - r.echo_timestamp_ms
         }
         Some(Payload::StreamOpenResponse(r)) => bail!("registration refused: {}", r.reason),
         _ => bail!("the server's first message was not a registration acknowledgement"),
-    }
+    };
     tracing::info!(stream = %stream_id, kind = ?kind, "stream registered");
     if kind != Kind::Control {
         session.live.lock().unwrap_or_else(|e| e.into_inner()).insert(stream_id.clone(), exchanges.clone());
     }
-    let end = stream_loop(session, &stream_id, kind, &out, &exchanges, &mut inbound, retire).await;
+    let stream = Registered { stream_id: &stream_id, kind, out: &out, exchanges: &exchanges };
+    let end = stream_loop(session, stream, &mut inbound, retire, first_rtt).await;
     session.live.lock().unwrap_or_else(|e| e.into_inner()).remove(&stream_id);
     session.status.send_modify(|s| s.registered_streams = s.registered_streams.saturating_sub(1));
     exchanges.fail_all(ExchangeFailure::StreamLost);
     Ok(end)
 }
 
+/// A registered stream, as its loop uses it.
+struct Registered<'a> {
+    stream_id: &'a str,
+    kind: Kind,
+    out: &'a Outbound,
+    exchanges: &'a Arc<Exchanges>,
+}
+
 async fn stream_loop(
     session: &Arc<Session>,
-    stream_id: &str,
-    kind: Kind,
-    out: &Outbound,
-    exchanges: &Arc<Exchanges>,
+    stream: Registered<'_>,
     inbound: &mut tonic::Streaming<TunnelMessage>,
     retire: &CancellationToken,
+    first_rtt: i64,
 ) -> End {
+    let Registered { stream_id, kind, out, exchanges } = stream;
     let mut settings = session.settings.subscribe();
     let mut interval = settings.borrow_and_update().heartbeat_interval;
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seq = 0u64;
-    let mut last_rtt = -1i64;
+    let mut last_rtt = first_rtt;
     let mut retiring: Option<Instant> = None;
     loop {
         if let Some(since) = retiring {

@@ -76,11 +76,11 @@ fn unix_ms(t: SystemTime) -> i64 {
 
 fn server_info(shared: &Shared, clients: usize, streams: &HashMap<String, StreamInfo>) -> ServerInfo {
     let cfg = shared.config();
-    let (http, grpc, admin) = shared
-        .addrs
-        .get()
-        .copied()
-        .map_or_else(|| (cfg.server.http_listen, cfg.server.grpc_listen, cfg.server.admin_listen), |a| a);
+    let (http, grpc, admin) = shared.addrs.get().copied().unwrap_or((
+        cfg.server.http_listen,
+        cfg.server.grpc_listen,
+        cfg.server.admin_listen,
+    ));
     ServerInfo {
         server_id: shared.server_id.clone(),
         version: tunnel_lib::VERSION.to_string(),

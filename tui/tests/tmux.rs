@@ -1,0 +1,185 @@
+//! The real `tunnel-tui` driven in tmux against a real server and two real
+//! clients on loopback: every stream listed with ages advancing, `r` brings a
+//! stale client's config in sync on screen, `x` `y` closes a stream and its
+//! replacement appears. Needs tmux (CI installs it).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use tunnel_daemon::client::Client;
+use tunnel_daemon::server::{Listeners, Server};
+use tunnel_lib::config::{ClientConfig, ServerConfig};
+
+const SERVER: &str = r#"
+[server]
+config_push = "manual"
+shutdown_grace = "1s"
+[[groups]]
+name = "demo"
+token = "t"
+heartbeat_interval = "5s"
+data_streams = 2
+[[rules]]
+group = "demo"
+upstream = "web"
+"#;
+
+/// A tmux session that is killed when dropped.
+struct Tmux(String);
+
+impl Tmux {
+    fn start(cmd: &str) -> Tmux {
+        let name = format!("tunnel-tui-test-{}", uuid::Uuid::new_v4().simple());
+        let ok = Command::new("tmux")
+            .args(["new-session", "-d", "-s", &name, "-x", "80", "-y", "24", cmd])
+            .status()
+            .expect("tmux is installed (apt-get install tmux)")
+            .success();
+        assert!(ok, "tmux new-session failed");
+        Tmux(name)
+    }
+
+    fn screen(&self) -> String {
+        let out = Command::new("tmux").args(["capture-pane", "-p", "-t", &self.0]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn keys(&self, keys: &[&str]) {
+        for k in keys {
+            let ok = Command::new("tmux").args(["send-keys", "-t", &self.0, k]).status().unwrap().success();
+            assert!(ok, "send-keys {k}");
+        }
+    }
+
+    /// Polls the screen until `f` holds; panics with the screen after `limit`.
+    async fn wait(&self, what: &str, limit: Duration, f: impl Fn(&str) -> bool) -> String {
+        let start = Instant::now();
+        loop {
+            let s = self.screen();
+            if f(&s) {
+                return s;
+            }
+            assert!(start.elapsed() < limit, "timed out waiting for {what}; screen:\n{s}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux").args(["kill-session", "-t", &self.0]).status();
+    }
+}
+
+/// The rows of the Streams table: (short stream id, client, heartbeat age in s, config cell).
+fn rows(screen: &str) -> Vec<(String, String, u64, String)> {
+    screen
+        .lines()
+        .filter_map(|l| {
+            let l = l.trim_start_matches(['›', ' ']);
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            if cols.len() < 9 || !(cols[1] == "ctrl" || cols[1] == "http") {
+                return None;
+            }
+            let age = cols[4].strip_suffix('s')?.parse().ok()?;
+            let config = format!("{} {}", cols[cols.len() - 2], cols[cols.len() - 1]);
+            Some((cols[0].to_string(), cols[2].to_string(), age, config))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_lists_resyncs_and_closes_streams() {
+    let dir = std::env::temp_dir().join(format!("tunnel-tmux-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("server.toml");
+    std::fs::write(&path, SERVER).unwrap();
+    let listeners = Listeners::ephemeral().await.unwrap();
+    let (_, grpc, admin) = listeners.addrs().unwrap();
+    let server = Server::new(ServerConfig::from_str_named(SERVER, "test").unwrap(), Some(path.clone()));
+    let shared = server.shared();
+    let stop = CancellationToken::new();
+    let server_task = tokio::spawn(server.run(listeners, stop.clone().cancelled_owned()));
+    let mut clients = Vec::new();
+    for id in ["edge-a", "edge-b"] {
+        let cfg = format!(
+            "server = \"http://{grpc}\"\nclient_id = \"{id}\"\ngroup = \"demo\"\ntoken = \"t\"\nreconnect_max = \"1s\"\nshutdown_grace = \"1s\"\n[upstreams]\nweb = \"http://127.0.0.1:9\"\n"
+        );
+        let client = Client::new(ClientConfig::from_str_named(&cfg, "test").unwrap());
+        clients.push(tokio::spawn(client.run(stop.clone().cancelled_owned())));
+    }
+    let start = Instant::now();
+    while shared.registry.streams().len() < 6 {
+        assert!(start.elapsed() < Duration::from_secs(15), "clients registered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let tui = Tmux::start(&format!("{} --server {admin}", env!("CARGO_BIN_EXE_tunnel-tui")));
+    // Every stream is listed, with its client.
+    let screen = tui.wait("six streams", Duration::from_secs(10), |s| rows(s).len() == 6).await;
+    for s in shared.registry.streams() {
+        assert!(screen.contains(&s.stream_id[..8]), "{} missing:\n{screen}", s.stream_id);
+    }
+    assert_eq!(rows(&screen).iter().filter(|r| r.1 == "edge-a").count(), 3);
+    // Heartbeat ages count up live between heartbeats (interval 5 s).
+    let before = rows(&tui.screen());
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let after = rows(&tui.screen());
+    let advanced = before.iter().filter(|b| after.iter().any(|a| a.0 == b.0 && a.2 > b.2)).count();
+    assert!(advanced >= 3, "ages advance: before {before:?} after {after:?}");
+
+    // A config change the server holds back (config_push = manual): clients go stale.
+    let old = shared.group_version("demo").unwrap();
+    std::fs::write(&path, SERVER.replace("heartbeat_interval = \"5s\"", "heartbeat_interval = \"4s\"")).unwrap();
+    let start = Instant::now();
+    while shared.group_version("demo").unwrap() == old {
+        assert!(start.elapsed() < Duration::from_secs(10), "server reloaded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let new = shared.group_version("demo").unwrap();
+    tui.wait("every row stale", Duration::from_secs(5), |s| {
+        let r = rows(s);
+        r.len() == 6 && r.iter().all(|r| r.3.starts_with('✗'))
+    })
+    .await;
+    // `r` on the first row (edge-a) pushes the config; edge-a's rows turn in sync.
+    tui.keys(&["g", "r"]);
+    let pressed = Instant::now();
+    let want = format!("✓ {}", &new[..6]);
+    let screen = tui
+        .wait("edge-a in sync", Duration::from_secs(5), |s| {
+            let r = rows(s);
+            r.iter().filter(|r| r.1 == "edge-a").all(|r| r.3 == want) && r.iter().any(|r| r.1 == "edge-a")
+        })
+        .await;
+    let took = pressed.elapsed();
+    assert!(rows(&screen).iter().filter(|r| r.1 == "edge-b").all(|r| r.3.starts_with('✗')), "only edge-a resynced");
+    assert!(took < Duration::from_millis(1500), "resync shown after {took:?}");
+    println!("r -> acknowledged version on screen in {took:?}");
+
+    // `x` `y` on edge-a's first data stream closes it; a replacement appears.
+    tui.keys(&["j"]);
+    let screen = tui.screen();
+    let target = rows(&screen)[1].clone();
+    assert_eq!(target.1, "edge-a");
+    tui.keys(&["x"]);
+    tui.wait("confirm dialog", Duration::from_secs(3), |s| s.contains("Close stream")).await;
+    tui.keys(&["y"]);
+    let screen = tui
+        .wait("replacement stream", Duration::from_secs(10), |s| {
+            let r = rows(s);
+            r.len() == 6 && r.iter().all(|r| r.0 != target.0) && r.iter().filter(|r| r.1 == "edge-a").count() == 3
+        })
+        .await;
+    assert!(screen.contains("closed"), "the outcome is shown:\n{screen}");
+
+    tui.keys(&["q"]);
+    drop(tui);
+    stop.cancel();
+    for c in clients {
+        let _ = tokio::time::timeout(Duration::from_secs(10), c).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(10), server_task).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
