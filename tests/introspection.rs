@@ -146,9 +146,26 @@ async fn watch_shows_streams_clients_and_requests() {
 
     let channel =
         tonic::transport::Endpoint::from_shared(format!("http://{}", server.admin)).unwrap().connect().await.unwrap();
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
     let resp = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.unwrap();
     assert_eq!(resp.into_inner().status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    // Reflection lists our services, so grpcurl and friends can talk to the server.
+    use tonic_reflection::pb::v1::{
+        server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest,
+        server_reflection_response::MessageResponse, ServerReflectionRequest,
+    };
+    let mut reflection = ServerReflectionClient::new(channel);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut resp = reflection.server_reflection_info(tokio_stream::iter([req])).await.unwrap().into_inner();
+    let services = match resp.message().await.unwrap().unwrap().message_response {
+        Some(MessageResponse::ListServicesResponse(l)) => l.service.into_iter().map(|s| s.name).collect::<Vec<_>>(),
+        other => panic!("unexpected reflection answer {other:?}"),
+    };
+    assert!(services.contains(&"tunnel.introspection.v1.Introspection".to_string()), "{services:?}");
+    assert!(services.contains(&"grpc.health.v1.Health".to_string()), "{services:?}");
     server.stop().await;
 }
 
