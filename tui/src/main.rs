@@ -31,7 +31,7 @@ struct Args {
     log_file: Option<std::path::PathBuf>,
 }
 
-/// How often ages on screen are brought up to date.
+/// How often ages on screen are brought up to date (they show whole seconds).
 const TICK: Duration = Duration::from_millis(250);
 
 fn main() -> ExitCode {
@@ -109,7 +109,6 @@ async fn interactive(target: net::Target, label: String) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut dirty = true;
-    let mut last_second = app.now_ms / 1000;
     #[cfg(unix)]
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     #[cfg(unix)]
@@ -143,17 +142,15 @@ async fn interactive(target: net::Target, label: String) -> anyhow::Result<()> {
                 Some(Err(e)) => return Err(e).context("reading the terminal"),
                 None => Some(Action::Quit),
             },
-            Some(a) = events.recv() => Some(a),
-            _ = tick.tick() => {
-                let now = now_ms();
-                // Redraw for the clock only when a shown age (whole seconds) can change.
-                if now / 1000 != last_second {
-                    last_second = now / 1000;
-                    Some(Action::Tick(now))
-                } else {
-                    None
-                }
+            Some(a) = events.recv() => {
+                // Ages and clock offsets are computed against a fresh clock.
+                app::update(&mut app, Action::Tick(now_ms()));
+                Some(a)
             }
+            // Ages count up on screen. Redrawing is cheap: ratatui sends the
+            // terminal only the cells that changed, which over SSH is nothing
+            // most ticks.
+            _ = tick.tick() => Some(Action::Tick(now_ms())),
         };
         if let Some(a) = action {
             if let Some(cmd) = app::update(&mut app, a) {
