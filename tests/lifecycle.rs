@@ -79,6 +79,7 @@ fn open_msg(stream_id: &str, seq: u64) -> TunnelMessage {
             session_id: "raw-session".into(),
             config_version: String::new(),
             last_rtt_ms: -1,
+            session_started_ms: 0,
         })),
     }
 }
@@ -316,5 +317,58 @@ async fn unary_config_sync() {
     assert_eq!(resp.missing_upstreams, ["web"]);
     let resp = grpc.config_sync(authed(ask(vec!["web".into()]), "t-demo")).await.unwrap().into_inner();
     assert!(resp.missing_upstreams.is_empty());
+    server.stop().await;
+}
+
+/// A public connection that never sends a request is closed after
+/// header_read_timeout, even before hyper knows its protocol.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_public_connection_is_closed() {
+    use tokio::io::AsyncReadExt;
+    let server = start_server(&SERVER.replace("[server]", "[server]\nheader_read_timeout = \"1s\""), None).await;
+    let mut tcp = tokio::net::TcpStream::connect(server.http).await.unwrap();
+    let start = Instant::now();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(WAIT, tcp.read(&mut buf)).await.expect("closed in time").unwrap_or(0);
+    assert_eq!(n, 0, "closed without a response");
+    let took = start.elapsed();
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(5), "closed after {took:?}");
+    server.stop().await;
+}
+
+/// Rotating a group's token on reload closes the streams opened with the old one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_rotation_disconnects_old_token_holders() {
+    let dir = std::env::temp_dir().join(format!("tunnel-rotate-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("server.toml");
+    std::fs::write(&path, SERVER).unwrap();
+    let server = start_server(SERVER, Some(path.clone())).await;
+    let client = TestClient::start(&client_toml(&server, "edge-1", "demo", "t-demo", "", &[]));
+    server.wait_streams(3).await;
+    std::fs::write(&path, SERVER.replace("t-demo", "t-rotated")).unwrap();
+    server.wait_streams(0).await;
+    // It keeps retrying with the old token and stays out.
+    let mut status = client.status.clone();
+    let sessions = status.borrow().sessions;
+    tokio::time::timeout(WAIT, status.wait_for(|s| s.sessions >= sessions + 2)).await.unwrap().unwrap();
+    assert!(server.shared.registry.streams().is_empty());
+    let _ = std::fs::remove_dir_all(&dir);
+    server.stop().await;
+}
+
+/// A client id already connected in one group cannot be taken over from another group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_id_is_not_taken_over_across_groups() {
+    let toml = format!("{SERVER}\n[[groups]]\nname = \"other\"\ntoken = \"t-other\"\nheartbeat_interval = \"1s\"\n");
+    let server = start_server(&toml, None).await;
+    let _owner = TestClient::start(&client_toml(&server, "edge-1", "demo", "t-demo", "", &[]));
+    server.wait_streams(3).await;
+    let intruder = TestClient::start(&client_toml(&server, "edge-1", "other", "t-other", "", &[]));
+    let mut status = intruder.status.clone();
+    tokio::time::timeout(WAIT, status.wait_for(|s| s.sessions >= 2)).await.unwrap().unwrap();
+    let streams = server.shared.registry.streams();
+    assert_eq!(streams.len(), 3);
+    assert!(streams.iter().all(|s| s.group == "demo"));
     server.stop().await;
 }

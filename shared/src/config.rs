@@ -36,6 +36,8 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 128;
 /// Default cap on concurrent public connections.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Default bound on a public connection's first request head.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default client connect (TCP + HTTP/2 handshake) timeout.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default cap of the client's reconnect backoff.
@@ -170,6 +172,7 @@ struct ServerSection {
     worker_threads: Option<usize>,
     max_streams_per_connection: Option<u32>,
     max_connections: Option<usize>,
+    header_read_timeout: Option<HumanDuration>,
 }
 
 #[derive(Deserialize)]
@@ -230,6 +233,8 @@ pub struct ServerSettings {
     pub worker_threads: usize,
     pub max_streams_per_connection: u32,
     pub max_connections: usize,
+    /// A public connection must send a complete request head within this.
+    pub header_read_timeout: Duration,
 }
 
 /// One group of clients and what the server manages for them.
@@ -297,6 +302,7 @@ impl ServerConfig {
             worker_threads: s.worker_threads.unwrap_or(0),
             max_streams_per_connection: s.max_streams_per_connection.unwrap_or(DEFAULT_MAX_STREAMS_PER_CONNECTION),
             max_connections: s.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+            header_read_timeout: s.header_read_timeout.map_or(DEFAULT_HEADER_READ_TIMEOUT, |d| d.0),
         };
 
         let mut groups = Vec::new();

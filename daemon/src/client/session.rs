@@ -9,6 +9,7 @@ use crate::tunnel::exchange::{payload_name, Dispatched, ExchangeFailure, Exchang
 use crate::tunnel::outbound::Outbound;
 use anyhow::{bail, Context as _};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -18,6 +19,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::Request;
 use tunnel_lib::config::{ClientConfig, Transport};
 use tunnel_lib::frame::now_ms;
+use tunnel_lib::proto::exchange_error::Kind as ErrorKind;
 use tunnel_lib::proto::tunnel_service_client::TunnelServiceClient;
 use tunnel_lib::proto::{
     tunnel_message::Payload, ConfigSyncRequest, ConfigSyncResponse, Direction, Drain, StreamOpenRequest, StreamType,
@@ -52,6 +54,8 @@ struct Settings {
 struct Session {
     cfg: Arc<ClientConfig>,
     id: String,
+    /// When this session started (unix ms): newer sessions win at the server.
+    started_ms: i64,
     upstreams: Arc<Upstreams>,
     settings: watch::Sender<Settings>,
     status: watch::Sender<ClientStatus>,
@@ -59,6 +63,8 @@ struct Session {
     cancel: CancellationToken,
     /// Data streams alive now, for draining.
     live: Mutex<HashMap<String, Arc<Exchanges>>>,
+    /// Set once a drain starts: closed streams are not reopened.
+    draining: AtomicBool,
 }
 
 /// What a stream does.
@@ -105,6 +111,7 @@ pub async fn run(
     let held_version = status.borrow().config_version.clone();
     let session = Arc::new(Session {
         id: uuid::Uuid::new_v4().to_string(),
+        started_ms: now_ms(),
         upstreams,
         settings: watch::Sender::new(Settings {
             heartbeat_interval: cfg.heartbeat_interval,
@@ -114,6 +121,7 @@ pub async fn run(
         status,
         cancel: CancellationToken::new(),
         live: Mutex::new(HashMap::new()),
+        draining: AtomicBool::new(false),
         cfg,
     });
     tracing::info!(session = %session.id, "connected");
@@ -143,6 +151,7 @@ pub async fn run(
 /// Tells the server we are draining, then waits (within the grace period)
 /// for in-flight exchanges to finish.
 async fn drain(session: &Session) {
+    session.draining.store(true, Ordering::Relaxed);
     let streams: Vec<Arc<Exchanges>> =
         session.live.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
     for ex in &streams {
@@ -165,8 +174,11 @@ async fn drain(session: &Session) {
         if Instant::now() >= deadline {
             tracing::warn!(in_flight, "grace period over: cancelling the requests still in flight");
             for ex in &streams {
-                ex.fail_all(ExchangeFailure::Cancelled("client shutting down".into()));
+                // The server answers these 503 "shutting down", not "disconnected".
+                ex.fail_all_to_peer(ErrorKind::ShuttingDown, "tunnel client shut down before the request finished");
             }
+            // Give the error frames a moment to leave before the streams close.
+            tokio::time::sleep(DRAIN_POLL).await;
             return;
         }
         tokio::time::sleep(DRAIN_POLL).await;
@@ -201,7 +213,11 @@ async fn stream_task(session: Arc<Session>, channel: Channel, kind: Kind, retire
     loop {
         match run_stream(&session, channel.clone(), kind, &retire).await {
             Ok(End::Retired) => return,
-            Ok(End::ClosedByServer) if kind == Kind::Data && !session.cancel.is_cancelled() => {
+            Ok(End::ClosedByServer)
+                if kind == Kind::Data
+                    && !session.cancel.is_cancelled()
+                    && !session.draining.load(Ordering::Relaxed) =>
+            {
                 tokio::select! {
                     _ = session.cancel.cancelled() => return,
                     _ = tokio::time::sleep(REOPEN_DELAY) => continue,
@@ -247,6 +263,7 @@ fn open_message(session: &Session, stream_id: &str, kind: Kind, seq: u64, last_r
             timestamp_ms: now,
             sequence: seq,
             session_id: session.id.clone(),
+            session_started_ms: session.started_ms,
             config_version: settings.config_version.clone(),
             last_rtt_ms,
         })),

@@ -13,7 +13,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
@@ -23,8 +23,8 @@ use tunnel_lib::introspection::RequestInfo;
 use tunnel_lib::proto::{self, exchange_error::Kind, tunnel_message::Payload};
 use tunnel_lib::rules::normalize_host;
 
-/// Slow-header (slowloris) bound on HTTP/1 request heads.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 keepalive on public h2c connections.
+const H2_KEEPALIVE: Duration = Duration::from_secs(20);
 /// Pause after an accept error (fd exhaustion), so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -38,8 +38,14 @@ pub async fn run(shared: Arc<Shared>, listener: TcpListener, stop: CancellationT
     let limit = Arc::new(tokio::sync::Semaphore::new(cfg.server.max_connections));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // Without a timer hyper silently ignores header_read_timeout.
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
-    builder.http2().timer(TokioTimer::new());
+    let header_timeout = cfg.server.header_read_timeout;
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(header_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        // A silent h2c peer is noticed and closed.
+        .keep_alive_interval(Some(H2_KEEPALIVE))
+        .keep_alive_timeout(H2_KEEPALIVE);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
         let (tcp, peer) = tokio::select! {
@@ -59,11 +65,37 @@ pub async fn run(shared: Arc<Shared>, listener: TcpListener, stop: CancellationT
         };
         let _ = tcp.set_nodelay(true);
         let shared = shared.clone();
-        let svc = hyper::service::service_fn(move |req| handle(shared.clone(), peer, req));
+        let spoke = Arc::new(AtomicBool::new(false));
+        let spoke_in_svc = spoke.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            spoke_in_svc.store(true, Ordering::Relaxed);
+            handle(shared.clone(), peer, req)
+        });
         let conn = builder.serve_connection(TokioIo::new(tcp), svc).into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            tokio::pin!(conn);
+            // hyper's protocol detection reads with no deadline, and
+            // header_read_timeout only starts after it: a peer that connects
+            // and says nothing would hold a connection slot forever.
+            let first_request = tokio::time::sleep(header_timeout);
+            let result = tokio::select! {
+                r = &mut conn => Some(r),
+                _ = first_request => {
+                    if spoke.load(Ordering::Relaxed) {
+                        None
+                    } else {
+                        tracing::debug!(%peer, "no request within {header_timeout:?}; connection closed");
+                        drop(permit);
+                        return;
+                    }
+                }
+            };
+            let result = match result {
+                Some(r) => r,
+                None => conn.await,
+            };
+            if let Err(e) = result {
                 tracing::debug!(%peer, "public connection: {e}");
             }
             drop(permit);
@@ -183,15 +215,24 @@ async fn forward(
         tracing::info!(%host, %path, "no rule matches: 404");
         return reply(StatusCode::NOT_FOUND, format!("no route for host {host:?} path {path:?}"));
     };
-    let Some(stream) = shared.registry.pick(&rule.group) else {
+    let window = cfg.group(&rule.group).map_or(0, |g| g.exchange_window);
+    let request_id = uuid::Uuid::new_v4().to_string();
+    // A stream can end between the pick and the open: then pick again.
+    let mut opened = None;
+    for _ in 0..3 {
+        let Some(stream) = shared.registry.pick(&rule.group) else { break };
+        if let Some(x) = stream.exchanges.open(&request_id, window) {
+            opened = Some((stream, x));
+            break;
+        }
+    }
+    let Some((stream, (io, head_rx))) = opened else {
         tracing::info!(%host, %path, group = %rule.group, "no client connected: 503");
         return reply(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("no tunnel client connected for group {:?}", rule.group),
         );
     };
-    let window = cfg.group(&rule.group).map_or(0, |g| g.exchange_window);
-    let request_id = uuid::Uuid::new_v4().to_string();
     let trace = trace_id(req.headers(), &request_id);
     rec.client_id = stream.client_id.clone();
     rec.stream_id = stream.stream_id.clone();
@@ -214,7 +255,6 @@ async fn forward(
         window,
     };
     let exchanges = stream.exchanges.clone();
-    let (io, head_rx) = exchanges.open(&request_id, window);
     // From here, dropping the guard (public client gone, timeout) cancels the exchange at the client.
     let guard = ExchangeGuard::new(exchanges.clone(), request_id.clone());
     let mut msg = exchanges.message(&request_id, Payload::HttpRequest(head));

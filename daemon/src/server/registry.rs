@@ -88,6 +88,7 @@ struct StreamState {
 
 struct ClientState {
     group: String,
+    session_started_ms: i64,
     peer: Option<SocketAddr>,
     version: String,
     session_id: String,
@@ -141,6 +142,20 @@ pub struct ClientView {
     pub streams: Vec<String>,
 }
 
+/// Why a registration is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegisterError {
+    /// The client id is connected in another group: ids must be unique.
+    #[error("client_id is connected in group {0:?}; client ids must be unique")]
+    OtherGroup(String),
+    /// A newer session of this client is connected.
+    #[error("a newer session of this client is connected")]
+    StaleSession,
+    /// Another client holds this stream id.
+    #[error("stream_id is in use by another client")]
+    StreamIdTaken,
+}
+
 /// All live streams and clients.
 #[derive(Default)]
 pub struct Registry {
@@ -167,10 +182,32 @@ impl Registry {
     /// sessions, which the caller closes: a client that reconnected has left
     /// them behind, and waiting for their heartbeats to time out would send
     /// requests into dead streams.
-    pub fn register(&self, handle: Arc<StreamHandle>, version: &str, config_version: &str) -> Vec<Arc<StreamHandle>> {
+    pub fn register(
+        &self,
+        handle: Arc<StreamHandle>,
+        version: &str,
+        config_version: &str,
+        session_started_ms: i64,
+    ) -> Result<Vec<Arc<StreamHandle>>, RegisterError> {
         let mut inner = self.write();
         let mut stale = Vec::new();
-        let replaced_session = inner.clients.get(&handle.client_id).is_some_and(|c| c.session_id != handle.session_id);
+        let mut replaced_session = false;
+        if let Some(c) = inner.clients.get(&handle.client_id) {
+            if c.group != handle.group {
+                return Err(RegisterError::OtherGroup(c.group.clone()));
+            }
+            if c.session_id != handle.session_id {
+                if session_started_ms < c.session_started_ms {
+                    return Err(RegisterError::StaleSession);
+                }
+                replaced_session = true;
+            }
+        }
+        if let Some(s) = inner.streams.get(&handle.stream_id) {
+            if s.handle.client_id != handle.client_id {
+                return Err(RegisterError::StreamIdTaken);
+            }
+        }
         if replaced_session {
             let old: Vec<String> = inner.clients[&handle.client_id].streams.iter().cloned().collect();
             for id in old {
@@ -185,6 +222,7 @@ impl Registry {
         }
         let client = inner.clients.entry(handle.client_id.clone()).or_insert_with(|| ClientState {
             group: handle.group.clone(),
+            session_started_ms,
             peer: handle.peer,
             version: version.to_string(),
             session_id: handle.session_id.clone(),
@@ -208,7 +246,7 @@ impl Registry {
                 heartbeats: 0,
             },
         );
-        stale
+        Ok(stale)
     }
 
     /// Records a heartbeat of `stream_id`; false if the stream is unknown.
@@ -281,13 +319,16 @@ impl Registry {
         let list = inner.by_group.get(group)?;
         let n = list.len();
         let start = self.rr.fetch_add(1, Ordering::Relaxed);
-        let mut best: Option<(&Arc<StreamHandle>, usize)> = None;
+        // Load: a stream whose outbound queue is full (its connection is not
+        // draining it) ranks after every stream that is moving.
+        let mut best: Option<(&Arc<StreamHandle>, (bool, usize))> = None;
         for i in 0..n {
             let h = &list[(start + i) % n];
             if h.is_draining() {
                 continue;
             }
-            let load = h.exchanges.in_flight();
+            let out = h.outbound();
+            let load = (out.depth() >= out.capacity(), h.exchanges.in_flight());
             if best.is_none_or(|(_, l)| load < l) {
                 best = Some((h, load));
             }
@@ -439,11 +480,11 @@ mod tests {
     #[test]
     fn pick_spreads_and_skips_draining() {
         let r = Registry::new();
-        r.register(handle("c", "a", "s1", StreamType::Control), "v", "");
+        r.register(handle("c", "a", "s1", StreamType::Control), "v", "", 1).expect("ok");
         let h1 = handle("h1", "a", "s1", StreamType::Http);
         let h2 = handle("h2", "a", "s1", StreamType::Http);
-        r.register(h1.clone(), "v", "");
-        r.register(h2.clone(), "v", "");
+        r.register(h1.clone(), "v", "", 1).expect("ok");
+        r.register(h2.clone(), "v", "", 1).expect("ok");
         let picks: BTreeSet<String> = (0..4).filter_map(|_| r.pick("g")).map(|h| h.stream_id.clone()).collect();
         assert_eq!(picks, BTreeSet::from(["h1".to_string(), "h2".to_string()]));
         h1.set_draining();
@@ -457,22 +498,35 @@ mod tests {
     #[test]
     fn new_session_evicts_stale_streams() {
         let r = Registry::new();
-        r.register(handle("old1", "a", "s1", StreamType::Http), "v", "");
-        r.register(handle("old2", "a", "s1", StreamType::Control), "v", "");
-        let stale = r.register(handle("new1", "a", "s2", StreamType::Http), "v", "");
+        r.register(handle("old1", "a", "s1", StreamType::Http), "v", "", 1).expect("ok");
+        r.register(handle("old2", "a", "s1", StreamType::Control), "v", "", 1).expect("ok");
+        // A straggler from an even older session is refused and evicts nothing.
+        assert_eq!(
+            r.register(handle("older", "a", "s0", StreamType::Http), "v", "", 0).err(),
+            Some(RegisterError::StaleSession)
+        );
+        let stale = r.register(handle("new1", "a", "s2", StreamType::Http), "v", "", 2).expect("newer session");
         let mut ids: Vec<_> = stale.iter().map(|h| h.stream_id.clone()).collect();
         ids.sort();
         assert_eq!(ids, ["old1", "old2"]);
         assert_eq!(r.streams().len(), 1);
         assert_eq!(r.clients()[0].streams, ["new1"]);
+        // The same client id in another group is refused; so is another client's stream id.
+        let mut other = handle("x", "a", "s9", StreamType::Http);
+        Arc::get_mut(&mut other).expect("unshared").group = "other".into();
+        assert!(matches!(r.register(other, "v", "", 9), Err(RegisterError::OtherGroup(_))));
+        assert_eq!(
+            r.register(handle("new1", "b", "s1", StreamType::Http), "v", "", 9).err(),
+            Some(RegisterError::StreamIdTaken)
+        );
     }
 
     /// Heartbeats update their own stream; silent streams are reaped; a client goes with its last stream.
     #[test]
     fn heartbeats_and_reaping() {
         let r = Registry::new();
-        r.register(handle("h1", "a", "s", StreamType::Http), "v", "");
-        r.register(handle("h2", "a", "s", StreamType::Http), "v", "");
+        r.register(handle("h1", "a", "s", StreamType::Http), "v", "", 1).expect("ok");
+        r.register(handle("h2", "a", "s", StreamType::Http), "v", "", 1).expect("ok");
         assert!(r.heartbeat("h1", 3, 1, "cfg1"));
         assert!(!r.heartbeat("nope", 0, -1, ""));
         let v = r.streams();

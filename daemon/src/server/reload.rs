@@ -95,13 +95,19 @@ pub fn apply(shared: &Shared, new: ServerConfig) -> Reload {
     shared.set_config(new);
     let changed: Vec<String> =
         after.iter().filter(|(g, v)| before.get(*g) != Some(v)).map(|(g, _)| g.clone()).collect();
-    // Groups removed from the file: their clients can no longer authenticate new
-    // streams; close the current ones so they notice.
-    for g in before.keys().filter(|g| !after.contains_key(*g)) {
-        for s in shared.registry.all_streams().into_iter().filter(|s| &s.group == g) {
-            tracing::info!(stream = %s.stream_id, group = %g, "group removed from config: stream closed");
-            s.cancel.cancel();
-        }
+    // Groups removed from the file, or whose token changed (a rotated, maybe
+    // leaked, token): close their streams, so only holders of the current
+    // token stay connected.
+    let current = shared.config();
+    let revoked = |g: &str| match (old.group(g), current.group(g)) {
+        (Some(o), Some(n)) => o.token != n.token,
+        (Some(_), None) => true,
+        _ => false,
+    };
+    for s in shared.registry.all_streams().into_iter().filter(|s| revoked(&s.group)) {
+        tracing::info!(stream = %s.stream_id, client = %s.client_id, group = %s.group, "group removed or its token changed: stream closed");
+        shared.registry.remove(&s.stream_id);
+        s.cancel.cancel();
     }
     let cfg = shared.config();
     if cfg.server.config_push == ConfigPush::Manual {

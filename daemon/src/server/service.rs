@@ -1,7 +1,7 @@
 //! The gRPC side of the server: authentication, stream registration,
 //! heartbeats, config sync, and the reader task of every stream.
 
-use super::registry::StreamHandle;
+use super::registry::{RegisterError, StreamHandle};
 use super::Shared;
 use crate::tunnel::exchange::{payload_name, ExchangeFailure, Exchanges, Role};
 use crate::tunnel::outbound::{Outbound, ServerOutbound};
@@ -145,7 +145,18 @@ impl TunnelSvc {
             exchanges,
             cancel,
         ));
-        for old in self.shared.registry.register(handle.clone(), &open.version, &open.config_version) {
+        let stale = self
+            .shared
+            .registry
+            .register(handle.clone(), &open.version, &open.config_version, open.session_started_ms)
+            .map_err(|e| {
+                tracing::warn!(peer = ?peer, client = %open.client_id, group = %group, "registration refused: {e}");
+                match e {
+                    RegisterError::StaleSession => Status::failed_precondition(e.to_string()),
+                    _ => Status::already_exists(e.to_string()),
+                }
+            })?;
+        for old in stale {
             tracing::info!(stream = %old.stream_id, client = %old.client_id, "closing a stream the client left behind");
             old.cancel.cancel();
         }
@@ -190,8 +201,24 @@ fn ack(shared: &Shared, handle: &StreamHandle, open: &StreamOpenRequest) {
     }
 }
 
+/// Removes a stream and fails its exchanges when its reader ends, however it
+/// ends (a panic included), so no public request waits on a dead stream.
+struct StreamCleanup {
+    shared: Arc<Shared>,
+    handle: Arc<StreamHandle>,
+}
+
+impl Drop for StreamCleanup {
+    fn drop(&mut self) {
+        self.shared.registry.remove_if_same(&self.handle);
+        self.handle.exchanges.fail_all(ExchangeFailure::StreamLost);
+        self.handle.cancel.cancel();
+    }
+}
+
 /// Reads one stream until it ends, never waiting on any one exchange.
 async fn read_stream(shared: Arc<Shared>, handle: Arc<StreamHandle>, mut inbound: Streaming<TunnelMessage>) {
+    let _cleanup = StreamCleanup { shared: shared.clone(), handle: handle.clone() };
     let svc = TunnelSvc { shared: shared.clone() };
     loop {
         let msg = tokio::select! {
@@ -211,9 +238,6 @@ async fn read_stream(shared: Arc<Shared>, handle: Arc<StreamHandle>, mut inbound
             }
         }
     }
-    shared.registry.remove_if_same(&handle);
-    handle.exchanges.fail_all(ExchangeFailure::StreamLost);
-    handle.cancel.cancel();
 }
 
 fn on_message(svc: &TunnelSvc, handle: &Arc<StreamHandle>, m: TunnelMessage) {
@@ -231,7 +255,7 @@ fn on_message(svc: &TunnelSvc, handle: &Arc<StreamHandle>, m: TunnelMessage) {
                 tracing::warn!(stream = %handle.stream_id, other = %open.stream_id, "heartbeat names another stream; dropped");
                 return;
             }
-            let delay = now_ms() - open.timestamp_ms;
+            let delay = now_ms().saturating_sub(open.timestamp_ms);
             svc.shared.registry.heartbeat(&handle.stream_id, delay, open.last_rtt_ms, &open.config_version);
             if delay > 1000 {
                 tracing::warn!(stream = %handle.stream_id, client = %handle.client_id, delay_ms = delay, "late heartbeat");

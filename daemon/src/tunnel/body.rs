@@ -237,7 +237,11 @@ where
             sent += chunk.len() as u64;
             exchanges.count_sent(chunk.len());
             let msg = exchanges.message(request_id, Payload::Body(proto::BodyChunk { data: chunk }));
-            out.send_data(msg).await.map_err(|_| SendError::Cancelled)?;
+            // A wedged stream must not hold a cancelled exchange here.
+            tokio::select! {
+                _ = cancel.cancelled() => return Err(SendError::Cancelled),
+                r = out.send_data(msg) => r.map_err(|_| SendError::Cancelled)?,
+            }
         }
     }
     let end = proto::BodyEnd { trailers: trailers.as_ref().map(frame::headers_to_proto).unwrap_or_default() };

@@ -5,7 +5,7 @@
 use super::body::{BodyEvent, InboundBody};
 use super::outbound::Outbound;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -93,6 +93,8 @@ pub struct Exchanges {
     // std Mutex: held only for map updates, never across an await.
     slots: Mutex<HashMap<String, Slot>>,
     in_flight: AtomicUsize,
+    /// Set when the stream ended: no new exchange may open on it.
+    closed: AtomicBool,
     /// Totals, for introspection.
     pub stats: StreamStats,
     out: Outbound,
@@ -106,6 +108,7 @@ impl Exchanges {
         Arc::new(Exchanges {
             slots: Mutex::new(HashMap::new()),
             in_flight: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
             stats: StreamStats::default(),
             out,
             role,
@@ -190,13 +193,23 @@ impl Exchanges {
         slot
     }
 
-    /// Server side: opens an exchange before its request head is sent.
-    pub fn open(self: &Arc<Self>, request_id: &str, window: u32) -> (ExchangeIo, HeadReceiver) {
+    /// Server side: opens an exchange before its request head is sent; None
+    /// when the stream has already ended (the caller picks another).
+    pub fn open(self: &Arc<Self>, request_id: &str, window: u32) -> Option<(ExchangeIo, HeadReceiver)> {
         let (mut slot, io) = self.new_slot(request_id, window, Phase::AwaitHead);
         let (head_tx, head_rx) = oneshot::channel();
         slot.head = Some(head_tx);
-        self.insert(request_id.to_string(), slot);
-        (io, head_rx)
+        {
+            // Checked under the lock that fail_all drains, so no slot slips in after it.
+            let mut slots = self.lock();
+            if self.closed.load(Ordering::Acquire) {
+                return None;
+            }
+            slots.insert(request_id.to_string(), slot);
+        }
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.stats.exchanges.fetch_add(1, Ordering::Relaxed);
+        Some((io, head_rx))
     }
 
     /// Our body is fully sent (end or error frame queued).
@@ -248,10 +261,19 @@ impl Exchanges {
         }
     }
 
-    /// The stream ended: fail every exchange on it.
+    /// Fails every exchange in flight and tells the peer why (shutting down).
+    pub fn fail_all_to_peer(&self, kind: Kind, message: &str) {
+        let ids: Vec<String> = self.lock().keys().cloned().collect();
+        for id in ids {
+            self.fail(&id, kind, message.to_string());
+        }
+    }
+
+    /// The stream ended: fail every exchange on it; none can open after this.
     pub fn fail_all(&self, failure: ExchangeFailure) {
         let drained: Vec<Slot> = {
             let mut slots = self.lock();
+            self.closed.store(true, Ordering::Release);
             slots.drain().map(|(_, s)| s).collect()
         };
         self.in_flight.fetch_sub(drained.len(), Ordering::Relaxed);
@@ -282,6 +304,10 @@ impl Exchanges {
                 if self.lock().contains_key(&id) {
                     self.protocol_error(&id, FrameError::DuplicateHead);
                     return Dispatched::Done;
+                }
+                let w = head.window;
+                if w != 0 && !(frame::MIN_EXCHANGE_WINDOW..=frame::MAX_EXCHANGE_WINDOW).contains(&w) {
+                    return self.protocol_error(&id, FrameError::BadHead("window"));
                 }
                 let phase = match Phase::AwaitHead.advance(FrameKind::Head { ends: head.end_of_stream }) {
                     Ok(p) => p,
