@@ -327,7 +327,14 @@ async fn run_stream(
             _ => client.proxy(req).await,
         }
     };
-    let mut inbound = match tokio::time::timeout(REGISTER_TIMEOUT, call).await {
+    // A session that ends while this stream registers must not register it late.
+    let call = async {
+        tokio::select! {
+            _ = session.cancel.cancelled() => Ok(Err(tonic::Status::cancelled("session ended"))),
+            r = tokio::time::timeout(REGISTER_TIMEOUT, call) => r,
+        }
+    };
+    let mut inbound = match call.await {
         Err(_) => bail!("no answer to registration within {REGISTER_TIMEOUT:?}"),
         Ok(Err(status)) if status.code() == tonic::Code::Unauthenticated => {
             bail!("server refused our token for group {:?}: {}", session.cfg.group, status.message())
@@ -335,9 +342,11 @@ async fn run_stream(
         Ok(Err(status)) => bail!("server refused the stream: {} ({:?})", status.message(), status.code()),
         Ok(Ok(resp)) => resp.into_inner(),
     };
-    let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
-        .await
-        .map_err(|_| anyhow::anyhow!("no registration acknowledgement within {REGISTER_TIMEOUT:?}"))??;
+    let first = tokio::select! {
+        _ = session.cancel.cancelled() => bail!("session ended"),
+        r = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message()) => r
+            .map_err(|_| anyhow::anyhow!("no registration acknowledgement within {REGISTER_TIMEOUT:?}"))??,
+    };
     let first_rtt = match first.and_then(|m| m.payload) {
         Some(Payload::StreamOpenResponse(r)) if r.accepted => {
             session.status.send_modify(|s| {
