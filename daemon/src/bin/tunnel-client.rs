@@ -1,6 +1,5 @@
 //! tunnel-client: dials the tunnel server and forwards its requests to local upstreams.
 
-use anyhow::Context as _;
 use clap::Parser;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -46,20 +45,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let workers = config.worker_threads;
-    let mut builder = if workers == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        if workers > 1 {
-            b.worker_threads(workers);
-        }
-        b
-    };
-    let result = builder
-        .enable_all()
-        .build()
-        .context("starting the runtime")
+    let result = tunnel_daemon::runtime::build(config.worker_threads)
         .and_then(|rt| rt.block_on(Client::new(config).run(tunnel_daemon::signal::shutdown())));
     match result {
         Ok(()) => ExitCode::SUCCESS,

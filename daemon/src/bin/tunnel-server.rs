@@ -1,6 +1,5 @@
 //! tunnel-server: public HTTP ingress and the gRPC endpoint tunnel clients dial.
 
-use anyhow::Context as _;
 use clap::Parser;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,7 +25,8 @@ fn main() -> ExitCode {
     if args.demo {
         let _ = tunnel_daemon::logging::init(&Default::default(), "tunnel-server");
         return finish(
-            runtime(0).and_then(|rt| rt.block_on(tunnel_daemon::demo::run(tunnel_daemon::signal::shutdown()))),
+            tunnel_daemon::runtime::build(0)
+                .and_then(|rt| rt.block_on(tunnel_daemon::demo::run(tunnel_daemon::signal::shutdown()))),
         );
     }
     let Some(path) = args.config else {
@@ -57,27 +57,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let result = runtime(config.server.worker_threads).and_then(|rt| {
+    let result = tunnel_daemon::runtime::build(config.server.worker_threads).and_then(|rt| {
         rt.block_on(async move {
             let listeners = Listeners::bind(&config).await?;
             Server::new(config, Some(path)).run(listeners, tunnel_daemon::signal::shutdown()).await
         })
     });
     finish(result)
-}
-
-/// A runtime with `workers` threads (0 = one per core, 1 = current-thread).
-fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut b = if workers == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        if workers > 1 {
-            b.worker_threads(workers);
-        }
-        b
-    };
-    b.enable_all().build().context("starting the runtime")
 }
 
 fn finish(r: anyhow::Result<()>) -> ExitCode {

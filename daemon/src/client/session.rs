@@ -6,6 +6,10 @@
 use super::upstream::{self, Upstreams};
 use super::ClientStatus;
 use crate::tunnel::exchange::{payload_name, Dispatched, ExchangeFailure, Exchanges, Role};
+use crate::tunnel::link::{
+    CONNECTION_WINDOW, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_MESSAGE, REGISTRATION_TIMEOUT, STREAM_WINDOW,
+    TCP_KEEPALIVE,
+};
 use crate::tunnel::outbound::Outbound;
 use anyhow::{bail, Context as _};
 use std::collections::HashMap;
@@ -27,16 +31,6 @@ use tunnel_lib::proto::{
 };
 use tunnel_lib::GROUP_METADATA;
 
-/// Bound on opening a stream and getting its registration acknowledged.
-const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
-/// HTTP/2 keepalive toward the server: a dead server is noticed within interval + timeout.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
-const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
-/// See the server's windows: our readers always drain h2 into per-exchange buffers.
-const STREAM_WINDOW: u32 = 4 << 20;
-const CONNECTION_WINDOW: u32 = 16 << 20;
-const MAX_MESSAGE: usize = 2 << 20;
 /// Pause before reopening a data stream the server closed.
 const REOPEN_DELAY: Duration = Duration::from_millis(200);
 /// How often a drain checks for in-flight exchanges.
@@ -331,11 +325,11 @@ async fn run_stream(
     let call = async {
         tokio::select! {
             _ = session.cancel.cancelled() => Ok(Err(tonic::Status::cancelled("session ended"))),
-            r = tokio::time::timeout(REGISTER_TIMEOUT, call) => r,
+            r = tokio::time::timeout(REGISTRATION_TIMEOUT, call) => r,
         }
     };
     let mut inbound = match call.await {
-        Err(_) => bail!("no answer to registration within {REGISTER_TIMEOUT:?}"),
+        Err(_) => bail!("no answer to registration within {REGISTRATION_TIMEOUT:?}"),
         Ok(Err(status)) if status.code() == tonic::Code::Unauthenticated => {
             bail!("server refused our token for group {:?}: {}", session.cfg.group, status.message())
         }
@@ -344,8 +338,8 @@ async fn run_stream(
     };
     let first = tokio::select! {
         _ = session.cancel.cancelled() => bail!("session ended"),
-        r = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message()) => r
-            .map_err(|_| anyhow::anyhow!("no registration acknowledgement within {REGISTER_TIMEOUT:?}"))??,
+        r = tokio::time::timeout(REGISTRATION_TIMEOUT, inbound.message()) => r
+            .map_err(|_| anyhow::anyhow!("no registration acknowledgement within {REGISTRATION_TIMEOUT:?}"))??,
     };
     let first_rtt = match first.and_then(|m| m.payload) {
         Some(Payload::StreamOpenResponse(r)) if r.accepted => {

@@ -4,10 +4,13 @@
 use super::registry::{RegisterError, StreamHandle};
 use super::Shared;
 use crate::tunnel::exchange::{payload_name, ExchangeFailure, Exchanges, Role};
+use crate::tunnel::link::{
+    CONNECTION_WINDOW, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_MESSAGE, REGISTRATION_TIMEOUT, STREAM_WINDOW,
+    TCP_KEEPALIVE,
+};
 use crate::tunnel::outbound::{Outbound, ServerOutbound};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataMap;
@@ -22,21 +25,6 @@ use tunnel_lib::proto::{
 };
 use tunnel_lib::GROUP_METADATA;
 
-/// Bound on the wait for a new stream's registration message.
-const REGISTRATION_TIMEOUT: Duration = Duration::from_secs(10);
-/// HTTP/2 keepalive: a dead client connection is noticed within interval + timeout.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
-/// TCP keepalive, for peers that vanish without a FIN.
-const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
-/// HTTP/2 windows. Our stream readers always drain h2 at once into
-/// per-exchange buffers, so h2 windows only bound what is in transit; large
-/// ones keep a bulk transfer from waiting on WINDOW_UPDATE round trips, and a
-/// connection window above the stream window keeps one stream from using it up.
-const STREAM_WINDOW: u32 = 4 << 20;
-const CONNECTION_WINDOW: u32 = 16 << 20;
-/// Largest message accepted: a 64 KiB chunk, or a head with up to 1 MiB of headers.
-const MAX_MESSAGE: usize = 2 << 20;
 /// Cap on locally reset streams before GOAWAY (hyper's own default; tonic
 /// passes none, which disables the protection against reset floods).
 const MAX_LOCAL_RESETS: usize = 1024;

@@ -3,4 +3,5 @@
 
 pub mod body;
 pub mod exchange;
+pub mod link;
 pub mod outbound;

@@ -1,0 +1,20 @@
+//! Transport settings of the tunnel's gRPC link, shared by both ends so that
+//! they agree; set explicitly rather than left to tonic/hyper defaults.
+
+use std::time::Duration;
+
+/// Bound on a new stream's registration (its first message, and its acknowledgement).
+pub const REGISTRATION_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 keepalive: a dead peer is noticed within interval + timeout.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// TCP keepalive, for peers that vanish without a FIN.
+pub const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+/// HTTP/2 windows. Our stream readers always drain h2 at once into
+/// per-exchange buffers, so h2 windows only bound what is in transit; large
+/// ones keep a bulk transfer from waiting on WINDOW_UPDATE round trips, and a
+/// connection window above the stream window keeps one stream from using it up.
+pub const STREAM_WINDOW: u32 = 4 << 20;
+pub const CONNECTION_WINDOW: u32 = 16 << 20;
+/// Largest message accepted: a 64 KiB chunk, or a head with up to 1 MiB of headers.
+pub const MAX_MESSAGE: usize = 2 << 20;
