@@ -63,6 +63,7 @@ pub fn json(m: &Model, now_ms: i64) -> Value {
             "errors_total": s.errors_total,
             "in_flight": s.in_flight,
             "config_push": s.config_push,
+            "streams_reaped": s.streams_reaped,
             "groups": s.groups.iter().map(|g| json!({
                 "name": g.name,
                 "config_version": g.config_version,
@@ -86,6 +87,8 @@ pub fn json(m: &Model, now_ms: i64) -> Value {
                 "heartbeat_age_ms": m.heartbeat_age_ms(s, now_ms),
                 "last_delay_ms": s.last_delay_ms,
                 "last_rtt_ms": s.last_rtt_ms,
+                "delay_ms": { "p50": s.delay_p50_ms, "p99": s.delay_p99_ms, "max": s.delay_max_ms },
+                "rtt_ms": { "p50": s.rtt_p50_ms, "p99": s.rtt_p99_ms, "max": s.rtt_max_ms },
                 "heartbeats": s.heartbeats,
                 "queue_depth": s.queue_depth,
                 "queue_capacity": s.queue_capacity,

@@ -77,7 +77,7 @@ pub fn render(app: &App, f: &mut Frame) {
         render_banner(app, f, banner_area);
     }
     let (table_area, detail_area) = if app.detail {
-        let [t, d] = Layout::vertical([Constraint::Min(3), Constraint::Length(9)]).areas(main);
+        let [t, d] = Layout::vertical([Constraint::Min(3), Constraint::Length(10)]).areas(main);
         (t, Some(d))
     } else {
         (main, None)
@@ -398,6 +398,13 @@ fn render_detail(app: &App, f: &mut Frame, area: Rect) {
                         if s.last_rtt_ms < 0 { "-".into() } else { format!("{}ms", s.last_rtt_ms) },
                         g.map_or("?".into(), |g| short_duration(g.heartbeat_interval_ms as i64)),
                         g.map_or("?".into(), |g| short_duration(g.heartbeat_timeout_ms as i64)),
+                    ),
+                ),
+                kv(
+                    "hb window",
+                    format!(
+                        "delay p50/p99/max {}/{}/{} ms, rtt {}/{}/{} ms",
+                        s.delay_p50_ms, s.delay_p99_ms, s.delay_max_ms, s.rtt_p50_ms, s.rtt_p99_ms, s.rtt_max_ms
                     ),
                 ),
                 kv("queue", format!("{} of {} frames, {} in flight", s.queue_depth, s.queue_capacity, s.in_flight)),

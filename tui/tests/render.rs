@@ -32,6 +32,12 @@ fn stream(id: &str, client: &str, ty: StreamType, hb_age_ms: i64, depth: u32, in
         bytes_to_client: 3 << 20,
         bytes_from_client: 250 << 20,
         draining: false,
+        delay_p50_ms: 1,
+        delay_p99_ms: 4,
+        delay_max_ms: 9,
+        rtt_p50_ms: 2,
+        rtt_p99_ms: 6,
+        rtt_max_ms: 11,
     }
 }
 
@@ -58,6 +64,7 @@ fn fixture() -> App {
         errors_total: 3,
         in_flight: 5,
         config_push: "auto".into(),
+        streams_reaped: 1,
     };
     let clients = ["edge-1", "edge-2"]
         .iter()

@@ -106,6 +106,7 @@ fn server_info(shared: &Shared, clients: usize, streams: &HashMap<String, Stream
         errors_total: shared.requests.errors(),
         in_flight: streams.values().map(|s| u64::from(s.in_flight)).sum(),
         config_push: cfg.server.config_push.to_string(),
+        streams_reaped: shared.streams_reaped.load(std::sync::atomic::Ordering::Relaxed),
     }
 }
 
@@ -134,6 +135,12 @@ fn current(shared: &Shared) -> (HashMap<String, ClientInfo>, HashMap<String, Str
                 bytes_to_client: s.bytes_to_client,
                 bytes_from_client: s.bytes_from_client,
                 draining: s.draining,
+                delay_p50_ms: s.delay.p50,
+                delay_p99_ms: s.delay.p99,
+                delay_max_ms: s.delay.max,
+                rtt_p50_ms: s.rtt.p50,
+                rtt_p99_ms: s.rtt.p99,
+                rtt_max_ms: s.rtt.max,
             };
             (s.stream_id, info)
         })

@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::net::TcpListener;
@@ -71,6 +72,8 @@ pub struct Shared {
     versions: RwLock<Arc<BTreeMap<String, String>>>,
     /// Public requests: totals and the recent ones.
     pub requests: RequestLog,
+    /// Streams closed for an overdue heartbeat, since start.
+    pub streams_reaped: AtomicU64,
     /// The listeners' bound addresses, for introspection.
     pub addrs: OnceLock<(SocketAddr, SocketAddr, SocketAddr)>,
     /// Where the config came from, for reloads.
@@ -120,6 +123,7 @@ impl Server {
                 versions: RwLock::new(Arc::new(group_versions(&config))),
                 config: RwLock::new(Arc::new(config)),
                 requests: RequestLog::default(),
+                streams_reaped: AtomicU64::new(0),
                 addrs: OnceLock::new(),
                 config_path,
                 registry: Registry::new(),
@@ -207,6 +211,7 @@ async fn reap(shared: Arc<Shared>, stop: CancellationToken) {
         let cfg = shared.config();
         let timeout_of = |group: &str| cfg.group(group).map_or(Duration::from_secs(90), |g| g.heartbeat_timeout);
         for (h, age) in shared.registry.reap(timeout_of) {
+            shared.streams_reaped.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(stream = %h.stream_id, client = %h.client_id, group = %h.group, silent = ?age, "no heartbeat within the timeout: stream closed");
             h.cancel.cancel();
         }

@@ -3,7 +3,7 @@
 
 use crate::tunnel::exchange::Exchanges;
 use crate::tunnel::outbound::Outbound;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -84,6 +84,40 @@ struct StreamState {
     last_delay_ms: i64,
     last_rtt_ms: i64,
     heartbeats: u64,
+    /// The last HEARTBEAT_WINDOW one-way delays and round trips, ms.
+    delays: VecDeque<i64>,
+    rtts: VecDeque<i64>,
+}
+
+/// Heartbeats kept per stream for delay statistics.
+pub const HEARTBEAT_WINDOW: usize = 128;
+
+/// p50, p99 and max of a window of samples (ms); all -1 when it is empty.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Percentiles {
+    pub p50: i64,
+    pub p99: i64,
+    pub max: i64,
+}
+
+impl Percentiles {
+    /// Nearest-rank percentiles of `samples`.
+    pub fn of(samples: &VecDeque<i64>) -> Self {
+        if samples.is_empty() {
+            return Percentiles { p50: -1, p99: -1, max: -1 };
+        }
+        let mut v: Vec<i64> = samples.iter().copied().collect();
+        v.sort_unstable();
+        let rank = |p: usize| v[((v.len() * p).div_ceil(100)).clamp(1, v.len()) - 1];
+        Percentiles { p50: rank(50), p99: rank(99), max: v[v.len() - 1] }
+    }
+}
+
+fn push_sample(window: &mut VecDeque<i64>, v: i64) {
+    if window.len() == HEARTBEAT_WINDOW {
+        window.pop_front();
+    }
+    window.push_back(v);
 }
 
 struct ClientState {
@@ -120,6 +154,10 @@ pub struct StreamView {
     /// -1 until the client reports one.
     pub last_rtt_ms: i64,
     pub heartbeats: u64,
+    /// One-way heartbeat delay over the last HEARTBEAT_WINDOW heartbeats.
+    pub delay: Percentiles,
+    /// Client-measured round trip over the same window.
+    pub rtt: Percentiles,
     pub in_flight: usize,
     pub requests: u64,
     pub bytes_to_client: u64,
@@ -244,6 +282,8 @@ impl Registry {
                 last_delay_ms: 0,
                 last_rtt_ms: -1,
                 heartbeats: 0,
+                delays: VecDeque::with_capacity(HEARTBEAT_WINDOW),
+                rtts: VecDeque::with_capacity(HEARTBEAT_WINDOW),
             },
         );
         Ok(stale)
@@ -258,8 +298,10 @@ impl Registry {
         s.last_heartbeat = Instant::now();
         s.last_heartbeat_at = SystemTime::now();
         s.last_delay_ms = delay_ms;
+        push_sample(&mut s.delays, delay_ms);
         if rtt_ms >= 0 {
             s.last_rtt_ms = rtt_ms;
+            push_sample(&mut s.rtts, rtt_ms);
         }
         s.heartbeats += 1;
         let client_id = s.handle.client_id.clone();
@@ -420,6 +462,8 @@ impl Registry {
                     last_delay_ms: s.last_delay_ms,
                     last_rtt_ms: s.last_rtt_ms,
                     heartbeats: s.heartbeats,
+                    delay: Percentiles::of(&s.delays),
+                    rtt: Percentiles::of(&s.rtts),
                     in_flight: h.exchanges.in_flight(),
                     requests: h.exchanges.stats.exchanges.load(Ordering::Relaxed),
                     bytes_to_client: h.exchanges.stats.bytes_sent.load(Ordering::Relaxed),
@@ -521,6 +565,15 @@ mod tests {
         );
     }
 
+    /// Nearest-rank percentiles over a window.
+    #[test]
+    fn percentiles() {
+        let w: VecDeque<i64> = (1..=100).collect();
+        assert_eq!(Percentiles::of(&w), Percentiles { p50: 50, p99: 99, max: 100 });
+        let w: VecDeque<i64> = [5].into_iter().collect();
+        assert_eq!(Percentiles::of(&w), Percentiles { p50: 5, p99: 5, max: 5 });
+    }
+
     /// Heartbeats update their own stream; silent streams are reaped; a client goes with its last stream.
     #[test]
     fn heartbeats_and_reaping() {
@@ -531,6 +584,8 @@ mod tests {
         assert!(!r.heartbeat("nope", 0, -1, ""));
         let v = r.streams();
         assert_eq!((v[0].heartbeats, v[0].last_delay_ms), (1, 3));
+        assert_eq!(v[0].delay, Percentiles { p50: 3, p99: 3, max: 3 });
+        assert_eq!(v[1].delay.max, -1, "no heartbeat yet");
         assert_eq!(v[1].heartbeats, 0);
         assert_eq!(r.clients()[0].config_version, "cfg1");
         assert!(r.reap(|_| Duration::from_secs(60)).is_empty());
