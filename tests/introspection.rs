@@ -173,24 +173,16 @@ async fn watch_shows_streams_clients_and_requests() {
 /// ForceResync sends it and the client's acknowledged version follows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn force_resync_pushes_config() {
-    let dir = std::env::temp_dir().join(format!("tunnel-intro-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("server.toml");
     let text = server_toml("manual", None);
-    std::fs::write(&path, &text).unwrap();
+    let file = ConfigFile::new(&text);
     let up = Upstream::start("web").await;
-    let server = start_server(&text, Some(path.clone())).await;
+    let server = start_server(&text, Some(file.path.clone())).await;
     let client = TestClient::start(&client_toml(&server, "edge-1", "demo", "t-demo", "", &[("web", up.url())]));
     server.wait_streams(3).await;
     let mut status = client.status.clone();
-    let v1 = tokio::time::timeout(WAIT, status.wait_for(|s| !s.config_version.is_empty()))
-        .await
-        .unwrap()
-        .unwrap()
-        .config_version
-        .clone();
+    let v1 = config_version(&mut status, |v| !v.is_empty()).await;
 
-    std::fs::write(&path, text.replace("heartbeat_interval = \"1s\"", "heartbeat_interval = \"2s\"")).unwrap();
+    file.write(&text.replace("heartbeat_interval = \"1s\"", "heartbeat_interval = \"2s\""));
     let shared = server.shared.clone();
     eventually("server reloaded", WAIT, || shared.group_version("demo").is_some_and(|v| v != v1)).await;
     let v2 = shared.group_version("demo").unwrap();
@@ -221,7 +213,6 @@ async fn force_resync_pushes_config() {
         .unwrap()
         .into_inner();
     assert_eq!(resp.clients, 1);
-    let _ = std::fs::remove_dir_all(&dir);
     server.stop().await;
 }
 

@@ -234,30 +234,17 @@ async fn malformed_messages_are_dropped() {
 /// invalid change is refused and the old config keeps serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_reload_pushes_to_clients_and_refuses_invalid() {
-    let dir = std::env::temp_dir().join(format!("tunnel-test-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("server.toml");
-    std::fs::write(&path, SERVER).unwrap();
+    let file = ConfigFile::new(SERVER);
     let up = Upstream::start("web").await;
-    let server = start_server(SERVER, Some(path.clone())).await;
+    let server = start_server(SERVER, Some(file.path.clone())).await;
     let client = TestClient::start(&client_toml(&server, "edge-1", "demo", "t-demo", "", &[("web", up.url())]));
     server.wait_streams(3).await;
     let mut status = client.status.clone();
-    let first = tokio::time::timeout(WAIT, status.wait_for(|s| !s.config_version.is_empty()))
-        .await
-        .unwrap()
-        .unwrap()
-        .config_version
-        .clone();
+    let first = config_version(&mut status, |v| !v.is_empty()).await;
 
     // Valid change: 3 data streams instead of 2.
-    std::fs::write(&path, SERVER.replace("data_streams = 2", "data_streams = 3")).unwrap();
-    let second = tokio::time::timeout(WAIT, status.wait_for(|s| s.config_version != first))
-        .await
-        .expect("new config reached the client")
-        .unwrap()
-        .config_version
-        .clone();
+    file.write(&SERVER.replace("data_streams = 2", "data_streams = 3"));
+    let second = config_version(&mut status, |v| v != first).await;
     server.wait_streams(4).await;
     let shared = server.shared.clone();
     eventually("server sees the client acknowledge the new version", WAIT, || {
@@ -266,13 +253,12 @@ async fn config_reload_pushes_to_clients_and_refuses_invalid() {
     .await;
 
     // Invalid change: refused, old config keeps serving.
-    std::fs::write(&path, SERVER.replace("data_streams = 2", "data_streams = \"many\"")).unwrap();
+    file.write(&SERVER.replace("data_streams = 2", "data_streams = \"many\""));
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(status.borrow().config_version, second);
     assert_eq!(server.shared.config().groups[0].data_streams, 3);
     let got = get(&server.url("/echo")).await;
     assert_eq!(got.status, StatusCode::OK);
-    let _ = std::fs::remove_dir_all(&dir);
     server.stop().await;
 }
 
@@ -339,21 +325,17 @@ async fn silent_public_connection_is_closed() {
 /// Rotating a group's token on reload closes the streams opened with the old one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_rotation_disconnects_old_token_holders() {
-    let dir = std::env::temp_dir().join(format!("tunnel-rotate-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("server.toml");
-    std::fs::write(&path, SERVER).unwrap();
-    let server = start_server(SERVER, Some(path.clone())).await;
+    let file = ConfigFile::new(SERVER);
+    let server = start_server(SERVER, Some(file.path.clone())).await;
     let client = TestClient::start(&client_toml(&server, "edge-1", "demo", "t-demo", "", &[]));
     server.wait_streams(3).await;
-    std::fs::write(&path, SERVER.replace("t-demo", "t-rotated")).unwrap();
+    file.write(&SERVER.replace("t-demo", "t-rotated"));
     server.wait_streams(0).await;
     // It keeps retrying with the old token and stays out.
     let mut status = client.status.clone();
     let sessions = status.borrow().sessions;
     tokio::time::timeout(WAIT, status.wait_for(|s| s.sessions >= sessions + 2)).await.unwrap().unwrap();
     assert!(server.shared.registry.streams().is_empty());
-    let _ = std::fs::remove_dir_all(&dir);
     server.stop().await;
 }
 

@@ -101,7 +101,7 @@ web = "http://{upstream_addr}"
         tokio::time::timeout(std::time::Duration::from_secs(10), status.wait_for(|s| s.registered_streams >= 3)).await;
     println!("\nTunnel demo running: server {http_addr} (public) / {grpc_addr} (gRPC) / {admin_addr} (admin), client \"demo-client\", demo upstream {upstream_addr}.");
     println!(
-        "Try:\n  curl http://{http_addr}/hello\n  curl --data 'round trip' http://{http_addr}/echo\nCtrl-C stops it.\n"
+        "Try:\n  curl http://{http_addr}/hello\n  curl --data 'round trip' http://{http_addr}/echo\nWatch it live:\n  cargo run --release --bin tunnel-tui -- --server {admin_addr}\nCtrl-C stops it.\n"
     );
     shutdown.await;
     stop.cancel();

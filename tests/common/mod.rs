@@ -212,6 +212,46 @@ impl Drop for Upstream {
     }
 }
 
+// ------------------------------------------------------------------ config files
+
+/// A server.toml on disk, in its own directory, removed when dropped.
+pub struct ConfigFile {
+    pub path: PathBuf,
+}
+
+impl ConfigFile {
+    pub fn new(text: &str) -> ConfigFile {
+        let dir = std::env::temp_dir().join(format!("tunnel-test-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("server.toml");
+        std::fs::write(&path, text).unwrap();
+        ConfigFile { path }
+    }
+
+    /// Replaces the file's contents (the server notices within a second).
+    pub fn write(&self, text: &str) {
+        std::fs::write(&self.path, text).unwrap();
+    }
+}
+
+impl Drop for ConfigFile {
+    fn drop(&mut self) {
+        if let Some(dir) = self.path.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Waits for the client's applied config version to satisfy `f`, and returns it.
+pub async fn config_version(status: &mut watch::Receiver<ClientStatus>, f: impl Fn(&str) -> bool) -> String {
+    tokio::time::timeout(WAIT, status.wait_for(|s| f(&s.config_version)))
+        .await
+        .expect("config version in time")
+        .expect("client running")
+        .config_version
+        .clone()
+}
+
 // ------------------------------------------------------------------ tunnel
 
 /// A running server on loopback port 0.

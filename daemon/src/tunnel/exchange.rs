@@ -168,11 +168,18 @@ impl Exchanges {
         (slot, io)
     }
 
-    fn insert(&self, request_id: String, slot: Slot) {
-        if self.lock().insert(request_id, slot).is_none() {
+    /// Adds an exchange; false when the stream has already ended. The check is
+    /// made under the lock that fail_all drains, so no slot slips in after it.
+    fn insert(&self, request_id: String, slot: Slot) -> bool {
+        let mut slots = self.lock();
+        if self.closed.load(Ordering::Acquire) {
+            return false;
+        }
+        if slots.insert(request_id, slot).is_none() {
             self.in_flight.fetch_add(1, Ordering::Relaxed);
             self.stats.exchanges.fetch_add(1, Ordering::Relaxed);
         }
+        true
     }
 
     /// Counts body bytes delivered from the peer.
@@ -199,17 +206,7 @@ impl Exchanges {
         let (mut slot, io) = self.new_slot(request_id, window, Phase::AwaitHead);
         let (head_tx, head_rx) = oneshot::channel();
         slot.head = Some(head_tx);
-        {
-            // Checked under the lock that fail_all drains, so no slot slips in after it.
-            let mut slots = self.lock();
-            if self.closed.load(Ordering::Acquire) {
-                return None;
-            }
-            slots.insert(request_id.to_string(), slot);
-        }
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.stats.exchanges.fetch_add(1, Ordering::Relaxed);
-        Some((io, head_rx))
+        self.insert(request_id.to_string(), slot).then_some((io, head_rx))
     }
 
     /// Our body is fully sent (end or error frame queued).
@@ -317,7 +314,9 @@ impl Exchanges {
                 if head.end_of_stream {
                     let _ = slot.body.try_send(BodyEvent::End(None));
                 }
-                self.insert(id.clone(), slot);
+                if !self.insert(id.clone(), slot) {
+                    return Dispatched::Done;
+                }
                 Dispatched::NewRequest(Box::new(NewRequest { head, io, trace_id: msg.trace_id }))
             }
             Payload::HttpResponse(head) if self.role == Role::Server => {
