@@ -26,6 +26,8 @@ pub enum Scenario {
     /// Public clients reading big responses at a trickle, plus small requests:
     /// the load that stalls heartbeats on a naively multiplexed stream.
     SlowReader,
+    /// Bulk over a link with delay and loss (see `lossy`).
+    Lossy,
 }
 
 impl Scenario {
@@ -35,7 +37,8 @@ impl Scenario {
             "bulk" => Scenario::Bulk,
             "slow" => Scenario::Slow,
             "slowreader" => Scenario::SlowReader,
-            other => bail!("unknown scenario {other:?} (idle, bulk, slow, slowreader)"),
+            "lossy" => Scenario::Lossy,
+            other => bail!("unknown scenario {other:?} (idle, bulk, slow, slowreader, lossy)"),
         })
     }
 
@@ -45,12 +48,15 @@ impl Scenario {
             Scenario::Bulk => "bulk",
             Scenario::Slow => "slow+small",
             Scenario::SlowReader => "slow reader+small",
+            Scenario::Lossy => "bulk, lossy link",
         }
     }
 }
 
 /// Sizes of the loads.
 pub struct Config {
+    /// Small loads, for `--quick`.
+    pub quick: bool,
     pub duration: Duration,
     /// Pause after start-up so the pushed config (1 s heartbeats) is in force.
     pub settle: Duration,
@@ -73,6 +79,7 @@ impl Config {
     pub fn new(quick: bool, duration: Option<Duration>) -> Self {
         if quick {
             Config {
+                quick,
                 duration: duration.unwrap_or(Duration::from_secs(2)),
                 settle: Duration::from_millis(1000),
                 bulk_parallel: 4,
@@ -84,6 +91,7 @@ impl Config {
             }
         } else {
             Config {
+                quick,
                 duration: duration.unwrap_or(Duration::from_secs(60)),
                 settle: Duration::from_secs(2),
                 bulk_parallel: 4,
@@ -99,10 +107,12 @@ impl Config {
     /// The loads, in words, for the table's caption.
     pub fn describe(&self) -> String {
         format!(
-            "bulk: {} downloads + {} uploads of {} MiB at a time; slow+small: {} requests held {} ms by the upstream + {} small req/s; slow reader: {} downloads read at {} KB/s + {} small req/s.",
+            "bulk: {} downloads + {} uploads of {} MiB at a time; lossy link: bulk with {} ms added each way and {}% of packets dropped each way; slow+small: {} requests held {} ms by the upstream + {} small req/s; slow reader: {} downloads read at {} KB/s + {} small req/s.",
             self.bulk_parallel,
             self.bulk_parallel,
             self.bulk_size >> 20,
+            crate::lossy::DELAY.as_millis(),
+            crate::lossy::LOSS_PERCENT,
             self.slow_in_flight,
             self.slow_ms,
             self.small_per_second,
@@ -163,7 +173,7 @@ pub async fn run(scenario: Scenario, http: SocketAddr, cfg: &Config) -> Outcome 
             tokio::time::sleep_until(deadline).await;
             Outcome::Idle
         }
-        Scenario::Bulk => bulk(http, cfg, deadline).await,
+        Scenario::Bulk | Scenario::Lossy => bulk(http, cfg, deadline).await,
         Scenario::Slow => slow(http, cfg, deadline, cfg.slow_in_flight, 0).await,
         Scenario::SlowReader => slow(http, cfg, deadline, 0, cfg.slow_readers).await,
     }

@@ -50,7 +50,7 @@ async fn handle(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
             r.headers_mut().insert(http::header::CONTENT_LENGTH, n.into());
             r
         }
-        "/sink" => {
+        "/sink" | "/upload" => {
             let mut body = req.into_body();
             let mut n = 0usize;
             while let Some(Ok(f)) = body.frame().await {

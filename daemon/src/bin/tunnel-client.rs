@@ -6,6 +6,11 @@ use std::process::ExitCode;
 use tunnel_daemon::client::Client;
 use tunnel_lib::config::ClientConfig;
 
+/// mimalloc: allocation was 12% of each daemon's CPU on small requests
+/// with the system allocator (docs/benchmarks.md, profile).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(version, about = "Reverse HTTP tunnel client: serves the tunnel server's requests from local upstreams")]
 struct Args {

@@ -6,6 +6,11 @@ use std::process::ExitCode;
 use tunnel_daemon::server::{Listeners, Server};
 use tunnel_lib::config::ServerConfig;
 
+/// mimalloc: allocation was 12% of each daemon's CPU on small requests
+/// with the system allocator (docs/benchmarks.md, profile).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(version, about = "Reverse HTTP tunnel server: public ingress, routed to tunnel clients over gRPC")]
 struct Args {

@@ -1,0 +1,507 @@
+//! The speed race: the same nginx reached directly, through this tunnel and
+//! through rathole, in one run, with wrk (HTTP/1.1), h2load (h2c) and curl
+//! (1 GiB transfers) as load generators. Ratios to direct are what count:
+//! absolute figures move with whatever else the machine is doing.
+
+use crate::procs::{self, free_port, spawn, which, TempDir};
+use crate::upstream;
+use anyhow::{bail, Context as _};
+use std::ffi::OsStr;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::process::{Child, Command};
+
+/// Sizes of the race.
+pub struct Config {
+    /// Length of each small-request run.
+    pub duration: Duration,
+    pub connections: u32,
+    /// Size of the big file and of each upload.
+    pub bulk_size: u64,
+    /// Tunnel runtimes to race: worker_threads values (0 = one per core).
+    pub workers: Vec<usize>,
+    /// Leave rathole out even when installed.
+    pub no_rathole: bool,
+}
+
+impl Config {
+    /// The issue's sizes, or small ones for `--quick`.
+    pub fn new(quick: bool, duration: Option<Duration>, workers: Vec<usize>, no_rathole: bool) -> Self {
+        let (d, size) = if quick { (Duration::from_secs(2), 64 << 20) } else { (Duration::from_secs(15), 1 << 30) };
+        Config { duration: duration.unwrap_or(d), connections: 64, bulk_size: size, workers, no_rathole }
+    }
+}
+
+/// External programs the race drives.
+struct Tools {
+    nginx: PathBuf,
+    wrk: PathBuf,
+    h2load: PathBuf,
+    curl: PathBuf,
+    rathole: Option<PathBuf>,
+}
+
+impl Tools {
+    fn find(no_rathole: bool) -> anyhow::Result<Tools> {
+        let need = |n: &str| which(n).with_context(|| format!("{n} not found: run bench/setup.sh to install the race's tools"));
+        Ok(Tools {
+            nginx: need("nginx")?,
+            wrk: need("wrk")?,
+            h2load: need("h2load")?,
+            curl: need("curl")?,
+            rathole: if no_rathole { None } else { which("rathole") },
+        })
+    }
+}
+
+/// One way of reaching nginx.
+struct Route {
+    name: String,
+    /// Public address for HTTP/1.1 and for h2c (the same for the tunnel).
+    h1: SocketAddr,
+    h2: SocketAddr,
+    /// Where uploads go (a sink that counts and answers 200).
+    upload: SocketAddr,
+    /// The tunnel's processes (server, client), for RSS and CPU.
+    pids: Vec<u32>,
+    _children: Vec<Child>,
+}
+
+/// Small-request figures of one route and protocol.
+#[derive(Default, Clone)]
+struct Small {
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+    errors: u64,
+    /// CPU the route's own processes spent per request (µs), 0 for direct.
+    cpu_us: f64,
+}
+
+/// What one route measured.
+#[derive(Default, Clone)]
+struct Results {
+    h1: Small,
+    h2: Small,
+    /// MB/s for (h1 down, h1 up, h2 down, h2 up).
+    bulk: [f64; 4],
+    idle_kib: Vec<u64>,
+    peak_small_kib: Vec<u64>,
+    peak_bulk_kib: Vec<u64>,
+}
+
+/// Runs the race and prints its tables.
+pub async fn run(bins: &Path, cfg: &Config) -> anyhow::Result<()> {
+    let tools = Tools::find(cfg.no_rathole)?;
+    let dir = TempDir::new("race")?;
+    std::fs::write(dir.join("small.txt"), [b'x'; 100])?;
+    write_big(&dir.join("big.bin"), cfg.bulk_size)?;
+    let sink = upstream::start().await?;
+    let (nginx, h1, h2) = start_nginx(&tools.nginx, &dir).await?;
+    let mut routes = vec![Route {
+        name: "direct nginx".into(),
+        h1,
+        h2,
+        upload: sink.addr,
+        pids: vec![],
+        _children: vec![nginx],
+    }];
+    for &w in &cfg.workers {
+        routes.push(start_tunnel(bins, &dir, w, h1, sink.addr).await?);
+    }
+    match &tools.rathole {
+        Some(r) => routes.push(start_rathole(r, &dir, h1, h2, sink.addr).await?),
+        None => eprintln!("rathole not found (bench/setup.sh installs it): racing without it"),
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut results = vec![Results::default(); routes.len()];
+    for (r, route) in results.iter_mut().zip(&routes) {
+        r.idle_kib = route.pids.iter().map(|&p| procs::status_kib(p, "VmRSS")).collect();
+    }
+    // Alternate the routes inside each test so that drift in the machine's
+    // speed spreads over all of them rather than favouring one.
+    for (i, route) in routes.iter().enumerate() {
+        eprintln!("race: {} / HTTP/1.1 small requests", route.name);
+        results[i].h1 = wrk(&tools.wrk, route, cfg).await?;
+    }
+    for (i, route) in routes.iter().enumerate() {
+        eprintln!("race: {} / h2c small requests", route.name);
+        results[i].h2 = h2load(&tools.h2load, route, cfg, &dir).await?;
+    }
+    for (r, route) in results.iter_mut().zip(&routes) {
+        r.peak_small_kib = route.pids.iter().map(|&p| procs::status_kib(p, "VmHWM")).collect();
+    }
+    for (n, (h2, up)) in [(false, false), (false, true), (true, false), (true, true)].into_iter().enumerate() {
+        for (i, route) in routes.iter().enumerate() {
+            eprintln!("race: {} / {} {}", route.name, if h2 { "h2c" } else { "HTTP/1.1" }, if up { "upload" } else { "download" });
+            results[i].bulk[n] = curl(&tools.curl, route, h2, up, &dir, cfg.bulk_size).await?;
+        }
+    }
+    for (r, route) in results.iter_mut().zip(&routes) {
+        r.peak_bulk_kib = route.pids.iter().map(|&p| procs::status_kib(p, "VmHWM")).collect();
+    }
+    sink.stop();
+    print!("{}", tables(&routes, &results, cfg));
+    Ok(())
+}
+
+fn write_big(path: &Path, size: u64) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let block = vec![b'b'; 1 << 20];
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(block.len() as u64) as usize;
+        f.write_all(&block[..n])?;
+        left -= n as u64;
+    }
+    f.flush()?;
+    Ok(())
+}
+
+/// nginx with one worker (as the tunnel's daemons are compared per core),
+/// serving the directory on an HTTP/1.1 port and an h2c port.
+async fn start_nginx(nginx: &Path, dir: &TempDir) -> anyhow::Result<(Child, SocketAddr, SocketAddr)> {
+    let (h1, h2) = (free_port()?, free_port()?);
+    let d = dir.0.display();
+    let conf = format!(
+        r#"
+daemon off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nodelay on;
+    keepalive_requests 100000000;
+    keepalive_timeout 300s;
+    open_file_cache max=64;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    types {{ }}
+    default_type application/octet-stream;
+    server {{
+        listen {h1};
+        root {d};
+    }}
+    # nginx's HTTP/2 with sendfile stalls small responses for 40 ms (Nagle
+    # and delayed ACKs: 1.5k req/s measured); without it h2c runs at speed.
+    server {{
+        listen {h2} http2;
+        sendfile off;
+        root {d};
+    }}
+}}
+"#
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, conf)?;
+    let errors = dir.join("nginx-error.log");
+    let args = [OsStr::new("-e"), errors.as_os_str(), OsStr::new("-c"), path.as_os_str()];
+    let child = spawn(nginx, &args, &dir.join("nginx.log"))?;
+    procs::wait_serving(h1, "/small.txt", Duration::from_secs(10)).await.context("nginx did not start (see its log)")?;
+    Ok((child, h1, h2))
+}
+
+/// A tunnel-server and one tunnel-client on default settings but for the
+/// runtime's size; `/upload` goes to the sink, the rest to nginx.
+async fn start_tunnel(
+    bins: &Path,
+    dir: &TempDir,
+    workers: usize,
+    nginx: SocketAddr,
+    sink: SocketAddr,
+) -> anyhow::Result<Route> {
+    let (http, grpc, admin) = (free_port()?, free_port()?, free_port()?);
+    let server_toml = format!(
+        r#"
+[server]
+http_listen = "{http}"
+grpc_listen = "{grpc}"
+admin_listen = "{admin}"
+worker_threads = {workers}
+[[groups]]
+name = "race"
+token = "race-token"
+[[rules]]
+path_prefix = "/upload"
+group = "race"
+upstream = "sink"
+timeout = "60s"
+[[rules]]
+group = "race"
+upstream = "web"
+timeout = "60s"
+"#
+    );
+    let client_toml = format!(
+        "server = \"http://{grpc}\"\nclient_id = \"race-{workers}\"\ngroup = \"race\"\ntoken = \"race-token\"\nworker_threads = {workers}\n[upstreams]\nweb = \"http://{nginx}\"\nsink = \"http://{sink}\"\n"
+    );
+    let tag = format!("tunnel-w{workers}");
+    let (sc, cc) = (dir.join(&format!("{tag}-server.toml")), dir.join(&format!("{tag}-client.toml")));
+    std::fs::write(&sc, server_toml)?;
+    std::fs::write(&cc, client_toml)?;
+    let server =
+        spawn(&bins.join("tunnel-server"), &[OsStr::new("--config"), sc.as_os_str()], &dir.join(&format!("{tag}-server.log")))?;
+    let client =
+        spawn(&bins.join("tunnel-client"), &[OsStr::new("--config"), cc.as_os_str()], &dir.join(&format!("{tag}-client.log")))?;
+    let pids = [&server, &client].iter().filter_map(|c| c.id()).collect();
+    if let Err(e) = procs::wait_serving(http, "/small.txt", Duration::from_secs(20)).await {
+        let logs = [format!("{tag}-server.log"), format!("{tag}-client.log")].map(|l| procs::log_tail(&dir.join(&l)));
+        bail!("the tunnel did not come up: {e}\n{}", logs.join("\n"));
+    }
+    let name = if workers == 0 { "tunnel (workers = cores)".into() } else { format!("tunnel (workers = {workers})") };
+    Ok(Route { name, h1: http, h2: http, upload: http, pids, _children: vec![server, client] })
+}
+
+/// rathole server and client forwarding three ports: nginx's two and the sink.
+async fn start_rathole(
+    rathole: &Path,
+    dir: &TempDir,
+    nginx_h1: SocketAddr,
+    nginx_h2: SocketAddr,
+    sink: SocketAddr,
+) -> anyhow::Result<Route> {
+    let control = free_port()?;
+    let (h1, h2, upload) = (free_port()?, free_port()?, free_port()?);
+    // nodelay is rathole's default; said here so the comparison is explicit.
+    let mut server =
+        format!("[server]\nbind_addr = \"{control}\"\ndefault_token = \"race\"\n[server.transport]\ntype = \"tcp\"\n[server.transport.tcp]\nnodelay = true\n");
+    let mut client =
+        format!("[client]\nremote_addr = \"{control}\"\ndefault_token = \"race\"\n[client.transport]\ntype = \"tcp\"\n[client.transport.tcp]\nnodelay = true\n");
+    for (name, public, local) in [("h1", h1, nginx_h1), ("h2", h2, nginx_h2), ("sink", upload, sink)] {
+        let _ = write!(server, "[server.services.{name}]\nbind_addr = \"{public}\"\n");
+        let _ = write!(client, "[client.services.{name}]\nlocal_addr = \"{local}\"\n");
+    }
+    let (sc, cc) = (dir.join("rathole-server.toml"), dir.join("rathole-client.toml"));
+    std::fs::write(&sc, server)?;
+    std::fs::write(&cc, client)?;
+    let s = spawn(rathole, &[OsStr::new("--server"), sc.as_os_str()], &dir.join("rathole-server.log"))?;
+    let c = spawn(rathole, &[OsStr::new("--client"), cc.as_os_str()], &dir.join("rathole-client.log"))?;
+    let pids = [&s, &c].iter().filter_map(|c| c.id()).collect();
+    if let Err(e) = procs::wait_serving(h1, "/small.txt", Duration::from_secs(20)).await {
+        let logs = ["rathole-server.log", "rathole-client.log"].map(|l| procs::log_tail(&dir.join(l)));
+        bail!("rathole did not come up: {e}\n{}", logs.join("\n"));
+    }
+    procs::wait_serving(upload, "/small", Duration::from_secs(20)).await.context("rathole's sink service")?;
+    Ok(Route { name: "rathole".into(), h1, h2, upload, pids, _children: vec![s, c] })
+}
+
+fn cpu_total(pids: &[u32]) -> Duration {
+    pids.iter().map(|&p| procs::cpu_time(p)).sum()
+}
+
+async fn output(cmd: &mut Command, what: &str) -> anyhow::Result<String> {
+    let out = cmd.kill_on_drop(true).output().await.with_context(|| format!("running {what}"))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!("{what} failed: {}\n{text}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(text)
+}
+
+/// wrk, 2 threads, `connections` keep-alive connections, with its latency
+/// distribution.
+async fn wrk(wrk: &Path, route: &Route, cfg: &Config) -> anyhow::Result<Small> {
+    let before = cpu_total(&route.pids);
+    let text = output(
+        Command::new(wrk)
+            .arg("-t2")
+            .arg(format!("-c{}", cfg.connections))
+            .arg(format!("-d{}s", cfg.duration.as_secs().max(1)))
+            .arg("--latency")
+            .arg(format!("http://{}/small.txt", route.h1)),
+        "wrk",
+    )
+    .await?;
+    let cpu = cpu_total(&route.pids) - before;
+    parse_wrk(&text, cpu).with_context(|| format!("reading wrk's output:\n{text}"))
+}
+
+fn parse_wrk(text: &str, cpu: Duration) -> anyhow::Result<Small> {
+    let mut s = Small::default();
+    let mut requests = 0f64;
+    for line in text.lines().map(str::trim) {
+        let mut w = line.split_whitespace();
+        match (w.next(), w.next()) {
+            (Some("50%"), Some(v)) => s.p50_us = wrk_duration_us(v)?,
+            (Some("99%"), Some(v)) => s.p99_us = wrk_duration_us(v)?,
+            (Some("Requests/sec:"), Some(v)) => s.rps = v.parse()?,
+            (Some("Non-2xx"), _) => s.errors += line.rsplit(' ').next().and_then(|n| n.parse().ok()).unwrap_or(1),
+            (Some("Socket"), Some("errors:")) => s.errors += 1,
+            _ => {}
+        }
+        if let Some(rest) = line.split_once(" requests in ") {
+            requests = rest.0.parse().unwrap_or(0.0);
+        }
+    }
+    if s.rps <= 0.0 || requests <= 0.0 {
+        bail!("no requests/sec in wrk's output");
+    }
+    s.cpu_us = cpu.as_secs_f64() * 1e6 / requests;
+    Ok(s)
+}
+
+fn wrk_duration_us(v: &str) -> anyhow::Result<f64> {
+    let split = v.find(|c: char| c.is_ascii_alphabetic()).context("a unit")?;
+    let n: f64 = v[..split].parse()?;
+    Ok(match &v[split..] {
+        "us" => n,
+        "ms" => n * 1e3,
+        "s" => n * 1e6,
+        "m" => n * 60e6,
+        u => bail!("unknown unit {u}"),
+    })
+}
+
+/// h2load over h2c (prior knowledge), one stream per connection as wrk has
+/// one request per connection; percentiles from its per-request log.
+async fn h2load(h2load: &Path, route: &Route, cfg: &Config, dir: &TempDir) -> anyhow::Result<Small> {
+    let log = dir.join("h2load.log");
+    let before = cpu_total(&route.pids);
+    let text = output(
+        Command::new(h2load)
+            .arg("-t2")
+            .arg(format!("-c{}", cfg.connections))
+            .arg("-m1")
+            .arg(format!("-D{}", cfg.duration.as_secs().max(1)))
+            .arg(format!("--log-file={}", log.display()))
+            .arg(format!("http://{}/small.txt", route.h2)),
+        "h2load",
+    )
+    .await?;
+    let cpu = cpu_total(&route.pids) - before;
+    let mut s = Small::default();
+    let mut requests = 0f64;
+    for line in text.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix("finished in ") {
+            // "finished in 15.00s, 41234.56 req/s, 5.12MB/s"
+            s.rps = rest.split(", ").nth(1).and_then(|v| v.strip_suffix(" req/s")?.parse().ok()).unwrap_or(0.0);
+        }
+        if let Some(rest) = line.strip_prefix("requests: ") {
+            // "requests: 600000 total, 600000 started, 600000 done, 599990 succeeded, 10 failed, ..."
+            let field = |name: &str| {
+                rest.split(", ").find_map(|f| f.strip_suffix(name)?.trim().parse::<f64>().ok()).unwrap_or(0.0)
+            };
+            requests = field(" succeeded");
+            s.errors = (field(" failed") + field(" errored") + field(" timeout")) as u64;
+        }
+    }
+    if s.rps <= 0.0 || requests <= 0.0 {
+        bail!("no req/s in h2load's output:\n{text}");
+    }
+    s.cpu_us = cpu.as_secs_f64() * 1e6 / requests;
+    let mut lat: Vec<f64> = std::fs::read_to_string(&log)?
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split('\t');
+            let (_, status, us) = (f.next()?, f.next()?, f.next()?);
+            (status == "200").then(|| us.parse().ok()).flatten()
+        })
+        .collect();
+    let _ = std::fs::remove_file(&log);
+    lat.sort_unstable_by(f64::total_cmp);
+    let pct = |p: usize| lat.get((lat.len() * p / 100).min(lat.len().saturating_sub(1))).copied().unwrap_or(0.0);
+    (s.p50_us, s.p99_us) = (pct(50), pct(99));
+    Ok(s)
+}
+
+/// One transfer of the big file with curl; MB/s.
+async fn curl(curl: &Path, route: &Route, h2: bool, up: bool, dir: &TempDir, size: u64) -> anyhow::Result<f64> {
+    let mut cmd = Command::new(curl);
+    cmd.args(["-sS", "-o", "/dev/null", "-H", "Expect:"]);
+    if h2 {
+        cmd.arg("--http2-prior-knowledge");
+    }
+    let addr = if h2 { route.h2 } else { route.h1 };
+    if up {
+        cmd.arg("-T").arg(dir.join("big.bin")).arg(format!("http://{}/upload", route.upload));
+        cmd.args(["-w", "%{http_code} %{size_upload} %{speed_upload}"]);
+    } else {
+        cmd.arg(format!("http://{addr}/big.bin"));
+        cmd.args(["-w", "%{http_code} %{size_download} %{speed_download}"]);
+    }
+    let text = output(&mut cmd, "curl").await?;
+    let f: Vec<&str> = text.split_whitespace().collect();
+    let (code, bytes, speed) = match f.as_slice() {
+        [c, b, s] => (*c, b.parse::<u64>()?, s.parse::<f64>()?),
+        _ => bail!("unexpected curl output {text:?}"),
+    };
+    if code != "200" || bytes != size {
+        bail!("{} {}: status {code}, {bytes} of {size} bytes", route.name, if up { "upload" } else { "download" });
+    }
+    Ok(speed / 1e6)
+}
+
+fn mib(kib: &[u64]) -> String {
+    if kib.is_empty() {
+        return "-".into();
+    }
+    kib.iter().map(|k| format!("{:.1}", *k as f64 / 1024.0)).collect::<Vec<_>>().join(" / ")
+}
+
+/// The race's markdown tables; the first route is direct nginx.
+fn tables(routes: &[Route], res: &[Results], cfg: &Config) -> String {
+    let mut t = String::new();
+    let base = &res[0];
+    let _ = writeln!(
+        t,
+        "\nSmall requests (100-byte file), {} connections, {:?} per route and protocol; wrk -t2 (HTTP/1.1 keep-alive), h2load -t2 -m1 (h2c).\nCPU: user + system time of the route's own processes (tunnel or rathole server + client) per request.\n",
+        cfg.connections, cfg.duration
+    );
+    let _ = writeln!(t, "| route | protocol | req/s | x direct | p50 ms | p99 ms | added p99 ms | errors | CPU µs/req |");
+    let _ = writeln!(t, "|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    for (proto, pick) in [("HTTP/1.1", (|r: &Results| r.h1.clone()) as fn(&Results) -> Small), ("h2c", |r| r.h2.clone())] {
+        let b = pick(base);
+        for (route, r) in routes.iter().zip(res) {
+            let s = pick(r);
+            let _ = writeln!(
+                t,
+                "| {} | {proto} | {:.0} | {:.2} | {:.2} | {:.2} | {:+.2} | {} | {} |",
+                route.name,
+                s.rps,
+                s.rps / b.rps,
+                s.p50_us / 1e3,
+                s.p99_us / 1e3,
+                (s.p99_us - b.p99_us) / 1e3,
+                s.errors,
+                if route.pids.is_empty() { "-".into() } else { format!("{:.1}", s.cpu_us) },
+            );
+        }
+    }
+    let _ = writeln!(t, "\nBulk: one transfer of {} MiB at a time with curl (MB/s; x direct in brackets).\n", cfg.bulk_size >> 20);
+    let _ = writeln!(t, "| route | HTTP/1.1 down | HTTP/1.1 up | h2c down | h2c up |");
+    let _ = writeln!(t, "|---|---:|---:|---:|---:|");
+    for (route, r) in routes.iter().zip(res) {
+        let cells: Vec<String> =
+            (0..4).map(|i| format!("{:.0} ({:.2})", r.bulk[i], r.bulk[i] / base.bulk[i].max(f64::MIN_POSITIVE))).collect();
+        let _ = writeln!(t, "| {} | {} |", route.name, cells.join(" | "));
+    }
+    let _ = writeln!(t, "\nMemory (MiB, server / client): RSS idle, peak after the small-request runs, peak after the transfers.\n");
+    let _ = writeln!(t, "| route | idle | peak, small requests | peak, transfers |");
+    let _ = writeln!(t, "|---|---:|---:|---:|");
+    for (route, r) in routes.iter().zip(res).skip(1) {
+        let _ = writeln!(t, "| {} | {} | {} | {} |", route.name, mib(&r.idle_kib), mib(&r.peak_small_kib), mib(&r.peak_bulk_kib));
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_wrk_output() {
+        let text = "Running 2s test @ http://127.0.0.1:1/small.txt\n  Latency Distribution\n     50%  301.00us\n     75%  1.20ms\n     99%    2.50ms\n  100 requests in 2.00s, 1.00MB read\n  Non-2xx or 3xx responses: 3\nRequests/sec:  50.00\n";
+        let s = parse_wrk(text, Duration::from_millis(1)).ok().unwrap_or_default();
+        assert_eq!((s.p50_us, s.p99_us, s.rps, s.errors), (301.0, 2500.0, 50.0, 3));
+        assert!((s.cpu_us - 10.0).abs() < 1e-9);
+    }
+}
