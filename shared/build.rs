@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(protos, ["../proto"])?;
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out.join("tunnel_descriptor.bin"), fds.encode_to_vec())?;
-    tonic_prost_build::configure().bytes(".").compile_fds(fds)?;
+    // Our codec: tonic's default buffers cost 16 KiB per idle call (src/codec.rs).
+    tonic_prost_build::configure().bytes(".").codec_path("crate::codec::TunnelCodec").compile_fds(fds)?;
     Ok(())
 }

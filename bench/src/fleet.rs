@@ -23,7 +23,8 @@ pub async fn run(bins: &Path, count: usize) -> anyhow::Result<()> {
     );
     let sc = dir.join("server.toml");
     std::fs::write(&sc, server_toml)?;
-    let server = spawn(&bins.join("tunnel-server"), &[OsStr::new("--config"), sc.as_os_str()], &dir.join("server.log"))?;
+    let server =
+        spawn(&bins.join("tunnel-server"), &[OsStr::new("--config"), sc.as_os_str()], &dir.join("server.log"))?;
     let pid = server.id().context("server pid")?;
     let own = std::process::id();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -84,7 +85,9 @@ pub async fn run(bins: &Path, count: usize) -> anyhow::Result<()> {
 
     let per = |a: u64, b: u64| (a.saturating_sub(b)) as f64 / count as f64;
     println!("\n{count} clients connected to one tunnel-server (split transport: a control stream and 2 data streams each, {streams} streams), connected in {:.1} s; {ok} of 200 requests through the fleet answered 200.\n", connect_time.as_secs_f64());
-    println!("| | server RSS | server peak | per client, server side | clients' process RSS | per client, client side |");
+    println!(
+        "| | server RSS | server peak | per client, server side | clients' process RSS | per client, client side |"
+    );
     println!("|---|---:|---:|---:|---:|---:|");
     println!(
         "| idle, no clients | {:.1} MiB | | | {:.1} MiB | |",

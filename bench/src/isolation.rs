@@ -3,9 +3,9 @@
 //! against the bench's upstream and reads the server's per-stream heartbeat
 //! figures through introspection.
 
-use crate::{load, lossy};
 use crate::procs::{self, free_port, TempDir};
 use crate::upstream;
+use crate::{load, lossy};
 use anyhow::{bail, Context as _};
 use std::net::SocketAddr;
 use std::path::Path;

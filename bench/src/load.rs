@@ -80,8 +80,8 @@ impl Config {
         if quick {
             Config {
                 quick,
-                duration: duration.unwrap_or(Duration::from_secs(2)),
-                settle: Duration::from_millis(1000),
+                duration: duration.unwrap_or(Duration::from_millis(1500)),
+                settle: Duration::from_millis(500),
                 bulk_parallel: 4,
                 bulk_size: 64 << 20,
                 slow_in_flight: 200,

@@ -29,7 +29,7 @@ pub struct Config {
 impl Config {
     /// The sizes, or small ones for `--quick`.
     pub fn new(quick: bool, duration: Option<Duration>, workers: Vec<usize>, no_rathole: bool) -> Self {
-        let (d, size) = if quick { (Duration::from_secs(2), 64 << 20) } else { (Duration::from_secs(15), 1 << 30) };
+        let (d, size) = if quick { (Duration::from_secs(1), 64 << 20) } else { (Duration::from_secs(15), 1 << 30) };
         Config { duration: duration.unwrap_or(d), connections: 64, bulk_size: size, workers, no_rathole }
     }
 }
@@ -45,7 +45,9 @@ struct Tools {
 
 impl Tools {
     fn find(no_rathole: bool) -> anyhow::Result<Tools> {
-        let need = |n: &str| which(n).with_context(|| format!("{n} not found: run bench/setup.sh to install the race's tools"));
+        let need = |n: &str| {
+            which(n).with_context(|| format!("{n} not found: run bench/setup.sh to install the race's tools"))
+        };
         Ok(Tools {
             nginx: need("nginx")?,
             wrk: need("wrk")?,
@@ -100,14 +102,8 @@ pub async fn run(bins: &Path, cfg: &Config) -> anyhow::Result<()> {
     write_big(&dir.join("big.bin"), cfg.bulk_size)?;
     let sink = upstream::start().await?;
     let (nginx, h1, h2) = start_nginx(&tools.nginx, &dir).await?;
-    let mut routes = vec![Route {
-        name: "direct nginx".into(),
-        h1,
-        h2,
-        upload: sink.addr,
-        pids: vec![],
-        _children: vec![nginx],
-    }];
+    let mut routes =
+        vec![Route { name: "direct nginx".into(), h1, h2, upload: sink.addr, pids: vec![], _children: vec![nginx] }];
     for &w in &cfg.workers {
         routes.push(start_tunnel(bins, &dir, w, h1, sink.addr).await?);
     }
@@ -135,7 +131,12 @@ pub async fn run(bins: &Path, cfg: &Config) -> anyhow::Result<()> {
     }
     for (n, (h2, up)) in [(false, false), (false, true), (true, false), (true, true)].into_iter().enumerate() {
         for (i, route) in routes.iter().enumerate() {
-            eprintln!("race: {} / {} {}", route.name, if h2 { "h2c" } else { "HTTP/1.1" }, if up { "upload" } else { "download" });
+            eprintln!(
+                "race: {} / {} {}",
+                route.name,
+                if h2 { "h2c" } else { "HTTP/1.1" },
+                if up { "upload" } else { "download" }
+            );
             results[i].bulk[n] = curl(&tools.curl, route, h2, up, &dir, cfg.bulk_size).await?;
         }
     }
@@ -206,7 +207,9 @@ http {{
     let errors = dir.join("nginx-error.log");
     let args = [OsStr::new("-e"), errors.as_os_str(), OsStr::new("-c"), path.as_os_str()];
     let child = spawn(nginx, &args, &dir.join("nginx.log"))?;
-    procs::wait_serving(h1, "/small.txt", Duration::from_secs(10)).await.context("nginx did not start (see its log)")?;
+    procs::wait_serving(h1, "/small.txt", Duration::from_secs(10))
+        .await
+        .context("nginx did not start (see its log)")?;
     Ok((child, h1, h2))
 }
 
@@ -248,10 +251,16 @@ timeout = "60s"
     let (sc, cc) = (dir.join(&format!("{tag}-server.toml")), dir.join(&format!("{tag}-client.toml")));
     std::fs::write(&sc, server_toml)?;
     std::fs::write(&cc, client_toml)?;
-    let server =
-        spawn(&bins.join("tunnel-server"), &[OsStr::new("--config"), sc.as_os_str()], &dir.join(&format!("{tag}-server.log")))?;
-    let client =
-        spawn(&bins.join("tunnel-client"), &[OsStr::new("--config"), cc.as_os_str()], &dir.join(&format!("{tag}-client.log")))?;
+    let server = spawn(
+        &bins.join("tunnel-server"),
+        &[OsStr::new("--config"), sc.as_os_str()],
+        &dir.join(&format!("{tag}-server.log")),
+    )?;
+    let client = spawn(
+        &bins.join("tunnel-client"),
+        &[OsStr::new("--config"), cc.as_os_str()],
+        &dir.join(&format!("{tag}-client.log")),
+    )?;
     let pids = [&server, &client].iter().filter_map(|c| c.id()).collect();
     if let Err(e) = procs::wait_serving(http, "/small.txt", Duration::from_secs(20)).await {
         let logs = [format!("{tag}-server.log"), format!("{tag}-client.log")].map(|l| procs::log_tail(&dir.join(&l)));
@@ -456,9 +465,12 @@ fn tables(routes: &[Route], res: &[Results], cfg: &Config) -> String {
         "\nSmall requests (100-byte file), {} connections, {:?} per route and protocol; wrk -t2 (HTTP/1.1 keep-alive), h2load -t2 -m1 (h2c).\nCPU: user + system time of the route's own processes (tunnel or rathole server + client) per request.\n",
         cfg.connections, cfg.duration
     );
-    let _ = writeln!(t, "| route | protocol | req/s | x direct | p50 ms | p99 ms | added p99 ms | errors | CPU µs/req |");
+    let _ =
+        writeln!(t, "| route | protocol | req/s | x direct | p50 ms | p99 ms | added p99 ms | errors | CPU µs/req |");
     let _ = writeln!(t, "|---|---|---:|---:|---:|---:|---:|---:|---:|");
-    for (proto, pick) in [("HTTP/1.1", (|r: &Results| r.h1.clone()) as fn(&Results) -> Small), ("h2c", |r| r.h2.clone())] {
+    for (proto, pick) in
+        [("HTTP/1.1", (|r: &Results| r.h1.clone()) as fn(&Results) -> Small), ("h2c", |r| r.h2.clone())]
+    {
         let b = pick(base);
         for (route, r) in routes.iter().zip(res) {
             let s = pick(r);
@@ -476,19 +488,34 @@ fn tables(routes: &[Route], res: &[Results], cfg: &Config) -> String {
             );
         }
     }
-    let _ = writeln!(t, "\nBulk: one transfer of {} MiB at a time with curl (MB/s; x direct in brackets).\n", cfg.bulk_size >> 20);
+    let _ = writeln!(
+        t,
+        "\nBulk: one transfer of {} MiB at a time with curl (MB/s; x direct in brackets).\n",
+        cfg.bulk_size >> 20
+    );
     let _ = writeln!(t, "| route | HTTP/1.1 down | HTTP/1.1 up | h2c down | h2c up |");
     let _ = writeln!(t, "|---|---:|---:|---:|---:|");
     for (route, r) in routes.iter().zip(res) {
-        let cells: Vec<String> =
-            (0..4).map(|i| format!("{:.0} ({:.2})", r.bulk[i], r.bulk[i] / base.bulk[i].max(f64::MIN_POSITIVE))).collect();
+        let cells: Vec<String> = (0..4)
+            .map(|i| format!("{:.0} ({:.2})", r.bulk[i], r.bulk[i] / base.bulk[i].max(f64::MIN_POSITIVE)))
+            .collect();
         let _ = writeln!(t, "| {} | {} |", route.name, cells.join(" | "));
     }
-    let _ = writeln!(t, "\nMemory (MiB, server / client): RSS idle, peak after the small-request runs, peak after the transfers.\n");
+    let _ = writeln!(
+        t,
+        "\nMemory (MiB, server / client): RSS idle, peak after the small-request runs, peak after the transfers.\n"
+    );
     let _ = writeln!(t, "| route | idle | peak, small requests | peak, transfers |");
     let _ = writeln!(t, "|---|---:|---:|---:|");
     for (route, r) in routes.iter().zip(res).skip(1) {
-        let _ = writeln!(t, "| {} | {} | {} | {} |", route.name, mib(&r.idle_kib), mib(&r.peak_small_kib), mib(&r.peak_bulk_kib));
+        let _ = writeln!(
+            t,
+            "| {} | {} | {} | {} |",
+            route.name,
+            mib(&r.idle_kib),
+            mib(&r.peak_small_kib),
+            mib(&r.peak_bulk_kib)
+        );
     }
     t
 }

@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod codec;
 pub mod config;
 pub mod frame;
 pub mod rules;

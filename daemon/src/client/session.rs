@@ -7,8 +7,8 @@ use super::upstream::{self, Upstreams};
 use super::ClientStatus;
 use crate::tunnel::exchange::{payload_name, Dispatched, ExchangeFailure, Exchanges, Role};
 use crate::tunnel::link::{
-    CONNECTION_WINDOW, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_MESSAGE, REGISTRATION_TIMEOUT, STREAM_WINDOW,
-    TCP_KEEPALIVE,
+    CONNECTION_WINDOW, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_FRAME_SIZE, MAX_MESSAGE, REGISTRATION_TIMEOUT,
+    STREAM_WINDOW, TCP_KEEPALIVE,
 };
 use crate::tunnel::outbound::Outbound;
 use anyhow::{bail, Context as _};
@@ -81,7 +81,8 @@ async fn connect(cfg: &ClientConfig) -> anyhow::Result<Channel> {
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .keep_alive_while_idle(true)
         .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW);
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE);
     // connect_timeout bounds TCP only; this bounds the HTTP/2 handshake too.
     tokio::time::timeout(cfg.connect_timeout, ep.connect())
         .await

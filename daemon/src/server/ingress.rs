@@ -45,7 +45,9 @@ pub async fn run(shared: Arc<Shared>, listener: TcpListener, stop: CancellationT
         .timer(TokioTimer::new())
         // A silent h2c peer is noticed and closed.
         .keep_alive_interval(Some(H2_KEEPALIVE))
-        .keep_alive_timeout(H2_KEEPALIVE);
+        .keep_alive_timeout(H2_KEEPALIVE)
+        // 64 KiB frames: a quarter of the per-frame work on h2c uploads.
+        .max_frame_size(64 << 10);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
         let (tcp, peer) = tokio::select! {
@@ -355,6 +357,16 @@ fn failure_reply(failure: &ExchangeFailure, upstream: &str) -> Response<ProxyBod
     }
 }
 
+/// A request id unique in this server's lifetime and across servers: a
+/// random per-process prefix and a counter, so that a request costs no
+/// random draw (a getrandom syscall per request, measured in issue 5).
+fn next_request_id() -> String {
+    static PREFIX: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| uuid::Uuid::new_v4().simple().to_string());
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{}-{n:x}", &PREFIX[..12])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -378,14 +390,4 @@ mod tests {
         assert_eq!(h["x-forwarded-host"], "app.localhost:8080");
         assert_eq!(h["x-forwarded-proto"], "http");
     }
-}
-
-/// A request id unique in this server's lifetime and across servers: a
-/// random per-process prefix and a counter, so that a request costs no
-/// random draw (a getrandom syscall per request, measured in issue 5).
-fn next_request_id() -> String {
-    static PREFIX: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| uuid::Uuid::new_v4().simple().to_string());
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    format!("{}-{n:x}", &PREFIX[..12])
 }

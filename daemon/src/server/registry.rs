@@ -85,8 +85,10 @@ struct StreamState {
     last_rtt_ms: i64,
     heartbeats: u64,
     /// The last HEARTBEAT_WINDOW one-way delays and round trips, ms.
-    delays: VecDeque<i64>,
-    rtts: VecDeque<i64>,
+    /// i32: a sample fits (24 days of ms) and a full window costs half the
+    /// memory, which counts with thousands of streams.
+    delays: VecDeque<i32>,
+    rtts: VecDeque<i32>,
 }
 
 /// Heartbeats kept per stream for delay statistics.
@@ -102,22 +104,22 @@ pub struct Percentiles {
 
 impl Percentiles {
     /// Nearest-rank percentiles of `samples`.
-    pub fn of(samples: &VecDeque<i64>) -> Self {
+    pub fn of(samples: &VecDeque<i32>) -> Self {
         if samples.is_empty() {
             return Percentiles { p50: -1, p99: -1, max: -1 };
         }
-        let mut v: Vec<i64> = samples.iter().copied().collect();
+        let mut v: Vec<i64> = samples.iter().map(|&s| i64::from(s)).collect();
         v.sort_unstable();
         let rank = |p: usize| v[((v.len() * p).div_ceil(100)).clamp(1, v.len()) - 1];
         Percentiles { p50: rank(50), p99: rank(99), max: v[v.len() - 1] }
     }
 }
 
-fn push_sample(window: &mut VecDeque<i64>, v: i64) {
+fn push_sample(window: &mut VecDeque<i32>, v: i64) {
     if window.len() == HEARTBEAT_WINDOW {
         window.pop_front();
     }
-    window.push_back(v);
+    window.push_back(v.clamp(i64::from(i32::MIN), i64::from(i32::MAX)) as i32);
 }
 
 struct ClientState {
@@ -568,9 +570,9 @@ mod tests {
     /// Nearest-rank percentiles over a window.
     #[test]
     fn percentiles() {
-        let w: VecDeque<i64> = (1..=100).collect();
+        let w: VecDeque<i32> = (1..=100).collect();
         assert_eq!(Percentiles::of(&w), Percentiles { p50: 50, p99: 99, max: 100 });
-        let w: VecDeque<i64> = [5].into_iter().collect();
+        let w: VecDeque<i32> = [5].into_iter().collect();
         assert_eq!(Percentiles::of(&w), Percentiles { p50: 5, p99: 5, max: 5 });
     }
 

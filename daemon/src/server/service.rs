@@ -5,8 +5,8 @@ use super::registry::{RegisterError, StreamHandle};
 use super::Shared;
 use crate::tunnel::exchange::{payload_name, ExchangeFailure, Exchanges, Role};
 use crate::tunnel::link::{
-    CONNECTION_WINDOW, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_MESSAGE, REGISTRATION_TIMEOUT, STREAM_WINDOW,
-    TCP_KEEPALIVE,
+    CONNECTION_WINDOW, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_FRAME_SIZE, MAX_MESSAGE, REGISTRATION_TIMEOUT,
+    STREAM_WINDOW, TCP_KEEPALIVE,
 };
 use crate::tunnel::outbound::{Outbound, ServerOutbound};
 use std::net::SocketAddr;
@@ -43,6 +43,7 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, stop: Cancellatio
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE)
         .add_service(svc)
         .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
         .await?;

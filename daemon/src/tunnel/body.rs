@@ -13,7 +13,7 @@ use std::task::{Context, Poll};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::{CancellationToken, PollSender};
 use tunnel_lib::frame::{self, RecvWindow, MAX_CHUNK};
-use tunnel_lib::proto::{self, tunnel_message::Payload, TunnelMessage};
+use tunnel_lib::proto::{self, tunnel_message::Payload};
 
 /// What the stream reader hands to a body's consumer.
 #[derive(Debug)]
@@ -36,7 +36,7 @@ pub struct InboundBody {
     request_id: String,
     /// Credit owed to the peer and not yet queued.
     grant: u32,
-    sender: PollSender<TunnelMessage>,
+    sender: PollSender<crate::tunnel::outbound::Queued>,
     done: bool,
     guard: Option<ExchangeGuard>,
     delivered: u64,
@@ -105,7 +105,7 @@ impl InboundBody {
                 let msg = self
                     .exchanges
                     .message(&self.request_id, Payload::WindowUpdate(proto::WindowUpdate { credit: self.grant }));
-                let _ = self.sender.send_item(msg);
+                let _ = self.sender.send_item(Box::new(msg));
                 self.grant = 0;
             }
             // The stream is gone; the peer will never need the credit.
