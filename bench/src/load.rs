@@ -107,7 +107,7 @@ impl Config {
     /// The loads, in words, for the table's caption.
     pub fn describe(&self) -> String {
         format!(
-            "bulk: {} downloads + {} uploads of {} MiB at a time; lossy link: bulk with {} ms added each way and {}% of packets dropped each way; slow+small: {} requests held {} ms by the upstream + {} small req/s; slow reader: {} downloads read at {} KB/s + {} small req/s.",
+            "bulk: {} downloads + {} uploads of {} MiB at a time; lossy link: bulk with {} ms added each way and {}% of packets dropped each way (1500-byte MTU); slow+small: {} requests held {} ms by the upstream + {} small req/s; slow reader: {} downloads read at {} KB/s + {} small req/s.",
             self.bulk_parallel,
             self.bulk_parallel,
             self.bulk_size >> 20,

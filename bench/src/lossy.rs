@@ -2,8 +2,10 @@
 //! server. This kernel has no `netem` qdisc, so the two are made apart: a
 //! relay in the bench delays every byte each way, and nftables, in a network
 //! namespace the bench creates and removes, drops packets at random on the
-//! relay's port. TCP therefore sees real loss and retransmits, but on a
-//! loopback round trip; the delay sits outside its congestion control.
+//! relay's port. The namespace's loopback has an Ethernet MTU (1500), so loss
+//! hits packets of a real link's size, not 64 KiB loopback super-packets.
+//! TCP therefore sees real loss and retransmits, but on a loopback round
+//! trip; the delay sits outside its congestion control.
 
 use crate::procs::{which, TempDir};
 use crate::{load, procs};
@@ -57,7 +59,11 @@ impl Relay {
             // Owned by the accept loop: aborting it ends every connection.
             let mut conns = tokio::task::JoinSet::new();
             loop {
-                let Ok((inbound, _)) = listener.accept().await else { continue };
+                let Ok((inbound, _)) = listener.accept().await else {
+                    // Out of descriptors, say: wait rather than spin.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
                 conns.spawn(async move {
                     let Ok(outbound) = TcpStream::connect(target).await else { return };
                     let _ = (inbound.set_nodelay(true), outbound.set_nodelay(true));
@@ -123,13 +129,39 @@ async fn ip(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Kills whatever still runs in `ns`, then removes it.
+async fn remove_netns(ns: &str) {
+    if let Ok(ip_bin) = which("ip").context("ip") {
+        if let Ok(out) = Command::new(ip_bin).args(["netns", "pids", ns]).output().await {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = Command::new("kill").args(["-9", pid]).output().await;
+            }
+        }
+    }
+    let _ = ip(&["netns", "del", ns]).await;
+}
+
+/// Removes namespaces left by benches that were killed before cleaning up.
+async fn remove_stale_netns() {
+    let Ok(entries) = std::fs::read_dir("/run/netns") else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix("tunnel-bench-") else { continue };
+        if !Path::new("/proc").join(pid).exists() {
+            remove_netns(&name).await;
+        }
+    }
+}
+
 async fn in_netns(bins: &Path, transport: &str, cfg: &load::Config) -> anyhow::Result<String> {
     which("nft").context("nft (nftables) not found")?;
+    remove_stale_netns().await;
     let ns = format!("tunnel-bench-{}", std::process::id());
     ip(&["netns", "add", &ns]).await.context("creating a network namespace (needs root)")?;
-    // Removed on every path out, including errors.
+    // Removed on every path out, including errors and an overrun, with
+    // whatever still runs inside (the re-executed bench's daemons).
     let result = async {
-        ip(&["-n", &ns, "link", "set", "lo", "up"]).await?;
+        ip(&["-n", &ns, "link", "set", "lo", "mtu", "1500", "up"]).await?;
         let dir = TempDir::new("netns")?;
         let rules = dir.join("loss.nft");
         std::fs::write(
@@ -162,6 +194,6 @@ async fn in_netns(bins: &Path, transport: &str, cfg: &load::Config) -> anyhow::R
         stdout.lines().find(|l| l.starts_with(&prefix)).map(str::to_string).context("no row from the namespace")
     }
     .await;
-    let _ = ip(&["netns", "del", &ns]).await;
+    remove_netns(&ns).await;
     result
 }

@@ -116,8 +116,9 @@ pub async fn run(bins: &Path, cfg: &Config) -> anyhow::Result<()> {
     for (r, route) in results.iter_mut().zip(&routes) {
         r.idle_kib = route.pids.iter().map(|&p| procs::status_kib(p, "VmRSS")).collect();
     }
-    // Alternate the routes inside each test so that drift in the machine's
-    // speed spreads over all of them rather than favouring one.
+    // Each test runs every route in turn, back to back, so that each ratio
+    // compares runs minutes apart at most; the two documented runs show the
+    // spread that remains.
     for (i, route) in routes.iter().enumerate() {
         eprintln!("race: {} / HTTP/1.1 small requests", route.name);
         results[i].h1 = wrk(&tools.wrk, route, cfg).await?;
@@ -170,6 +171,9 @@ async fn start_nginx(nginx: &Path, dir: &TempDir) -> anyhow::Result<(Child, Sock
     let conf = format!(
         r#"
 daemon off;
+# One process: the bench's kill then ends all of nginx (a master's workers
+# outlive a SIGKILLed master), and one worker as before.
+master_process off;
 worker_processes 1;
 pid {d}/nginx.pid;
 error_log {d}/nginx-error.log warn;
@@ -307,8 +311,12 @@ fn cpu_total(pids: &[u32]) -> Duration {
     pids.iter().map(|&p| procs::cpu_time(p)).sum()
 }
 
-async fn output(cmd: &mut Command, what: &str) -> anyhow::Result<String> {
-    let out = cmd.kill_on_drop(true).output().await.with_context(|| format!("running {what}"))?;
+/// Runs a load generator to the end, or kills it after `limit`.
+async fn output(cmd: &mut Command, what: &str, limit: Duration) -> anyhow::Result<String> {
+    let out = tokio::time::timeout(limit, cmd.kill_on_drop(true).output())
+        .await
+        .with_context(|| format!("{what} overran {limit:?}"))?
+        .with_context(|| format!("running {what}"))?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() {
         bail!("{what} failed: {}\n{text}", String::from_utf8_lossy(&out.stderr));
@@ -328,9 +336,10 @@ async fn wrk(wrk: &Path, route: &Route, cfg: &Config) -> anyhow::Result<Small> {
             .arg("--latency")
             .arg(format!("http://{}/small.txt", route.h1)),
         "wrk",
+        cfg.duration + Duration::from_secs(30),
     )
     .await?;
-    let cpu = cpu_total(&route.pids) - before;
+    let cpu = cpu_total(&route.pids).saturating_sub(before);
     parse_wrk(&text, cpu).with_context(|| format!("reading wrk's output:\n{text}"))
 }
 
@@ -344,7 +353,10 @@ fn parse_wrk(text: &str, cpu: Duration) -> anyhow::Result<Small> {
             (Some("99%"), Some(v)) => s.p99_us = wrk_duration_us(v)?,
             (Some("Requests/sec:"), Some(v)) => s.rps = v.parse()?,
             (Some("Non-2xx"), _) => s.errors += line.rsplit(' ').next().and_then(|n| n.parse().ok()).unwrap_or(1),
-            (Some("Socket"), Some("errors:")) => s.errors += 1,
+            // "Socket errors: connect 0, read 0, write 0, timeout 0"
+            (Some("Socket"), Some("errors:")) => {
+                s.errors += line.split(", ").filter_map(|f| f.rsplit(' ').next()?.parse::<u64>().ok()).sum::<u64>()
+            }
             _ => {}
         }
         if let Some(rest) = line.split_once(" requests in ") {
@@ -384,9 +396,10 @@ async fn h2load(h2load: &Path, route: &Route, cfg: &Config, dir: &TempDir) -> an
             .arg(format!("--log-file={}", log.display()))
             .arg(format!("http://{}/small.txt", route.h2)),
         "h2load",
+        cfg.duration + Duration::from_secs(30),
     )
     .await?;
-    let cpu = cpu_total(&route.pids) - before;
+    let cpu = cpu_total(&route.pids).saturating_sub(before);
     let mut s = Small::default();
     let mut requests = 0f64;
     for line in text.lines().map(str::trim) {
@@ -399,8 +412,9 @@ async fn h2load(h2load: &Path, route: &Route, cfg: &Config, dir: &TempDir) -> an
             let field = |name: &str| {
                 rest.split(", ").find_map(|f| f.strip_suffix(name)?.trim().parse::<f64>().ok()).unwrap_or(0.0)
             };
-            requests = field(" succeeded");
-            s.errors = (field(" failed") + field(" errored") + field(" timeout")) as u64;
+            // "failed" already counts the errored and timed-out ones.
+            requests = field(" done");
+            s.errors = field(" failed") as u64;
         }
     }
     if s.rps <= 0.0 || requests <= 0.0 {
@@ -425,7 +439,7 @@ async fn h2load(h2load: &Path, route: &Route, cfg: &Config, dir: &TempDir) -> an
 /// One transfer of the big file with curl; MB/s.
 async fn curl(curl: &Path, route: &Route, h2: bool, up: bool, dir: &TempDir, size: u64) -> anyhow::Result<f64> {
     let mut cmd = Command::new(curl);
-    cmd.args(["-sS", "-o", "/dev/null", "-H", "Expect:"]);
+    cmd.args(["-sS", "-o", "/dev/null", "-H", "Expect:", "--max-time", "300"]);
     if h2 {
         cmd.arg("--http2-prior-knowledge");
     }
@@ -437,7 +451,7 @@ async fn curl(curl: &Path, route: &Route, h2: bool, up: bool, dir: &TempDir, siz
         cmd.arg(format!("http://{addr}/big.bin"));
         cmd.args(["-w", "%{http_code} %{size_download} %{speed_download}"]);
     }
-    let text = output(&mut cmd, "curl").await?;
+    let text = output(&mut cmd, "curl", Duration::from_secs(310)).await?;
     let f: Vec<&str> = text.split_whitespace().collect();
     let (code, bytes, speed) = match f.as_slice() {
         [c, b, s] => (*c, b.parse::<u64>()?, s.parse::<f64>()?),
@@ -462,8 +476,9 @@ fn tables(routes: &[Route], res: &[Results], cfg: &Config) -> String {
     let base = &res[0];
     let _ = writeln!(
         t,
-        "\nSmall requests (100-byte file), {} connections, {:?} per route and protocol; wrk -t2 (HTTP/1.1 keep-alive), h2load -t2 -m1 (h2c).\nCPU: user + system time of the route's own processes (tunnel or rathole server + client) per request.\n",
-        cfg.connections, cfg.duration
+        "\nSmall requests (100-byte file), {} connections, {} s per route and protocol; wrk -t2 (HTTP/1.1 keep-alive), h2load -t2 -m1 (h2c).\nDirect h2c is nginx's own HTTP/2; the tunnel speaks HTTP/1.1 to nginx whatever the public protocol; rathole passes bytes to nginx's h2c port.\nCPU: user + system time of the route's own processes (tunnel or rathole server + client) per request.\n",
+        cfg.connections,
+        cfg.duration.as_secs().max(1)
     );
     let _ =
         writeln!(t, "| route | protocol | req/s | x direct | p50 ms | p99 ms | added p99 ms | errors | CPU µs/req |");
@@ -526,9 +541,9 @@ mod tests {
 
     #[test]
     fn reads_wrk_output() {
-        let text = "Running 2s test @ http://127.0.0.1:1/small.txt\n  Latency Distribution\n     50%  301.00us\n     75%  1.20ms\n     99%    2.50ms\n  100 requests in 2.00s, 1.00MB read\n  Non-2xx or 3xx responses: 3\nRequests/sec:  50.00\n";
+        let text = "Running 2s test @ http://127.0.0.1:1/small.txt\n  Latency Distribution\n     50%  301.00us\n     75%  1.20ms\n     99%    2.50ms\n  100 requests in 2.00s, 1.00MB read\n  Socket errors: connect 0, read 2, write 0, timeout 1\n  Non-2xx or 3xx responses: 3\nRequests/sec:  50.00\n";
         let s = parse_wrk(text, Duration::from_millis(1)).ok().unwrap_or_default();
-        assert_eq!((s.p50_us, s.p99_us, s.rps, s.errors), (301.0, 2500.0, 50.0, 3));
+        assert_eq!((s.p50_us, s.p99_us, s.rps, s.errors), (301.0, 2500.0, 50.0, 6));
         assert!((s.cpu_us - 10.0).abs() < 1e-9);
     }
 }

@@ -43,10 +43,17 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default cap of the client's reconnect backoff.
 pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(30);
 
-/// Runtime threads unless configured: a single-threaded runtime measured
-/// 20-30% less CPU per request than one thread per core, and more bulk
-/// throughput, on 2 cores (no cross-thread wake-ups; docs/benchmarks.md).
-pub const DEFAULT_WORKER_THREADS: usize = 1;
+/// Runtime threads unless configured: single-threaded (1) on machines with
+/// up to 2 cores, where it measured 20-30% less CPU per request and more bulk
+/// throughput than one thread per core (no cross-thread wake-ups;
+/// docs/benchmarks.md); one per core (0) on bigger machines, so that a busy
+/// server is not held to one core.
+pub fn default_worker_threads() -> usize {
+    match std::thread::available_parallelism() {
+        Ok(n) if n.get() > 2 => 0,
+        _ => 1,
+    }
+}
 
 /// A secret (token) whose Debug output is masked.
 #[derive(Clone, PartialEq, Eq, Deserialize)]
@@ -234,7 +241,7 @@ pub struct ServerSettings {
     /// Names this server in its acknowledgements (default: the host name).
     pub server_id: String,
     pub shutdown_grace: Duration,
-    /// Tokio worker threads; 0 = one per core, 1 (default) = single-threaded.
+    /// Tokio worker threads; 0 = one per core, 1 = single-threaded (default: see `default_worker_threads`).
     pub worker_threads: usize,
     pub max_streams_per_connection: u32,
     pub max_connections: usize,
@@ -304,7 +311,7 @@ impl ServerConfig {
             config_push: s.config_push,
             server_id: s.server_id.unwrap_or_else(default_host_name),
             shutdown_grace: s.shutdown_grace.map_or(DEFAULT_SHUTDOWN_GRACE, |d| d.0),
-            worker_threads: s.worker_threads.unwrap_or(DEFAULT_WORKER_THREADS),
+            worker_threads: s.worker_threads.unwrap_or_else(default_worker_threads),
             max_streams_per_connection: s.max_streams_per_connection.unwrap_or(DEFAULT_MAX_STREAMS_PER_CONNECTION),
             max_connections: s.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
             header_read_timeout: s.header_read_timeout.map_or(DEFAULT_HEADER_READ_TIMEOUT, |d| d.0),
@@ -560,7 +567,7 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     pub reconnect_max: Duration,
     pub shutdown_grace: Duration,
-    /// Tokio worker threads; 0 = one per core, 1 (default) = single-threaded.
+    /// Tokio worker threads; 0 = one per core, 1 = single-threaded (default: see `default_worker_threads`).
     pub worker_threads: usize,
     pub log: LogConfig,
     /// Upstream name to base URL (`http://host:port`).
@@ -622,7 +629,7 @@ impl ClientConfig {
             connect_timeout: raw.connect_timeout.map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0),
             reconnect_max: raw.reconnect_max.map_or(DEFAULT_RECONNECT_MAX, |d| d.0),
             shutdown_grace: raw.shutdown_grace.map_or(DEFAULT_SHUTDOWN_GRACE, |d| d.0),
-            worker_threads: raw.worker_threads.unwrap_or(DEFAULT_WORKER_THREADS),
+            worker_threads: raw.worker_threads.unwrap_or_else(default_worker_threads),
             log: raw.log,
             upstreams,
         })
