@@ -152,15 +152,18 @@ impl Outcome {
     }
 }
 
-type Body = BoxBody<Bytes, Infallible>;
+/// A request or response body of the bench's client.
+pub type Body = BoxBody<Bytes, Infallible>;
 
-fn client() -> Client<HttpConnector, Body> {
+/// A pooled HTTP/1.1 client with TCP_NODELAY.
+pub fn client() -> Client<HttpConnector, Body> {
     let mut c = HttpConnector::new();
     c.set_nodelay(true);
     Client::builder(TokioExecutor::new()).pool_max_idle_per_host(2048).build(c)
 }
 
-fn empty() -> Body {
+/// An empty body.
+pub fn empty() -> Body {
     Empty::new().boxed()
 }
 

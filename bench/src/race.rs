@@ -82,9 +82,14 @@ struct Small {
     cpu_us: f64,
 }
 
+/// Requests per second of the open-loop latency probe.
+const PACED_RATE: u32 = 1000;
+
 /// What one route measured.
 #[derive(Default, Clone)]
 struct Results {
+    /// Latency at a fixed rate, far below saturation.
+    paced: Small,
     h1: Small,
     h2: Small,
     /// MB/s for (h1 down, h1 up, h2 down, h2 up).
@@ -119,6 +124,10 @@ pub async fn run(bins: &Path, cfg: &Config) -> anyhow::Result<()> {
     // Each test runs every route in turn, back to back, so that each ratio
     // compares runs minutes apart at most; the two documented runs show the
     // spread that remains.
+    for (i, route) in routes.iter().enumerate() {
+        eprintln!("race: {} / {PACED_RATE} req/s, open loop", route.name);
+        results[i].paced = paced(route, cfg).await;
+    }
     for (i, route) in routes.iter().enumerate() {
         eprintln!("race: {} / HTTP/1.1 small requests", route.name);
         results[i].h1 = wrk(&tools.wrk, route, cfg).await?;
@@ -324,6 +333,51 @@ async fn output(cmd: &mut Command, what: &str, limit: Duration) -> anyhow::Resul
     Ok(text)
 }
 
+/// Open-loop latency: PACED_RATE requests a second, each on its own task and
+/// timed alone, over the bench's pooled keep-alive client. Under wrk's closed
+/// loop a route's latency is mostly queueing (connections / throughput); here
+/// the path is far from saturated, so the difference to direct is what the
+/// route itself adds to a request.
+async fn paced(route: &Route, cfg: &Config) -> Small {
+    let client = crate::load::client();
+    let url = format!("http://{}/small.txt", route.h1);
+    let mut tasks = tokio::task::JoinSet::new();
+    let start = tokio::time::Instant::now();
+    let deadline = start + cfg.duration;
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / PACED_RATE);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    while tokio::time::Instant::now() < deadline {
+        tick.tick().await;
+        let (c, url) = (client.clone(), url.clone());
+        tasks.spawn(async move {
+            let t = tokio::time::Instant::now();
+            let req = http::Request::get(url).body(crate::load::empty()).ok()?;
+            let r = tokio::time::timeout(Duration::from_secs(5), c.request(req)).await.ok()?.ok()?;
+            let ok = r.status().is_success();
+            http_body_util::BodyExt::collect(r.into_body()).await.ok()?;
+            ok.then(|| t.elapsed().as_secs_f64() * 1e6)
+        });
+    }
+    let mut lat = Vec::new();
+    let mut s = Small::default();
+    let drain = async {
+        while let Some(r) = tasks.join_next().await {
+            match r {
+                Ok(Some(us)) => lat.push(us),
+                _ => s.errors += 1,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(10), drain).await;
+    s.errors += tasks.len() as u64;
+    tasks.abort_all();
+    lat.sort_unstable_by(f64::total_cmp);
+    let pct = |p: usize| lat.get((lat.len() * p / 100).min(lat.len().saturating_sub(1))).copied().unwrap_or(0.0);
+    (s.p50_us, s.p99_us) = (pct(50), pct(99));
+    s.rps = lat.len() as f64 / cfg.duration.as_secs_f64();
+    s
+}
+
 /// wrk, 2 threads, `connections` keep-alive connections, with its latency
 /// distribution.
 async fn wrk(wrk: &Path, route: &Route, cfg: &Config) -> anyhow::Result<Small> {
@@ -502,6 +556,27 @@ fn tables(routes: &[Route], res: &[Results], cfg: &Config) -> String {
                 if route.pids.is_empty() { "-".into() } else { format!("{:.1}", s.cpu_us) },
             );
         }
+    }
+    let _ = writeln!(
+        t,
+        "\nAdded latency: {PACED_RATE} req/s at a fixed rate (open loop) for {} s per route, HTTP/1.1 keep-alive from the bench's client; each request timed alone.\n",
+        cfg.duration.as_secs_f64()
+    );
+    let _ = writeln!(t, "| route | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms | errors |");
+    let _ = writeln!(t, "|---|---:|---:|---:|---:|---:|---:|");
+    for (route, r) in routes.iter().zip(res) {
+        let (s, b) = (&r.paced, &base.paced);
+        let _ = writeln!(
+            t,
+            "| {} | {:.0} | {:.3} | {:.3} | {:+.3} | {:+.3} | {} |",
+            route.name,
+            s.rps,
+            s.p50_us / 1e3,
+            s.p99_us / 1e3,
+            (s.p50_us - b.p50_us) / 1e3,
+            (s.p99_us - b.p99_us) / 1e3,
+            s.errors
+        );
     }
     let _ = writeln!(
         t,

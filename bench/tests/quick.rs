@@ -109,6 +109,12 @@ fn race_against_nginx_prints_ratios() {
             assert_eq!(num(&r, 7), 0.0, "no request failed: {r:?}");
         }
     }
+    // Open-loop latency rows: route, req/s, p50, p99, added p50, added p99, errors.
+    let paced: Vec<_> = small.iter().filter(|r| r.len() == 7 && r[1].parse::<f64>().is_ok()).collect();
+    assert!(paced.len() >= 3, "open-loop rows of direct and both tunnels:\n{stdout}");
+    for r in paced {
+        assert!(num(r, 1) > 0.0 && num(r, 2) > 0.0 && num(r, 2) <= num(r, 3), "{r:?}");
+    }
     // Bulk rows: four MB/s figures, each with its ratio, all moved data.
     let bulk: Vec<_> = stdout.lines().filter(|l| l.starts_with("| tunnel") && l.matches('(').count() >= 5).collect();
     assert_eq!(bulk.len(), 2, "bulk rows of both tunnels:\n{stdout}");
