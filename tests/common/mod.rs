@@ -85,6 +85,11 @@ pub fn sha256_of_pattern(n: usize) -> String {
     hex(&h.finalize())
 }
 
+/// Microseconds since the Unix epoch.
+pub fn unix_micros() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}
+
 pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -124,6 +129,25 @@ async fn upstream_handler(
             let stream = tokio_stream::iter(pattern_chunks(n).map(|c| Ok::<_, Infallible>(Frame::data(c))));
             let mut r = Response::new(StreamBody::new(stream).boxed());
             r.headers_mut().insert("content-length", n.into());
+            r
+        }
+        "/events" => {
+            // Server-sent events, one every `every` ms, each stamped with the
+            // unix time in µs at which the upstream wrote it.
+            let (n, every) = (query(&req, "n").unwrap_or(5), query(&req, "every").unwrap_or(100));
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+            // Ends with the last event, or when the response is dropped (send fails).
+            tokio::spawn(async move {
+                for i in 0..n {
+                    tokio::time::sleep(Duration::from_millis(every)).await;
+                    let event = format!("id: {i}\ndata: {}\n\n", unix_micros());
+                    if tx.send(Ok(Frame::data(Bytes::from(event)))).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            let mut r = Response::new(StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)).boxed());
+            r.headers_mut().insert("content-type", "text/event-stream".parse().unwrap());
             r
         }
         "/upload-sha" => {
