@@ -376,3 +376,52 @@ async fn streamed_events_arrive_as_written() {
         server.stop().await;
     }
 }
+
+/// After the response head, an exchange with nothing moving either way for
+/// its rule's idle_timeout is closed (the public client sees the body cut,
+/// the server counts it); one that keeps moving lives on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_streams_are_closed_active_ones_live() {
+    let up = Upstream::start("web").await;
+    let rules = r#"
+[[rules]]
+path_prefix = "/"
+group = "demo"
+upstream = "web"
+timeout = "5s"
+idle_timeout = "300ms"
+"#;
+    let server = start_server(&server_toml("", rules), None).await;
+    let _client = TestClient::start(&client_toml(&server, "edge-1", "demo", "t-demo", "", &[("web", up.url())]));
+    server.wait_streams(3).await;
+    let c = http_client();
+
+    // Events 100 ms apart: never 300 ms of silence, so all of them arrive.
+    let got = send(&c, Request::get(server.url("/events?n=8&every=100")).body(empty()).unwrap()).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.text().matches("data: ").count(), 8, "an active stream is not cut: {}", got.text());
+
+    // The first event would come after 5 s: the head arrives, then silence.
+    let start = Instant::now();
+    let resp = tokio::time::timeout(
+        WAIT,
+        c.request(Request::get(server.url("/events?n=2&every=5000")).body(empty()).unwrap()),
+    )
+    .await
+    .expect("head in time")
+    .expect("response");
+    assert_eq!(resp.status(), 200);
+    let body = tokio::time::timeout(WAIT, resp.into_body().collect()).await.expect("the body ends in time");
+    let after = start.elapsed();
+    assert!(body.is_err(), "an idle stream ends in an error, not a complete-looking body");
+    // 300 ms of silence, found by a sweep every 500 ms; well before the first event.
+    assert!(after >= Duration::from_millis(300) && after < Duration::from_secs(3), "closed after {after:?}");
+    println!("idle exchange closed {after:?} after the request (idle_timeout 300ms)");
+    let counted = server.shared.exchanges_idle_closed.load(Ordering::SeqCst);
+    assert_eq!(counted, 1, "counted once");
+    eventually("no exchange left in flight", Duration::from_secs(3), || {
+        server.shared.registry.streams().iter().all(|s| s.in_flight == 0)
+    })
+    .await;
+    server.stop().await;
+}

@@ -43,6 +43,9 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default cap of the client's reconnect backoff.
 pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(30);
 
+/// Default silence after which a streamed response or upload is closed.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// Runtime threads unless configured: single-threaded (1) on machines with
 /// up to 2 cores, where it measured 20-30% less CPU per request and more bulk
 /// throughput than one thread per core (no cross-thread wake-ups;
@@ -205,6 +208,7 @@ struct RuleSection {
     group: Spanned<String>,
     upstream: Spanned<String>,
     timeout: Option<HumanDuration>,
+    idle_timeout: Option<HumanDuration>,
 }
 
 /// When a changed group config reaches connected clients.
@@ -413,6 +417,7 @@ impl ServerConfig {
                 group: group.to_string(),
                 upstream: upstream.to_string(),
                 timeout: r.timeout.map_or(DEFAULT_RULE_TIMEOUT, |d| d.0),
+                idle_timeout: r.idle_timeout.map_or(DEFAULT_IDLE_TIMEOUT, |d| d.0),
             });
             rule_lines.push(r.group.span().start);
         }

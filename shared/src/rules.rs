@@ -91,6 +91,8 @@ pub struct Rule {
     pub upstream: String,
     /// Bounds the wait for the upstream's response head.
     pub timeout: Duration,
+    /// After the head, an exchange silent in both directions this long is closed.
+    pub idle_timeout: Duration,
 }
 
 impl Rule {
@@ -164,6 +166,7 @@ mod tests {
             group: group.into(),
             upstream: "web".into(),
             timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(300),
         }
     }
 

@@ -64,6 +64,7 @@ pub fn json(m: &Model, now_ms: i64) -> Value {
             "in_flight": s.in_flight,
             "config_push": s.config_push,
             "streams_reaped": s.streams_reaped,
+            "exchanges_idle_closed": s.exchanges_idle_closed,
             "groups": s.groups.iter().map(|g| json!({
                 "name": g.name,
                 "config_version": g.config_version,

@@ -65,6 +65,7 @@ fn fixture() -> App {
         in_flight: 5,
         config_push: "auto".into(),
         streams_reaped: 1,
+        exchanges_idle_closed: 0,
     };
     let clients = ["edge-1", "edge-2"]
         .iter()

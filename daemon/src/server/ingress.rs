@@ -223,7 +223,7 @@ async fn forward(
     let mut opened = None;
     for _ in 0..3 {
         let Some(stream) = shared.registry.pick(&rule.group) else { break };
-        if let Some(x) = stream.exchanges.open(&request_id, window) {
+        if let Some(x) = stream.exchanges.open(&request_id, window, rule.idle_timeout) {
             opened = Some((stream, x));
             break;
         }
@@ -341,6 +341,7 @@ fn failure_reply(failure: &ExchangeFailure, upstream: &str) -> Response<ProxyBod
             reply(StatusCode::BAD_GATEWAY, format!("tunnel client cancelled the request: {r}"))
         }
         ExchangeFailure::Protocol(e) => reply(StatusCode::BAD_GATEWAY, format!("tunnel protocol error: {e}")),
+        ExchangeFailure::Idle(_) => reply(StatusCode::GATEWAY_TIMEOUT, failure.to_string()),
         ExchangeFailure::Peer { kind, message } => match kind {
             Kind::UpstreamTimeout => {
                 reply(StatusCode::GATEWAY_TIMEOUT, format!("upstream {upstream:?} timed out: {message}"))

@@ -107,6 +107,7 @@ fn server_info(shared: &Shared, clients: usize, streams: &HashMap<String, Stream
         in_flight: streams.values().map(|s| u64::from(s.in_flight)).sum(),
         config_push: cfg.server.config_push.to_string(),
         streams_reaped: shared.streams_reaped.load(std::sync::atomic::Ordering::Relaxed),
+        exchanges_idle_closed: shared.exchanges_idle_closed.load(std::sync::atomic::Ordering::Relaxed),
     }
 }
 

@@ -74,6 +74,8 @@ pub struct Shared {
     pub requests: RequestLog,
     /// Streams closed for an overdue heartbeat, since start.
     pub streams_reaped: AtomicU64,
+    /// Exchanges closed because nothing moved for their rule's idle_timeout.
+    pub exchanges_idle_closed: AtomicU64,
     /// The listeners' bound addresses, for introspection.
     pub addrs: OnceLock<(SocketAddr, SocketAddr, SocketAddr)>,
     /// Where the config came from, for reloads.
@@ -124,6 +126,7 @@ impl Server {
                 config: RwLock::new(Arc::new(config)),
                 requests: RequestLog::default(),
                 streams_reaped: AtomicU64::new(0),
+                exchanges_idle_closed: AtomicU64::new(0),
                 addrs: OnceLock::new(),
                 config_path,
                 registry: Registry::new(),
@@ -214,6 +217,13 @@ async fn reap(shared: Arc<Shared>, stop: CancellationToken) {
             shared.streams_reaped.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(stream = %h.stream_id, client = %h.client_id, group = %h.group, silent = ?age, "no heartbeat within the timeout: stream closed");
             h.cancel.cancel();
+        }
+        let now = std::time::Instant::now();
+        for h in shared.registry.handles() {
+            for id in h.exchanges.expire_idle(now) {
+                shared.exchanges_idle_closed.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(request_id = %id, stream = %h.stream_id, client = %h.client_id, "exchange idle past its rule's idle_timeout: closed");
+            }
         }
     }
 }

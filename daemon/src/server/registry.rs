@@ -380,6 +380,11 @@ impl Registry {
         best.map(|(h, _)| h.clone())
     }
 
+    /// Every registered stream's handle.
+    pub fn handles(&self) -> Vec<Arc<StreamHandle>> {
+        self.read().streams.values().map(|s| s.handle.clone()).collect()
+    }
+
     /// Removes and returns streams silent for longer than their group's timeout.
     pub fn reap(&self, timeout_of: impl Fn(&str) -> Duration) -> Vec<(Arc<StreamHandle>, Duration)> {
         let now = Instant::now();

@@ -236,6 +236,7 @@ where
             permit.forget();
             sent += chunk.len() as u64;
             exchanges.count_sent(chunk.len());
+            exchanges.touch(request_id);
             let msg = exchanges.message(request_id, Payload::Body(proto::BodyChunk { data: chunk }));
             // A wedged stream must not hold a cancelled exchange here.
             tokio::select! {

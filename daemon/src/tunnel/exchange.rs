@@ -7,6 +7,7 @@ use super::outbound::Outbound;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tunnel_lib::frame::{
@@ -29,6 +30,9 @@ pub enum ExchangeFailure {
     /// A frame broke the protocol.
     #[error("protocol error: {0}")]
     Protocol(FrameError),
+    /// Nothing moved either way for this long after the head.
+    #[error("idle for {0:?}: closed")]
+    Idle(std::time::Duration),
 }
 
 /// The server's wait for a response head.
@@ -53,6 +57,10 @@ struct Slot {
     credit: Arc<Semaphore>,
     cancel: CancellationToken,
     outbound_done: bool,
+    /// Server side: the rule's idle timeout, counted from the response head.
+    idle_timeout: Option<Duration>,
+    /// Last body frame either way (or the response head).
+    last_activity: Instant,
 }
 
 /// A request that arrived on the client side, to serve.
@@ -158,6 +166,8 @@ impl Exchanges {
             credit: credit.clone(),
             cancel: cancel.clone(),
             outbound_done: false,
+            idle_timeout: None,
+            last_activity: Instant::now(),
         };
         let io = ExchangeIo {
             request_id: request_id.to_string(),
@@ -201,11 +211,19 @@ impl Exchanges {
     }
 
     /// Server side: opens an exchange before its request head is sent; None
-    /// when the stream has already ended (the caller picks another).
-    pub fn open(self: &Arc<Self>, request_id: &str, window: u32) -> Option<(ExchangeIo, HeadReceiver)> {
+    /// when the stream has already ended (the caller picks another). Once
+    /// the response head is in, `expire_idle` closes it after `idle_timeout`
+    /// with nothing moving either way.
+    pub fn open(
+        self: &Arc<Self>,
+        request_id: &str,
+        window: u32,
+        idle_timeout: Duration,
+    ) -> Option<(ExchangeIo, HeadReceiver)> {
         let (mut slot, io) = self.new_slot(request_id, window, Phase::AwaitHead);
         let (head_tx, head_rx) = oneshot::channel();
         slot.head = Some(head_tx);
+        slot.idle_timeout = Some(idle_timeout);
         self.insert(request_id.to_string(), slot).then_some((io, head_rx))
     }
 
@@ -223,6 +241,39 @@ impl Exchanges {
             slots.remove(request_id);
             self.in_flight.fetch_sub(1, Ordering::Relaxed);
         }
+    }
+
+    /// Our side moved body data: the exchange is not idle.
+    pub fn touch(&self, request_id: &str) {
+        if let Some(s) = self.lock().get_mut(request_id) {
+            s.last_activity = Instant::now();
+        }
+    }
+
+    /// Closes every exchange past its response head that has moved nothing
+    /// either way for its idle timeout: its local body fails, the peer gets
+    /// a cancel. A sweep rather than a timer in the body, because a public
+    /// client that stops reading never polls its body. Returns the ids closed.
+    pub fn expire_idle(&self, now: Instant) -> Vec<String> {
+        let expired: Vec<(String, Duration)> = self
+            .lock()
+            .iter()
+            .filter_map(|(id, s)| {
+                let limit = s.idle_timeout?;
+                (s.phase != Phase::AwaitHead && now.saturating_duration_since(s.last_activity) >= limit)
+                    .then(|| (id.clone(), limit))
+            })
+            .collect();
+        for (id, limit) in &expired {
+            if let Some(slot) = self.remove(id) {
+                slot.cancel.cancel();
+                let failure = ExchangeFailure::Idle(*limit);
+                let reason = failure.to_string();
+                Self::deliver_failure(slot, failure);
+                self.send_ordered(self.message(id, Payload::Cancel(proto::Cancel { reason })));
+            }
+        }
+        expired.into_iter().map(|(id, _)| id).collect()
     }
 
     /// We give the exchange up: free it and tell the peer, if it was still open.
@@ -333,6 +384,7 @@ impl Exchanges {
                     }
                 }
                 let ends = head.end_of_stream;
+                slot.last_activity = Instant::now();
                 if ends {
                     let _ = slot.body.try_send(BodyEvent::End(None));
                 }
@@ -360,6 +412,7 @@ impl Exchanges {
                     drop(slots);
                     return self.protocol_error(&id, e);
                 }
+                slot.last_activity = Instant::now();
                 // Cannot be full: the buffer holds a whole window of minimum-cost frames.
                 if slot.body.try_send(BodyEvent::Data(chunk.data)).is_err() && !slot.body.is_closed() {
                     drop(slots);
