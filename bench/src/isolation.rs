@@ -6,12 +6,12 @@
 use crate::procs::{self, free_port, TempDir};
 use crate::upstream;
 use crate::{load, lossy};
-use anyhow::{bail, Context as _};
+use anyhow::bail;
+use std::ffi::OsStr;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tunnel_lib::introspection::WatchUpdate;
 
 /// What one cell measured.
@@ -67,26 +67,16 @@ timeout = "60s"
         let client_toml = format!(
             "server = \"http://{dial}\"\nclient_id = \"bench-client\"\ngroup = \"bench\"\ntoken = \"bench-token\"\ntransport = \"{transport}\"\nheartbeat_interval = \"1s\"\nshutdown_grace = \"1s\"\n[upstreams]\nup = \"http://{upstream}\"\n"
         );
-        let server_cfg = dir.0.join("server.toml");
-        let client_cfg = dir.0.join("client.toml");
+        let server_cfg = dir.join("server.toml");
+        let client_cfg = dir.join("client.toml");
         std::fs::write(&server_cfg, server_toml)?;
         std::fs::write(&client_cfg, client_toml)?;
-        let spawn = |bin: &str, cfg: &Path, log: &str| -> anyhow::Result<Child> {
-            let path = bins.join(bin);
-            let log = std::fs::File::create(dir.0.join(log))?;
-            Command::new(&path)
-                .arg("--config")
-                .arg(cfg)
-                .env("RUST_LOG", "warn")
-                .stdout(Stdio::null())
-                .stderr(log)
-                .kill_on_drop(true)
-                .spawn()
-                .with_context(|| format!("starting {}", path.display()))
+        let daemon = |bin: &str, cfg: &Path, log: &str| {
+            procs::spawn(&bins.join(bin), &[OsStr::new("--config"), cfg.as_os_str()], &dir.join(log))
         };
-        let mut children = vec![spawn("tunnel-server", &server_cfg, "server.log")?];
+        let mut children = vec![daemon("tunnel-server", &server_cfg, "server.log")?];
         // The client retries until the server listens.
-        children.push(spawn("tunnel-client", &client_cfg, "client.log")?);
+        children.push(daemon("tunnel-client", &client_cfg, "client.log")?);
         let want = if transport == "single" { 1 } else { 3 };
         let t = Tunnel { http, admin, children, _dir: dir };
         let deadline = Instant::now() + Duration::from_secs(20);

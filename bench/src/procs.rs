@@ -101,6 +101,21 @@ pub async fn wait_serving(addr: SocketAddr, path: &str, within: Duration) -> any
     }
 }
 
+/// `wait_serving`, failing with the tail of each of `logs` when it times out.
+pub async fn wait_serving_or_logs(
+    what: &str,
+    addr: SocketAddr,
+    path: &str,
+    within: Duration,
+    logs: &[PathBuf],
+) -> anyhow::Result<()> {
+    if let Err(e) = wait_serving(addr, path, within).await {
+        let tails: Vec<String> = logs.iter().map(|l| log_tail(l)).collect();
+        bail!("{what} did not come up: {e}\n{}", tails.join("\n"));
+    }
+    Ok(())
+}
+
 /// One HTTP/1.1 GET on a fresh connection; the response's status code.
 pub async fn get_status(addr: SocketAddr, path: &str) -> anyhow::Result<u16> {
     let io = async {

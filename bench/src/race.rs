@@ -264,21 +264,11 @@ timeout = "60s"
     let (sc, cc) = (dir.join(&format!("{tag}-server.toml")), dir.join(&format!("{tag}-client.toml")));
     std::fs::write(&sc, server_toml)?;
     std::fs::write(&cc, client_toml)?;
-    let server = spawn(
-        &bins.join("tunnel-server"),
-        &[OsStr::new("--config"), sc.as_os_str()],
-        &dir.join(&format!("{tag}-server.log")),
-    )?;
-    let client = spawn(
-        &bins.join("tunnel-client"),
-        &[OsStr::new("--config"), cc.as_os_str()],
-        &dir.join(&format!("{tag}-client.log")),
-    )?;
+    let logs = [dir.join(&format!("{tag}-server.log")), dir.join(&format!("{tag}-client.log"))];
+    let server = spawn(&bins.join("tunnel-server"), &[OsStr::new("--config"), sc.as_os_str()], &logs[0])?;
+    let client = spawn(&bins.join("tunnel-client"), &[OsStr::new("--config"), cc.as_os_str()], &logs[1])?;
     let pids = [&server, &client].iter().filter_map(|c| c.id()).collect();
-    if let Err(e) = procs::wait_serving(http, "/small.txt", Duration::from_secs(20)).await {
-        let logs = [format!("{tag}-server.log"), format!("{tag}-client.log")].map(|l| procs::log_tail(&dir.join(&l)));
-        bail!("the tunnel did not come up: {e}\n{}", logs.join("\n"));
-    }
+    procs::wait_serving_or_logs("the tunnel", http, "/small.txt", Duration::from_secs(20), &logs).await?;
     let name = if workers == 0 { "tunnel (workers = cores)".into() } else { format!("tunnel (workers = {workers})") };
     Ok(Route { name, h1: http, h2: http, upload: http, pids, _children: vec![server, client] })
 }
@@ -308,10 +298,8 @@ async fn start_rathole(
     let s = spawn(rathole, &[OsStr::new("--server"), sc.as_os_str()], &dir.join("rathole-server.log"))?;
     let c = spawn(rathole, &[OsStr::new("--client"), cc.as_os_str()], &dir.join("rathole-client.log"))?;
     let pids = [&s, &c].iter().filter_map(|c| c.id()).collect();
-    if let Err(e) = procs::wait_serving(h1, "/small.txt", Duration::from_secs(20)).await {
-        let logs = ["rathole-server.log", "rathole-client.log"].map(|l| procs::log_tail(&dir.join(l)));
-        bail!("rathole did not come up: {e}\n{}", logs.join("\n"));
-    }
+    let logs = [dir.join("rathole-server.log"), dir.join("rathole-client.log")];
+    procs::wait_serving_or_logs("rathole", h1, "/small.txt", Duration::from_secs(20), &logs).await?;
     procs::wait_serving(upload, "/small", Duration::from_secs(20)).await.context("rathole's sink service")?;
     Ok(Route { name: "rathole".into(), h1, h2, upload, pids, _children: vec![s, c] })
 }
