@@ -94,6 +94,7 @@ pub fn json(m: &Model, now_ms: i64) -> Value {
                 "queue_depth": s.queue_depth,
                 "queue_capacity": s.queue_capacity,
                 "in_flight": s.in_flight,
+                "upgraded": s.upgraded,
                 "requests": s.requests,
                 "bytes_to_client": s.bytes_to_client,
                 "bytes_from_client": s.bytes_from_client,

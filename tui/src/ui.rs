@@ -204,7 +204,7 @@ fn render_table(app: &App, f: &mut Frame, area: Rect) {
                         Constraint::Length(6),
                         Constraint::Length(6),
                         Constraint::Length(11),
-                        Constraint::Length(4),
+                        Constraint::Length(6),
                         Constraint::Length(6),
                         Constraint::Length(9),
                         Constraint::Length(9),
@@ -223,7 +223,7 @@ fn render_table(app: &App, f: &mut Frame, area: Rect) {
                         Constraint::Length(6),
                         Constraint::Length(6),
                         Constraint::Length(11),
-                        Constraint::Length(4),
+                        Constraint::Length(6),
                         Constraint::Length(8),
                     ],
                     body,
@@ -319,7 +319,12 @@ fn stream_row<'a>(app: &App, s: &StreamInfo, wide: bool) -> Row<'a> {
         q
     };
     cells.push(q);
-    cells.push(Cell::from(s.in_flight.to_string()));
+    // Upgraded connections (WebSocket...) are long-lived in-flight exchanges: marked so they read as such.
+    cells.push(if s.upgraded > 0 {
+        Cell::from(format!("{}^{}", s.in_flight, s.upgraded)).style(Style::new().fg(Color::Magenta))
+    } else {
+        Cell::from(s.in_flight.to_string())
+    });
     if wide {
         cells.push(Cell::from(s.requests.to_string()));
         cells.push(Cell::from(short_bytes(s.bytes_to_client)));
@@ -362,7 +367,7 @@ fn request_row<'a>(r: &RequestInfo, wide: bool) -> Row<'a> {
         Cell::from(clock(r.unix_ms)),
         Cell::from(r.method.clone()),
         Cell::from(r.host.clone()),
-        Cell::from(r.path.clone()),
+        Cell::from(if r.upgrade.is_empty() { r.path.clone() } else { format!("{} [{}]", r.path, r.upgrade) }),
         Cell::from(r.status.to_string()).style(status_style),
         Cell::from(short_duration(r.duration_ms as i64)),
         Cell::from(short_bytes(r.bytes_out)),
@@ -407,7 +412,13 @@ fn render_detail(app: &App, f: &mut Frame, area: Rect) {
                         s.delay_p50_ms, s.delay_p99_ms, s.delay_max_ms, s.rtt_p50_ms, s.rtt_p99_ms, s.rtt_max_ms
                     ),
                 ),
-                kv("queue", format!("{} of {} frames, {} in flight", s.queue_depth, s.queue_capacity, s.in_flight)),
+                kv(
+                    "queue",
+                    format!(
+                        "{} of {} frames, {} in flight ({} upgraded connections)",
+                        s.queue_depth, s.queue_capacity, s.in_flight, s.upgraded
+                    ),
+                ),
                 kv(
                     "traffic",
                     format!(
@@ -440,6 +451,7 @@ fn render_detail(app: &App, f: &mut Frame, area: Rect) {
         Some(RowRef::Request(r)) => vec![
             kv("request", format!("{} {}{}", r.method, r.host, r.path)),
             kv("status", format!("{} in {}", r.status, short_duration(r.duration_ms as i64))),
+            kv("upgrade", if r.upgrade.is_empty() { "-".into() } else { format!("{} (connection closed)", r.upgrade) }),
             kv("bytes", format!("{} in, {} out", short_bytes(r.bytes_in), short_bytes(r.bytes_out))),
             kv("via", format!("client {} stream {}", r.client_id, r.stream_id)),
             kv("trace", r.trace_id.clone()),
@@ -528,16 +540,18 @@ pub const HELP: &[(&str, &str)] = &[
 ];
 
 fn render_help(f: &mut Frame) {
-    let area = centered(f.area(), 62, HELP.len() as u16 + 4);
+    let area = centered(f.area(), 62, HELP.len() as u16 + 5);
     f.render_widget(Clear, area);
     let mut lines: Vec<Line> = HELP
         .iter()
         .map(|(k, v)| Line::from(vec![Span::styled(format!(" {k:<10} "), Style::new().fg(Color::Cyan)), Span::raw(*v)]))
         .collect();
     lines.push(Line::from(""));
-    lines.push(Line::from(Span::styled(
+    for note in [
         " heartbeat age: green fresh, yellow late, red near timeout",
-        Style::new().fg(Color::DarkGray),
-    )));
+        " INFL 3^1: 3 in flight, 1 of them upgraded (WebSocket...)",
+    ] {
+        lines.push(Line::from(Span::styled(note, Style::new().fg(Color::DarkGray))));
+    }
     f.render_widget(Paragraph::new(lines).block(Block::bordered().title(" Keys (any key closes) ")), area);
 }

@@ -38,6 +38,8 @@ fn stream(id: &str, client: &str, ty: StreamType, hb_age_ms: i64, depth: u32, in
         rtt_p50_ms: 2,
         rtt_p99_ms: 6,
         rtt_max_ms: 11,
+        // The busiest stream carries a WebSocket.
+        upgraded: u32::from(in_flight >= 3),
     }
 }
 
@@ -97,8 +99,8 @@ fn fixture() -> App {
             unix_ms: NOW - 60_000 + i as i64 * 1000,
             method: if i == 2 { "POST" } else { "GET" }.into(),
             host: "app.example.com".into(),
-            path: format!("/api/items/{i}"),
-            status: [200, 200, 201, 404, 502][i as usize],
+            path: if i == 1 { "/ws/chat".into() } else { format!("/api/items/{i}") },
+            status: [200, 101, 201, 404, 502][i as usize],
             duration_ms: 3 + i * 40,
             bytes_in: if i == 2 { 512 } else { 0 },
             bytes_out: 1024 * (i + 1),
@@ -106,6 +108,7 @@ fn fixture() -> App {
             stream_id: "1b2c3d4e-0000-4000-8000-000000000002".into(),
             trace_id: format!("4bf92f3577b34da6a3ce929d0e0e473{i}"),
             error: if i == 4 { "upstream \"web\" unreachable".into() } else { String::new() },
+            upgrade: if i == 1 { "websocket".into() } else { String::new() },
         })
         .collect();
     let u = WatchUpdate { full: true, server: Some(server), clients, streams, requests, ..Default::default() };

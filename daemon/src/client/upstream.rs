@@ -3,12 +3,13 @@
 
 use crate::tunnel::body::{send_body, InboundBody, SendError};
 use crate::tunnel::exchange::{ExchangeGuard, ExchangeIo, Exchanges, NewRequest};
+use crate::tunnel::upgrade;
 use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request, Uri};
+use http::{header, HeaderValue, Method, Request, StatusCode, Uri};
 use http_body_util::{Either, Empty};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -104,7 +105,17 @@ async fn forward(
             headers.insert(header::HOST, v);
         }
     }
-    let body = if head.end_of_stream { Either::Right(Empty::new()) } else { Either::Left(io.body) };
+    let ExchangeIo { request_id, credit, cancel, body: inbound } = io;
+    // An upgrade's body frames are the upgraded connection's, after a 101.
+    let upgrade = (!head.upgrade.is_empty()).then_some(head.upgrade.as_str());
+    let (body, held) = match upgrade {
+        Some(protocol) => {
+            upgrade::restore_headers(&mut headers, protocol);
+            (Either::Right(Empty::new()), Some(inbound))
+        }
+        None if head.end_of_stream => (Either::Right(Empty::new()), None),
+        None => (Either::Left(inbound), None),
+    };
     let mut req = Request::new(body);
     *req.method_mut() = method;
     *req.uri_mut() = uri;
@@ -127,6 +138,10 @@ async fn forward(
         Ok(Err(e)) => return Err(Failure(Kind::UpstreamFailed, source_chain(&e))),
         Ok(Ok(r)) => r,
     };
+    if let (Some(inbound), StatusCode::SWITCHING_PROTOCOLS) = (held, resp.status()) {
+        let io = ExchangeIo { request_id, credit, cancel, body: inbound };
+        return switch(exchanges, &head.upstream, resp, io).await;
+    }
     let (parts, body) = resp.into_parts();
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
@@ -135,8 +150,8 @@ async fn forward(
         status: u32::from(parts.status.as_u16()),
         headers: frame::headers_to_proto(&headers),
         end_of_stream,
+        upgrade: String::new(),
     };
-    let request_id = io.request_id;
     exchanges
         .outbound()
         .send_data(exchanges.message(&request_id, Payload::HttpResponse(resp_head)))
@@ -146,9 +161,50 @@ async fn forward(
         exchanges.finish_outbound(&request_id);
         return Ok(());
     }
-    match send_body(body, &request_id, &io.credit, &io.cancel, exchanges).await {
+    match send_body(body, &request_id, &credit, &cancel, exchanges).await {
         Ok(_) | Err(SendError::Cancelled) => Ok(()),
         Err(SendError::Body(e)) => Err(Failure(Kind::UpstreamFailed, format!("upstream response body failed: {e}"))),
+    }
+}
+
+/// The upstream switched protocols: answer 101, then carry the upgraded
+/// connection until both sides have closed it.
+async fn switch(
+    exchanges: &Arc<Exchanges>,
+    upstream: &str,
+    mut resp: http::Response<hyper::body::Incoming>,
+    io: ExchangeIo,
+) -> Result<(), Failure> {
+    let upgraded = hyper::upgrade::on(&mut resp)
+        .await
+        .map_err(|e| Failure(Kind::UpstreamFailed, format!("upstream {upstream:?} upgrade failed: {e}")))?;
+    let protocol = resp.headers().get(header::UPGRADE).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    let mut headers = resp.headers().clone();
+    strip_hop_by_hop(&mut headers);
+    let head = proto::HttpResponse {
+        status: u32::from(StatusCode::SWITCHING_PROTOCOLS.as_u16()),
+        headers: frame::headers_to_proto(&headers),
+        end_of_stream: false,
+        upgrade: protocol.clone(),
+    };
+    let request_id = io.request_id.clone();
+    exchanges
+        .outbound()
+        .send_data(exchanges.message(&request_id, Payload::HttpResponse(head)))
+        .await
+        .map_err(|_| Failure(Kind::ShuttingDown, "stream closed".into()))?;
+    exchanges.mark_upgraded(&request_id);
+    tracing::info!(request_id = %request_id, %upstream, %protocol, "upgraded connection open");
+    match upgrade::pipe(TokioIo::new(upgraded), io, exchanges).await {
+        Ok(m) => {
+            tracing::info!(request_id = %request_id, sent = m.sent, received = m.received, "upgraded connection closed");
+            Ok(())
+        }
+        Err(e) => {
+            tracing::info!(request_id = %request_id, "upgraded connection ended: {e}");
+            // The guard in `serve` tells the server.
+            Ok(())
+        }
     }
 }
 

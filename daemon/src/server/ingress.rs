@@ -4,7 +4,8 @@
 
 use super::Shared;
 use crate::tunnel::body::{send_body, SendError};
-use crate::tunnel::exchange::{ExchangeFailure, ExchangeGuard};
+use crate::tunnel::exchange::{ExchangeFailure, ExchangeGuard, ExchangeIo};
+use crate::tunnel::upgrade;
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
@@ -73,7 +74,7 @@ pub async fn run(shared: Arc<Shared>, listener: TcpListener, stop: CancellationT
             spoke_in_svc.store(true, Ordering::Relaxed);
             handle(shared.clone(), peer, req)
         });
-        let conn = builder.serve_connection(TokioIo::new(tcp), svc).into_owned();
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc).into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             tokio::pin!(conn);
@@ -114,6 +115,11 @@ pub async fn run(shared: Arc<Shared>, listener: TcpListener, stop: CancellationT
 /// Why the tunnel answered a request itself (kept with the response for the request log).
 #[derive(Clone)]
 struct LocalReason(String);
+
+/// Marks a 101 response: the upgraded connection's task writes the request
+/// log record when the connection closes.
+#[derive(Clone)]
+struct RecordedOnClose;
 
 /// A local answer: status and a one-line reason.
 fn reply(status: StatusCode, reason: impl Into<String>) -> Response<ProxyBody> {
@@ -185,6 +191,7 @@ async fn handle(
             });
             Either::Left(tunnel.on_finish(hook))
         }
+        Either::Right(local) if parts.extensions.remove::<RecordedOnClose>().is_some() => Either::Right(local),
         Either::Right(local) => {
             rec.duration_ms = started.elapsed().as_millis() as u64;
             rec.bytes_in = uploaded.load(Ordering::Relaxed);
@@ -197,9 +204,9 @@ async fn handle(
 }
 
 async fn forward(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     peer: SocketAddr,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     rec: &mut RequestInfo,
     uploaded: &Arc<AtomicU64>,
 ) -> Response<ProxyBody> {
@@ -236,6 +243,13 @@ async fn forward(
         );
     };
     let trace = trace_id(req.headers(), &request_id);
+    // An upgrade without a request body: its body frames will be the
+    // upgraded connection's. (With a body it goes as an ordinary request.)
+    let upgrade = match req.version() {
+        http::Version::HTTP_11 if hyper::body::Body::is_end_stream(req.body()) => upgrade::requested(req.headers()),
+        _ => None,
+    };
+    let on_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     rec.client_id = stream.client_id.clone();
     rec.stream_id = stream.stream_id.clone();
     rec.trace_id = trace.clone();
@@ -243,7 +257,7 @@ async fn forward(
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
     set_forwarded(&mut headers, peer, &authority);
-    let end_of_stream = hyper::body::Body::is_end_stream(&body);
+    let end_of_stream = upgrade.is_none() && hyper::body::Body::is_end_stream(&body);
     let head = proto::HttpRequest {
         method: parts.method.as_str().to_string(),
         path_and_query: parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string(),
@@ -255,6 +269,7 @@ async fn forward(
         end_of_stream,
         version: format!("{:?}", parts.version),
         window,
+        upgrade: upgrade.clone().unwrap_or_default(),
     };
     let exchanges = stream.exchanges.clone();
     // From here, dropping the guard (public client gone, timeout) cancels the exchange at the client.
@@ -271,6 +286,9 @@ async fn forward(
     }
     if end_of_stream {
         exchanges.finish_outbound(&request_id);
+    } else if upgrade.is_some() {
+        // The request direction stays open until the response says whether
+        // the connection switched.
     } else {
         let (ex, id, credit, cancel) = (exchanges.clone(), request_id.clone(), io.credit.clone(), io.cancel.clone());
         let uploaded = uploaded.clone();
@@ -308,6 +326,35 @@ async fn forward(
         }
     };
     strip_hop_by_hop(&mut resp_headers);
+    match (on_upgrade, status) {
+        (Some(on_upgrade), StatusCode::SWITCHING_PROTOCOLS) => {
+            let protocol = if resp_head.upgrade.is_empty() { upgrade.unwrap_or_default() } else { resp_head.upgrade };
+            upgrade::restore_headers(&mut resp_headers, &protocol);
+            rec.status = u32::from(status.as_u16());
+            rec.upgrade = protocol;
+            let carried = Upgrading { shared: shared.clone(), rec: rec.clone(), io, guard };
+            tokio::spawn(carried.run(on_upgrade));
+            let mut resp = Response::new(Either::Right(Full::new(Bytes::new())));
+            *resp.status_mut() = status;
+            *resp.headers_mut() = resp_headers;
+            resp.extensions_mut().insert(RecordedOnClose);
+            return resp;
+        }
+        (None, StatusCode::SWITCHING_PROTOCOLS) => {
+            exchanges.abandon(&request_id, "101 to a request that asked for no upgrade");
+            return reply(StatusCode::BAD_GATEWAY, "upstream switched protocols unasked");
+        }
+        (Some(_), _) => {
+            // Refused (any other status): an ordinary response, and the
+            // request, which had no body, ends here.
+            let end = exchanges.message(&request_id, Payload::End(proto::BodyEnd::default()));
+            if exchanges.outbound().send_data(end).await.is_err() {
+                return reply(StatusCode::BAD_GATEWAY, "tunnel client disconnected");
+            }
+            exchanges.finish_outbound(&request_id);
+        }
+        (None, _) => {}
+    }
     // HEAD, 204 and 304 responses have no body whatever their Content-Length says.
     let length = if ends {
         Some(0)
@@ -318,6 +365,48 @@ async fn forward(
     *resp.status_mut() = status;
     *resp.headers_mut() = resp_headers;
     resp
+}
+
+/// A public connection that switched protocols, to carry over its exchange.
+struct Upgrading {
+    shared: Arc<Shared>,
+    rec: RequestInfo,
+    io: ExchangeIo,
+    guard: ExchangeGuard,
+}
+
+impl Upgrading {
+    /// Waits for hyper to hand over the connection (after it wrote the 101),
+    /// carries it until both sides close it, then logs and records it.
+    async fn run(self, on_upgrade: hyper::upgrade::OnUpgrade) {
+        let Upgrading { shared, mut rec, io, guard } = self;
+        let exchanges = guard.exchanges().clone();
+        let request_id = io.request_id.clone();
+        let result = match on_upgrade.await {
+            Ok(upgraded) => {
+                exchanges.mark_upgraded(&request_id);
+                tracing::info!(request_id = %request_id, host = %rec.host, path = %rec.path, client = %rec.client_id, protocol = %rec.upgrade, "upgraded connection open");
+                upgrade::pipe(TokioIo::new(upgraded), io, &exchanges).await
+            }
+            Err(e) => Err(format!("public connection did not switch: {e}")),
+        };
+        match result {
+            Ok(moved) => {
+                rec.bytes_in = moved.sent;
+                rec.bytes_out = moved.received;
+                tracing::info!(request_id = %request_id, bytes_in = moved.sent, bytes_out = moved.received, "upgraded connection closed");
+                guard.disarm();
+            }
+            Err(e) => {
+                tracing::info!(request_id = %request_id, "upgraded connection ended: {e}");
+                rec.error = e;
+                // Dropping the guard cancels the exchange at the client.
+                drop(guard);
+            }
+        }
+        rec.duration_ms = u64::try_from(now_ms() - rec.unix_ms).unwrap_or(0);
+        shared.requests.record(rec);
+    }
 }
 
 fn timeout_reply(host: &str, path: &str, timeout: Duration) -> Response<ProxyBody> {

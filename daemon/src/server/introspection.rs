@@ -132,6 +132,7 @@ fn current(shared: &Shared) -> (HashMap<String, ClientInfo>, HashMap<String, Str
                 queue_depth: s.queue_depth as u32,
                 queue_capacity: s.queue_capacity as u32,
                 in_flight: s.in_flight as u32,
+                upgraded: s.upgraded as u32,
                 requests: s.requests,
                 bytes_to_client: s.bytes_to_client,
                 bytes_from_client: s.bytes_from_client,

@@ -161,6 +161,8 @@ pub struct StreamView {
     /// Client-measured round trip over the same window.
     pub rtt: Percentiles,
     pub in_flight: usize,
+    /// Of in_flight, upgraded connections.
+    pub upgraded: usize,
     pub requests: u64,
     pub bytes_to_client: u64,
     pub bytes_from_client: u64,
@@ -472,6 +474,7 @@ impl Registry {
                     delay: Percentiles::of(&s.delays),
                     rtt: Percentiles::of(&s.rtts),
                     in_flight: h.exchanges.in_flight(),
+                    upgraded: h.exchanges.upgraded(),
                     requests: h.exchanges.stats.exchanges.load(Ordering::Relaxed),
                     bytes_to_client: h.exchanges.stats.bytes_sent.load(Ordering::Relaxed),
                     bytes_from_client: h.exchanges.stats.bytes_received.load(Ordering::Relaxed),

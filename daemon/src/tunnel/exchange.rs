@@ -61,6 +61,8 @@ struct Slot {
     idle_timeout: Option<Duration>,
     /// Last body frame either way (or the response head).
     last_activity: Instant,
+    /// Switched protocols (101): its body frames are an upgraded connection.
+    upgraded: bool,
 }
 
 /// A request that arrived on the client side, to serve.
@@ -101,6 +103,8 @@ pub struct Exchanges {
     // std Mutex: held only for map updates, never across an await.
     slots: Mutex<HashMap<String, Slot>>,
     in_flight: AtomicUsize,
+    /// Of those, upgraded connections.
+    upgraded: AtomicUsize,
     /// Set when the stream ended: no new exchange may open on it.
     closed: AtomicBool,
     /// Totals, for introspection.
@@ -116,6 +120,7 @@ impl Exchanges {
         Arc::new(Exchanges {
             slots: Mutex::new(HashMap::new()),
             in_flight: AtomicUsize::new(0),
+            upgraded: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
             stats: StreamStats::default(),
             out,
@@ -127,6 +132,29 @@ impl Exchanges {
     /// Exchanges in flight.
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Upgraded connections in flight (they count in `in_flight` too).
+    pub fn upgraded(&self) -> usize {
+        self.upgraded.load(Ordering::Relaxed)
+    }
+
+    /// The exchange switched protocols: counted as upgraded until it ends.
+    pub fn mark_upgraded(&self, request_id: &str) {
+        if let Some(s) = self.lock().get_mut(request_id) {
+            if !s.upgraded {
+                s.upgraded = true;
+                self.upgraded.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Takes a slot that left the table out of the counts.
+    fn uncount(&self, slot: &Slot) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if slot.upgraded {
+            self.upgraded.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     /// The stream's outbound queues.
@@ -168,6 +196,7 @@ impl Exchanges {
             outbound_done: false,
             idle_timeout: None,
             last_activity: Instant::now(),
+            upgraded: false,
         };
         let io = ExchangeIo {
             request_id: request_id.to_string(),
@@ -204,8 +233,8 @@ impl Exchanges {
 
     fn remove(&self, request_id: &str) -> Option<Slot> {
         let slot = self.lock().remove(request_id);
-        if slot.is_some() {
-            self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if let Some(s) = &slot {
+            self.uncount(s);
         }
         slot
     }
@@ -238,8 +267,9 @@ impl Exchanges {
             None => false,
         };
         if done {
-            slots.remove(request_id);
-            self.in_flight.fetch_sub(1, Ordering::Relaxed);
+            if let Some(s) = slots.remove(request_id) {
+                self.uncount(&s);
+            }
         }
     }
 
@@ -324,8 +354,8 @@ impl Exchanges {
             self.closed.store(true, Ordering::Release);
             slots.drain().map(|(_, s)| s).collect()
         };
-        self.in_flight.fetch_sub(drained.len(), Ordering::Relaxed);
         for slot in drained {
+            self.uncount(&slot);
             slot.cancel.cancel();
             Self::deliver_failure(slot, failure.clone());
         }
@@ -541,6 +571,11 @@ impl ExchangeGuard {
     /// Guards `request_id` in `exchanges`.
     pub fn new(exchanges: Arc<Exchanges>, request_id: String) -> Self {
         ExchangeGuard { exchanges, request_id, armed: true }
+    }
+
+    /// The table the guarded exchange is in.
+    pub fn exchanges(&self) -> &Arc<Exchanges> {
+        &self.exchanges
     }
 
     /// The exchange completed: dropping the guard does nothing.

@@ -1,7 +1,9 @@
 //! Stream plumbing both daemons share: the outbound queues of a gRPC stream,
-//! the table of exchanges on it, and bodies crossing it under credit.
+//! the table of exchanges on it, and bodies and upgraded connections crossing
+//! it under credit.
 
 pub mod body;
 pub mod exchange;
 pub mod link;
 pub mod outbound;
+pub mod upgrade;

@@ -1,0 +1,107 @@
+//! An upgraded connection (101 Switching Protocols) carried by its exchange:
+//! bytes read from the local side leave as body frames under the exchange's
+//! credit, the peer's body frames are written to the local side, and the end
+//! of either direction is a half-close. Both daemons use it: the server with
+//! the public client's connection, the client with the upstream's.
+
+use super::body::{send_body, SendError};
+use super::exchange::{ExchangeIo, Exchanges};
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue};
+use http_body::Frame;
+use http_body_util::{BodyExt, StreamBody};
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio_stream::StreamExt;
+use tokio_util::io::ReaderStream;
+use tunnel_lib::frame::MAX_CHUNK;
+
+/// Bytes an upgraded connection moved.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Moved {
+    /// From the local side to the peer.
+    pub sent: u64,
+    /// From the peer to the local side.
+    pub received: u64,
+}
+
+/// The protocol an HTTP/1.1 request asks to switch to: its Upgrade header,
+/// when `Connection` names `upgrade`.
+pub fn requested(headers: &HeaderMap) -> Option<String> {
+    let asks = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if !asks {
+        return None;
+    }
+    let proto = headers.get(header::UPGRADE)?.to_str().ok()?.trim();
+    (!proto.is_empty()).then(|| proto.to_string())
+}
+
+/// Puts back the hop-by-hop headers of an upgrade (stripped in transit).
+pub fn restore_headers(headers: &mut HeaderMap, protocol: &str) {
+    if let Ok(v) = HeaderValue::from_str(protocol) {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, v);
+    }
+}
+
+/// Carries `local` over the exchange until both directions have ended, one
+/// fails, or the exchange is cancelled (idle, peer gone). On error the
+/// caller abandons the exchange.
+pub async fn pipe<T>(local: T, io: ExchangeIo, exchanges: &Arc<Exchanges>) -> Result<Moved, String>
+where
+    T: AsyncRead + AsyncWrite + Send,
+{
+    let ExchangeIo { request_id, credit, cancel, mut body } = io;
+    let (rd, mut wr) = tokio::io::split(local);
+    let outgoing = async {
+        // A read returns what has arrived, so small messages leave at once.
+        let frames = ReaderStream::with_capacity(rd, MAX_CHUNK).map(|r| r.map(Frame::data));
+        match send_body(StreamBody::new(frames), &request_id, &credit, &cancel, exchanges).await {
+            Ok(n) => Ok(n),
+            Err(SendError::Cancelled) => Err("exchange cancelled".to_string()),
+            Err(SendError::Body(e)) => Err(format!("reading the connection: {e}")),
+        }
+    };
+    let incoming = async {
+        let mut n = 0u64;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| e.to_string())?;
+            if let Ok(data) = frame.into_data() {
+                n += data.len() as u64;
+                write(&mut wr, data).await?;
+            }
+        }
+        // The peer half-closed: so do we.
+        wr.shutdown().await.map_err(|e| format!("closing the connection: {e}"))?;
+        Ok::<u64, String>(n)
+    };
+    let (sent, received) = tokio::try_join!(outgoing, incoming)?;
+    Ok(Moved { sent, received })
+}
+
+async fn write<W: AsyncWrite + Unpin>(wr: &mut W, data: Bytes) -> Result<(), String> {
+    wr.write_all(&data).await.map_err(|e| format!("writing the connection: {e}"))?;
+    wr.flush().await.map_err(|e| format!("writing the connection: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upgrade_needs_both_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert_eq!(requested(&h), None, "Upgrade without Connection: upgrade is not a request to switch");
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, Upgrade"));
+        assert_eq!(requested(&h).as_deref(), Some("websocket"));
+        let mut back = HeaderMap::new();
+        restore_headers(&mut back, "websocket");
+        assert_eq!(requested(&back).as_deref(), Some("websocket"));
+    }
+}
