@@ -553,7 +553,49 @@ struct ClientFile {
     #[serde(default)]
     log: LogConfig,
     #[serde(default)]
-    upstreams: BTreeMap<String, Spanned<String>>,
+    upstreams: BTreeMap<String, Spanned<RawUpstream>>,
+}
+
+/// An `[upstreams]` entry as written: a URL, or a table with options.
+enum RawUpstream {
+    Url(String),
+    Table(UpstreamTable),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpstreamTable {
+    url: String,
+    #[serde(default)]
+    http2: bool,
+}
+
+impl<'de> Deserialize<'de> for RawUpstream {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Entry;
+        impl<'de> serde::de::Visitor<'de> for Entry {
+            type Value = RawUpstream;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a URL string, or a table such as { url = \"http://127.0.0.1:50051\", http2 = true }")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawUpstream, E> {
+                Ok(RawUpstream::Url(v.to_string()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<RawUpstream, A::Error> {
+                UpstreamTable::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(RawUpstream::Table)
+            }
+        }
+        d.deserialize_any(Entry)
+    }
+}
+
+/// A local service the client forwards to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// Base URL, `http://host:port`.
+    pub url: http::Uri,
+    /// Speak HTTP/2 without TLS (h2c, prior knowledge) to it: gRPC services.
+    pub http2: bool,
 }
 
 /// The whole client configuration, checked.
@@ -575,8 +617,8 @@ pub struct ClientConfig {
     /// Tokio worker threads; 0 = one per core, 1 = single-threaded (default: see `default_worker_threads`).
     pub worker_threads: usize,
     pub log: LogConfig,
-    /// Upstream name to base URL (`http://host:port`).
-    pub upstreams: BTreeMap<String, http::Uri>,
+    /// Upstreams by name.
+    pub upstreams: BTreeMap<String, Upstream>,
 }
 
 impl ClientConfig {
@@ -619,9 +661,13 @@ impl ClientConfig {
             None => DEFAULT_DATA_STREAMS,
         };
         let mut upstreams = BTreeMap::new();
-        for (name, url) in &raw.upstreams {
-            let uri = parse_http_url(url.get_ref()).map_err(|m| src.at(url, format!("upstreams.{name}"), m))?;
-            upstreams.insert(name.clone(), uri);
+        for (name, entry) in &raw.upstreams {
+            let (url, http2) = match entry.get_ref() {
+                RawUpstream::Url(u) => (u, false),
+                RawUpstream::Table(t) => (&t.url, t.http2),
+            };
+            let url = parse_http_url(url).map_err(|m| src.at(entry, format!("upstreams.{name}"), m))?;
+            upstreams.insert(name.clone(), Upstream { url, http2 });
         }
         Ok(ClientConfig {
             server,
@@ -754,12 +800,31 @@ web = "http://127.0.0.1:3000"
 "#;
         let c = ClientConfig::from_str_named(text, "client.toml").expect("valid");
         assert_eq!(c.transport, Transport::SplitConnection);
-        assert_eq!(c.upstreams["web"].port_u16(), Some(3000));
+        assert_eq!(c.upstreams["web"].url.port_u16(), Some(3000));
+        assert!(!c.upstreams["web"].http2);
         let bad = text.replace("http://127.0.0.1:3000", "127.0.0.1:3000");
         let err = ClientConfig::from_str_named(&bad, "client.toml").expect_err("invalid").to_string();
         assert!(err.starts_with("client.toml:8: upstreams.web: "), "{err}");
         let bad = text.replace("split-connection", "carrier-pigeon");
         let err = ClientConfig::from_str_named(&bad, "client.toml").expect_err("invalid").to_string();
         assert!(err.starts_with("client.toml:6: transport: "), "{err}");
+        // The table form, for h2c (gRPC) upstreams.
+        let grpc = format!("{text}grpc = {{ url = \"http://127.0.0.1:50051\", http2 = true }}\n");
+        let c = ClientConfig::from_str_named(&grpc, "client.toml").expect("valid");
+        assert!(c.upstreams["grpc"].http2);
+        assert_eq!(c.upstreams["grpc"].url.port_u16(), Some(50051));
+        for (bad, want) in [
+            (
+                "grpc = { url = \"http://127.0.0.1:50051\", h2 = true }",
+                "client.toml:9: upstreams.grpc.h2: unknown field `h2`",
+            ),
+            ("grpc = { http2 = true }", "client.toml:9: upstreams.grpc: missing field `url`"),
+            ("grpc = 5", "client.toml:9: upstreams.grpc: invalid type: integer `5`, expected a URL string"),
+            ("grpc = { url = \"ftp://x:1\" }", "client.toml:9: upstreams.grpc: scheme \"ftp\""),
+        ] {
+            let err =
+                ClientConfig::from_str_named(&format!("{text}{bad}\n"), "client.toml").expect_err(bad).to_string();
+            assert!(err.starts_with(want), "{bad}: {err}");
+        }
     }
 }

@@ -148,7 +148,8 @@ impl Phase {
 }
 
 /// Headers a proxy must not forward (RFC 9110 7.6.1), plus those named in
-/// `Connection`.
+/// `Connection`. `TE: trailers` is kept: it is the one TE value HTTP/2
+/// allows, and gRPC servers rely on it to know the client takes trailers.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     use http::header;
     let named: Vec<HeaderName> = headers
@@ -161,6 +162,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for n in named {
         headers.remove(n);
     }
+    let te_trailers = headers.get_all(header::TE).iter().any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     for n in [
         header::CONNECTION,
         header::PROXY_AUTHENTICATE,
@@ -174,6 +176,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     headers.remove("keep-alive");
     headers.remove("proxy-connection");
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
 }
 
 /// Headers to their protobuf form, in order, repeated names kept.
@@ -274,9 +279,13 @@ mod tests {
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
         h.insert("x-kept", HeaderValue::from_static("1"));
+        h.insert("te", HeaderValue::from_static("gzip"));
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h["te"], "trailers", "gRPC's te: trailers passes");
     }
 
     #[test]

@@ -162,6 +162,23 @@ async fn upstream_handler(
             }
             Response::new(full(format!("{len} {}", hex(&h.finalize()))))
         }
+        "/trailers" => {
+            // The body back, then trailers: its length, and the request's
+            // x-checksum trailer as the upstream received it.
+            let mut body = req.into_body();
+            let (mut data, mut checksum) = (Vec::new(), None);
+            while let Some(Ok(f)) = body.frame().await {
+                match f.into_data() {
+                    Ok(d) => data.extend_from_slice(&d),
+                    Err(f) => checksum = f.into_trailers().ok().and_then(|t| t.get("x-checksum").cloned()),
+                }
+            }
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("x-body-bytes", data.len().into());
+            trailers.insert("x-got-checksum", checksum.unwrap_or_else(|| "none".parse().unwrap()));
+            let frames = vec![Ok::<_, Infallible>(Frame::data(Bytes::from(data))), Ok(Frame::trailers(trailers))];
+            Response::new(StreamBody::new(tokio_stream::iter(frames)).boxed())
+        }
         p if p.starts_with("/status/") => {
             let code: u16 = p["/status/".len()..].parse().unwrap_or(500);
             let mut r = Response::new(full(Bytes::new()));
@@ -375,7 +392,12 @@ pub fn client_toml(
         server.grpc
     );
     for (name, url) in upstreams {
-        s.push_str(&format!("{name} = \"{url}\"\n"));
+        if url.starts_with('{') {
+            // The table form, e.g. { url = "...", http2 = true }.
+            s.push_str(&format!("{name} = {url}\n"));
+        } else {
+            s.push_str(&format!("{name} = \"{url}\"\n"));
+        }
     }
     s
 }

@@ -13,7 +13,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tunnel_lib::frame::{self, strip_hop_by_hop};
+use tunnel_lib::config::Upstream;
+use tunnel_lib::frame::{self, strip_hop_by_hop, DEFAULT_EXCHANGE_WINDOW};
 use tunnel_lib::proto::{self, exchange_error::Kind, tunnel_message::Payload};
 
 /// Bound on connecting to an upstream.
@@ -22,33 +23,46 @@ const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Added to the server's timeout for our own.
 const TIMEOUT_BACKSTOP: Duration = Duration::from_secs(1);
+/// HTTP/2 pings on idle h2c upstream connections.
+const H2_KEEPALIVE: Duration = Duration::from_secs(20);
 /// Used when a request carries no timeout.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 type UpstreamBody = Either<InboundBody, Empty<Bytes>>;
 
-/// The client's upstreams by name, and one pooled HTTP client for all.
+/// The client's upstreams by name, and two connection pools: HTTP/1.1 and h2c.
 pub struct Upstreams {
-    urls: BTreeMap<String, Uri>,
-    http: Client<HttpConnector, UpstreamBody>,
+    targets: BTreeMap<String, Upstream>,
+    http1: Client<HttpConnector, UpstreamBody>,
+    /// One multiplexed HTTP/2 connection per upstream (gRPC services).
+    h2c: Client<HttpConnector, UpstreamBody>,
 }
 
 impl Upstreams {
     /// Upstreams from client.toml's `[upstreams]`.
-    pub fn new(urls: BTreeMap<String, Uri>) -> Arc<Self> {
+    pub fn new(targets: BTreeMap<String, Upstream>) -> Arc<Self> {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(UPSTREAM_CONNECT_TIMEOUT));
-        let http = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_timer(TokioTimer::new())
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder.pool_idle_timeout(POOL_IDLE_TIMEOUT).pool_timer(TokioTimer::new());
+        let http1 = builder.build(connector.clone());
+        let h2c = builder
+            .http2_only(true)
+            .timer(TokioTimer::new())
+            // A silently dead upstream connection is noticed, not waited on.
+            .http2_keep_alive_interval(H2_KEEPALIVE)
+            .http2_keep_alive_timeout(H2_KEEPALIVE)
+            // An exchange's window: HTTP/2's 64 KiB default would stall bulk streams.
+            .http2_initial_stream_window_size(DEFAULT_EXCHANGE_WINDOW)
+            .http2_initial_connection_window_size(4 * DEFAULT_EXCHANGE_WINDOW)
             .build(connector);
-        Arc::new(Upstreams { urls, http })
+        Arc::new(Upstreams { targets, http1, h2c })
     }
 
     /// The names, for config sync.
     pub fn names(&self) -> Vec<String> {
-        self.urls.keys().cloned().collect()
+        self.targets.keys().cloned().collect()
     }
 }
 
@@ -86,11 +100,12 @@ async fn forward(
     head: proto::HttpRequest,
     io: ExchangeIo,
 ) -> Result<(), Failure> {
-    let Some(base) = up.urls.get(&head.upstream) else {
+    let Some(target) = up.targets.get(&head.upstream) else {
         return Err(Failure(Kind::UnknownUpstream, format!("no upstream named {:?} in client.toml", head.upstream)));
     };
     let bad = |what: &str| Failure(Kind::Protocol, format!("invalid {what} in request head"));
     let method = Method::from_bytes(head.method.as_bytes()).map_err(|_| bad("method"))?;
+    let base = &target.url;
     let uri = Uri::builder()
         .scheme(base.scheme_str().unwrap_or("http"))
         .authority(base.authority().map_or("", |a| a.as_str()))
@@ -108,6 +123,10 @@ async fn forward(
     let ExchangeIo { request_id, credit, cancel, body: inbound } = io;
     // An upgrade's body frames are the upgraded connection's, after a 101.
     let upgrade = (!head.upgrade.is_empty()).then_some(head.upgrade.as_str());
+    if upgrade.is_some() && target.http2 {
+        let why = format!("upstream {:?} is HTTP/2 (h2c); an Upgrade needs an HTTP/1.1 upstream", head.upstream);
+        return Err(Failure(Kind::UpstreamFailed, why));
+    }
     let (body, held) = match upgrade {
         Some(protocol) => {
             upgrade::restore_headers(&mut headers, protocol);
@@ -125,7 +144,8 @@ async fn forward(
     // ours, a little later, only frees the upstream request if the cancel is lost.
     let timeout = if head.timeout_ms == 0 { DEFAULT_TIMEOUT } else { Duration::from_millis(head.timeout_ms) };
     let timeout = timeout + TIMEOUT_BACKSTOP;
-    let resp = match tokio::time::timeout(timeout, up.http.request(req)).await {
+    let pool = if target.http2 { &up.h2c } else { &up.http1 };
+    let resp = match tokio::time::timeout(timeout, pool.request(req)).await {
         Err(_) => {
             return Err(Failure(
                 Kind::UpstreamTimeout,
