@@ -5,12 +5,14 @@
 use crate::frame::{DEFAULT_EXCHANGE_WINDOW, MAX_EXCHANGE_WINDOW, MIN_EXCHANGE_WINDOW};
 use crate::proto;
 use crate::rules::{HostPattern, Rule, RuleProblem, RuleSet};
+use crate::tls::rustls;
 use crate::units::{ByteSize, HumanDuration};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 use toml::Spanned;
 
@@ -170,6 +172,24 @@ struct ServerFile {
     groups: Vec<GroupSection>,
     #[serde(default)]
     rules: Vec<RuleSection>,
+    #[serde(default)]
+    certificates: Vec<CertificateSection>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LinkTlsSection {
+    cert: Spanned<PathBuf>,
+    key: Spanned<PathBuf>,
+    client_ca: Option<Spanned<PathBuf>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CertificateSection {
+    hosts: Spanned<Vec<String>>,
+    cert: Spanned<PathBuf>,
+    key: Spanned<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -188,6 +208,8 @@ struct ServerSection {
     max_streams_per_connection: Option<u32>,
     max_connections: Option<usize>,
     header_read_timeout: Option<HumanDuration>,
+    https_listen: Option<Spanned<SocketAddr>>,
+    tls: Option<LinkTlsSection>,
 }
 
 #[derive(Deserialize)]
@@ -251,6 +273,36 @@ pub struct ServerSettings {
     pub max_connections: usize,
     /// A public connection must send a complete request head within this.
     pub header_read_timeout: Duration,
+    /// Public HTTPS listener (`[[certificates]]` chosen by SNI).
+    pub https_listen: Option<SocketAddr>,
+    /// TLS on `grpc_listen`; None = plaintext.
+    pub tls: Option<LinkTls>,
+}
+
+/// `[server.tls]`: TLS (and with `client_ca`, mTLS) on the tunnel link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkTls {
+    /// PEM chain, leaf first.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Clients must present a certificate signed by this CA.
+    pub client_ca: Option<PathBuf>,
+}
+
+impl LinkTls {
+    /// The rustls server settings, read from the files now.
+    pub fn load(&self) -> Result<Arc<crate::tls::rustls::ServerConfig>, crate::tls::TlsError> {
+        crate::tls::link_server_config(&self.cert, &self.key, self.client_ca.as_deref())
+    }
+}
+
+/// One `[[certificates]]` entry of the HTTPS ingress.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IngressCert {
+    /// Server names it serves: `example.com` or `*.example.com`.
+    pub hosts: Vec<HostPattern>,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// One group of clients and what the server manages for them.
@@ -274,6 +326,8 @@ pub struct ServerConfig {
     pub log: LogConfig,
     pub groups: Vec<GroupSettings>,
     pub rules: RuleSet,
+    /// HTTPS ingress certificates; the first is the default.
+    pub certificates: Vec<IngressCert>,
 }
 
 impl ServerConfig {
@@ -319,7 +373,38 @@ impl ServerConfig {
             max_streams_per_connection: s.max_streams_per_connection.unwrap_or(DEFAULT_MAX_STREAMS_PER_CONNECTION),
             max_connections: s.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
             header_read_timeout: s.header_read_timeout.map_or(DEFAULT_HEADER_READ_TIMEOUT, |d| d.0),
+            https_listen: s.https_listen.as_ref().map(|a| *a.get_ref()),
+            tls: match &s.tls {
+                None => None,
+                Some(t) => Some(check_link_tls(&src, t)?),
+            },
         };
+        let mut certificates = Vec::new();
+        for (i, c) in raw.certificates.iter().enumerate() {
+            let key = |k: &str| format!("certificates[{i}].{k}");
+            if c.hosts.get_ref().is_empty() {
+                return Err(src.at(&c.hosts, key("hosts"), "lists no host; e.g. [\"*.example.com\", \"example.com\"]"));
+            }
+            let hosts = c
+                .hosts
+                .get_ref()
+                .iter()
+                .map(|h| HostPattern::parse(h).map_err(|m| src.at(&c.hosts, key("hosts"), format!("{h:?}: {m}"))))
+                .collect::<Result<Vec<_>, _>>()?;
+            crate::tls::certified_key(c.cert.get_ref(), c.key.get_ref())
+                .map_err(|e| tls_error(&src, e, (&c.cert, &key("cert")), (&c.key, &key("key"))))?;
+            certificates.push(IngressCert { hosts, cert: c.cert.get_ref().clone(), key: c.key.get_ref().clone() });
+        }
+        match (&s.https_listen, certificates.is_empty()) {
+            (Some(a), true) => {
+                return Err(src.at(a, "server.https_listen", "needs at least one [[certificates]] entry to serve"))
+            }
+            (None, false) => {
+                let first = &raw.certificates[0].hosts;
+                return Err(src.at(first, "certificates[0]", "certificates are for HTTPS: set server.https_listen"));
+            }
+            _ => {}
+        }
 
         let mut groups = Vec::new();
         let mut names = BTreeSet::new();
@@ -433,7 +518,17 @@ impl ServerConfig {
             };
             return Err(src.error(Some(rule_lines[i]), format!("rules[{i}]"), msg));
         }
-        Ok(ServerConfig { server, log: raw.log, groups, rules })
+        Ok(ServerConfig { server, log: raw.log, groups, rules, certificates })
+    }
+
+    /// The HTTPS ingress's rustls settings, read from the files now; None without https_listen.
+    pub fn ingress_tls(&self) -> Result<Option<Arc<crate::tls::rustls::ServerConfig>>, crate::tls::TlsError> {
+        if self.server.https_listen.is_none() {
+            return Ok(None);
+        }
+        let certs: Vec<_> =
+            self.certificates.iter().map(|c| (c.hosts.clone(), c.cert.as_path(), c.key.as_path())).collect();
+        crate::tls::ingress_server_config(&certs).map(Some)
     }
 
     /// The group named `name`.
@@ -554,6 +649,28 @@ struct ClientFile {
     log: LogConfig,
     #[serde(default)]
     upstreams: BTreeMap<String, Spanned<RawUpstream>>,
+    tls: Option<Spanned<ClientTlsSection>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientTlsSection {
+    ca: Option<Spanned<PathBuf>>,
+    cert: Option<Spanned<PathBuf>>,
+    key: Option<Spanned<PathBuf>>,
+    server_name: Option<Spanned<String>>,
+}
+
+/// `[tls]` of client.toml: how to verify the server, and our certificate for mTLS.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ClientTls {
+    /// Trust this CA; None = the system's roots.
+    pub ca: Option<PathBuf>,
+    /// Our certificate chain and key, for servers that require mTLS.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// The name to verify, when it differs from the server URL's host.
+    pub server_name: Option<String>,
 }
 
 /// An `[upstreams]` entry as written: a URL, or a table with options.
@@ -619,6 +736,8 @@ pub struct ClientConfig {
     pub log: LogConfig,
     /// Upstreams by name.
     pub upstreams: BTreeMap<String, Upstream>,
+    /// TLS on the tunnel link: Some exactly when `server` is https://.
+    pub tls: Option<ClientTls>,
 }
 
 impl ClientConfig {
@@ -632,7 +751,16 @@ impl ClientConfig {
     pub fn from_str_named(text: &str, file: &str) -> Result<Self, ConfigError> {
         let src = Source { file, text };
         let raw: ClientFile = src.parse()?;
-        let server = parse_http_url(raw.server.get_ref()).map_err(|m| src.at(&raw.server, "server", m))?;
+        let server =
+            parse_url(raw.server.get_ref(), &["http", "https"]).map_err(|m| src.at(&raw.server, "server", m))?;
+        let tls = match (server.scheme_str() == Some("https"), &raw.tls) {
+            (false, Some(t)) => {
+                return Err(src.at(t, "tls", "is set but server is http://; use an https:// URL for TLS"))
+            }
+            (false, None) => None,
+            (true, None) => Some(ClientTls::default()),
+            (true, Some(t)) => Some(check_client_tls(&src, t.get_ref())?),
+        };
         let client_id = match &raw.client_id {
             Some(id) if id.get_ref().trim().is_empty() => {
                 return Err(src.at(id, "client_id", "is empty; omit it to use the host name"))
@@ -683,16 +811,82 @@ impl ClientConfig {
             worker_threads: raw.worker_threads.unwrap_or_else(default_worker_threads),
             log: raw.log,
             upstreams,
+            tls,
         })
     }
 }
 
-/// Checks an `http://host:port[/]` URL (TLS arrives with a later issue).
+/// Checks a `[server.tls]` section: the files exist, parse and belong together.
+fn check_link_tls(src: &Source, t: &LinkTlsSection) -> Result<LinkTls, ConfigError> {
+    let tls = LinkTls {
+        cert: t.cert.get_ref().clone(),
+        key: t.key.get_ref().clone(),
+        client_ca: t.client_ca.as_ref().map(|c| c.get_ref().clone()),
+    };
+    if let Some(ca) = &t.client_ca {
+        crate::tls::root_store(ca.get_ref()).map_err(|e| src.at(ca, "server.tls.client_ca", e.to_string()))?;
+    }
+    crate::tls::certified_key(&tls.cert, &tls.key)
+        .map_err(|e| tls_error(src, e, (&t.cert, "server.tls.cert"), (&t.key, "server.tls.key")))?;
+    Ok(tls)
+}
+
+/// Checks client.toml's `[tls]`: files that exist and parse, cert with key.
+fn check_client_tls(src: &Source, t: &ClientTlsSection) -> Result<ClientTls, ConfigError> {
+    if let Some(ca) = &t.ca {
+        crate::tls::root_store(ca.get_ref()).map_err(|e| src.at(ca, "tls.ca", e.to_string()))?;
+    }
+    match (&t.cert, &t.key) {
+        (Some(c), Some(k)) => {
+            crate::tls::certified_key(c.get_ref(), k.get_ref())
+                .map_err(|e| tls_error(src, e, (c, "tls.cert"), (k, "tls.key")))?;
+        }
+        (Some(c), None) => return Err(src.at(c, "tls.cert", "needs tls.key too")),
+        (None, Some(k)) => return Err(src.at(k, "tls.key", "needs tls.cert too")),
+        (None, None) => {}
+    }
+    if let Some(n) = &t.server_name {
+        if rustls::pki_types::ServerName::try_from(n.get_ref().as_str()).is_err() {
+            return Err(src.at(
+                n,
+                "tls.server_name",
+                format!("{:?} is not a valid DNS name or IP address", n.get_ref()),
+            ));
+        }
+    }
+    Ok(ClientTls {
+        ca: t.ca.as_ref().map(|c| c.get_ref().clone()),
+        cert: t.cert.as_ref().map(|c| c.get_ref().clone()),
+        key: t.key.as_ref().map(|c| c.get_ref().clone()),
+        server_name: t.server_name.as_ref().map(|n| n.get_ref().clone()),
+    })
+}
+
+/// A TLS file error at the key that names the file at fault.
+fn tls_error(
+    src: &Source,
+    e: crate::tls::TlsError,
+    cert: (&Spanned<PathBuf>, &str),
+    key: (&Spanned<PathBuf>, &str),
+) -> ConfigError {
+    let (at, name) = if e.path == key.0.get_ref().display().to_string() { key } else { cert };
+    src.at(at, name, e.to_string())
+}
+
+/// Checks an `http://host:port[/]` URL.
 fn parse_http_url(s: &str) -> Result<http::Uri, String> {
+    parse_url(s, &["http"])
+}
+
+/// Checks a `scheme://host:port[/]` URL with one of `schemes`.
+fn parse_url(s: &str, schemes: &[&str]) -> Result<http::Uri, String> {
     let uri: http::Uri = s.trim().parse().map_err(|e| format!("invalid URL {s:?}: {e}"))?;
     match uri.scheme_str() {
-        Some("http") => {}
-        Some(other) => return Err(format!("scheme {other:?} is not supported in {s:?}; use http://")),
+        Some(x) if schemes.contains(&x) => {}
+        Some(other) => {
+            let want = schemes.iter().map(|x| format!("{x}://")).collect::<Vec<_>>().join(" or ");
+            return Err(format!("scheme {other:?} is not supported in {s:?}; use {want}"));
+        }
         None => return Err(format!("{s:?} has no scheme; write e.g. \"http://127.0.0.1:3000\"")),
     }
     if uri.authority().is_none() {

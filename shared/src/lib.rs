@@ -7,6 +7,7 @@ pub mod codec;
 pub mod config;
 pub mod frame;
 pub mod rules;
+pub mod tls;
 pub mod units;
 
 /// Code generated from `proto/`, nested as the proto packages are, so that

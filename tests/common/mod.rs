@@ -298,6 +298,8 @@ pub async fn config_version(status: &mut watch::Receiver<ClientStatus>, f: impl 
 /// A running server on loopback port 0.
 pub struct TestServer {
     pub http: SocketAddr,
+    /// Served only when the config sets https_listen (any value: the test's port is used).
+    pub https: SocketAddr,
     pub grpc: SocketAddr,
     pub admin: SocketAddr,
     pub shared: Arc<Shared>,
@@ -311,11 +313,12 @@ pub async fn start_server(toml: &str, config_path: Option<PathBuf>) -> TestServe
     let cfg = ServerConfig::from_str_named(toml, "test server.toml").expect("valid test config");
     let listeners = Listeners::ephemeral().await.unwrap();
     let (http, grpc, admin) = listeners.addrs().unwrap();
+    let https = listeners.https_addr().unwrap().expect("ephemeral listeners include https");
     let server = Server::new(cfg, config_path.clone());
     let shared = server.shared();
     let stop = CancellationToken::new();
     let task = tokio::spawn(server.run(listeners, stop.clone().cancelled_owned()));
-    TestServer { http, grpc, admin, shared, config_path, stop, task }
+    TestServer { http, https, grpc, admin, shared, config_path, stop, task }
 }
 
 impl TestServer {

@@ -82,6 +82,9 @@ impl Client {
         tracing::info!(server = %self.config.server, client = %self.config.client_id, group = %self.config.group, transport = %self.config.transport, upstreams = ?upstreams.names(), "tunnel-client starting");
         let runner = async {
             let mut backoff = Backoff::new(self.config.reconnect_max);
+            // A failure that repeats word for word is logged once per backoff
+            // cap, so a server that is down does not flood the log.
+            let mut last_failure: Option<(String, Instant)> = None;
             loop {
                 let started = Instant::now();
                 self.status.send_modify(|s| s.sessions += 1);
@@ -96,8 +99,22 @@ impl Client {
                 }
                 let delay = backoff.step();
                 match result {
-                    Ok(()) => tracing::info!(retry_in = ?delay, "session ended; reconnecting"),
-                    Err(e) => tracing::warn!(retry_in = ?delay, "session failed: {e:#}"),
+                    Ok(()) => {
+                        last_failure = None;
+                        tracing::info!(retry_in = ?delay, "session ended; reconnecting");
+                    }
+                    Err(e) => {
+                        let text = format!("{e:#}");
+                        let repeat = last_failure.as_ref().is_some_and(|(t, at)| {
+                            *t == text && at.elapsed() < self.config.reconnect_max + Duration::from_secs(1)
+                        });
+                        if repeat {
+                            tracing::debug!(retry_in = ?delay, "session failed again: {text}");
+                        } else {
+                            tracing::warn!(retry_in = ?delay, "session failed: {text}");
+                            last_failure = Some((text, Instant::now()));
+                        }
+                    }
                 }
                 tokio::select! {
                     _ = stop.cancelled() => return,

@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::Request;
-use tunnel_lib::config::{ClientConfig, Transport};
+use tunnel_lib::config::{ClientConfig, ClientTls, Transport};
 use tunnel_lib::frame::now_ms;
 use tunnel_lib::proto::exchange_error::Kind as ErrorKind;
 use tunnel_lib::proto::tunnel_service_client::TunnelServiceClient;
@@ -59,6 +59,8 @@ struct Session {
     live: Mutex<HashMap<String, Arc<Exchanges>>>,
     /// Set once a drain starts: closed streams are not reopened.
     draining: AtomicBool,
+    /// The first stream failure: why the session ended.
+    failure: Mutex<Option<String>>,
 }
 
 /// What a stream does.
@@ -73,7 +75,7 @@ enum Kind {
 }
 
 async fn connect(cfg: &ClientConfig) -> anyhow::Result<Channel> {
-    let ep = Endpoint::from(cfg.server.clone())
+    let mut ep = Endpoint::from(cfg.server.clone())
         .connect_timeout(cfg.connect_timeout)
         .tcp_nodelay(true)
         .tcp_keepalive(Some(TCP_KEEPALIVE))
@@ -83,11 +85,71 @@ async fn connect(cfg: &ClientConfig) -> anyhow::Result<Channel> {
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME_SIZE);
+    if let Some(tls) = &cfg.tls {
+        ep = ep.tls_config(client_tls(&cfg.server, tls)?).context("TLS settings")?;
+    }
     // connect_timeout bounds TCP only; this bounds the HTTP/2 handshake too.
-    tokio::time::timeout(cfg.connect_timeout, ep.connect())
+    let connected = tokio::time::timeout(cfg.connect_timeout, ep.connect())
         .await
-        .map_err(|_| anyhow::anyhow!("no connection to {} within {:?}", cfg.server, cfg.connect_timeout))?
-        .with_context(|| format!("connecting to {}", cfg.server))
+        .map_err(|_| anyhow::anyhow!("no connection to {} within {:?}", cfg.server, cfg.connect_timeout))?;
+    connected
+        .map_err(|e| anyhow::anyhow!("connecting to {}: {}", cfg.server, explain_link_error(&e, cfg.tls.is_some())))
+}
+
+/// tonic's TLS settings from client.toml's `[tls]`. The files are read at
+/// every connection, so renewed certificates apply at the next reconnect.
+fn client_tls(server: &http::Uri, tls: &ClientTls) -> anyhow::Result<ClientTlsConfig> {
+    let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    let mut c = ClientTlsConfig::new();
+    c = match &tls.ca {
+        Some(ca) => c.ca_certificate(Certificate::from_pem(read(ca)?)),
+        None => c.with_native_roots(),
+    };
+    if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
+        c = c.identity(Identity::from_pem(read(cert)?, read(key)?));
+    }
+    if let Some(name) = tls.server_name.as_deref().or(server.host()) {
+        c = c.domain_name(name);
+    }
+    Ok(c)
+}
+
+/// A failed connection or stream in an operator's words: the cause chain on
+/// one line, with what to check when the cause is a TLS mismatch.
+fn explain_link_error(e: &(dyn std::error::Error + 'static), tls: bool) -> String {
+    // A Status displays as a debug dump; its message and causes read better.
+    let mut chain = match e.downcast_ref::<tonic::Status>() {
+        Some(status) => status.message().to_string(),
+        None => e.to_string(),
+    };
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let s = c.to_string();
+        if !chain.contains(&s) {
+            chain.push_str(": ");
+            chain.push_str(&s);
+        }
+        cur = c.source();
+    }
+    let lower = chain.to_ascii_lowercase();
+    let hint = if lower.contains("connection refused") {
+        ""
+    } else if tls && lower.contains("certificaterequired") {
+        " (the server requires a client certificate: set [tls] cert and key, signed by its client_ca)"
+    } else if tls && (lower.contains("corrupt message") || lower.contains("invalidcontenttype")) {
+        " (the server answered without TLS: is [server.tls] off there? then use an http:// URL)"
+    } else if tls && lower.contains("invalid peer certificate") {
+        " (check [tls] ca, and server_name against the names in the server's certificate)"
+    } else if tls && lower.contains("alert") {
+        " (the server refused our TLS: is our certificate ([tls] cert) signed by its client_ca and still valid?)"
+    } else if tls && (lower.contains("eof") || lower.contains("closed") || lower.contains("reset")) {
+        " (the server closed the connection during the TLS handshake: is TLS on there ([server.tls])?)"
+    } else if !tls {
+        " (if the server's link has TLS on, the server URL must be https://)"
+    } else {
+        ""
+    };
+    format!("{chain}{hint}")
 }
 
 /// Runs one session until the connection is lost (error) or `stop` fires
@@ -117,9 +179,11 @@ pub async fn run(
         cancel: CancellationToken::new(),
         live: Mutex::new(HashMap::new()),
         draining: AtomicBool::new(false),
+        failure: Mutex::new(None),
         cfg,
     });
-    tracing::info!(session = %session.id, "connected");
+    // Debug: with a server that refuses us after connecting, this repeats every retry.
+    tracing::debug!(session = %session.id, "connected");
     let mut tasks = JoinSet::new();
     match session.cfg.transport {
         Transport::Single => {
@@ -131,7 +195,10 @@ pub async fn run(
         }
     }
     let result = tokio::select! {
-        _ = session.cancel.cancelled() => Err(anyhow::anyhow!("connection lost")),
+        _ = session.cancel.cancelled() => {
+            let first = session.failure.lock().unwrap_or_else(|e| e.into_inner()).take();
+            Err(anyhow::anyhow!(first.unwrap_or_else(|| "connection lost".into())))
+        }
         _ = stop.cancelled() => {
             drain(&session).await;
             Ok(())
@@ -221,7 +288,10 @@ async fn stream_task(session: Arc<Session>, channel: Channel, kind: Kind, retire
             Ok(_) => {}
             Err(e) => {
                 if !session.cancel.is_cancelled() {
-                    tracing::warn!(kind = ?kind, "stream failed: {e:#}");
+                    // The session's error: the caller logs it, once per repeat window.
+                    let text = format!("{kind:?} stream failed: {e:#}");
+                    tracing::debug!("{text}");
+                    session.failure.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(text);
                 }
             }
         }
@@ -334,7 +404,10 @@ async fn run_stream(
         Ok(Err(status)) if status.code() == tonic::Code::Unauthenticated => {
             bail!("server refused our token for group {:?}: {}", session.cfg.group, status.message())
         }
-        Ok(Err(status)) => bail!("server refused the stream: {} ({:?})", status.message(), status.code()),
+        Ok(Err(status)) => {
+            let tls = session.cfg.tls.is_some();
+            bail!("server refused the stream ({:?}): {}", status.code(), explain_link_error(&status, tls))
+        }
         Ok(Ok(resp)) => resp.into_inner(),
     };
     let first = tokio::select! {

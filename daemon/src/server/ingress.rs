@@ -1,7 +1,8 @@
-//! Public HTTP ingress (HTTP/1.1 and h2c): routes each request by the rules
+//! Public HTTP ingress (HTTP/1.1 and h2c, and both over TLS): routes each request by the rules
 //! to a data stream of a client in the target group and streams the response
 //! back; answers what it cannot serve with a status and a one-line reason.
 
+use super::accept::MaybeTls;
 use super::Shared;
 use crate::tunnel::body::{send_body, SendError};
 use crate::tunnel::exchange::{ExchangeFailure, ExchangeGuard, ExchangeIo};
@@ -17,7 +18,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tunnel_lib::frame::{self, now_ms, strip_hop_by_hop};
 use tunnel_lib::introspection::RequestInfo;
@@ -32,9 +33,32 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Body of a public response: the tunnel's stream, or a short local answer.
 pub type ProxyBody = Either<crate::tunnel::body::InboundBody, Full<Bytes>>;
 
+/// Which public listener a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    Http,
+    /// TLS, certificates chosen by SNI.
+    Https,
+}
+
+impl Scheme {
+    /// The URL scheme, as X-Forwarded-Proto and the request head carry it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        }
+    }
+}
+
 /// Accepts public connections until `stop` fires, then waits up to the
 /// shutdown grace for in-flight requests.
-pub async fn run(shared: Arc<Shared>, listener: TcpListener, stop: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    scheme: Scheme,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
     let cfg = shared.config();
     let limit = Arc::new(tokio::sync::Semaphore::new(cfg.server.max_connections));
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -67,40 +91,11 @@ pub async fn run(shared: Arc<Shared>, listener: TcpListener, stop: CancellationT
             continue;
         };
         let _ = tcp.set_nodelay(true);
-        let shared = shared.clone();
-        let spoke = Arc::new(AtomicBool::new(false));
-        let spoke_in_svc = spoke.clone();
-        let svc = hyper::service::service_fn(move |req| {
-            spoke_in_svc.store(true, Ordering::Relaxed);
-            handle(shared.clone(), peer, req)
-        });
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc).into_owned();
-        let conn = graceful.watch(conn);
+        let public = Public { shared: shared.clone(), builder: builder.clone(), watcher: graceful.watcher(), scheme };
+        // Owned by the connection: ends when it closes, at the first-request
+        // deadline, or when graceful shutdown closes it.
         tokio::spawn(async move {
-            tokio::pin!(conn);
-            // hyper's protocol detection reads with no deadline, and
-            // header_read_timeout only starts after it: a peer that connects
-            // and says nothing would hold a connection slot forever.
-            let first_request = tokio::time::sleep(header_timeout);
-            let result = tokio::select! {
-                r = &mut conn => Some(r),
-                _ = first_request => {
-                    if spoke.load(Ordering::Relaxed) {
-                        None
-                    } else {
-                        tracing::debug!(%peer, "no request within {header_timeout:?}; connection closed");
-                        drop(permit);
-                        return;
-                    }
-                }
-            };
-            let result = match result {
-                Some(r) => r,
-                None => conn.await,
-            };
-            if let Err(e) = result {
-                tracing::debug!(%peer, "public connection: {e}");
-            }
+            public.serve(tcp, peer, header_timeout).await;
             drop(permit);
         });
     }
@@ -110,6 +105,72 @@ pub async fn run(shared: Arc<Shared>, listener: TcpListener, stop: CancellationT
         tracing::warn!(?grace, "public connections still open after the grace period; closing them");
     }
     Ok(())
+}
+
+/// What serving one public connection needs.
+struct Public {
+    shared: Arc<Shared>,
+    builder: auto::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+    scheme: Scheme,
+}
+
+impl Public {
+    async fn serve(self, tcp: TcpStream, peer: SocketAddr, header_timeout: Duration) {
+        let Public { shared, builder, watcher, scheme } = self;
+        // The TLS handshake counts toward the first request's deadline.
+        let first_request = tokio::time::sleep(header_timeout);
+        tokio::pin!(first_request);
+        let io = match scheme {
+            Scheme::Http => MaybeTls::Plain(tcp),
+            Scheme::Https => {
+                let Some(tls) = shared.ingress_tls() else { return };
+                tokio::select! {
+                    _ = &mut first_request => {
+                        tracing::debug!(%peer, "no TLS handshake within {header_timeout:?}; connection closed");
+                        return;
+                    }
+                    r = tokio_rustls::TlsAcceptor::from(tls).accept(tcp) => match r {
+                        Ok(s) => MaybeTls::Tls(Box::new(s)),
+                        Err(e) => {
+                            // Scanners and bad clients: routine on a public port.
+                            tracing::debug!(%peer, "public TLS handshake failed: {}", super::accept::handshake_error(&e));
+                            return;
+                        }
+                    },
+                }
+            }
+        };
+        let spoke = Arc::new(AtomicBool::new(false));
+        let spoke_in_svc = spoke.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            spoke_in_svc.store(true, Ordering::Relaxed);
+            handle(shared.clone(), peer, scheme, req)
+        });
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc).into_owned();
+        let conn = watcher.watch(conn);
+        tokio::pin!(conn);
+        // hyper's protocol detection reads with no deadline, and
+        // header_read_timeout only starts after it: a peer that connects
+        // and says nothing would hold a connection slot forever.
+        let result = tokio::select! {
+            r = &mut conn => Some(r),
+            _ = &mut first_request => {
+                if !spoke.load(Ordering::Relaxed) {
+                    tracing::debug!(%peer, "no request within {header_timeout:?}; connection closed");
+                    return;
+                }
+                None
+            }
+        };
+        let result = match result {
+            Some(r) => r,
+            None => conn.await,
+        };
+        if let Err(e) = result {
+            tracing::debug!(%peer, "public connection: {e}");
+        }
+    }
 }
 
 /// Why the tunnel answered a request itself (kept with the response for the request log).
@@ -148,7 +209,7 @@ fn trace_id(headers: &HeaderMap, request_id: &str) -> String {
 }
 
 /// Sets X-Forwarded-For (appended), -Proto and -Host.
-fn set_forwarded(headers: &mut HeaderMap, peer: SocketAddr, host: &str) {
+fn set_forwarded(headers: &mut HeaderMap, peer: SocketAddr, scheme: Scheme, host: &str) {
     let ip = peer.ip().to_string();
     let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
         Some(prev) => format!("{prev}, {ip}"),
@@ -157,7 +218,7 @@ fn set_forwarded(headers: &mut HeaderMap, peer: SocketAddr, host: &str) {
     if let Ok(v) = HeaderValue::from_str(&xff) {
         headers.insert("x-forwarded-for", v);
     }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    headers.insert("x-forwarded-proto", HeaderValue::from_static(scheme.as_str()));
     if let Ok(v) = HeaderValue::from_str(host) {
         headers.insert("x-forwarded-host", v);
     }
@@ -166,6 +227,7 @@ fn set_forwarded(headers: &mut HeaderMap, peer: SocketAddr, host: &str) {
 async fn handle(
     shared: Arc<Shared>,
     peer: SocketAddr,
+    scheme: Scheme,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
@@ -176,7 +238,7 @@ async fn handle(
         ..Default::default()
     };
     let uploaded = Arc::new(AtomicU64::new(0));
-    let resp = forward(&shared, peer, req, &mut rec, &uploaded).await;
+    let resp = forward(&shared, peer, scheme, req, &mut rec, &uploaded).await;
     rec.status = u32::from(resp.status().as_u16());
     let (mut parts, body) = resp.into_parts();
     let body = match body {
@@ -206,6 +268,7 @@ async fn handle(
 async fn forward(
     shared: &Arc<Shared>,
     peer: SocketAddr,
+    scheme: Scheme,
     mut req: Request<Incoming>,
     rec: &mut RequestInfo,
     uploaded: &Arc<AtomicU64>,
@@ -256,13 +319,13 @@ async fn forward(
     let (parts, body) = req.into_parts();
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
-    set_forwarded(&mut headers, peer, &authority);
+    set_forwarded(&mut headers, peer, scheme, &authority);
     let end_of_stream = upgrade.is_none() && hyper::body::Body::is_end_stream(&body);
     let head = proto::HttpRequest {
         method: parts.method.as_str().to_string(),
         path_and_query: parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string(),
         authority: authority.clone(),
-        scheme: "http".into(),
+        scheme: scheme.as_str().into(),
         headers: frame::headers_to_proto(&headers),
         upstream: rule.upstream.clone(),
         timeout_ms: rule.timeout.as_millis() as u64,
@@ -473,9 +536,9 @@ mod tests {
     fn forwarded_headers_append() {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
-        set_forwarded(&mut h, "127.0.0.1:5".parse().expect("addr"), "app.localhost:8080");
+        set_forwarded(&mut h, "127.0.0.1:5".parse().expect("addr"), Scheme::Https, "app.localhost:8080");
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
         assert_eq!(h["x-forwarded-host"], "app.localhost:8080");
-        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-proto"], "https");
     }
 }

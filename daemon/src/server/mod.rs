@@ -1,6 +1,7 @@
 //! tunnel-server: the gRPC endpoint clients dial, the public HTTP ingress,
 //! the registry of live streams, and config reloads pushed to clients.
 
+pub mod accept;
 pub mod ingress;
 pub mod introspection;
 pub mod recent;
@@ -36,6 +37,8 @@ pub struct Listeners {
     pub grpc: TcpListener,
     /// Introspection, for the console.
     pub admin: TcpListener,
+    /// Public HTTPS; served only when the config has `https_listen`.
+    pub https: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -50,13 +53,22 @@ impl Listeners {
         let admin = TcpListener::bind(cfg.server.admin_listen)
             .await
             .with_context(|| format!("binding admin_listen {}", cfg.server.admin_listen))?;
-        Ok(Listeners { http, grpc, admin })
+        let https = match cfg.server.https_listen {
+            Some(a) => Some(TcpListener::bind(a).await.with_context(|| format!("binding https_listen {a}"))?),
+            None => None,
+        };
+        Ok(Listeners { http, grpc, admin, https })
     }
 
-    /// Binds all three on 127.0.0.1 with ports chosen by the system (tests, demos).
+    /// Binds all four on 127.0.0.1 with ports chosen by the system (tests, demos).
     pub async fn ephemeral() -> anyhow::Result<Self> {
         let bind = || TcpListener::bind("127.0.0.1:0");
-        Ok(Listeners { http: bind().await?, grpc: bind().await?, admin: bind().await? })
+        Ok(Listeners { http: bind().await?, grpc: bind().await?, admin: bind().await?, https: Some(bind().await?) })
+    }
+
+    /// The HTTPS listener's address, if there is one.
+    pub fn https_addr(&self) -> std::io::Result<Option<SocketAddr>> {
+        self.https.as_ref().map(|l| l.local_addr()).transpose()
     }
 
     /// The bound addresses (public HTTP, gRPC, admin).
@@ -88,6 +100,16 @@ pub struct Shared {
     pub streams: CancellationToken,
     /// Stream reader tasks, waited for at shutdown.
     pub tasks: TaskTracker,
+    /// rustls settings of the tunnel link (None: plaintext) and of the HTTPS
+    /// ingress, re-read from their files on every reload.
+    tls: RwLock<TlsSettings>,
+}
+
+/// The TLS settings in force.
+#[derive(Default, Clone)]
+struct TlsSettings {
+    link: Option<Arc<tunnel_lib::tls::rustls::ServerConfig>>,
+    ingress: Option<Arc<tunnel_lib::tls::rustls::ServerConfig>>,
 }
 
 impl Shared {
@@ -102,6 +124,25 @@ impl Shared {
     }
 
     /// The current config version of `group`.
+    /// The tunnel link's TLS settings now; None when it is plaintext.
+    pub fn link_tls(&self) -> Option<Arc<tunnel_lib::tls::rustls::ServerConfig>> {
+        self.tls.read().unwrap_or_else(|e| e.into_inner()).link.clone()
+    }
+
+    /// The HTTPS ingress's TLS settings now.
+    pub fn ingress_tls(&self) -> Option<Arc<tunnel_lib::tls::rustls::ServerConfig>> {
+        self.tls.read().unwrap_or_else(|e| e.into_inner()).ingress.clone()
+    }
+
+    /// Reads `cfg`'s certificates and keys and puts them in force; on error
+    /// the ones in force stay.
+    pub fn load_tls(&self, cfg: &ServerConfig) -> Result<(), tunnel_lib::tls::TlsError> {
+        let link = cfg.server.tls.as_ref().map(|t| t.load()).transpose()?;
+        let ingress = cfg.ingress_tls()?;
+        *self.tls.write().unwrap_or_else(|e| e.into_inner()) = TlsSettings { link, ingress };
+        Ok(())
+    }
+
     pub fn group_version(&self, group: &str) -> Option<String> {
         self.versions.read().unwrap_or_else(|e| e.into_inner()).get(group).cloned()
     }
@@ -135,6 +176,7 @@ impl Server {
                 started_at: SystemTime::now(),
                 streams: CancellationToken::new(),
                 tasks: TaskTracker::new(),
+                tls: RwLock::new(TlsSettings::default()),
             }),
         }
     }
@@ -151,14 +193,27 @@ impl Server {
         let cfg = shared.config();
         let (http_addr, grpc_addr, admin_addr) = listeners.addrs()?;
         let _ = shared.addrs.set((http_addr, grpc_addr, admin_addr));
-        tracing::info!(%http_addr, %grpc_addr, %admin_addr, server_id = %shared.server_id, groups = cfg.groups.len(), rules = cfg.rules.rules().len(), "tunnel-server listening");
+        shared.load_tls(&cfg).context("loading TLS certificates")?;
+        let https = match (listeners.https, cfg.server.https_listen) {
+            (Some(l), Some(_)) => Some(l),
+            _ => None,
+        };
+        let https_addr = https.as_ref().map(|l| l.local_addr()).transpose()?;
+        let link = if cfg.server.tls.is_some() { "TLS" } else { "plaintext" };
+        tracing::info!(%http_addr, https_addr = ?https_addr, %grpc_addr, link, %admin_addr, server_id = %shared.server_id, groups = cfg.groups.len(), rules = cfg.rules.rules().len(), "tunnel-server listening");
+        if cfg.server.tls.is_none() && !grpc_addr.ip().is_loopback() {
+            tracing::warn!(%grpc_addr, "the tunnel link is plaintext on a non-loopback address: group tokens and traffic cross the network in clear; set [server.tls]");
+        }
 
         let background = CancellationToken::new();
         let grpc_stop = CancellationToken::new();
         let grpc = tokio::spawn(service::serve(shared.clone(), listeners.grpc, grpc_stop.clone()));
         let admin = tokio::spawn(introspection::serve(shared.clone(), listeners.admin, background.clone()));
         let ingress_stop = CancellationToken::new();
-        let ingress = tokio::spawn(ingress::run(shared.clone(), listeners.http, ingress_stop.clone()));
+        let ingress =
+            tokio::spawn(ingress::run(shared.clone(), listeners.http, ingress::Scheme::Http, ingress_stop.clone()));
+        let secure_ingress =
+            https.map(|l| tokio::spawn(ingress::run(shared.clone(), l, ingress::Scheme::Https, ingress_stop.clone())));
         let reaper = tokio::spawn(reap(shared.clone(), background.clone()));
         let reloader = tokio::spawn(reload::watch(shared.clone(), background.clone()));
 
@@ -166,10 +221,12 @@ impl Server {
         let grace = shared.config().server.shutdown_grace;
         tracing::info!(grace = ?grace, "shutting down: public listener closed, finishing in-flight requests");
         ingress_stop.cancel();
-        match ingress.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!("ingress: {e:#}"),
-            Err(e) => tracing::warn!("ingress task: {e}"),
+        for task in std::iter::once(ingress).chain(secure_ingress) {
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!("ingress: {e:#}"),
+                Err(e) => tracing::warn!("ingress task: {e}"),
+            }
         }
         for s in shared.registry.all_streams() {
             let msg =

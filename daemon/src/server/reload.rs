@@ -84,6 +84,12 @@ pub fn reload_from_file(shared: &Shared) -> Reload {
 
 /// Applies a new config and pushes changed group configs to their clients.
 pub fn apply(shared: &Shared, new: ServerConfig) -> Reload {
+    // Certificates are re-read on every reload, even when the file is the
+    // same: renewals replace the PEM files, not server.toml.
+    if let Err(e) = shared.load_tls(&new) {
+        tracing::error!("config reload refused, old config and certificates keep serving: {e}");
+        return Reload::Refused(e.to_string());
+    }
     let old = shared.config();
     if old.server.http_listen != new.server.http_listen || old.server.grpc_listen != new.server.grpc_listen {
         tracing::warn!("listen addresses changed in the file; they apply at the next restart");

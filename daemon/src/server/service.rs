@@ -6,7 +6,7 @@ use super::Shared;
 use crate::tunnel::exchange::{payload_name, ExchangeFailure, Exchanges, Role};
 use crate::tunnel::link::{
     CONNECTION_WINDOW, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_FRAME_SIZE, MAX_MESSAGE, REGISTRATION_TIMEOUT,
-    STREAM_WINDOW, TCP_KEEPALIVE,
+    STREAM_WINDOW,
 };
 use crate::tunnel::outbound::{Outbound, ServerOutbound};
 use std::net::SocketAddr;
@@ -14,7 +14,6 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataMap;
-use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 use tunnel_lib::config::ConfigPush;
 use tunnel_lib::frame::now_ms;
@@ -32,10 +31,11 @@ const MAX_LOCAL_RESETS: usize = 1024;
 /// Serves the tunnel gRPC service on `listener` until `stop` fires.
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener, stop: CancellationToken) -> anyhow::Result<()> {
     let max_streams = shared.config().server.max_streams_per_connection;
+    let svc_shared = shared.clone();
     let svc = TunnelServiceServer::new(TunnelSvc { shared })
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true)).with_keepalive(Some(TCP_KEEPALIVE));
+    let incoming = super::accept::link_connections(svc_shared, listener, stop.clone());
     tonic::transport::Server::builder()
         .max_concurrent_streams(Some(max_streams))
         .http2_max_local_error_reset_streams(Some(MAX_LOCAL_RESETS))

@@ -1,0 +1,233 @@
+//! Accepting tunnel-link connections in our own loop rather than tonic's:
+//! TLS handshakes run here, so that every failure is logged once with the
+//! peer's address and its cause (a listener that drops them silently leaves
+//! an operator guessing), and a client speaking the wrong one of TLS and
+//! plaintext is recognised from its first byte and named as such.
+
+use super::Shared;
+use crate::tunnel::link::TCP_KEEPALIVE;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::{Connected, TcpConnectInfo};
+use tunnel_lib::tls::rustls;
+
+/// The first byte of every TLS connection (a handshake record).
+pub const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+/// Bound on a client's TLS handshake, and on its first byte.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause after an accept error (fd exhaustion), so the loop does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Connections handed to the gRPC server and not yet taken.
+const READY_QUEUE: usize = 64;
+/// A peer failing the same way again within this is logged at debug only:
+/// a misconfigured client retries with backoff, and must not flood the log.
+const REPEAT_QUIET: Duration = Duration::from_secs(60);
+/// Bound on the failures remembered for REPEAT_QUIET.
+const REPEAT_MEMORY: usize = 1024;
+
+/// Handshake failures seen lately, by peer address and cause.
+#[derive(Default)]
+struct Failures {
+    // std Mutex: held for a lookup and insert, never across an await.
+    seen: std::sync::Mutex<std::collections::HashMap<(std::net::IpAddr, String), std::time::Instant>>,
+}
+
+impl Failures {
+    /// Logs a failure at warn the first time in REPEAT_QUIET, at debug after.
+    fn report(&self, peer: SocketAddr, cause: String) {
+        let now = std::time::Instant::now();
+        let fresh = {
+            let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+            if seen.len() >= REPEAT_MEMORY {
+                seen.retain(|_, at| now.duration_since(*at) < REPEAT_QUIET);
+            }
+            match seen.get(&(peer.ip(), cause.clone())) {
+                Some(at) if now.duration_since(*at) < REPEAT_QUIET => false,
+                _ => {
+                    seen.insert((peer.ip(), cause.clone()), now);
+                    true
+                }
+            }
+        };
+        if fresh {
+            tracing::warn!(%peer, "tunnel link: {cause}");
+        } else {
+            tracing::debug!(%peer, "tunnel link (again): {cause}");
+        }
+    }
+}
+
+/// An accepted connection, plaintext or TLS (tunnel link and public listeners).
+pub enum MaybeTls {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Connected for MaybeTls {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        match self {
+            MaybeTls::Plain(t) => t.connect_info(),
+            MaybeTls::Tls(t) => t.get_ref().0.connect_info(),
+        }
+    }
+}
+
+impl AsyncRead for MaybeTls {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            MaybeTls::Plain(t) => Pin::new(t).poll_read(cx, buf),
+            MaybeTls::Tls(t) => Pin::new(t.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for MaybeTls {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            MaybeTls::Plain(t) => Pin::new(t).poll_write(cx, buf),
+            MaybeTls::Tls(t) => Pin::new(t.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            MaybeTls::Plain(t) => Pin::new(t).poll_flush(cx),
+            MaybeTls::Tls(t) => Pin::new(t.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            MaybeTls::Plain(t) => Pin::new(t).poll_shutdown(cx),
+            MaybeTls::Tls(t) => Pin::new(t.as_mut()).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            MaybeTls::Plain(t) => Pin::new(t).poll_write_vectored(cx, bufs),
+            MaybeTls::Tls(t) => Pin::new(t.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            MaybeTls::Plain(t) => t.is_write_vectored(),
+            MaybeTls::Tls(t) => t.is_write_vectored(),
+        }
+    }
+}
+
+/// Accepts tunnel-link connections until `stop` fires; yields them once
+/// their handshake (TLS or a first plaintext byte) succeeded.
+pub fn link_connections(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    stop: CancellationToken,
+) -> ReceiverStream<io::Result<MaybeTls>> {
+    let (tx, rx) = mpsc::channel(READY_QUEUE);
+    let failures = Arc::new(Failures::default());
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!("tunnel link accept failed: {e}");
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                        continue;
+                    }
+                },
+            };
+            tune(&tcp);
+            let (tx, tls, failures) = (tx.clone(), shared.link_tls(), failures.clone());
+            // Ends with the handshake, bounded by HANDSHAKE_TIMEOUT.
+            tokio::spawn(async move {
+                match handshake(tcp, tls).await {
+                    Ok(io) => {
+                        let _ = tx.send(Ok(io)).await;
+                    }
+                    Err(Some(cause)) => failures.report(peer, cause),
+                    Err(None) => {}
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+fn tune(tcp: &TcpStream) {
+    let _ = tcp.set_nodelay(true);
+    let sock = socket2::SockRef::from(tcp);
+    let _ = sock.set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE));
+}
+
+/// Completes a connection's handshake; the error is the cause to log, if any.
+async fn handshake(tcp: TcpStream, tls: Option<Arc<rustls::ServerConfig>>) -> Result<MaybeTls, Option<String>> {
+    let first = match tokio::time::timeout(HANDSHAKE_TIMEOUT, first_byte(&tcp)).await {
+        Err(_) => return Err(Some(format!("the peer sent nothing within {HANDSHAKE_TIMEOUT:?}; connection closed"))),
+        // Closed before a byte: a port probe, nothing to say.
+        Ok(None) => return Err(None),
+        Ok(Some(b)) => b,
+    };
+    let Some(cfg) = tls else {
+        if first == TLS_HANDSHAKE_RECORD {
+            return Err(Some("a TLS client on the plaintext port; refused (turn TLS on with [server.tls], or give the client an http:// server URL)".into()));
+        }
+        return Ok(MaybeTls::Plain(tcp));
+    };
+    if first != TLS_HANDSHAKE_RECORD {
+        return Err(Some("a plaintext client on the TLS port; refused (its server URL must be https://)".into()));
+    }
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(cfg).accept(tcp)).await {
+        Err(_) => Err(Some(format!("TLS handshake not done within {HANDSHAKE_TIMEOUT:?}; connection closed"))),
+        Ok(Err(e)) => Err(Some(format!("TLS handshake failed: {}", handshake_error(&e)))),
+        Ok(Ok(s)) => Ok(MaybeTls::Tls(Box::new(s))),
+    }
+}
+
+/// Waits for the connection's first byte without consuming it; None if it closed.
+async fn first_byte(tcp: &TcpStream) -> Option<u8> {
+    let mut b = [0u8; 1];
+    match tcp.peek(&mut b).await {
+        Ok(1) => Some(b[0]),
+        _ => None,
+    }
+}
+
+/// A handshake error in an operator's words, the rustls cause included.
+pub fn handshake_error(e: &io::Error) -> String {
+    let cause = e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    match cause {
+        Some(rustls::Error::NoCertificatesPresented) => {
+            "the client presented no certificate, and [server.tls] client_ca requires one".into()
+        }
+        Some(rustls::Error::AlertReceived(rustls::AlertDescription::CertificateExpired)) => {
+            "the client refused our certificate: it has expired (renew [server.tls] cert)".into()
+        }
+        Some(rustls::Error::AlertReceived(alert)) => {
+            format!("the client refused our certificate (alert {alert:?}): does it trust our CA, and is our certificate valid for the name it dials?")
+        }
+        Some(rustls::Error::InvalidCertificate(c)) => format!("the client's certificate is not acceptable: {c:?}"),
+        Some(other) => other.to_string(),
+        None => e.to_string(),
+    }
+}
