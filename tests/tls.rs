@@ -364,3 +364,25 @@ async fn https_ingress_picks_the_certificate_by_server_name() {
     assert!(!out.contains("version=2"), "the default certificate is not valid for other.test");
     server.stop().await;
 }
+
+/// The TLS examples in config/ are valid once their certificate files exist.
+#[test]
+fn tls_example_configs_check_with_real_files() {
+    let dir = TempDir::new("examples");
+    let ca = Ca::new(&dir.0, "ca");
+    ca.server("server", &["tunnel.example"]);
+    ca.server("example", &["*.tunnel.example", "tunnel.example"]);
+    ca.issue("edge-1", &["edge-1"], ExtendedKeyUsagePurpose::ClientAuth, false);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let local = |file: &str| {
+        let text = std::fs::read_to_string(root.join(file)).unwrap();
+        text.replace("/etc/tunnel/", &format!("{}/", dir.0.display()))
+    };
+    let server = ServerConfig::from_str_named(&local("server-tls.toml"), "server-tls.toml").unwrap();
+    let link = server.server.tls.as_ref().expect("TLS on the link");
+    assert!(link.client_ca.is_some(), "the example shows mTLS");
+    assert!(server.ingress_tls().unwrap().is_some(), "and HTTPS ingress");
+    let client =
+        tunnel_lib::config::ClientConfig::from_str_named(&local("client-tls.toml"), "client-tls.toml").unwrap();
+    assert!(client.tls.as_ref().is_some_and(|t| t.cert.is_some()));
+}
