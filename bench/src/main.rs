@@ -10,6 +10,7 @@ mod lossy;
 mod procs;
 mod race;
 mod upstream;
+mod ws;
 
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
@@ -21,7 +22,7 @@ use std::time::Duration;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(about = "Benchmarks of the tunnel: heartbeat isolation, the speed race, fleet memory")]
+#[command(about = "Benchmarks of the tunnel: heartbeat isolation, the speed race, fleet memory, WebSocket")]
 struct Args {
     /// Short runs with small loads, for the test suite (under a minute for
     /// isolation; the race and fleet add a few seconds each).
@@ -33,7 +34,7 @@ struct Args {
     /// Where tunnel-server and tunnel-client are (default: beside this binary).
     #[arg(long, global = true)]
     bin_dir: Option<PathBuf>,
-    /// Without a command: all three, in turn.
+    /// Without a command: all four, in turn.
     #[command(subcommand)]
     command: Option<Cmd>,
 }
@@ -62,6 +63,8 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         clients: usize,
     },
+    /// WebSocket echo direct vs through the tunnel: throughput, round trips, a 16 MiB message.
+    Ws,
 }
 
 #[tokio::main]
@@ -88,6 +91,7 @@ async fn main() -> anyhow::Result<()> {
             Cmd::Fleet { clients: if args.quick { 100 } else { 1000 } },
             defaults,
             Cmd::Race { workers: vec![0, 1], no_rathole: false },
+            Cmd::Ws,
         ],
     };
     for c in commands {
@@ -100,6 +104,7 @@ async fn main() -> anyhow::Result<()> {
                 race::run(&bins, &race::Config::new(args.quick, args.duration, workers, no_rathole)).await?;
             }
             Cmd::Fleet { clients } => fleet::run(&bins, clients).await?,
+            Cmd::Ws => ws::run(&bins, &ws::Config::new(args.quick)).await?,
         }
     }
     Ok(())

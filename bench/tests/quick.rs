@@ -132,3 +132,13 @@ fn fleet_of_clients_connects_and_serves() {
     assert_eq!(row.len(), 1, "{stdout}");
     assert!(row[0][1].ends_with("MiB"), "{:?}", row[0]);
 }
+
+#[test]
+fn websocket_race_prints_both_routes() {
+    let stdout = bench(&["ws"]);
+    let table = rows(&stdout, &["direct", "tunnel"]);
+    assert_eq!(table.len(), 2, "{stdout}");
+    for r in &table {
+        assert!(num(r, 1) > 0.0 && num(r, 2) > 0.0 && num(r, 4) > 0.0, "{r:?}");
+    }
+}
