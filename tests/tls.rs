@@ -283,7 +283,10 @@ async fn certificates_are_reread_on_reload_without_dropping_clients() {
     // A broken file on reload is refused and the certificate in force stays.
     std::fs::write(&key, "garbage").unwrap();
     assert!(matches!(reload::reload_from_file(&server.shared), Reload::Refused(e) if e.contains("key")));
-    drop((first, second));
+    let third = client(&server, "https", &client_tls(&next_ca.cert_path(), "tunnel.test", None), &up);
+    let third = TestClient::start(&third.replace("client_id = \"edge-1\"", "client_id = \"edge-3\""));
+    server.wait_streams(6).await;
+    drop((first, second, third));
     server.stop().await;
 }
 
@@ -360,8 +363,9 @@ async fn https_ingress_picks_the_certificate_by_server_name() {
     assert!(!out.contains("version=2"), "b.test must not verify with a's CA: {out}");
     assert!(err.contains("certificate"), "{err}");
     // A name no entry lists gets the first certificate (the default).
-    let (out, _) = curl(port, "other.test", &a.cert_path(), "--http2").await;
+    let (out, err) = curl(port, "other.test", &a.cert_path(), "--http2").await;
     assert!(!out.contains("version=2"), "the default certificate is not valid for other.test");
+    assert!(err.contains("certificate") || err.contains("subject name"), "refused for its name: {err}");
     server.stop().await;
 }
 

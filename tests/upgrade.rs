@@ -297,6 +297,7 @@ async fn websocket_close_codes_pass_both_ways_and_the_log_shows_the_upgrade() {
     })
     .await;
     eventually("nothing left in flight", WAIT, || in_flight_now(&t.server) == 0).await;
+    assert_eq!(upgraded_now(&t.server), 0, "the upgraded count returns to 0");
 }
 
 #[tokio::test]
@@ -415,4 +416,61 @@ async fn a_silent_upgraded_connection_is_closed_at_the_idle_timeout() {
     let open = t.ws.open.clone();
     eventually("the upstream connection closed", WAIT, || open.load(Ordering::SeqCst) == 0).await;
     assert!(t.server.shared.exchanges_idle_closed.load(Ordering::Relaxed) >= 1);
+    // Recorded as cut short, with the bytes it did move.
+    let shared = t.server.shared.clone();
+    eventually("the closed connection recorded", WAIT, || {
+        shared.requests.since(0).iter().any(|r| r.upgrade == "websocket" && !r.error.is_empty() && r.bytes_in > 0)
+    })
+    .await;
+}
+
+/// An upgraded connection keeps its place under max_connections until it closes.
+#[tokio::test]
+async fn upgraded_connections_count_against_max_connections() {
+    let ws = WsUpstream::start().await;
+    let toml = server_toml("5m").replace("shutdown_grace = \"2s\"", "shutdown_grace = \"2s\"\nmax_connections = 2");
+    let server = start_server(&toml, None).await;
+    let upstreams = [("ws", ws.url()), ("web", ws.url()), ("shout", ws.url())];
+    let _client = TestClient::start(&client_toml(&server, "edge-1", "demo", "t-demo", "", &upstreams));
+    server.wait_streams(3).await;
+    let first = ws_connect(server.http, "/ws/1").await.unwrap();
+    let second = ws_connect(server.http, "/ws/2").await.unwrap();
+    eventually("both upgraded", WAIT, || upgraded_now(&server) == 2).await;
+    assert!(ws_connect(server.http, "/ws/3").await.is_err(), "a third connection is over the limit");
+    drop(first);
+    let open = ws.open.clone();
+    eventually("the first closed upstream", WAIT, || open.load(Ordering::SeqCst) == 1).await;
+    // Its place is free again (the count drops as the connection task ends).
+    let mut third = None;
+    for _ in 0..100 {
+        if let Ok(s) = ws_connect(server.http, "/ws/3").await {
+            third = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(third.is_some(), "a place freed by a closed WebSocket is reused");
+    drop((second, third));
+}
+
+/// At shutdown an open WebSocket gets the grace period, then is closed; the server exits.
+#[tokio::test]
+async fn shutdown_closes_upgraded_connections_after_the_grace() {
+    let t = tunnel("5m").await;
+    let mut s = ws_connect(t.server.http, "/ws/stay").await.unwrap();
+    s.send(Message::text("hi")).await.unwrap();
+    assert_eq!(s.next().await.unwrap().unwrap(), Message::text("hi"));
+    let started = Instant::now();
+    let reader = tokio::spawn(async move {
+        // Ends when the tunnel closes the connection.
+        while let Some(Ok(_)) = s.next().await {}
+        Instant::now()
+    });
+    t.server.stop().await;
+    let closed = tokio::time::timeout(WAIT, reader).await.expect("closed in time").unwrap();
+    let waited = closed.duration_since(started);
+    println!("open WebSocket at shutdown (grace 2s): closed after {waited:?}");
+    assert!(waited >= Duration::from_millis(1500), "the WebSocket got the grace period: {waited:?}");
+    let open = t.ws.open.clone();
+    eventually("the upstream connection closed", WAIT, || open.load(Ordering::SeqCst) == 0).await;
 }

@@ -94,7 +94,9 @@ struct Figures {
     big_ms: f64,
 }
 
-async fn next(ws: &mut (impl StreamExt<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin)) -> anyhow::Result<Message> {
+async fn next(
+    ws: &mut (impl StreamExt<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin),
+) -> anyhow::Result<Message> {
     match tokio::time::timeout(WAIT, ws.next()).await {
         Err(_) => bail!("no echo within {WAIT:?}"),
         Ok(None) => bail!("connection closed"),
@@ -151,7 +153,11 @@ async fn measure(addr: SocketAddr, cfg: &Config) -> anyhow::Result<Figures> {
 }
 
 /// The tunnel's daemons, routing everything to the echo server.
-async fn start_tunnel(bins: &Path, dir: &TempDir, echo: SocketAddr) -> anyhow::Result<(SocketAddr, Vec<tokio::process::Child>)> {
+async fn start_tunnel(
+    bins: &Path,
+    dir: &TempDir,
+    echo: SocketAddr,
+) -> anyhow::Result<(SocketAddr, Vec<tokio::process::Child>)> {
     let (http, grpc, admin) = (free_port()?, free_port()?, free_port()?);
     let server_toml = format!(
         "[server]\nhttp_listen = \"{http}\"\ngrpc_listen = \"{grpc}\"\nadmin_listen = \"{admin}\"\n[[groups]]\nname = \"ws\"\ntoken = \"ws-token\"\n[[rules]]\ngroup = \"ws\"\nupstream = \"echo\"\n"
@@ -192,10 +198,7 @@ pub async fn run(bins: &Path, cfg: &Config) -> anyhow::Result<()> {
     println!("| route | echo msg/s | round trip p50 µs | round trip p99 µs | 16 MiB echo ms (median) |");
     println!("|---|---|---|---|---|");
     for (name, f) in [("direct", &direct), ("tunnel", &through)] {
-        println!(
-            "| {name} | {:.0} | {:.0} | {:.0} | {:.1} |",
-            f.echo_per_s, f.rtt_p50_us, f.rtt_p99_us, f.big_ms
-        );
+        println!("| {name} | {:.0} | {:.0} | {:.0} | {:.1} |", f.echo_per_s, f.rtt_p50_us, f.rtt_p99_us, f.big_ms);
     }
     Ok(())
 }

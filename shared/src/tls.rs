@@ -124,18 +124,37 @@ pub fn ingress_server_config(
     Ok(Arc::new(cfg))
 }
 
-/// Certificates by server name: the first whose patterns match, else the first.
+/// Certificates by server name: the most specific match (an exact name, then
+/// the longest wildcard suffix; the earlier entry on a tie), else the first.
 #[derive(Debug)]
 struct SniCerts {
     entries: Vec<(Vec<HostPattern>, Arc<CertifiedKey>)>,
 }
 
+/// How closely a pattern names a host: exact beats any wildcard, a longer
+/// wildcard suffix beats a shorter one.
+fn specificity(p: &HostPattern) -> usize {
+    match p {
+        HostPattern::Exact(_) => usize::MAX,
+        HostPattern::Wildcard(suffix) => suffix.len(),
+        HostPattern::Any => 0,
+    }
+}
+
 impl SniCerts {
     fn pick(&self, server_name: Option<&str>) -> Option<Arc<CertifiedKey>> {
-        let by_name = server_name.map(normalize_host).and_then(|name| {
-            self.entries.iter().find(|(hosts, _)| hosts.iter().any(|h| h.matches(&name))).map(|(_, k)| k.clone())
-        });
-        by_name.or_else(|| self.entries.first().map(|(_, k)| k.clone()))
+        let mut best: Option<(usize, &Arc<CertifiedKey>)> = None;
+        if let Some(name) = server_name.map(normalize_host) {
+            for (hosts, key) in &self.entries {
+                let score = hosts.iter().filter(|h| h.matches(&name)).map(specificity).max();
+                if let Some(score) = score {
+                    if best.is_none_or(|(b, _)| score > b) {
+                        best = Some((score, key));
+                    }
+                }
+            }
+        }
+        best.map(|(_, k)| k.clone()).or_else(|| self.entries.first().map(|(_, k)| k.clone()))
     }
 }
 
@@ -148,6 +167,41 @@ impl ResolvesServerCert for SniCerts {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The most specific pattern wins whatever the order; no match gets the first entry.
+    #[test]
+    fn sni_picks_the_most_specific_certificate() {
+        let key = |n: u8| {
+            let signer =
+                provider().key_provider.load_private_key(PrivateKeyDer::Pkcs8(test_key().into())).expect("test key");
+            Arc::new(CertifiedKey::new(vec![CertificateDer::from(vec![n])], signer))
+        };
+        let p = |s: &str| HostPattern::parse(s).expect("pattern");
+        let certs = SniCerts {
+            entries: vec![
+                (vec![p("*.a.test")], key(1)),
+                (vec![p("*.y.a.test")], key(2)),
+                (vec![p("x.y.a.test"), p("b.test")], key(3)),
+            ],
+        };
+        let leaf = |name: Option<&str>| certs.pick(name).expect("a certificate").cert[0].as_ref()[0];
+        assert_eq!(leaf(Some("x.y.a.test")), 3, "exact beats wildcards");
+        assert_eq!(leaf(Some("z.y.a.test")), 2, "the longer wildcard beats the shorter");
+        assert_eq!(leaf(Some("q.a.test")), 1);
+        assert_eq!(leaf(Some("B.TEST.")), 3, "names are normalised");
+        assert_eq!(leaf(Some("other.test")), 1, "no match: the first entry");
+        assert_eq!(leaf(None), 1, "no SNI: the first entry");
+    }
+
+    /// A P-256 PKCS#8 key made with openssl for this test only (not a secret).
+    fn test_key() -> Vec<u8> {
+        let pem = "-----BEGIN PRIVATE KEY-----\n\
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgwIsklcZtBBhph+vc\n\
+e/ksdBLyajTr8qRudJDLHTlxJrGhRANCAASli7kYcqZjXwibc1mckZk1ZWhwtBZv\n\
+eYy19Zs3t0KazlEjM56ihrAFQPbqg1msnsNiVnUQny8W6JXESwKtP9wQ\n\
+-----END PRIVATE KEY-----\n";
+        PrivateKeyDer::from_pem_slice(pem.as_bytes()).map(|k| k.secret_der().to_vec()).expect("test key parses")
+    }
 
     #[test]
     fn missing_files_are_named() {

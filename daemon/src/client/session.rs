@@ -92,8 +92,9 @@ async fn connect(cfg: &ClientConfig) -> anyhow::Result<Channel> {
     let connected = tokio::time::timeout(cfg.connect_timeout, ep.connect())
         .await
         .map_err(|_| anyhow::anyhow!("no connection to {} within {:?}", cfg.server, cfg.connect_timeout))?;
-    connected
-        .map_err(|e| anyhow::anyhow!("connecting to {}: {}", cfg.server, explain_link_error(&e, cfg.tls.is_some())))
+    connected.map_err(|e| {
+        anyhow::anyhow!("connecting to {}: {}", cfg.server, explain_link_error(&e, cfg.tls.is_some(), Stage::Connect))
+    })
 }
 
 /// tonic's TLS settings from client.toml's `[tls]`. The files are read at
@@ -114,9 +115,18 @@ fn client_tls(server: &http::Uri, tls: &ClientTls) -> anyhow::Result<ClientTlsCo
     Ok(c)
 }
 
+/// Where a link error happened: tonic's connect covers TCP and, with TLS,
+/// the TLS handshake; HTTP/2's own handshake only runs when the first
+/// stream opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Connect,
+    Open,
+}
+
 /// A failed connection or stream in an operator's words: the cause chain on
-/// one line, with what to check when the cause is a TLS mismatch.
-fn explain_link_error(e: &(dyn std::error::Error + 'static), tls: bool) -> String {
+/// one line, with what to check when the cause looks like a TLS mismatch.
+fn explain_link_error(e: &(dyn std::error::Error + 'static), tls: bool, stage: Stage) -> String {
     // A Status displays as a debug dump; its message and causes read better.
     let mut chain = match e.downcast_ref::<tonic::Status>() {
         Some(status) => status.message().to_string(),
@@ -132,6 +142,7 @@ fn explain_link_error(e: &(dyn std::error::Error + 'static), tls: bool) -> Strin
         cur = c.source();
     }
     let lower = chain.to_ascii_lowercase();
+    let cut_off = lower.contains("eof") || lower.contains("closed") || lower.contains("reset");
     let hint = if lower.contains("connection refused") {
         ""
     } else if tls && lower.contains("certificaterequired") {
@@ -142,9 +153,9 @@ fn explain_link_error(e: &(dyn std::error::Error + 'static), tls: bool) -> Strin
         " (check [tls] ca, and server_name against the names in the server's certificate)"
     } else if tls && lower.contains("alert") {
         " (the server refused our TLS: is our certificate ([tls] cert) signed by its client_ca and still valid?)"
-    } else if tls && (lower.contains("eof") || lower.contains("closed") || lower.contains("reset")) {
+    } else if tls && cut_off && stage == Stage::Connect {
         " (the server closed the connection during the TLS handshake: is TLS on there ([server.tls])?)"
-    } else if !tls {
+    } else if !tls && cut_off && stage == Stage::Open {
         " (if the server's link has TLS on, the server URL must be https://)"
     } else {
         ""
@@ -406,7 +417,7 @@ async fn run_stream(
         }
         Ok(Err(status)) => {
             let tls = session.cfg.tls.is_some();
-            bail!("server refused the stream ({:?}): {}", status.code(), explain_link_error(&status, tls))
+            bail!("server refused the stream ({:?}): {}", status.code(), explain_link_error(&status, tls, Stage::Open))
         }
         Ok(Ok(resp)) => resp.into_inner(),
     };

@@ -3,6 +3,7 @@
 
 use crate::tunnel::body::{send_body, InboundBody, SendError};
 use crate::tunnel::exchange::{ExchangeGuard, ExchangeIo, Exchanges, NewRequest};
+use crate::tunnel::link::H2_KEEPALIVE;
 use crate::tunnel::upgrade;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, StatusCode, Uri};
@@ -23,8 +24,6 @@ const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Added to the server's timeout for our own.
 const TIMEOUT_BACKSTOP: Duration = Duration::from_secs(1);
-/// HTTP/2 pings on idle h2c upstream connections.
-const H2_KEEPALIVE: Duration = Duration::from_secs(20);
 /// Used when a request carries no timeout.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -114,7 +113,12 @@ async fn forward(
         .map_err(|_| bad("path"))?;
     let mut headers = frame::headers_from_proto(head.headers).map_err(|e| Failure(Kind::Protocol, e.to_string()))?;
     strip_hop_by_hop(&mut headers);
-    if !headers.contains_key(header::HOST) {
+    if target.http2 {
+        // HTTP/2 carries the host as :authority, which is the upstream's own
+        // address here; a Host header naming the public host beside it would
+        // be two conflicting hosts (RFC 9113 8.3.1). X-Forwarded-Host keeps it.
+        headers.remove(header::HOST);
+    } else if !headers.contains_key(header::HOST) {
         // HTTP/2 public requests carry the host as :authority only.
         if let Ok(v) = HeaderValue::from_str(&head.authority) {
             headers.insert(header::HOST, v);
@@ -215,17 +219,14 @@ async fn switch(
         .map_err(|_| Failure(Kind::ShuttingDown, "stream closed".into()))?;
     exchanges.mark_upgraded(&request_id);
     tracing::info!(request_id = %request_id, %upstream, %protocol, "upgraded connection open");
-    match upgrade::pipe(TokioIo::new(upgraded), io, exchanges).await {
-        Ok(m) => {
-            tracing::info!(request_id = %request_id, sent = m.sent, received = m.received, "upgraded connection closed");
-            Ok(())
-        }
-        Err(e) => {
-            tracing::info!(request_id = %request_id, "upgraded connection ended: {e}");
-            // The guard in `serve` tells the server.
-            Ok(())
-        }
+    let outcome = upgrade::pipe(TokioIo::new(upgraded), io, exchanges).await;
+    let (sent, received) = (outcome.moved.sent, outcome.moved.received);
+    match outcome.error {
+        None => tracing::info!(request_id = %request_id, sent, received, "upgraded connection closed"),
+        // The guard in `serve` tells the server.
+        Some(e) => tracing::info!(request_id = %request_id, sent, received, "upgraded connection ended: {e}"),
     }
+    Ok(())
 }
 
 /// An error with its causes, on one line.

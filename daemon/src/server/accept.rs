@@ -27,7 +27,7 @@ pub const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 /// Bound on a client's TLS handshake, and on its first byte.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause after an accept error (fd exhaustion), so the loop does not spin.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Connections handed to the gRPC server and not yet taken.
 const READY_QUEUE: usize = 64;
 /// A peer failing the same way again within this is logged at debug only:
@@ -35,6 +35,9 @@ const READY_QUEUE: usize = 64;
 const REPEAT_QUIET: Duration = Duration::from_secs(60);
 /// Bound on the failures remembered for REPEAT_QUIET.
 const REPEAT_MEMORY: usize = 1024;
+/// Handshakes in progress at once; past it new connections are closed at
+/// once, so a flood of silent or slow peers cannot take every descriptor.
+const MAX_HANDSHAKES: usize = 512;
 
 /// Handshake failures seen lately, by peer address and cause.
 #[derive(Default)]
@@ -54,6 +57,9 @@ impl Failures {
             }
             match seen.get(&(peer.ip(), cause.clone())) {
                 Some(at) if now.duration_since(*at) < REPEAT_QUIET => false,
+                // Full of recent failures from many peers: an attack, not a
+                // misconfigured client; debug only, and remember no more.
+                None if seen.len() >= REPEAT_MEMORY => false,
                 _ => {
                     seen.insert((peer.ip(), cause.clone()), now);
                     true
@@ -144,6 +150,7 @@ pub fn link_connections(
 ) -> ReceiverStream<io::Result<MaybeTls>> {
     let (tx, rx) = mpsc::channel(READY_QUEUE);
     let failures = Arc::new(Failures::default());
+    let pending = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
         loop {
             let (tcp, peer) = tokio::select! {
@@ -157,10 +164,15 @@ pub fn link_connections(
                     }
                 },
             };
+            let Ok(slot) = pending.clone().try_acquire_owned() else {
+                failures.report(peer, format!("{MAX_HANDSHAKES} handshakes already in progress; connection closed"));
+                continue;
+            };
             tune(&tcp);
             let (tx, tls, failures) = (tx.clone(), shared.link_tls(), failures.clone());
             // Ends with the handshake, bounded by HANDSHAKE_TIMEOUT.
             tokio::spawn(async move {
+                let _slot = slot;
                 match handshake(tcp, tls).await {
                     Ok(io) => {
                         let _ = tx.send(Ok(io)).await;
@@ -223,9 +235,16 @@ pub fn handshake_error(e: &io::Error) -> String {
         Some(rustls::Error::AlertReceived(rustls::AlertDescription::CertificateExpired)) => {
             "the client refused our certificate: it has expired (renew [server.tls] cert)".into()
         }
-        Some(rustls::Error::AlertReceived(alert)) => {
+        Some(rustls::Error::AlertReceived(
+            alert @ (rustls::AlertDescription::BadCertificate
+            | rustls::AlertDescription::UnknownCA
+            | rustls::AlertDescription::CertificateUnknown
+            | rustls::AlertDescription::UnsupportedCertificate
+            | rustls::AlertDescription::CertificateRevoked),
+        )) => {
             format!("the client refused our certificate (alert {alert:?}): does it trust our CA, and is our certificate valid for the name it dials?")
         }
+        Some(rustls::Error::AlertReceived(alert)) => format!("the client aborted the handshake (alert {alert:?})"),
         Some(rustls::Error::InvalidCertificate(c)) => format!("the client's certificate is not acceptable: {c:?}"),
         Some(other) => other.to_string(),
         None => e.to_string(),

@@ -2,10 +2,11 @@
 //! to a data stream of a client in the target group and streams the response
 //! back; answers what it cannot serve with a status and a one-line reason.
 
-use super::accept::MaybeTls;
+use super::accept::{MaybeTls, ACCEPT_BACKOFF};
 use super::Shared;
 use crate::tunnel::body::{send_body, SendError};
 use crate::tunnel::exchange::{ExchangeFailure, ExchangeGuard, ExchangeIo};
+use crate::tunnel::link::H2_KEEPALIVE;
 use crate::tunnel::upgrade;
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
@@ -20,15 +21,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tunnel_lib::frame::{self, now_ms, strip_hop_by_hop};
 use tunnel_lib::introspection::RequestInfo;
 use tunnel_lib::proto::{self, exchange_error::Kind, tunnel_message::Payload};
 use tunnel_lib::rules::normalize_host;
 
-/// HTTP/2 keepalive on public h2c connections.
-const H2_KEEPALIVE: Duration = Duration::from_secs(20);
-/// Pause after an accept error (fd exhaustion), so the loop does not spin.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// After the grace period, how long closing upgraded connections may take.
+const UPGRADE_CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 /// Body of a public response: the tunnel's stream, or a short local answer.
 pub type ProxyBody = Either<crate::tunnel::body::InboundBody, Full<Bytes>>;
@@ -74,6 +74,7 @@ pub async fn run(
         // 64 KiB frames: a quarter of the per-frame work on h2c uploads.
         .max_frame_size(64 << 10);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let (upgrades, closing) = (TaskTracker::new(), CancellationToken::new());
     loop {
         let (tcp, peer) = tokio::select! {
             _ = stop.cancelled() => break,
@@ -91,18 +92,26 @@ pub async fn run(
             continue;
         };
         let _ = tcp.set_nodelay(true);
-        let public = Public { shared: shared.clone(), builder: builder.clone(), watcher: graceful.watcher(), scheme };
+        let conn =
+            Arc::new(Conn { peer, scheme, _permit: permit, upgrades: upgrades.clone(), closing: closing.clone() });
+        let public = Public { shared: shared.clone(), builder: builder.clone(), watcher: graceful.watcher(), conn };
         // Owned by the connection: ends when it closes, at the first-request
         // deadline, or when graceful shutdown closes it.
-        tokio::spawn(async move {
-            public.serve(tcp, peer, header_timeout).await;
-            drop(permit);
-        });
+        tokio::spawn(public.serve(tcp, header_timeout));
     }
     drop(listener);
     let grace = shared.config().server.shutdown_grace;
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+    let deadline = tokio::time::Instant::now() + grace;
+    if tokio::time::timeout_at(deadline, graceful.shutdown()).await.is_err() {
         tracing::warn!(?grace, "public connections still open after the grace period; closing them");
+    }
+    // Upgraded connections left hyper's watch when they switched: they get
+    // the rest of the grace period, then are closed.
+    upgrades.close();
+    if tokio::time::timeout_at(deadline, upgrades.wait()).await.is_err() {
+        tracing::warn!(open = upgrades.len(), "upgraded connections still open after the grace period; closing them");
+        closing.cancel();
+        let _ = tokio::time::timeout(UPGRADE_CLOSE_WAIT, upgrades.wait()).await;
     }
     Ok(())
 }
@@ -112,19 +121,37 @@ struct Public {
     shared: Arc<Shared>,
     builder: auto::Builder<TokioExecutor>,
     watcher: hyper_util::server::graceful::Watcher,
+    conn: Arc<Conn>,
+}
+
+/// What the requests of one public connection share.
+struct Conn {
+    peer: SocketAddr,
     scheme: Scheme,
+    /// The connection's place under max_connections, released when the last
+    /// holder drops: an upgraded connection holds it until it closes.
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    /// Upgraded connections, which shutdown waits for (hyper's graceful
+    /// shutdown stops seeing a connection once it switches protocols).
+    upgrades: TaskTracker,
+    /// Fires at the end of the shutdown grace: upgraded connections close.
+    closing: CancellationToken,
 }
 
 impl Public {
-    async fn serve(self, tcp: TcpStream, peer: SocketAddr, header_timeout: Duration) {
-        let Public { shared, builder, watcher, scheme } = self;
+    async fn serve(self, tcp: TcpStream, header_timeout: Duration) {
+        let Public { shared, builder, watcher, conn: ctx } = self;
+        let (peer, scheme) = (ctx.peer, ctx.scheme);
         // The TLS handshake counts toward the first request's deadline.
         let first_request = tokio::time::sleep(header_timeout);
         tokio::pin!(first_request);
         let io = match scheme {
             Scheme::Http => MaybeTls::Plain(tcp),
             Scheme::Https => {
-                let Some(tls) = shared.ingress_tls() else { return };
+                let Some(tls) = shared.ingress_tls() else {
+                    tracing::warn!(%peer, "HTTPS connection but no certificates are loaded; closed");
+                    return;
+                };
                 tokio::select! {
                     _ = &mut first_request => {
                         tracing::debug!(%peer, "no TLS handshake within {header_timeout:?}; connection closed");
@@ -145,7 +172,7 @@ impl Public {
         let spoke_in_svc = spoke.clone();
         let svc = hyper::service::service_fn(move |req| {
             spoke_in_svc.store(true, Ordering::Relaxed);
-            handle(shared.clone(), peer, scheme, req)
+            handle(shared.clone(), ctx.clone(), req)
         });
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc).into_owned();
         let conn = watcher.watch(conn);
@@ -226,8 +253,7 @@ fn set_forwarded(headers: &mut HeaderMap, peer: SocketAddr, scheme: Scheme, host
 
 async fn handle(
     shared: Arc<Shared>,
-    peer: SocketAddr,
-    scheme: Scheme,
+    conn: Arc<Conn>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
@@ -238,7 +264,7 @@ async fn handle(
         ..Default::default()
     };
     let uploaded = Arc::new(AtomicU64::new(0));
-    let resp = forward(&shared, peer, scheme, req, &mut rec, &uploaded).await;
+    let resp = forward(&shared, &conn, req, &mut rec, &uploaded).await;
     rec.status = u32::from(resp.status().as_u16());
     let (mut parts, body) = resp.into_parts();
     let body = match body {
@@ -267,8 +293,7 @@ async fn handle(
 
 async fn forward(
     shared: &Arc<Shared>,
-    peer: SocketAddr,
-    scheme: Scheme,
+    conn: &Arc<Conn>,
     mut req: Request<Incoming>,
     rec: &mut RequestInfo,
     uploaded: &Arc<AtomicU64>,
@@ -319,13 +344,13 @@ async fn forward(
     let (parts, body) = req.into_parts();
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
-    set_forwarded(&mut headers, peer, scheme, &authority);
+    set_forwarded(&mut headers, conn.peer, conn.scheme, &authority);
     let end_of_stream = upgrade.is_none() && hyper::body::Body::is_end_stream(&body);
     let head = proto::HttpRequest {
         method: parts.method.as_str().to_string(),
         path_and_query: parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string(),
         authority: authority.clone(),
-        scheme: scheme.as_str().into(),
+        scheme: conn.scheme.as_str().into(),
         headers: frame::headers_to_proto(&headers),
         upstream: rule.upstream.clone(),
         timeout_ms: rule.timeout.as_millis() as u64,
@@ -395,8 +420,8 @@ async fn forward(
             upgrade::restore_headers(&mut resp_headers, &protocol);
             rec.status = u32::from(status.as_u16());
             rec.upgrade = protocol;
-            let carried = Upgrading { shared: shared.clone(), rec: rec.clone(), io, guard };
-            tokio::spawn(carried.run(on_upgrade));
+            let carried = Upgrading { shared: shared.clone(), conn: conn.clone(), rec: rec.clone(), io, guard };
+            conn.upgrades.spawn(carried.run(on_upgrade));
             let mut resp = Response::new(Either::Right(Full::new(Bytes::new())));
             *resp.status_mut() = status;
             *resp.headers_mut() = resp_headers;
@@ -411,8 +436,10 @@ async fn forward(
             // Refused (any other status): an ordinary response, and the
             // request, which had no body, ends here.
             let end = exchanges.message(&request_id, Payload::End(proto::BodyEnd::default()));
-            if exchanges.outbound().send_data(end).await.is_err() {
-                return reply(StatusCode::BAD_GATEWAY, "tunnel client disconnected");
+            match tokio::time::timeout_at(deadline, exchanges.outbound().send_data(end)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return reply(StatusCode::BAD_GATEWAY, "tunnel client disconnected"),
+                Err(_) => return timeout_reply(&host, &path, rule.timeout),
             }
             exchanges.finish_outbound(&request_id);
         }
@@ -433,6 +460,8 @@ async fn forward(
 /// A public connection that switched protocols, to carry over its exchange.
 struct Upgrading {
     shared: Arc<Shared>,
+    /// Holds the connection's place under max_connections while it is open.
+    conn: Arc<Conn>,
     rec: RequestInfo,
     io: ExchangeIo,
     guard: ExchangeGuard,
@@ -440,28 +469,44 @@ struct Upgrading {
 
 impl Upgrading {
     /// Waits for hyper to hand over the connection (after it wrote the 101),
-    /// carries it until both sides close it, then logs and records it.
+    /// carries it until both sides close it or shutdown's grace runs out,
+    /// then logs and records it.
     async fn run(self, on_upgrade: hyper::upgrade::OnUpgrade) {
-        let Upgrading { shared, mut rec, io, guard } = self;
+        let Upgrading { shared, conn, mut rec, io, guard } = self;
         let exchanges = guard.exchanges().clone();
         let request_id = io.request_id.clone();
-        let result = match on_upgrade.await {
-            Ok(upgraded) => {
-                exchanges.mark_upgraded(&request_id);
-                tracing::info!(request_id = %request_id, host = %rec.host, path = %rec.path, client = %rec.client_id, protocol = %rec.upgrade, "upgraded connection open");
-                upgrade::pipe(TokioIo::new(upgraded), io, &exchanges).await
-            }
-            Err(e) => Err(format!("public connection did not switch: {e}")),
+        let outcome = tokio::select! {
+            _ = conn.closing.cancelled() => Err("server shutting down".to_string()),
+            r = on_upgrade => match r {
+                Err(e) => Err(format!("public connection did not switch: {e}")),
+                Ok(upgraded) => {
+                    exchanges.mark_upgraded(&request_id);
+                    tracing::info!(request_id = %request_id, host = %rec.host, path = %rec.path, client = %rec.client_id, protocol = %rec.upgrade, "upgraded connection open");
+                    let pipe = upgrade::pipe(TokioIo::new(upgraded), io, &exchanges);
+                    tokio::pin!(pipe);
+                    tokio::select! {
+                        // Dropping the pipe closes the public side; the guard cancels the client's.
+                        _ = conn.closing.cancelled() => Err("server shutting down".to_string()),
+                        o = &mut pipe => Ok(o),
+                    }
+                }
+            },
         };
-        match result {
-            Ok(moved) => {
-                rec.bytes_in = moved.sent;
-                rec.bytes_out = moved.received;
-                tracing::info!(request_id = %request_id, bytes_in = moved.sent, bytes_out = moved.received, "upgraded connection closed");
+        let error = match outcome {
+            Ok(o) => {
+                rec.bytes_in = o.moved.sent;
+                rec.bytes_out = o.moved.received;
+                o.error
+            }
+            Err(e) => Some(e),
+        };
+        match error {
+            None => {
+                tracing::info!(request_id = %request_id, bytes_in = rec.bytes_in, bytes_out = rec.bytes_out, "upgraded connection closed");
                 guard.disarm();
             }
-            Err(e) => {
-                tracing::info!(request_id = %request_id, "upgraded connection ended: {e}");
+            Some(e) => {
+                tracing::info!(request_id = %request_id, bytes_in = rec.bytes_in, bytes_out = rec.bytes_out, "upgraded connection ended: {e}");
                 rec.error = e;
                 // Dropping the guard cancels the exchange at the client.
                 drop(guard);
@@ -469,6 +514,7 @@ impl Upgrading {
         }
         rec.duration_ms = u64::try_from(now_ms() - rec.unix_ms).unwrap_or(0);
         shared.requests.record(rec);
+        drop(conn);
     }
 }
 

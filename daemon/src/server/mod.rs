@@ -103,6 +103,8 @@ pub struct Shared {
     /// rustls settings of the tunnel link (None: plaintext) and of the HTTPS
     /// ingress, re-read from their files on every reload.
     tls: RwLock<TlsSettings>,
+    /// (link TLS on, HTTPS on), as the server started.
+    tls_modes: OnceLock<(bool, bool)>,
 }
 
 /// The TLS settings in force.
@@ -123,7 +125,6 @@ impl Shared {
         *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(cfg);
     }
 
-    /// The current config version of `group`.
     /// The tunnel link's TLS settings now; None when it is plaintext.
     pub fn link_tls(&self) -> Option<Arc<tunnel_lib::tls::rustls::ServerConfig>> {
         self.tls.read().unwrap_or_else(|e| e.into_inner()).link.clone()
@@ -135,14 +136,37 @@ impl Shared {
     }
 
     /// Reads `cfg`'s certificates and keys and puts them in force; on error
-    /// the ones in force stay.
+    /// the ones in force stay. Whether the link has TLS and whether HTTPS is
+    /// served are fixed at start, like the listen addresses: a reload that
+    /// turns either on or off is warned about and applies at the next restart
+    /// (silently dropping to a plaintext link would be worse).
     pub fn load_tls(&self, cfg: &ServerConfig) -> Result<(), tunnel_lib::tls::TlsError> {
-        let link = cfg.server.tls.as_ref().map(|t| t.load()).transpose()?;
-        let ingress = cfg.ingress_tls()?;
-        *self.tls.write().unwrap_or_else(|e| e.into_inner()) = TlsSettings { link, ingress };
+        let mut settings = self.tls.write().unwrap_or_else(|e| e.into_inner());
+        let started = *self.tls_modes.get_or_init(|| (cfg.server.tls.is_some(), cfg.server.https_listen.is_some()));
+        let link = match (started.0, &cfg.server.tls) {
+            (true, Some(t)) => Some(t.load()?),
+            (false, None) => None,
+            (on, _) => {
+                tracing::warn!(
+                    tls_on_now = on,
+                    "[server.tls] was added or removed: the tunnel link keeps its mode until a restart"
+                );
+                settings.link.clone()
+            }
+        };
+        let ingress = match (started.1, cfg.server.https_listen.is_some()) {
+            (true, true) => cfg.ingress_tls()?,
+            (false, false) => None,
+            (on, _) => {
+                tracing::warn!(https_on_now = on, "https_listen was added or removed: it applies at the next restart");
+                settings.ingress.clone()
+            }
+        };
+        *settings = TlsSettings { link, ingress };
         Ok(())
     }
 
+    /// The current config version of `group`.
     pub fn group_version(&self, group: &str) -> Option<String> {
         self.versions.read().unwrap_or_else(|e| e.into_inner()).get(group).cloned()
     }
@@ -177,6 +201,7 @@ impl Server {
                 streams: CancellationToken::new(),
                 tasks: TaskTracker::new(),
                 tls: RwLock::new(TlsSettings::default()),
+                tls_modes: OnceLock::new(),
             }),
         }
     }

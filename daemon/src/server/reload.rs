@@ -91,7 +91,10 @@ pub fn apply(shared: &Shared, new: ServerConfig) -> Reload {
         return Reload::Refused(e.to_string());
     }
     let old = shared.config();
-    if old.server.http_listen != new.server.http_listen || old.server.grpc_listen != new.server.grpc_listen {
+    if old.server.http_listen != new.server.http_listen
+        || old.server.grpc_listen != new.server.grpc_listen
+        || old.server.https_listen != new.server.https_listen
+    {
         tracing::warn!("listen addresses changed in the file; they apply at the next restart");
     }
     let (before, after) = (super::group_versions(&old), super::group_versions(&new));

@@ -21,3 +21,6 @@ pub const CONNECTION_WINDOW: u32 = 16 << 20;
 pub const MAX_FRAME_SIZE: u32 = 64 << 10;
 /// Largest message accepted: a 64 KiB chunk, or a head with up to 1 MiB of headers.
 pub const MAX_MESSAGE: usize = 2 << 20;
+/// HTTP/2 pings on idle public h2 connections and h2c upstream connections,
+/// so a silent peer is noticed and closed.
+pub const H2_KEEPALIVE: Duration = Duration::from_secs(20);

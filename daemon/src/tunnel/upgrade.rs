@@ -10,6 +10,7 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue};
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_stream::StreamExt;
@@ -49,39 +50,52 @@ pub fn restore_headers(headers: &mut HeaderMap, protocol: &str) {
     }
 }
 
+/// How an upgraded connection ended: what it moved, and why it ended early if it did.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub moved: Moved,
+    /// None when both directions ended cleanly.
+    pub error: Option<String>,
+}
+
 /// Carries `local` over the exchange until both directions have ended, one
 /// fails, or the exchange is cancelled (idle, peer gone). On error the
 /// caller abandons the exchange.
-pub async fn pipe<T>(local: T, io: ExchangeIo, exchanges: &Arc<Exchanges>) -> Result<Moved, String>
+pub async fn pipe<T>(local: T, io: ExchangeIo, exchanges: &Arc<Exchanges>) -> Outcome
 where
     T: AsyncRead + AsyncWrite + Send,
 {
     let ExchangeIo { request_id, credit, cancel, mut body } = io;
     let (rd, mut wr) = tokio::io::split(local);
+    // Counted as they move, so a connection that fails still reports its bytes.
+    let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
     let outgoing = async {
         // A read returns what has arrived, so small messages leave at once.
-        let frames = ReaderStream::with_capacity(rd, MAX_CHUNK).map(|r| r.map(Frame::data));
+        let frames = ReaderStream::with_capacity(rd, MAX_CHUNK).map(|r| {
+            if let Ok(b) = &r {
+                sent.fetch_add(b.len() as u64, Ordering::Relaxed);
+            }
+            r.map(Frame::data)
+        });
         match send_body(StreamBody::new(frames), &request_id, &credit, &cancel, exchanges).await {
-            Ok(n) => Ok(n),
+            Ok(_) => Ok(()),
             Err(SendError::Cancelled) => Err("exchange cancelled".to_string()),
             Err(SendError::Body(e)) => Err(format!("reading the connection: {e}")),
         }
     };
     let incoming = async {
-        let mut n = 0u64;
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| e.to_string())?;
             if let Ok(data) = frame.into_data() {
-                n += data.len() as u64;
+                received.fetch_add(data.len() as u64, Ordering::Relaxed);
                 write(&mut wr, data).await?;
             }
         }
         // The peer half-closed: so do we.
-        wr.shutdown().await.map_err(|e| format!("closing the connection: {e}"))?;
-        Ok::<u64, String>(n)
+        wr.shutdown().await.map_err(|e| format!("closing the connection: {e}"))
     };
-    let (sent, received) = tokio::try_join!(outgoing, incoming)?;
-    Ok(Moved { sent, received })
+    let error = tokio::try_join!(outgoing, incoming).err();
+    Outcome { moved: Moved { sent: sent.into_inner(), received: received.into_inner() }, error }
 }
 
 async fn write<W: AsyncWrite + Unpin>(wr: &mut W, data: Bytes) -> Result<(), String> {
