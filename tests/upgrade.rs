@@ -46,6 +46,8 @@ impl WsUpstream {
                 let Ok((tcp, _)) = listener.accept().await else { return };
                 let count = count.clone();
                 tokio::spawn(async move {
+                    // tungstenite's callback type fixes the (large) error type.
+                    #[allow(clippy::result_large_err)]
                     let refuse = |req: &ws::handshake::server::Request, resp| {
                         if req.uri().path().ends_with("/forbidden") {
                             let mut no = ws::handshake::server::ErrorResponse::new(Some("not for you".into()));
