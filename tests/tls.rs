@@ -6,81 +6,20 @@
 
 mod common;
 
+use common::pki::{Ca, TempDir};
+use common::ws::{ws_config, WsUpstream};
 use common::*;
+use futures_util::{SinkExt, StreamExt};
 use http::StatusCode;
-use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
+use rcgen::ExtendedKeyUsagePurpose;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
+use tokio_tungstenite::tungstenite::Message;
 use tunnel_daemon::server::reload::{self, Reload};
 use tunnel_lib::config::ServerConfig;
-
-// ------------------------------------------------------------------ certificates
-
-/// A CA that signs server and client certificates into a temporary directory.
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    dir: PathBuf,
-    name: String,
-}
-
-impl Ca {
-    fn new(dir: &Path, name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(rcgen::DnType::CommonName, format!("{name} test CA"));
-        let key = KeyPair::generate().unwrap();
-        let cert = params.self_signed(&key).unwrap();
-        std::fs::write(dir.join(format!("{name}.crt")), cert.pem()).unwrap();
-        Ca { issuer: Issuer::new(params, key), dir: dir.to_path_buf(), name: name.to_string() }
-    }
-
-    fn cert_path(&self) -> PathBuf {
-        self.dir.join(format!("{}.crt", self.name))
-    }
-
-    /// Issues a certificate for `names`; returns (cert, key) paths.
-    fn issue(&self, file: &str, names: &[&str], usage: ExtendedKeyUsagePurpose, expired: bool) -> (PathBuf, PathBuf) {
-        let mut params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
-        params.distinguished_name.push(rcgen::DnType::CommonName, file);
-        params.extended_key_usages = vec![usage];
-        if expired {
-            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
-            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
-        }
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        let (c, k) = (self.dir.join(format!("{file}.crt")), self.dir.join(format!("{file}.key")));
-        std::fs::write(&c, cert.pem()).unwrap();
-        std::fs::write(&k, key.serialize_pem()).unwrap();
-        (c, k)
-    }
-
-    fn server(&self, file: &str, names: &[&str]) -> (PathBuf, PathBuf) {
-        self.issue(file, names, ExtendedKeyUsagePurpose::ServerAuth, false)
-    }
-
-    fn client(&self, file: &str) -> (PathBuf, PathBuf) {
-        self.issue(file, &["edge-1"], ExtendedKeyUsagePurpose::ClientAuth, false)
-    }
-}
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("tunnel-tls-{tag}-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use tunnel_lib::tls::rustls;
 
 // ------------------------------------------------------------------ logs
 
@@ -389,4 +328,69 @@ fn tls_example_configs_check_with_real_files() {
     let client =
         tunnel_lib::config::ClientConfig::from_str_named(&local("client-tls.toml"), "client-tls.toml").unwrap();
     assert!(client.tls.as_ref().is_some_and(|t| t.cert.is_some()));
+}
+
+/// Over HTTPS as over HTTP: a WebSocket upgrades (HTTP/1.1 by ALPN), routed
+/// by a host rule that ignores the port.
+#[tokio::test]
+async fn websocket_over_https_routed_by_host() {
+    let _serial = SERIAL.lock().await;
+    let dir = TempDir::new("wss");
+    let ca = Ca::new(&dir.0, "ca");
+    let (cert, key) = ca.server("site", &["*.a.test"]);
+    let (ws, web) = (WsUpstream::start().await, Upstream::start("web").await);
+    let toml = format!(
+        r#"
+[server]
+shutdown_grace = "2s"
+https_listen = "127.0.0.1:0"
+[[certificates]]
+hosts = ["*.a.test"]
+cert = {cert:?}
+key = {key:?}
+[[groups]]
+name = "demo"
+token = "t-demo"
+heartbeat_interval = "1s"
+data_streams = 1
+[[rules]]
+host = "chat.a.test"
+group = "demo"
+upstream = "ws"
+[[rules]]
+group = "demo"
+upstream = "web"
+"#
+    );
+    let server = start_server(&toml, None).await;
+    let upstreams = [("ws", ws.url()), ("web", web.url())];
+    let _client = TestClient::start(&client_toml(&server, "edge-1", "demo", "t-demo", "", &upstreams));
+    server.wait_streams(2).await;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in tunnel_lib::tls::read_certs(&ca.cert_path()).unwrap() {
+        roots.add(c).unwrap();
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(tunnel_lib::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(server.https).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("chat.a.test").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await.unwrap();
+    // Only the ws upstream answers 101: the handshake succeeding shows the host rule matched.
+    let url = format!("wss://chat.a.test:{}/live", server.https.port());
+    let (mut socket, _) =
+        tokio::time::timeout(WAIT, tokio_tungstenite::client_async_with_config(url, tls, Some(ws_config())))
+            .await
+            .expect("handshake in time")
+            .unwrap();
+    socket.send(Message::text("over tls")).await.unwrap();
+    let echo = tokio::time::timeout(WAIT, socket.next()).await.expect("echo in time").unwrap().unwrap();
+    assert_eq!(echo, Message::text("over tls"));
+    let rec = server.shared.registry.streams().iter().map(|s| s.upgraded).sum::<usize>();
+    assert_eq!(rec, 1, "counted as an upgraded connection");
+    drop(socket);
+    server.stop().await;
 }

@@ -22,6 +22,9 @@ use tunnel_daemon::client::{Client, ClientStatus};
 use tunnel_daemon::server::{Listeners, Server, Shared};
 use tunnel_lib::config::{ClientConfig, ServerConfig};
 
+pub mod pki;
+pub mod ws;
+
 /// Every wait in these tests ends by this deadline at the latest.
 pub const WAIT: Duration = Duration::from_secs(15);
 
