@@ -45,6 +45,17 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default cap of the client's reconnect backoff.
 pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(30);
 
+/// Default cap on a public request's whole head (request line and headers).
+pub const DEFAULT_MAX_HEADER_BYTES: u64 = 64 * 1024;
+/// Smallest head cap accepted (hyper's HTTP/1 read buffer minimum).
+pub const MIN_MAX_HEADER_BYTES: u64 = 8 * 1024;
+/// Default cap on the number of headers of a public request.
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+/// Default cap on a public request's URI.
+pub const DEFAULT_MAX_URI_BYTES: u64 = 8 * 1024;
+/// Default cap on requests in flight to one client of a group.
+pub const DEFAULT_MAX_IN_FLIGHT: u32 = 1000;
+
 /// Default silence after which a streamed response or upload is closed.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -208,6 +219,9 @@ struct ServerSection {
     max_streams_per_connection: Option<u32>,
     max_connections: Option<usize>,
     header_read_timeout: Option<HumanDuration>,
+    max_header_bytes: Option<Spanned<ByteSize>>,
+    max_headers: Option<Spanned<usize>>,
+    max_uri_bytes: Option<Spanned<ByteSize>>,
     https_listen: Option<Spanned<SocketAddr>>,
     tls: Option<LinkTlsSection>,
 }
@@ -220,6 +234,7 @@ struct GroupSection {
     heartbeat_interval: Option<Spanned<HumanDuration>>,
     data_streams: Option<Spanned<u32>>,
     exchange_window: Option<Spanned<ByteSize>>,
+    max_in_flight: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize)]
@@ -231,6 +246,7 @@ struct RuleSection {
     upstream: Spanned<String>,
     timeout: Option<HumanDuration>,
     idle_timeout: Option<HumanDuration>,
+    max_body: Option<Spanned<ByteSize>>,
 }
 
 /// When a changed group config reaches connected clients.
@@ -273,6 +289,12 @@ pub struct ServerSettings {
     pub max_connections: usize,
     /// A public connection must send a complete request head within this.
     pub header_read_timeout: Duration,
+    /// A public request head larger than this gets 431.
+    pub max_header_bytes: u64,
+    /// A public request with more headers than this gets 431.
+    pub max_headers: usize,
+    /// A public request whose URI is longer than this gets 414.
+    pub max_uri_bytes: u64,
     /// Public HTTPS listener (`[[certificates]]` chosen by SNI).
     pub https_listen: Option<SocketAddr>,
     /// TLS on `grpc_listen`; None = plaintext.
@@ -317,6 +339,8 @@ pub struct GroupSettings {
     pub data_streams: u32,
     /// Credit per exchange and direction, bytes.
     pub exchange_window: u32,
+    /// Requests in flight to one client of the group past which new ones get 503.
+    pub max_in_flight: u32,
 }
 
 /// The whole server configuration, checked.
@@ -373,6 +397,25 @@ impl ServerConfig {
             max_streams_per_connection: s.max_streams_per_connection.unwrap_or(DEFAULT_MAX_STREAMS_PER_CONNECTION),
             max_connections: s.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
             header_read_timeout: s.header_read_timeout.map_or(DEFAULT_HEADER_READ_TIMEOUT, |d| d.0),
+            max_header_bytes: match &s.max_header_bytes {
+                Some(b) if b.get_ref().0 < MIN_MAX_HEADER_BYTES => {
+                    return Err(src.at(b, "server.max_header_bytes", "must be at least 8KiB"))
+                }
+                Some(b) => b.get_ref().0,
+                None => DEFAULT_MAX_HEADER_BYTES,
+            },
+            max_headers: match &s.max_headers {
+                Some(n) if *n.get_ref() == 0 => return Err(src.at(n, "server.max_headers", "must be at least 1")),
+                Some(n) => *n.get_ref(),
+                None => DEFAULT_MAX_HEADERS,
+            },
+            max_uri_bytes: match &s.max_uri_bytes {
+                Some(b) if b.get_ref().0 < 256 => {
+                    return Err(src.at(b, "server.max_uri_bytes", "must be at least 256B"))
+                }
+                Some(b) => b.get_ref().0,
+                None => DEFAULT_MAX_URI_BYTES,
+            },
             https_listen: s.https_listen.as_ref().map(|a| *a.get_ref()),
             tls: match &s.tls {
                 None => None,
@@ -459,6 +502,11 @@ impl ServerConfig {
                 Some(w) => w.get_ref().0 as u32,
                 None => DEFAULT_EXCHANGE_WINDOW,
             };
+            let max_in_flight = match &g.max_in_flight {
+                Some(n) if *n.get_ref() == 0 => return Err(src.at(n, key("max_in_flight"), "must be at least 1")),
+                Some(n) => *n.get_ref(),
+                None => DEFAULT_MAX_IN_FLIGHT,
+            };
             groups.push(GroupSettings {
                 name: name.to_string(),
                 token: g.token.get_ref().clone(),
@@ -466,6 +514,7 @@ impl ServerConfig {
                 heartbeat_timeout: timeout,
                 data_streams,
                 exchange_window,
+                max_in_flight,
             });
         }
 
@@ -503,6 +552,7 @@ impl ServerConfig {
                 upstream: upstream.to_string(),
                 timeout: r.timeout.map_or(DEFAULT_RULE_TIMEOUT, |d| d.0),
                 idle_timeout: r.idle_timeout.map_or(DEFAULT_IDLE_TIMEOUT, |d| d.0),
+                max_body: r.max_body.as_ref().map(|b| b.get_ref().0),
             });
             rule_lines.push(r.group.span().start);
         }

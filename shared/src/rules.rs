@@ -93,6 +93,9 @@ pub struct Rule {
     pub timeout: Duration,
     /// After the head, an exchange silent in both directions this long is closed.
     pub idle_timeout: Duration,
+    /// A request body larger than this gets 413; None = no limit (memory
+    /// stays bounded by the exchange window whatever the size).
+    pub max_body: Option<u64>,
 }
 
 impl Rule {
@@ -167,6 +170,7 @@ mod tests {
             upstream: "web".into(),
             timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(300),
+            max_body: None,
         }
     }
 

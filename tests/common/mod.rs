@@ -45,6 +45,8 @@ pub struct Seen {
     pub requests: AtomicUsize,
     /// Requests whose handler was dropped before it finished (cancelled).
     pub cancelled: AtomicUsize,
+    /// Request bodies that broke off before their end (the sender gave up).
+    pub cut_bodies: AtomicUsize,
 }
 
 struct CancelProbe(Arc<Seen>, bool);
@@ -157,7 +159,11 @@ async fn upstream_handler(
             let mut h = Sha256::new();
             let mut body = req.into_body();
             let mut len = 0usize;
-            while let Some(Ok(f)) = body.frame().await {
+            while let Some(f) = body.frame().await {
+                let Ok(f) = f else {
+                    seen.cut_bodies.fetch_add(1, Ordering::SeqCst);
+                    break;
+                };
                 if let Ok(d) = f.into_data() {
                     len += d.len();
                     h.update(&d);

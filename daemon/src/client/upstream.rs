@@ -185,9 +185,12 @@ async fn forward(
         exchanges.finish_outbound(&request_id);
         return Ok(());
     }
-    match send_body(body, &request_id, &credit, &cancel, exchanges).await {
+    match send_body(body, &request_id, &credit, &cancel, exchanges, None).await {
         Ok(_) | Err(SendError::Cancelled) => Ok(()),
-        Err(SendError::Body(e)) => Err(Failure(Kind::UpstreamFailed, format!("upstream response body failed: {e}"))),
+        // No limit is passed, so TooLarge cannot happen; treated as a failure all the same.
+        Err(e @ (SendError::Body(_) | SendError::TooLarge(_))) => {
+            Err(Failure(Kind::UpstreamFailed, format!("upstream response body failed: {e}")))
+        }
     }
 }
 

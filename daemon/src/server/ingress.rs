@@ -3,6 +3,7 @@
 //! back; answers what it cannot serve with a status and a one-line reason.
 
 use super::accept::{MaybeTls, ACCEPT_BACKOFF};
+use super::registry::NoStream;
 use super::Shared;
 use crate::tunnel::body::{send_body, SendError};
 use crate::tunnel::exchange::{ExchangeFailure, ExchangeGuard, ExchangeIo};
@@ -22,6 +23,7 @@ use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tunnel_lib::config;
 use tunnel_lib::frame::{self, now_ms, strip_hop_by_hop};
 use tunnel_lib::introspection::RequestInfo;
 use tunnel_lib::proto::{self, exchange_error::Kind, tunnel_message::Payload};
@@ -64,7 +66,13 @@ pub async fn run(
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // Without a timer hyper silently ignores header_read_timeout.
     let header_timeout = cfg.server.header_read_timeout;
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(header_timeout);
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        // A head past these gets 431 from hyper before any of our code runs.
+        .max_buf_size(usize::try_from(cfg.server.max_header_bytes).unwrap_or(usize::MAX))
+        .max_headers(cfg.server.max_headers);
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -72,7 +80,8 @@ pub async fn run(
         .keep_alive_interval(Some(H2_KEEPALIVE))
         .keep_alive_timeout(H2_KEEPALIVE)
         // 64 KiB frames: a quarter of the per-frame work on h2c uploads.
-        .max_frame_size(64 << 10);
+        .max_frame_size(64 << 10)
+        .max_header_list_size(u32::try_from(cfg.server.max_header_bytes).unwrap_or(u32::MAX));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let (upgrades, closing) = (TaskTracker::new(), CancellationToken::new());
     loop {
@@ -308,27 +317,64 @@ async fn forward(
     let path = req.uri().path().to_string();
     rec.host = host.clone();
     let cfg = shared.config();
+    // HTTP/1.1 heads past the limits are refused by hyper itself (431/414
+    // before a service runs); these also cover HTTP/2.
+    let uri_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len()) as u64;
+    if uri_len > cfg.server.max_uri_bytes {
+        return reply(StatusCode::URI_TOO_LONG, format!("URI over {} bytes", cfg.server.max_uri_bytes));
+    }
+    if req.headers().len() > cfg.server.max_headers {
+        let why = format!("more than {} headers", cfg.server.max_headers);
+        return reply(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, why);
+    }
     let Some(rule) = cfg.rules.route(&host, &path) else {
         tracing::info!(%host, %path, "no rule matches: 404");
         return reply(StatusCode::NOT_FOUND, format!("no route for host {host:?} path {path:?}"));
     };
-    let window = cfg.group(&rule.group).map_or(0, |g| g.exchange_window);
-    let request_id = next_request_id();
-    // A stream can end between the pick and the open: then pick again.
-    let mut opened = None;
-    for _ in 0..3 {
-        let Some(stream) = shared.registry.pick(&rule.group) else { break };
-        if let Some(x) = stream.exchanges.open(&request_id, window, rule.idle_timeout) {
-            opened = Some((stream, x));
-            break;
+    if let Some(max) = rule.max_body {
+        let length = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if length.is_some_and(|n| n > max) {
+            return reply(StatusCode::PAYLOAD_TOO_LARGE, format!("request body over the {max}-byte limit"));
         }
     }
-    let Some((stream, (io, head_rx))) = opened else {
-        tracing::info!(%host, %path, group = %rule.group, "no client connected: 503");
-        return reply(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("no tunnel client connected for group {:?}", rule.group),
-        );
+    let group = cfg.group(&rule.group);
+    let window = group.map_or(0, |g| g.exchange_window);
+    let max_in_flight = group.map_or(config::DEFAULT_MAX_IN_FLIGHT, |g| g.max_in_flight) as usize;
+    let request_id = next_request_id();
+    // A stream can end between the pick and the open: then pick again.
+    let mut opened = Err(NoStream::NoClient);
+    for _ in 0..3 {
+        match shared.registry.pick(&rule.group, max_in_flight) {
+            Ok(stream) => {
+                if let Some(x) = stream.exchanges.open(&request_id, window, rule.idle_timeout) {
+                    opened = Ok((stream, x));
+                    break;
+                }
+            }
+            Err(e) => {
+                opened = Err(e);
+                break;
+            }
+        }
+    }
+    let (stream, (io, head_rx)) = match opened {
+        Ok(x) => x,
+        Err(NoStream::Busy) => {
+            tracing::info!(%host, %path, group = %rule.group, max_in_flight, "every client at max_in_flight: 503");
+            let mut r = reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("every tunnel client of group {:?} has {max_in_flight} requests in flight", rule.group),
+            );
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return r;
+        }
+        Err(NoStream::NoClient) => {
+            tracing::info!(%host, %path, group = %rule.group, "no client connected: 503");
+            return reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("no tunnel client connected for group {:?}", rule.group),
+            );
+        }
     };
     let trace = trace_id(req.headers(), &request_id);
     // An upgrade without a request body: its body frames will be the
@@ -372,6 +418,7 @@ async fn forward(
         Ok(Err(_)) => return reply(StatusCode::BAD_GATEWAY, "tunnel client disconnected"),
         Err(_) => return timeout_reply(&host, &path, rule.timeout),
     }
+    let too_large = Arc::new(AtomicBool::new(false));
     if end_of_stream {
         exchanges.finish_outbound(&request_id);
     } else if upgrade.is_some() {
@@ -380,10 +427,16 @@ async fn forward(
     } else {
         let (ex, id, credit, cancel) = (exchanges.clone(), request_id.clone(), io.credit.clone(), io.cancel.clone());
         let uploaded = uploaded.clone();
+        let (limit, flag) = (rule.max_body, too_large.clone());
         // Owned by the exchange: it ends when the body is sent or the exchange is cancelled.
         tokio::spawn(async move {
-            match send_body(body, &id, &credit, &cancel, &ex).await {
+            match send_body(body, &id, &credit, &cancel, &ex, limit).await {
                 Ok(n) => uploaded.store(n, Ordering::Relaxed),
+                Err(SendError::TooLarge(_)) => {
+                    // Chunked bodies have no length to check up front: caught as they stream.
+                    flag.store(true, Ordering::Relaxed);
+                    ex.abandon(&id, "request body over max_body");
+                }
                 Err(SendError::Cancelled) => {}
                 Err(SendError::Body(e)) => {
                     tracing::debug!(request_id = %id, "public request body failed: {e}");
@@ -392,7 +445,14 @@ async fn forward(
             }
         });
     }
-    let resp_head = match tokio::time::timeout_at(deadline, head_rx).await {
+    let resp_head = tokio::time::timeout_at(deadline, head_rx).await;
+    if too_large.load(Ordering::Relaxed) {
+        // The upstream request was cancelled when the body passed the limit.
+        let max = rule.max_body.unwrap_or_default();
+        tracing::info!(%host, %path, max_body = max, "request body over max_body: 413");
+        return reply(StatusCode::PAYLOAD_TOO_LARGE, format!("request body over the {max}-byte limit"));
+    }
+    let resp_head = match resp_head {
         Err(_) => return timeout_reply(&host, &path, rule.timeout),
         Ok(Err(_)) => return reply(StatusCode::BAD_GATEWAY, "tunnel client disconnected"),
         Ok(Ok(Err(failure))) => return failure_reply(&failure, &rule.upstream),

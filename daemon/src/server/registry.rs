@@ -198,6 +198,15 @@ pub enum RegisterError {
     StreamIdTaken,
 }
 
+/// Why no stream was picked for a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoStream {
+    /// The group has no connected client (or all are draining).
+    NoClient,
+    /// Every client of the group has max_in_flight requests in flight.
+    Busy,
+}
+
 /// All live streams and clients.
 #[derive(Default)]
 pub struct Registry {
@@ -360,17 +369,27 @@ impl Registry {
 
     /// A data stream of `group` for a new exchange: the least loaded, ties
     /// broken round robin; draining streams are skipped.
-    pub fn pick(&self, group: &str) -> Option<Arc<StreamHandle>> {
+    pub fn pick(&self, group: &str, max_in_flight: usize) -> Result<Arc<StreamHandle>, NoStream> {
         let inner = self.read();
-        let list = inner.by_group.get(group)?;
+        let list = inner.by_group.get(group).ok_or(NoStream::NoClient)?;
         let n = list.len();
+        // Requests in flight per client, over its data streams.
+        let mut per_client: HashMap<&str, usize> = HashMap::new();
+        for h in list {
+            *per_client.entry(h.client_id.as_str()).or_default() += h.exchanges.in_flight();
+        }
         let start = self.rr.fetch_add(1, Ordering::Relaxed);
         // Load: a stream whose outbound queue is full (its connection is not
         // draining it) ranks after every stream that is moving.
         let mut best: Option<(&Arc<StreamHandle>, (bool, usize))> = None;
+        let mut busy = false;
         for i in 0..n {
             let h = &list[(start + i) % n];
             if h.is_draining() {
+                continue;
+            }
+            if per_client.get(h.client_id.as_str()).copied().unwrap_or(0) >= max_in_flight {
+                busy = true;
                 continue;
             }
             let out = h.outbound();
@@ -379,7 +398,11 @@ impl Registry {
                 best = Some((h, load));
             }
         }
-        best.map(|(h, _)| h.clone())
+        match best {
+            Some((h, _)) => Ok(h.clone()),
+            None if busy => Err(NoStream::Busy),
+            None => Err(NoStream::NoClient),
+        }
     }
 
     /// Every registered stream's handle.
@@ -539,13 +562,14 @@ mod tests {
         let h2 = handle("h2", "a", "s1", StreamType::Http);
         r.register(h1.clone(), "v", "", 1).expect("ok");
         r.register(h2.clone(), "v", "", 1).expect("ok");
-        let picks: BTreeSet<String> = (0..4).filter_map(|_| r.pick("g")).map(|h| h.stream_id.clone()).collect();
+        let picks: BTreeSet<String> =
+            (0..4).filter_map(|_| r.pick("g", 10).ok()).map(|h| h.stream_id.clone()).collect();
         assert_eq!(picks, BTreeSet::from(["h1".to_string(), "h2".to_string()]));
         h1.set_draining();
-        assert!((0..4).all(|_| r.pick("g").is_some_and(|h| h.stream_id == "h2")));
+        assert!((0..4).all(|_| r.pick("g", 10).is_ok_and(|h| h.stream_id == "h2")));
         h2.set_draining();
-        assert!(r.pick("g").is_none());
-        assert!(r.pick("other").is_none());
+        assert_eq!(r.pick("g", 10).err(), Some(NoStream::NoClient));
+        assert_eq!(r.pick("other", 10).err(), Some(NoStream::NoClient));
     }
 
     /// A reconnect (new session) evicts the old session's streams at once.

@@ -187,18 +187,23 @@ pub enum SendError {
     /// Reading the body we were sending failed.
     #[error("body failed: {0}")]
     Body(String),
+    /// The body passed the given limit; nothing past it was sent.
+    #[error("body over {0} bytes")]
+    TooLarge(u64),
 }
 
 /// Sends `body` on exchange `request_id` as chunks of at most 64 KiB, each
 /// waiting for credit, then the end frame with any trailers. On success our
-/// direction of the exchange is finished; on error the caller decides how to
-/// end the exchange. Returns the body bytes sent.
+/// direction of the exchange is finished; on error (the body failed, or
+/// passed `limit` bytes) the caller decides how to end the exchange. Returns
+/// the body bytes sent.
 pub async fn send_body<B>(
     mut body: B,
     request_id: &str,
     credit: &Semaphore,
     cancel: &CancellationToken,
     exchanges: &Arc<Exchanges>,
+    limit: Option<u64>,
 ) -> Result<u64, SendError>
 where
     B: Body<Data = Bytes> + Unpin,
@@ -225,6 +230,11 @@ where
                 break;
             }
         };
+        if let Some(max) = limit {
+            if sent + data.len() as u64 > max {
+                return Err(SendError::TooLarge(max));
+            }
+        }
         while !data.is_empty() {
             let chunk = data.split_to(data.len().min(MAX_CHUNK));
             let cost = frame::frame_cost(chunk.len());

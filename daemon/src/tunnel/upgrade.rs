@@ -77,10 +77,10 @@ where
             }
             r.map(Frame::data)
         });
-        match send_body(StreamBody::new(frames), &request_id, &credit, &cancel, exchanges).await {
+        match send_body(StreamBody::new(frames), &request_id, &credit, &cancel, exchanges, None).await {
             Ok(_) => Ok(()),
             Err(SendError::Cancelled) => Err("exchange cancelled".to_string()),
-            Err(SendError::Body(e)) => Err(format!("reading the connection: {e}")),
+            Err(e @ (SendError::Body(_) | SendError::TooLarge(_))) => Err(format!("reading the connection: {e}")),
         }
     };
     let incoming = async {
