@@ -4,6 +4,7 @@
 pub mod client;
 pub mod demo;
 pub mod logging;
+pub mod metrics;
 pub mod runtime;
 pub mod server;
 pub mod signal;

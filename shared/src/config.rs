@@ -223,6 +223,7 @@ struct ServerSection {
     max_headers: Option<Spanned<usize>>,
     max_uri_bytes: Option<Spanned<ByteSize>>,
     https_listen: Option<Spanned<SocketAddr>>,
+    metrics_listen: Option<SocketAddr>,
     tls: Option<LinkTlsSection>,
 }
 
@@ -297,6 +298,8 @@ pub struct ServerSettings {
     pub max_uri_bytes: u64,
     /// Public HTTPS listener (`[[certificates]]` chosen by SNI).
     pub https_listen: Option<SocketAddr>,
+    /// Prometheus `/metrics`; None = off.
+    pub metrics_listen: Option<SocketAddr>,
     /// TLS on `grpc_listen`; None = plaintext.
     pub tls: Option<LinkTls>,
 }
@@ -417,6 +420,7 @@ impl ServerConfig {
                 None => DEFAULT_MAX_URI_BYTES,
             },
             https_listen: s.https_listen.as_ref().map(|a| *a.get_ref()),
+            metrics_listen: s.metrics_listen,
             tls: match &s.tls {
                 None => None,
                 Some(t) => Some(check_link_tls(&src, t)?),
@@ -700,6 +704,7 @@ struct ClientFile {
     #[serde(default)]
     upstreams: BTreeMap<String, Spanned<RawUpstream>>,
     tls: Option<Spanned<ClientTlsSection>>,
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Deserialize)]
@@ -788,6 +793,8 @@ pub struct ClientConfig {
     pub upstreams: BTreeMap<String, Upstream>,
     /// TLS on the tunnel link: Some exactly when `server` is https://.
     pub tls: Option<ClientTls>,
+    /// Prometheus `/metrics`; None = off.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl ClientConfig {
@@ -862,6 +869,7 @@ impl ClientConfig {
             log: raw.log,
             upstreams,
             tls,
+            metrics_listen: raw.metrics_listen,
         })
     }
 }

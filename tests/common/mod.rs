@@ -309,6 +309,8 @@ pub struct TestServer {
     pub http: SocketAddr,
     /// Served only when the config sets https_listen (any value: the test's port is used).
     pub https: SocketAddr,
+    /// Served only when the config sets metrics_listen (likewise).
+    pub metrics: SocketAddr,
     pub grpc: SocketAddr,
     pub admin: SocketAddr,
     pub shared: Arc<Shared>,
@@ -323,11 +325,12 @@ pub async fn start_server(toml: &str, config_path: Option<PathBuf>) -> TestServe
     let listeners = Listeners::ephemeral().await.unwrap();
     let (http, grpc, admin) = listeners.addrs().unwrap();
     let https = listeners.https_addr().unwrap().expect("ephemeral listeners include https");
+    let metrics = listeners.metrics_addr().unwrap().expect("ephemeral listeners include metrics");
     let server = Server::new(cfg, config_path.clone());
     let shared = server.shared();
     let stop = CancellationToken::new();
     let task = tokio::spawn(server.run(listeners, stop.clone().cancelled_owned()));
-    TestServer { http, https, grpc, admin, shared, config_path, stop, task }
+    TestServer { http, https, metrics, grpc, admin, shared, config_path, stop, task }
 }
 
 impl TestServer {

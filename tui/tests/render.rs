@@ -109,6 +109,7 @@ fn fixture() -> App {
             trace_id: format!("4bf92f3577b34da6a3ce929d0e0e473{i}"),
             error: if i == 4 { "upstream \"web\" unreachable".into() } else { String::new() },
             upgrade: if i == 1 { "websocket".into() } else { String::new() },
+            group: "demo".into(),
         })
         .collect();
     let u = WatchUpdate { full: true, server: Some(server), clients, streams, requests, ..Default::default() };

@@ -5,6 +5,7 @@
 pub mod session;
 pub mod upstream;
 
+use anyhow::Context as _;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -60,12 +61,17 @@ impl Backoff {
 pub struct Client {
     config: Arc<ClientConfig>,
     status: watch::Sender<ClientStatus>,
+    metrics: Arc<crate::metrics::ClientMetrics>,
 }
 
 impl Client {
     /// A client on `config`.
     pub fn new(config: ClientConfig) -> Self {
-        Client { config: Arc::new(config), status: watch::Sender::new(ClientStatus::default()) }
+        Client {
+            config: Arc::new(config),
+            status: watch::Sender::new(ClientStatus::default()),
+            metrics: Arc::new(crate::metrics::ClientMetrics::default()),
+        }
     }
 
     /// Watches the client's status.
@@ -78,7 +84,19 @@ impl Client {
     /// within the grace period, then closes.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let stop = CancellationToken::new();
-        let upstreams = upstream::Upstreams::new(self.config.upstreams.clone());
+        let upstreams = upstream::Upstreams::new(self.config.upstreams.clone(), self.metrics.clone());
+        let serving_metrics = match self.config.metrics_listen {
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding metrics_listen {addr}"))?;
+                tracing::info!(metrics_addr = %listener.local_addr()?, "serving Prometheus metrics at /metrics");
+                let m = self.metrics.clone();
+                let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || m.render());
+                Some(tokio::spawn(crate::metrics::serve(listener, render, stop.clone())))
+            }
+            None => None,
+        };
         tracing::info!(server = %self.config.server, client = %self.config.client_id, group = %self.config.group, transport = %self.config.transport, upstreams = ?upstreams.names(), "tunnel-client starting");
         let runner = async {
             let mut backoff = Backoff::new(self.config.reconnect_max);
@@ -88,8 +106,17 @@ impl Client {
             loop {
                 let started = Instant::now();
                 self.status.send_modify(|s| s.sessions += 1);
-                let result =
-                    session::run(self.config.clone(), upstreams.clone(), self.status.clone(), stop.clone()).await;
+                if self.status.borrow().sessions > 1 {
+                    self.metrics.reconnects.inc();
+                }
+                let result = session::run(
+                    self.config.clone(),
+                    upstreams.clone(),
+                    self.status.clone(),
+                    self.metrics.clone(),
+                    stop.clone(),
+                )
+                .await;
                 self.status.send_modify(|s| s.registered_streams = 0);
                 if stop.is_cancelled() {
                     return;
@@ -134,6 +161,11 @@ impl Client {
                     tracing::warn!("drain did not finish within the grace period; exiting anyway");
                 }
             }
+        }
+        // `stop` has fired in every way out of the select above, which ends the metrics server.
+        stop.cancel();
+        if let Some(m) = serving_metrics {
+            let _ = m.await;
         }
         tracing::info!("tunnel-client stopped");
         Ok(())

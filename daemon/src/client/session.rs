@@ -5,6 +5,7 @@
 
 use super::upstream::{self, Upstreams};
 use super::ClientStatus;
+use crate::metrics::ClientMetrics;
 use crate::tunnel::exchange::{payload_name, Dispatched, ExchangeFailure, Exchanges, Role};
 use crate::tunnel::link::{
     CONNECTION_WINDOW, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_FRAME_SIZE, MAX_MESSAGE, REGISTRATION_TIMEOUT,
@@ -61,6 +62,7 @@ struct Session {
     draining: AtomicBool,
     /// The first stream failure: why the session ended.
     failure: Mutex<Option<String>>,
+    metrics: Arc<ClientMetrics>,
 }
 
 /// What a stream does.
@@ -169,6 +171,7 @@ pub async fn run(
     cfg: Arc<ClientConfig>,
     upstreams: Arc<Upstreams>,
     status: watch::Sender<ClientStatus>,
+    metrics: Arc<ClientMetrics>,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let data_channel = connect(&cfg).await?;
@@ -191,6 +194,7 @@ pub async fn run(
         live: Mutex::new(HashMap::new()),
         draining: AtomicBool::new(false),
         failure: Mutex::new(None),
+        metrics,
         cfg,
     });
     // Debug: with a server that refuses us after connecting, this repeats every retry.
@@ -430,6 +434,7 @@ async fn run_stream(
         Some(Payload::StreamOpenResponse(r)) if r.accepted => {
             session.status.send_modify(|s| {
                 s.registered_streams += 1;
+                session.metrics.registrations.inc();
                 s.server_id = r.server_id.clone();
             });
             now_ms() - r.echo_timestamp_ms
@@ -540,6 +545,7 @@ fn on_message(
     match payload {
         Payload::StreamOpenResponse(ack) => {
             let rtt = now_ms() - ack.echo_timestamp_ms;
+            session.metrics.heartbeat_rtt.observe(rtt.max(0) as f64 / 1000.0);
             tracing::debug!(stream = %stream_id, seq = ack.sequence, rtt_ms = rtt, "heartbeat acknowledged");
             if kind != Kind::Data
                 && !ack.config_version.is_empty()
@@ -595,6 +601,7 @@ fn apply_config(session: &Session, stream_id: &str, out: &Outbound, kind: Kind, 
     if changed {
         tracing::info!(version = %resp.config_version, heartbeat_interval = ?interval, data_streams = streams, "config applied");
         session.status.send_modify(|s| s.config_version = resp.config_version.clone());
+        session.metrics.set_config(&resp.config_version);
         // Acknowledge at once with a heartbeat naming the new version.
         out.try_priority(open_message(session, stream_id, kind, 0, -1));
     }

@@ -1,6 +1,7 @@
 //! Forwarding an exchange to a local upstream through a pooled HTTP client,
 //! and streaming the response back under the exchange's credit.
 
+use crate::metrics::ClientMetrics;
 use crate::tunnel::body::{send_body, InboundBody, SendError};
 use crate::tunnel::exchange::{ExchangeGuard, ExchangeIo, Exchanges, NewRequest};
 use crate::tunnel::link::H2_KEEPALIVE;
@@ -32,6 +33,7 @@ type UpstreamBody = Either<InboundBody, Empty<Bytes>>;
 /// The client's upstreams by name, and two connection pools: HTTP/1.1 and h2c.
 pub struct Upstreams {
     targets: BTreeMap<String, Upstream>,
+    metrics: Arc<ClientMetrics>,
     http1: Client<HttpConnector, UpstreamBody>,
     /// One multiplexed HTTP/2 connection per upstream (gRPC services).
     h2c: Client<HttpConnector, UpstreamBody>,
@@ -39,7 +41,7 @@ pub struct Upstreams {
 
 impl Upstreams {
     /// Upstreams from client.toml's `[upstreams]`.
-    pub fn new(targets: BTreeMap<String, Upstream>) -> Arc<Self> {
+    pub fn new(targets: BTreeMap<String, Upstream>, metrics: Arc<ClientMetrics>) -> Arc<Self> {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(UPSTREAM_CONNECT_TIMEOUT));
@@ -56,7 +58,7 @@ impl Upstreams {
             .http2_initial_stream_window_size(DEFAULT_EXCHANGE_WINDOW)
             .http2_initial_connection_window_size(4 * DEFAULT_EXCHANGE_WINDOW)
             .build(connector);
-        Arc::new(Upstreams { targets, http1, h2c })
+        Arc::new(Upstreams { targets, metrics, http1, h2c })
     }
 
     /// The names, for config sync.
@@ -73,6 +75,7 @@ struct Failure(Kind, String);
 pub async fn serve(up: Arc<Upstreams>, exchanges: Arc<Exchanges>, new: NewRequest) {
     let NewRequest { head, io, trace_id } = new;
     let request_id = io.request_id.clone();
+    let upstream_name = head.upstream.clone();
     // Dropped on every way out: frees the exchange, and cancels it at the
     // server if it is still open (e.g. the upstream answered before reading
     // the whole request body).
@@ -87,6 +90,8 @@ pub async fn serve(up: Arc<Upstreams>, exchanges: Arc<Exchanges>, new: NewReques
         r = forward(&up, &exchanges, head, io) => {
             if let Err(Failure(kind, message)) = r {
                 tracing::info!(request_id = %request_id, trace_id = %trace_id, ?kind, "{message}");
+                let labels = vec![("upstream", upstream_name.clone()), ("kind", kind.as_str_name().trim_start_matches("KIND_").to_ascii_lowercase())];
+                up.metrics.upstream_errors.get_or_create(&labels).inc();
                 exchanges.fail(&request_id, kind, message);
             }
         }
@@ -149,7 +154,13 @@ async fn forward(
     let timeout = if head.timeout_ms == 0 { DEFAULT_TIMEOUT } else { Duration::from_millis(head.timeout_ms) };
     let timeout = timeout + TIMEOUT_BACKSTOP;
     let pool = if target.http2 { &up.h2c } else { &up.http1 };
-    let resp = match tokio::time::timeout(timeout, pool.request(req)).await {
+    let asked = std::time::Instant::now();
+    let answer = tokio::time::timeout(timeout, pool.request(req)).await;
+    if let Ok(Ok(_)) = &answer {
+        let labels = vec![("upstream", head.upstream.clone())];
+        up.metrics.upstream_duration.get_or_create(&labels).observe(asked.elapsed().as_secs_f64());
+    }
+    let resp = match answer {
         Err(_) => {
             return Err(Failure(
                 Kind::UpstreamTimeout,

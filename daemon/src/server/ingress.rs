@@ -284,7 +284,7 @@ async fn handle(
                 rec.bytes_in = uploaded.load(Ordering::Relaxed);
                 rec.duration_ms = started.elapsed().as_millis() as u64;
                 rec.error = error.unwrap_or_default();
-                shared.requests.record(rec);
+                shared.record_request(rec);
             });
             Either::Left(tunnel.on_finish(hook))
         }
@@ -293,7 +293,7 @@ async fn handle(
             rec.duration_ms = started.elapsed().as_millis() as u64;
             rec.bytes_in = uploaded.load(Ordering::Relaxed);
             rec.error = parts.extensions.remove::<LocalReason>().map(|r| r.0).unwrap_or_default();
-            shared.requests.record(rec);
+            shared.record_request(rec);
             Either::Right(local)
         }
     };
@@ -331,6 +331,7 @@ async fn forward(
         tracing::info!(%host, %path, "no rule matches: 404");
         return reply(StatusCode::NOT_FOUND, format!("no route for host {host:?} path {path:?}"));
     };
+    rec.group = rule.group.clone();
     if let Some(max) = rule.max_body {
         let length = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         if length.is_some_and(|n| n > max) {
@@ -573,7 +574,7 @@ impl Upgrading {
             }
         }
         rec.duration_ms = u64::try_from(now_ms() - rec.unix_ms).unwrap_or(0);
-        shared.requests.record(rec);
+        shared.record_request(rec);
         drop(conn);
     }
 }

@@ -39,6 +39,8 @@ pub struct Listeners {
     pub admin: TcpListener,
     /// Public HTTPS; served only when the config has `https_listen`.
     pub https: Option<TcpListener>,
+    /// Prometheus metrics; served only when the config has `metrics_listen`.
+    pub metrics: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -57,13 +59,28 @@ impl Listeners {
             Some(a) => Some(TcpListener::bind(a).await.with_context(|| format!("binding https_listen {a}"))?),
             None => None,
         };
-        Ok(Listeners { http, grpc, admin, https })
+        let metrics = match cfg.server.metrics_listen {
+            Some(a) => Some(TcpListener::bind(a).await.with_context(|| format!("binding metrics_listen {a}"))?),
+            None => None,
+        };
+        Ok(Listeners { http, grpc, admin, https, metrics })
     }
 
     /// Binds all four on 127.0.0.1 with ports chosen by the system (tests, demos).
     pub async fn ephemeral() -> anyhow::Result<Self> {
         let bind = || TcpListener::bind("127.0.0.1:0");
-        Ok(Listeners { http: bind().await?, grpc: bind().await?, admin: bind().await?, https: Some(bind().await?) })
+        Ok(Listeners {
+            http: bind().await?,
+            grpc: bind().await?,
+            admin: bind().await?,
+            https: Some(bind().await?),
+            metrics: Some(bind().await?),
+        })
+    }
+
+    /// The metrics listener's address, if there is one.
+    pub fn metrics_addr(&self) -> std::io::Result<Option<SocketAddr>> {
+        self.metrics.as_ref().map(|l| l.local_addr()).transpose()
     }
 
     /// The HTTPS listener's address, if there is one.
@@ -105,6 +122,8 @@ pub struct Shared {
     tls: RwLock<TlsSettings>,
     /// (link TLS on, HTTPS on), as the server started.
     tls_modes: OnceLock<(bool, bool)>,
+    /// Prometheus metrics.
+    pub metrics: crate::metrics::ServerMetrics,
 }
 
 /// The TLS settings in force.
@@ -166,6 +185,43 @@ impl Shared {
         Ok(())
     }
 
+    /// Records a finished public request: the console's log and the metrics.
+    pub fn record_request(&self, rec: tunnel_lib::introspection::RequestInfo) {
+        let m = &self.metrics;
+        let group = rec.group.clone();
+        m.requests
+            .get_or_create(&vec![("group", group.clone()), ("class", crate::metrics::status_class(rec.status))])
+            .inc();
+        m.request_duration.get_or_create(&vec![("group", group.clone())]).observe(rec.duration_ms as f64 / 1000.0);
+        m.bytes.get_or_create(&vec![("group", group.clone()), ("direction", "in".into())]).inc_by(rec.bytes_in);
+        m.bytes.get_or_create(&vec![("group", group), ("direction", "out".into())]).inc_by(rec.bytes_out);
+        self.requests.record(rec);
+    }
+
+    /// The metrics text, with the state gauges read from the registry now.
+    pub fn render_metrics(&self) -> String {
+        let m = &self.metrics;
+        let streams = self.registry.streams();
+        let clients: std::collections::BTreeSet<&str> = streams.iter().map(|s| s.client_id.as_str()).collect();
+        m.clients.set(clients.len() as i64);
+        m.streams.clear();
+        for s in &streams {
+            let kind = match s.stream_type {
+                tunnel_lib::proto::StreamType::Control => "control",
+                _ => "data",
+            };
+            m.streams.get_or_create(&vec![("type", kind.to_string())]).inc();
+        }
+        m.in_flight.set(streams.iter().map(|s| s.in_flight as i64).sum());
+        m.upgraded.set(streams.iter().map(|s| s.upgraded as i64).sum());
+        m.queue_depth.set(streams.iter().map(|s| s.queue_depth as i64).sum());
+        m.config_info.clear();
+        for (group, version) in self.versions.read().unwrap_or_else(|e| e.into_inner()).iter() {
+            m.config_info.get_or_create(&vec![("group", group.clone()), ("version", version.clone())]).set(1);
+        }
+        m.render()
+    }
+
     /// The current config version of `group`.
     pub fn group_version(&self, group: &str) -> Option<String> {
         self.versions.read().unwrap_or_else(|e| e.into_inner()).get(group).cloned()
@@ -202,6 +258,7 @@ impl Server {
                 tasks: TaskTracker::new(),
                 tls: RwLock::new(TlsSettings::default()),
                 tls_modes: OnceLock::new(),
+                metrics: crate::metrics::ServerMetrics::default(),
             }),
         }
     }
@@ -240,6 +297,15 @@ impl Server {
         let secure_ingress =
             https.map(|l| tokio::spawn(ingress::run(shared.clone(), l, ingress::Scheme::Https, ingress_stop.clone())));
         let reaper = tokio::spawn(reap(shared.clone(), background.clone()));
+        let metrics = match (listeners.metrics, cfg.server.metrics_listen) {
+            (Some(l), Some(_)) => {
+                tracing::info!(metrics_addr = %l.local_addr()?, "serving Prometheus metrics at /metrics");
+                let s = shared.clone();
+                let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || s.render_metrics());
+                Some(tokio::spawn(crate::metrics::serve(l, render, background.clone())))
+            }
+            _ => None,
+        };
         let reloader = tokio::spawn(reload::watch(shared.clone(), background.clone()));
 
         shutdown.await;
@@ -273,6 +339,9 @@ impl Server {
             _ => {}
         }
         let _ = reaper.await;
+        if let Some(m) = metrics {
+            let _ = m.await;
+        }
         match tokio::time::timeout(GRPC_STOP_TIMEOUT, admin).await {
             Ok(Ok(Err(e))) => tracing::warn!("admin server: {e:#}"),
             Err(_) => tracing::warn!("admin server did not stop within {GRPC_STOP_TIMEOUT:?}"),
@@ -297,6 +366,7 @@ async fn reap(shared: Arc<Shared>, stop: CancellationToken) {
         let timeout_of = |group: &str| cfg.group(group).map_or(Duration::from_secs(90), |g| g.heartbeat_timeout);
         for (h, age) in shared.registry.reap(timeout_of) {
             shared.streams_reaped.fetch_add(1, Ordering::Relaxed);
+            shared.metrics.streams_reaped.inc();
             tracing::warn!(stream = %h.stream_id, client = %h.client_id, group = %h.group, silent = ?age, "no heartbeat within the timeout: stream closed");
             h.cancel.cancel();
         }

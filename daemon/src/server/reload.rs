@@ -73,13 +73,16 @@ pub fn reload_from_file(shared: &Shared) -> Reload {
     let Some(path) = &shared.config_path else {
         return Reload::Unchanged;
     };
-    match ServerConfig::from_file(path) {
+    let result = match ServerConfig::from_file(path) {
         Ok(cfg) => apply(shared, cfg),
         Err(e) => {
             tracing::error!("config reload refused, old config keeps serving: {e}");
             Reload::Refused(e.to_string())
         }
-    }
+    };
+    let outcome = if matches!(result, Reload::Refused(_)) { "failed" } else { "ok" };
+    shared.metrics.reloads.get_or_create(&vec![("result", outcome.to_string())]).inc();
+    result
 }
 
 /// Applies a new config and pushes changed group configs to their clients.

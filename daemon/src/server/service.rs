@@ -68,6 +68,7 @@ impl TunnelSvc {
             Some(g) if g.token.matches(bearer(md).as_bytes()) => Ok(group.to_string()),
             _ => {
                 tracing::warn!(peer = ?peer, group, "authentication failed: unknown group or wrong token");
+                self.shared.metrics.auth_failures.inc();
                 Err(Status::unauthenticated("unknown group or wrong token"))
             }
         }
@@ -245,6 +246,7 @@ fn on_message(svc: &TunnelSvc, handle: &Arc<StreamHandle>, m: TunnelMessage) {
                 return;
             }
             let delay = now_ms().saturating_sub(open.timestamp_ms);
+            svc.shared.metrics.heartbeat_delay.observe(delay.max(0) as f64 / 1000.0);
             svc.shared.registry.heartbeat(&handle.stream_id, delay, open.last_rtt_ms, &open.config_version);
             if delay > 1000 {
                 tracing::warn!(stream = %handle.stream_id, client = %handle.client_id, delay_ms = delay, "late heartbeat");

@@ -1,0 +1,239 @@
+//! Prometheus metrics of both daemons (prometheus-client, OpenMetrics text),
+//! served at `/metrics` on `metrics_listen`. Counters and histograms are
+//! updated where things happen; gauges of current state are read from the
+//! registry at each scrape, so they can never drift from it.
+
+use bytes::Bytes;
+use http::{header, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
+use std::convert::Infallible;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Label pairs of one series.
+pub type Labels = Vec<(&'static str, String)>;
+type Histograms = Family<Labels, Histogram, fn() -> Histogram>;
+
+/// Durations from 1 ms to about 65 s.
+fn duration_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+/// Heartbeat delays and round trips from 0.5 ms to about 16 s.
+fn heartbeat_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+/// `2xx`, `4xx`...: the status class label.
+pub fn status_class(status: u32) -> String {
+    format!("{}xx", status / 100)
+}
+
+/// The server's metrics.
+pub struct ServerMetrics {
+    registry: Registry,
+    /// Public requests by group and status class.
+    pub requests: Family<Labels, Counter>,
+    /// Public request durations (head to the end of the response) by group.
+    pub request_duration: Histograms,
+    /// Body bytes by group and direction (`in` from public clients, `out` to them).
+    pub bytes: Family<Labels, Counter>,
+    /// One-way heartbeat delay as the server receives heartbeats (same-host clocks).
+    pub heartbeat_delay: Histogram,
+    pub streams_reaped: Counter,
+    /// Config reloads by result (`ok`, `failed`).
+    pub reloads: Family<Labels, Counter>,
+    /// Registrations refused for an unknown group or a wrong token.
+    pub auth_failures: Counter,
+    /// Scrape-time state.
+    pub clients: Gauge,
+    pub streams: Family<Labels, Gauge>,
+    pub in_flight: Gauge,
+    pub upgraded: Gauge,
+    pub queue_depth: Gauge,
+    /// 1 for each group's current config version.
+    pub config_info: Family<Labels, Gauge>,
+}
+
+impl Default for ServerMetrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("tunnel");
+        let m = ServerMetrics {
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(duration_histogram as fn() -> Histogram),
+            bytes: Family::default(),
+            heartbeat_delay: heartbeat_histogram(),
+            streams_reaped: Counter::default(),
+            reloads: Family::default(),
+            auth_failures: Counter::default(),
+            clients: Gauge::default(),
+            streams: Family::default(),
+            in_flight: Gauge::default(),
+            upgraded: Gauge::default(),
+            queue_depth: Gauge::default(),
+            config_info: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register("requests", "Public requests by group and status class", m.requests.clone());
+        registry.register_with_unit(
+            "request_duration",
+            "Public request duration, head to end of response, by group",
+            Unit::Seconds,
+            m.request_duration.clone(),
+        );
+        registry.register_with_unit("body", "Public body bytes by group and direction", Unit::Bytes, m.bytes.clone());
+        registry.register_with_unit(
+            "heartbeat_delay",
+            "One-way heartbeat delay at the server",
+            Unit::Seconds,
+            m.heartbeat_delay.clone(),
+        );
+        registry.register("streams_reaped", "Streams closed for a missed heartbeat", m.streams_reaped.clone());
+        registry.register("config_reloads", "Config reloads by result", m.reloads.clone());
+        registry.register(
+            "auth_failures",
+            "Registrations refused: unknown group or wrong token",
+            m.auth_failures.clone(),
+        );
+        registry.register("clients", "Connected tunnel clients", m.clients.clone());
+        registry.register("streams", "Registered streams by type", m.streams.clone());
+        registry.register("in_flight_requests", "Exchanges in flight", m.in_flight.clone());
+        registry.register("upgraded_connections", "Upgraded connections open", m.upgraded.clone());
+        registry.register("outbound_queue_depth", "Frames waiting in streams' outbound queues", m.queue_depth.clone());
+        registry.register("config_info", "Current config version of each group (value 1)", m.config_info.clone());
+        ServerMetrics { registry, ..m }
+    }
+}
+
+impl ServerMetrics {
+    /// The text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// The client's metrics.
+pub struct ClientMetrics {
+    registry: Registry,
+    /// Streams the server accepted.
+    pub registrations: Counter,
+    /// Sessions started after the first (connection lost, server restarted...).
+    pub reconnects: Counter,
+    /// Time to the upstream's response head, by upstream.
+    pub upstream_duration: Histograms,
+    /// Upstream failures by upstream and kind.
+    pub upstream_errors: Family<Labels, Counter>,
+    /// Heartbeat round trips as the client measures them.
+    pub heartbeat_rtt: Histogram,
+    /// 1 for the config version applied.
+    pub config_info: Family<Labels, Gauge>,
+}
+
+impl Default for ClientMetrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("tunnel_client");
+        let m = ClientMetrics {
+            registrations: Counter::default(),
+            reconnects: Counter::default(),
+            upstream_duration: Family::new_with_constructor(duration_histogram as fn() -> Histogram),
+            upstream_errors: Family::default(),
+            heartbeat_rtt: heartbeat_histogram(),
+            config_info: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register("registrations", "Streams registered with the server", m.registrations.clone());
+        registry.register("reconnects", "Sessions started after the first", m.reconnects.clone());
+        registry.register_with_unit(
+            "upstream_duration",
+            "Time to the upstream's response head, by upstream",
+            Unit::Seconds,
+            m.upstream_duration.clone(),
+        );
+        registry.register("upstream_errors", "Upstream failures by upstream and kind", m.upstream_errors.clone());
+        registry.register_with_unit("heartbeat_rtt", "Heartbeat round trip", Unit::Seconds, m.heartbeat_rtt.clone());
+        registry.register("config_info", "The config version applied (value 1)", m.config_info.clone());
+        ClientMetrics { registry, ..m }
+    }
+}
+
+impl ClientMetrics {
+    /// The text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Marks `version` as the one applied.
+    pub fn set_config(&self, version: &str) {
+        self.config_info.clear();
+        self.config_info.get_or_create(&vec![("version", version.to_string())]).set(1);
+    }
+}
+
+/// Serves `GET /metrics` with `render()`'s text until `stop` fires.
+pub async fn serve(
+    listener: TcpListener,
+    render: Arc<dyn Fn() -> String + Send + Sync>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    loop {
+        let (tcp, _) = tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!("metrics accept failed: {e}");
+                    tokio::time::sleep(crate::server::accept::ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+        };
+        let render = render.clone();
+        let stop = stop.clone();
+        // Ends when the scraper closes the connection or at shutdown.
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| answer(req, render.clone()));
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(tcp), svc);
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = conn => {}
+            }
+        });
+    }
+}
+
+async fn answer(
+    req: Request<Incoming>,
+    render: Arc<dyn Fn() -> String + Send + Sync>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let mut resp = if req.uri().path() == "/metrics" {
+        let mut r = Response::new(Full::new(Bytes::from(render())));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        );
+        r
+    } else {
+        let mut r = Response::new(Full::new(Bytes::from_static(b"metrics are at /metrics\n")));
+        *r.status_mut() = StatusCode::NOT_FOUND;
+        r
+    };
+    resp.headers_mut().insert(header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
+    Ok(resp)
+}

@@ -1,0 +1,119 @@
+//! Prometheus metrics of both daemons, scraped over HTTP from the real
+//! endpoints and parsed with a Prometheus text parser: the counters move
+//! with traffic, reloads, refused registrations and upstream failures.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use http::StatusCode;
+use prometheus_parse::{Sample, Scrape, Value};
+use std::net::SocketAddr;
+
+const SERVER: &str = r#"
+[server]
+shutdown_grace = "2s"
+metrics_listen = "127.0.0.1:0"
+[[groups]]
+name = "demo"
+token = "t-demo"
+heartbeat_interval = "1s"
+data_streams = 2
+[[rules]]
+path_prefix = "/missing"
+group = "demo"
+upstream = "nowhere"
+timeout = "5s"
+[[rules]]
+path_prefix = "/"
+group = "demo"
+upstream = "web"
+timeout = "5s"
+"#;
+
+async fn scrape(addr: SocketAddr) -> Vec<Sample> {
+    let got = get(&format!("http://{addr}/metrics")).await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert!(got.headers["content-type"].to_str().unwrap().starts_with("application/openmetrics-text"));
+    let lines = got.text().lines().map(|l| Ok(l.to_string())).collect::<Vec<_>>();
+    Scrape::parse(lines.into_iter()).expect("valid Prometheus text").samples
+}
+
+/// The value of the series `name` whose labels include all of `labels`.
+fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples.iter().find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))).map(|s| {
+        match &s.value {
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
+            Value::Histogram(h) => h.iter().map(|b| b.count).fold(0.0, f64::max),
+            Value::Summary(_) => f64::NAN,
+        }
+    })
+}
+
+fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+#[tokio::test]
+async fn both_daemons_count_what_happens() {
+    let up = Upstream::start("web").await;
+    let cfg = ConfigFile::new(SERVER);
+    let server = start_server(SERVER, Some(cfg.path.clone())).await;
+    let client_metrics = free_port();
+    let extra = format!("metrics_listen = \"{client_metrics}\"");
+    let _client = TestClient::start(&client_toml(&server, "edge-1", "demo", "t-demo", &extra, &[("web", up.url())]));
+    server.wait_streams(3).await;
+
+    let c = http_client();
+    for _ in 0..3 {
+        let req = http::Request::post(server.url("/echo")).body(body("12345")).unwrap();
+        assert_eq!(send(&c, req).await.status, StatusCode::OK);
+    }
+    assert_eq!(get(&server.url("/status/404")).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(get(&server.url("/missing")).await.status, StatusCode::BAD_GATEWAY);
+    // A client with a wrong token is refused and counted.
+    let intruder = TestClient::start(&client_toml(&server, "intruder", "demo", "wrong", "", &[]));
+    // A reload of the unchanged file counts as ok.
+    tunnel_daemon::server::reload::reload_from_file(&server.shared);
+
+    let mut s = Vec::new();
+    for _ in 0..100 {
+        s = scrape(server.metrics).await;
+        if value(&s, "tunnel_auth_failures_total", &[]).unwrap_or(0.0) >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    drop(intruder);
+    let demo = [("group", "demo")];
+    assert_eq!(value(&s, "tunnel_requests_total", &[("group", "demo"), ("class", "2xx")]), Some(3.0));
+    assert_eq!(value(&s, "tunnel_requests_total", &[("group", "demo"), ("class", "4xx")]), Some(1.0));
+    assert_eq!(value(&s, "tunnel_requests_total", &[("group", "demo"), ("class", "5xx")]), Some(1.0));
+    assert_eq!(value(&s, "tunnel_request_duration_seconds_count", &demo), Some(5.0));
+    assert_eq!(value(&s, "tunnel_body_bytes_total", &[("group", "demo"), ("direction", "in")]), Some(15.0));
+    assert!(value(&s, "tunnel_body_bytes_total", &[("group", "demo"), ("direction", "out")]).unwrap() >= 15.0);
+    assert_eq!(value(&s, "tunnel_clients", &[]), Some(1.0));
+    assert_eq!(value(&s, "tunnel_streams", &[("type", "data")]), Some(2.0));
+    assert_eq!(value(&s, "tunnel_streams", &[("type", "control")]), Some(1.0));
+    assert_eq!(value(&s, "tunnel_in_flight_requests", &[]), Some(0.0));
+    let version = server.shared.group_version("demo").unwrap();
+    assert_eq!(value(&s, "tunnel_config_info", &[("group", "demo"), ("version", version.as_str())]), Some(1.0));
+    assert_eq!(value(&s, "tunnel_config_reloads_total", &[("result", "ok")]), Some(1.0));
+    assert!(value(&s, "tunnel_auth_failures_total", &[]).unwrap() >= 1.0);
+
+    // The client: registrations, upstream timing and errors, heartbeats, config.
+    let shared = server.shared.clone();
+    eventually("a heartbeat round trip", WAIT, || shared.registry.streams().iter().any(|s| s.last_rtt_ms >= 0)).await;
+    let s = scrape(server.metrics).await;
+    assert!(value(&s, "tunnel_heartbeat_delay_seconds_count", &[]).unwrap() >= 1.0);
+    let cs = scrape(client_metrics).await;
+    assert_eq!(value(&cs, "tunnel_client_registrations_total", &[]), Some(3.0));
+    assert_eq!(value(&cs, "tunnel_client_reconnects_total", &[]), Some(0.0));
+    assert_eq!(value(&cs, "tunnel_client_upstream_duration_seconds_count", &[("upstream", "web")]), Some(4.0));
+    let unknown = [("upstream", "nowhere"), ("kind", "unknown_upstream")];
+    assert_eq!(value(&cs, "tunnel_client_upstream_errors_total", &unknown), Some(1.0));
+    assert!(value(&cs, "tunnel_client_heartbeat_rtt_seconds_count", &[]).unwrap() >= 1.0);
+    assert_eq!(value(&cs, "tunnel_client_config_info", &[("version", version.as_str())]), Some(1.0));
+    // Anything but /metrics is a 404.
+    assert_eq!(get(&format!("http://{}/other", server.metrics)).await.status, StatusCode::NOT_FOUND);
+}
