@@ -1,8 +1,11 @@
-//! Tracing set-up for both daemons: stderr, or daily-rolling files.
+//! Tracing set-up for both daemons: stderr or daily-rolling files, as text
+//! or as one JSON object per line. Public requests are logged one line each
+//! under the `access` target (filter it with e.g. `RUST_LOG=info,access=off`).
 
 use tracing_appender::non_blocking::WorkerGuard;
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::EnvFilter;
-use tunnel_lib::config::LogConfig;
+use tunnel_lib::config::{LogConfig, LogFormat};
 
 /// Installs the global subscriber. Keep the returned guard alive for the
 /// life of the process: dropping it flushes and stops the file writer.
@@ -14,13 +17,8 @@ pub fn init(cfg: &LogConfig, binary: &str) -> anyhow::Result<Option<WorkerGuard>
     match &cfg.directory {
         None => {
             use std::io::IsTerminal;
-            tracing_subscriber::fmt()
-                .with_env_filter(filter)
-                // Colour only on a terminal: journald and log files get plain text.
-                .with_ansi(std::io::stderr().is_terminal())
-                .with_writer(std::io::stderr)
-                .try_init()
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            // Colour only on a terminal: journald and log files get plain text.
+            install(filter, cfg.format, std::io::stderr().is_terminal(), std::io::stderr)?;
             Ok(None)
         }
         Some(dir) => {
@@ -28,13 +26,21 @@ pub fn init(cfg: &LogConfig, binary: &str) -> anyhow::Result<Option<WorkerGuard>
             let prefix = cfg.file_prefix.clone().unwrap_or_else(|| binary.to_string());
             let appender = tracing_appender::rolling::daily(dir, format!("{prefix}.log"));
             let (writer, guard) = tracing_appender::non_blocking(appender);
-            tracing_subscriber::fmt()
-                .with_env_filter(filter)
-                .with_ansi(false)
-                .with_writer(writer)
-                .try_init()
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            install(filter, cfg.format, false, writer)?;
             Ok(Some(guard))
         }
     }
+}
+
+fn install<W>(filter: EnvFilter, format: LogFormat, ansi: bool, writer: W) -> anyhow::Result<()>
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
+    let done = match format {
+        LogFormat::Text => builder.with_ansi(ansi).try_init(),
+        // Fields at the top level of each object, where log shippers look for them.
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
+    };
+    done.map_err(|e| anyhow::anyhow!("{e}"))
 }

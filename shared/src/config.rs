@@ -168,6 +168,18 @@ pub struct LogConfig {
     /// File name prefix of the rolling files (default: the binary's name).
     #[serde(default)]
     pub file_prefix: Option<String>,
+    /// "text" (default) or "json": one JSON object per line, for journald or a log shipper.
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 // ---------------------------------------------------------------- server

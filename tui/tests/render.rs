@@ -110,6 +110,7 @@ fn fixture() -> App {
             error: if i == 4 { "upstream \"web\" unreachable".into() } else { String::new() },
             upgrade: if i == 1 { "websocket".into() } else { String::new() },
             group: "demo".into(),
+            request_id: format!("{i:032x}"),
         })
         .collect();
     let u = WatchUpdate { full: true, server: Some(server), clients, streams, requests, ..Default::default() };

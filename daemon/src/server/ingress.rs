@@ -316,6 +316,11 @@ async fn forward(
     let host = normalize_host(&authority);
     let path = req.uri().path().to_string();
     rec.host = host.clone();
+    // Named before anything can fail, so that every access log line has both.
+    let request_id = next_request_id();
+    let trace = trace_id(req.headers(), &request_id);
+    rec.request_id = request_id.clone();
+    rec.trace_id = trace.clone();
     let cfg = shared.config();
     // HTTP/1.1 heads past the limits are refused by hyper itself (431/414
     // before a service runs); these also cover HTTP/2.
@@ -341,7 +346,6 @@ async fn forward(
     let group = cfg.group(&rule.group);
     let window = group.map_or(0, |g| g.exchange_window);
     let max_in_flight = group.map_or(config::DEFAULT_MAX_IN_FLIGHT, |g| g.max_in_flight) as usize;
-    let request_id = next_request_id();
     // A stream can end between the pick and the open: then pick again.
     let mut opened = Err(NoStream::NoClient);
     for _ in 0..3 {
@@ -377,7 +381,6 @@ async fn forward(
             );
         }
     };
-    let trace = trace_id(req.headers(), &request_id);
     // An upgrade without a request body: its body frames will be the
     // upgraded connection's. (With a body it goes as an ordinary request.)
     let upgrade = match req.version() {
@@ -387,7 +390,6 @@ async fn forward(
     let on_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     rec.client_id = stream.client_id.clone();
     rec.stream_id = stream.stream_id.clone();
-    rec.trace_id = trace.clone();
     let (parts, body) = req.into_parts();
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);

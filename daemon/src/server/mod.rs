@@ -187,6 +187,24 @@ impl Shared {
 
     /// Records a finished public request: the console's log and the metrics.
     pub fn record_request(&self, rec: tunnel_lib::introspection::RequestInfo) {
+        tracing::info!(
+            target: "access",
+            trace_id = %rec.trace_id,
+            request_id = %rec.request_id,
+            method = %rec.method,
+            host = %rec.host,
+            path = %rec.path,
+            status = rec.status,
+            duration_ms = rec.duration_ms,
+            bytes_in = rec.bytes_in,
+            bytes_out = rec.bytes_out,
+            group = %rec.group,
+            client = %rec.client_id,
+            stream = %rec.stream_id,
+            upgrade = %rec.upgrade,
+            error = %rec.error,
+            "request"
+        );
         let m = &self.metrics;
         let group = rec.group.clone();
         m.requests
