@@ -8,4 +8,5 @@ pub mod metrics;
 pub mod runtime;
 pub mod server;
 pub mod signal;
+pub mod systemd;
 pub mod tunnel;

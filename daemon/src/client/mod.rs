@@ -98,6 +98,20 @@ impl Client {
             None => None,
         };
         tracing::info!(server = %self.config.server, client = %self.config.client_id, group = %self.config.group, transport = %self.config.transport, upstreams = ?upstreams.names(), "tunnel-client starting");
+        // READY=1 once the server has accepted us, then a status line that stays current.
+        let mut registered = self.status.subscribe();
+        let status_of = (self.status.subscribe(), self.config.server.to_string());
+        let notify_stop = stop.clone();
+        let notifier = tokio::spawn(async move {
+            let first = tokio::select! {
+                _ = notify_stop.cancelled() => return,
+                r = registered.wait_for(|s| s.registered_streams > 0) => r.is_ok(),
+            };
+            if first {
+                crate::systemd::ready(&status_line(&status_of.0.borrow(), &status_of.1));
+            }
+            crate::systemd::keepalive(move || status_line(&status_of.0.borrow(), &status_of.1), notify_stop).await;
+        });
         let runner = async {
             let mut backoff = Backoff::new(self.config.reconnect_max);
             // A failure that repeats word for word is logged once per backoff
@@ -154,6 +168,7 @@ impl Client {
             _ = &mut runner => {}
             _ = shutdown => {
                 tracing::info!("shutting down: draining");
+                crate::systemd::stopping("draining: no new requests, finishing those in flight");
                 stop.cancel();
                 // The session sees `stop`, drains within the grace period and returns.
                 let bound = self.config.shutdown_grace + Duration::from_secs(2);
@@ -164,12 +179,22 @@ impl Client {
         }
         // `stop` has fired in every way out of the select above, which ends the metrics server.
         stop.cancel();
+        let _ = notifier.await;
         if let Some(m) = serving_metrics {
             let _ = m.await;
         }
         tracing::info!("tunnel-client stopped");
         Ok(())
     }
+}
+
+/// One line for `systemctl status`.
+fn status_line(s: &ClientStatus, server: &str) -> String {
+    if s.registered_streams == 0 {
+        return format!("connecting to {server} (attempt {})", s.sessions);
+    }
+    let version = if s.config_version.is_empty() { "-" } else { s.config_version.as_str() };
+    format!("connected to {server} ({}), {} streams, config {version}", s.server_id, s.registered_streams)
 }
 
 #[cfg(test)]

@@ -216,6 +216,21 @@ impl Shared {
         self.requests.record(rec);
     }
 
+    /// One line for `systemctl status`: clients, streams, requests in flight, config versions.
+    pub fn status_line(&self) -> String {
+        let streams = self.registry.streams();
+        let clients: std::collections::BTreeSet<&str> = streams.iter().map(|s| s.client_id.as_str()).collect();
+        let in_flight: usize = streams.iter().map(|s| s.in_flight).sum();
+        let versions = self.versions.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let config: Vec<String> = versions.iter().map(|(g, v)| format!("{g}={v}")).collect();
+        format!(
+            "{} clients, {} streams, {in_flight} in flight, config {}",
+            clients.len(),
+            streams.len(),
+            config.join(" ")
+        )
+    }
+
     /// The metrics text, with the state gauges read from the registry now.
     pub fn render_metrics(&self) -> String {
         let m = &self.metrics;
@@ -326,8 +341,13 @@ impl Server {
         };
         let reloader = tokio::spawn(reload::watch(shared.clone(), background.clone()));
 
+        crate::systemd::ready(&shared.status_line());
+        let status_of = shared.clone();
+        let keepalive = tokio::spawn(crate::systemd::keepalive(move || status_of.status_line(), background.clone()));
+
         shutdown.await;
         let grace = shared.config().server.shutdown_grace;
+        crate::systemd::stopping(&format!("draining for up to {grace:?}: {}", shared.status_line()));
         tracing::info!(grace = ?grace, "shutting down: public listener closed, finishing in-flight requests");
         ingress_stop.cancel();
         for task in std::iter::once(ingress).chain(secure_ingress) {
@@ -357,6 +377,7 @@ impl Server {
             _ => {}
         }
         let _ = reaper.await;
+        let _ = keepalive.await;
         if let Some(m) = metrics {
             let _ = m.await;
         }

@@ -64,7 +64,9 @@ pub async fn watch(shared: Arc<Shared>, stop: CancellationToken) {
             }
         };
         tracing::info!(path = %path.display(), trigger = why, "reloading config");
+        crate::systemd::reloading();
         reload_from_file(&shared);
+        crate::systemd::ready(&shared.status_line());
     }
 }
 
