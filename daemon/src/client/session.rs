@@ -36,6 +36,9 @@ use tunnel_lib::GROUP_METADATA;
 const REOPEN_DELAY: Duration = Duration::from_millis(200);
 /// How often a drain checks for in-flight exchanges.
 const DRAIN_POLL: Duration = Duration::from_millis(50);
+/// How long a draining stream waits for the server's acknowledgement (a
+/// server without it still drains, a little less safely).
+const DRAIN_ACK_WAIT: Duration = Duration::from_secs(2);
 
 /// What the server manages for us; client.toml's values until it speaks.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +65,8 @@ struct Session {
     draining: AtomicBool,
     /// The first stream failure: why the session ended.
     failure: Mutex<Option<String>>,
+    /// Data streams whose drain the server acknowledged: no request follows on them.
+    drain_acked: Mutex<std::collections::HashSet<String>>,
     metrics: Arc<ClientMetrics>,
 }
 
@@ -194,6 +199,7 @@ pub async fn run(
         live: Mutex::new(HashMap::new()),
         draining: AtomicBool::new(false),
         failure: Mutex::new(None),
+        drain_acked: Mutex::new(std::collections::HashSet::new()),
         metrics,
         cfg,
     });
@@ -229,28 +235,46 @@ pub async fn run(
 /// for in-flight exchanges to finish.
 async fn drain(session: &Session) {
     session.draining.store(true, Ordering::Relaxed);
-    let streams: Vec<Arc<Exchanges>> =
-        session.live.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
-    for ex in &streams {
+    let streams: Vec<(String, Arc<Exchanges>)> = session
+        .live
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(|(id, ex)| (id.clone(), ex.clone()))
+        .collect();
+    for (_, ex) in &streams {
         let msg = ex.message(
             "",
             Payload::Drain(Drain {
                 reason: "client shutting down".into(),
                 grace_ms: session.cfg.shutdown_grace.as_millis() as u64,
+                ack: false,
             }),
         );
         ex.outbound().try_priority(msg);
     }
-    let deadline = Instant::now() + session.cfg.shutdown_grace;
+    let started = Instant::now();
+    let deadline = started + session.cfg.shutdown_grace;
+    // Requests the server sent before it saw our drain are still on their
+    // way: only its acknowledgement, which comes behind them, says a
+    // stream is done receiving.
+    let ack_deadline = started + DRAIN_ACK_WAIT.min(session.cfg.shutdown_grace);
     loop {
-        let in_flight: usize = streams.iter().map(|e| e.in_flight()).sum();
-        if in_flight == 0 {
-            tracing::info!("drained: no requests in flight");
+        let acked = {
+            let acks = session.drain_acked.lock().unwrap_or_else(|e| e.into_inner());
+            streams.iter().all(|(id, _)| acks.contains(id))
+        };
+        let in_flight: usize = streams.iter().map(|(_, e)| e.in_flight()).sum();
+        if in_flight == 0 && (acked || Instant::now() >= ack_deadline) {
+            if !acked {
+                tracing::warn!("the server did not acknowledge the drain within {DRAIN_ACK_WAIT:?}");
+            }
+            tracing::info!(took = ?started.elapsed(), "drained: no requests in flight");
             return;
         }
         if Instant::now() >= deadline {
             tracing::warn!(in_flight, "grace period over: cancelling the requests still in flight");
-            for ex in &streams {
+            for (_, ex) in &streams {
                 // The server answers these 503 "shutting down", not "disconnected".
                 ex.fail_all_to_peer(ErrorKind::ShuttingDown, "tunnel client shut down before the request finished");
             }
@@ -449,6 +473,7 @@ async fn run_stream(
     let stream = Registered { stream_id: &stream_id, kind, out: &out, exchanges: &exchanges };
     let end = stream_loop(session, stream, &mut inbound, retire, first_rtt).await;
     session.live.lock().unwrap_or_else(|e| e.into_inner()).remove(&stream_id);
+    session.drain_acked.lock().unwrap_or_else(|e| e.into_inner()).remove(&stream_id);
     session.status.send_modify(|s| s.registered_streams = s.registered_streams.saturating_sub(1));
     exchanges.fail_all(ExchangeFailure::StreamLost);
     Ok(end)
@@ -473,13 +498,17 @@ async fn stream_loop(
     let mut settings = session.settings.subscribe();
     let mut interval = settings.borrow_and_update().heartbeat_interval;
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    // The registration counts as the first heartbeat.
+    let mut last_beat = tokio::time::Instant::now();
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seq = 0u64;
     let mut last_rtt = first_rtt;
     let mut retiring: Option<Instant> = None;
     loop {
         if let Some(since) = retiring {
-            if exchanges.in_flight() == 0 || since.elapsed() > session.cfg.shutdown_grace {
+            let acked = session.drain_acked.lock().unwrap_or_else(|e| e.into_inner()).contains(stream_id);
+            let settled = acked || since.elapsed() > DRAIN_ACK_WAIT;
+            if (exchanges.in_flight() == 0 && settled) || since.elapsed() > session.cfg.shutdown_grace {
                 tracing::info!(stream = %stream_id, "retired data stream closed");
                 return End::Retired;
             }
@@ -487,13 +516,14 @@ async fn stream_loop(
         tokio::select! {
             _ = session.cancel.cancelled() => return End::SessionOver,
             _ = retire.cancelled(), if retiring.is_none() => {
-                let msg = exchanges.message("", Payload::Drain(Drain { reason: "fewer data streams configured".into(), grace_ms: 0 }));
+                let msg = exchanges.message("", Payload::Drain(Drain { reason: "fewer data streams configured".into(), grace_ms: 0, ack: false }));
                 out.try_priority(msg);
                 retiring = Some(Instant::now());
             }
             _ = tokio::time::sleep(DRAIN_POLL), if retiring.is_some() => {}
             _ = tick.tick() => {
                 seq += 1;
+                last_beat = tokio::time::Instant::now();
                 if !out.try_priority(open_message(session, stream_id, kind, seq, last_rtt)) {
                     tracing::warn!(stream = %stream_id, "priority queue full: heartbeat not sent");
                 }
@@ -503,7 +533,11 @@ async fn stream_loop(
                 let now = settings.borrow_and_update().heartbeat_interval;
                 if now != interval {
                     interval = now;
-                    tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+                    // From the last heartbeat, not from now: config changes in
+                    // quick succession must not keep pushing the next one out
+                    // (the server would reap a stream that kept quiet that long).
+                    let next = (last_beat + interval).max(tokio::time::Instant::now());
+                    tick = tokio::time::interval_at(next, interval);
                     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 }
             }
@@ -557,6 +591,10 @@ fn on_message(
             return Some(rtt);
         }
         Payload::ConfigSyncResponse(resp) => apply_config(session, stream_id, out, kind, resp),
+        Payload::Drain(d) if d.ack => {
+            tracing::debug!(stream = %stream_id, "the server acknowledged our drain");
+            session.drain_acked.lock().unwrap_or_else(|e| e.into_inner()).insert(stream_id.to_string());
+        }
         Payload::Drain(d) => {
             tracing::info!(stream = %stream_id, reason = %d.reason, "server is draining; reconnecting");
             session.cancel.cancel();

@@ -358,8 +358,9 @@ impl Server {
             }
         }
         for s in shared.registry.all_streams() {
-            let msg =
-                s.exchanges.message("", Payload::Drain(Drain { reason: "server shutting down".into(), grace_ms: 0 }));
+            let msg = s
+                .exchanges
+                .message("", Payload::Drain(Drain { reason: "server shutting down".into(), grace_ms: 0, ack: false }));
             s.outbound().try_priority(msg);
         }
         // Give the drain messages a moment to be written before the streams end.

@@ -19,8 +19,8 @@ use tunnel_lib::config::ConfigPush;
 use tunnel_lib::frame::now_ms;
 use tunnel_lib::proto::tunnel_service_server::{TunnelService, TunnelServiceServer};
 use tunnel_lib::proto::{
-    tunnel_message::Payload, ConfigSyncRequest, ConfigSyncResponse, Direction, StreamOpenRequest, StreamOpenResponse,
-    StreamType, TunnelMessage,
+    tunnel_message::Payload, ConfigSyncRequest, ConfigSyncResponse, Direction, Drain, StreamOpenRequest,
+    StreamOpenResponse, StreamType, TunnelMessage,
 };
 use tunnel_lib::GROUP_METADATA;
 
@@ -274,6 +274,10 @@ fn on_message(svc: &TunnelSvc, handle: &Arc<StreamHandle>, m: TunnelMessage) {
                 svc.shared.registry.drain_client(&handle.client_id);
             } else {
                 handle.set_draining();
+                // Behind any request already queued here: once the client
+                // reads it, nothing new can follow on this stream.
+                let ack = Drain { reason: "no new requests on this stream".into(), grace_ms: 0, ack: true };
+                handle.exchanges.send_ordered(handle.exchanges.message("", Payload::Drain(ack)));
             }
         }
         Payload::StreamOpenResponse(_) | Payload::ConfigSyncResponse(_) | Payload::HttpRequest(_) => {

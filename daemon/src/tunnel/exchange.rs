@@ -328,7 +328,7 @@ impl Exchanges {
 
     /// Queues a frame behind the exchange's earlier frames (so a cancel never
     /// overtakes the head it refers to), without waiting.
-    fn send_ordered(&self, msg: TunnelMessage) {
+    pub fn send_ordered(&self, msg: TunnelMessage) {
         if let Some(msg) = self.out.try_data(msg) {
             // The queue is full: wait for room off the caller's path. The task
             // ends when the frame is queued or the stream closes.
