@@ -51,6 +51,8 @@ pub const DEFAULT_MAX_HEADER_BYTES: u64 = 64 * 1024;
 pub const MIN_MAX_HEADER_BYTES: u64 = 8 * 1024;
 /// Default cap on the number of headers of a public request.
 pub const DEFAULT_MAX_HEADERS: usize = 100;
+/// Largest `max_headers` accepted.
+pub const MAX_MAX_HEADERS: usize = 1000;
 /// Default cap on a public request's URI.
 pub const DEFAULT_MAX_URI_BYTES: u64 = 8 * 1024;
 /// Default cap on requests in flight to one client of a group.
@@ -420,7 +422,10 @@ impl ServerConfig {
                 None => DEFAULT_MAX_HEADER_BYTES,
             },
             max_headers: match &s.max_headers {
-                Some(n) if *n.get_ref() == 0 => return Err(src.at(n, "server.max_headers", "must be at least 1")),
+                // hyper sizes a parse buffer by it: a typo must not cost gigabytes per request.
+                Some(n) if !(1..=MAX_MAX_HEADERS).contains(n.get_ref()) => {
+                    return Err(src.at(n, "server.max_headers", format!("must be 1 to {MAX_MAX_HEADERS}")))
+                }
                 Some(n) => *n.get_ref(),
                 None => DEFAULT_MAX_HEADERS,
             },

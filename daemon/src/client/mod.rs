@@ -98,19 +98,25 @@ impl Client {
             None => None,
         };
         tracing::info!(server = %self.config.server, client = %self.config.client_id, group = %self.config.group, transport = %self.config.transport, upstreams = ?upstreams.names(), "tunnel-client starting");
-        // READY=1 once the server has accepted us, then a status line that stays current.
+        // READY=1 once the server has accepted us; a status line (and the
+        // watchdog) from the start, since reaching the server may take a while.
         let mut registered = self.status.subscribe();
-        let status_of = (self.status.subscribe(), self.config.server.to_string());
+        let (status_of, server) = (self.status.subscribe(), self.config.server.to_string());
         let notify_stop = stop.clone();
         let notifier = tokio::spawn(async move {
-            let first = tokio::select! {
-                _ = notify_stop.cancelled() => return,
-                r = registered.wait_for(|s| s.registered_streams > 0) => r.is_ok(),
+            let ready = async {
+                if registered.wait_for(|s| s.registered_streams > 0).await.is_ok() {
+                    crate::systemd::ready(&status_line(&registered.borrow(), &server));
+                }
             };
-            if first {
-                crate::systemd::ready(&status_line(&status_of.0.borrow(), &status_of.1));
-            }
-            crate::systemd::keepalive(move || status_line(&status_of.0.borrow(), &status_of.1), notify_stop).await;
+            let keep = crate::systemd::keepalive(|| status_line(&status_of.borrow(), &server), notify_stop.clone());
+            let ready = async {
+                tokio::select! {
+                    _ = notify_stop.cancelled() => {}
+                    _ = ready => {}
+                }
+            };
+            tokio::join!(ready, keep);
         });
         let runner = async {
             let mut backoff = Backoff::new(self.config.reconnect_max);

@@ -39,6 +39,9 @@ const DRAIN_POLL: Duration = Duration::from_millis(50);
 /// How long a draining stream waits for the server's acknowledgement (a
 /// server without it still drains, a little less safely).
 const DRAIN_ACK_WAIT: Duration = Duration::from_secs(2);
+/// How long a drained client stays quiet before closing: covers a request
+/// whose head the server queued in the instant it processed our drain.
+const DRAIN_LINGER: Duration = Duration::from_millis(100);
 
 /// What the server manages for us; client.toml's values until it speaks.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -248,7 +251,8 @@ async fn drain(session: &Session) {
             Payload::Drain(Drain {
                 reason: "client shutting down".into(),
                 grace_ms: session.cfg.shutdown_grace.as_millis() as u64,
-                ack: false,
+                ack_wanted: true,
+                ..Default::default()
             }),
         );
         ex.outbound().try_priority(msg);
@@ -259,18 +263,26 @@ async fn drain(session: &Session) {
     // way: only its acknowledgement, which comes behind them, says a
     // stream is done receiving.
     let ack_deadline = started + DRAIN_ACK_WAIT.min(session.cfg.shutdown_grace);
+    let mut quiet_since: Option<Instant> = None;
     loop {
         let acked = {
             let acks = session.drain_acked.lock().unwrap_or_else(|e| e.into_inner());
-            streams.iter().all(|(id, _)| acks.contains(id))
+            let live = session.live.lock().unwrap_or_else(|e| e.into_inner());
+            // A stream that ended during the drain has nothing more to receive.
+            streams.iter().all(|(id, _)| acks.contains(id) || !live.contains_key(id))
         };
         let in_flight: usize = streams.iter().map(|(_, e)| e.in_flight()).sum();
         if in_flight == 0 && (acked || Instant::now() >= ack_deadline) {
-            if !acked {
-                tracing::warn!("the server did not acknowledge the drain within {DRAIN_ACK_WAIT:?}");
+            let since = *quiet_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= DRAIN_LINGER {
+                if !acked {
+                    tracing::warn!("the server did not acknowledge the drain within {DRAIN_ACK_WAIT:?}");
+                }
+                tracing::info!(took = ?started.elapsed(), "drained: no requests in flight");
+                return;
             }
-            tracing::info!(took = ?started.elapsed(), "drained: no requests in flight");
-            return;
+        } else {
+            quiet_since = None;
         }
         if Instant::now() >= deadline {
             tracing::warn!(in_flight, "grace period over: cancelling the requests still in flight");
@@ -516,7 +528,7 @@ async fn stream_loop(
         tokio::select! {
             _ = session.cancel.cancelled() => return End::SessionOver,
             _ = retire.cancelled(), if retiring.is_none() => {
-                let msg = exchanges.message("", Payload::Drain(Drain { reason: "fewer data streams configured".into(), grace_ms: 0, ack: false }));
+                let msg = exchanges.message("", Payload::Drain(Drain { reason: "fewer data streams configured".into(), ack_wanted: true, ..Default::default() }));
                 out.try_priority(msg);
                 retiring = Some(Instant::now());
             }

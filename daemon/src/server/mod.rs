@@ -124,6 +124,7 @@ pub struct Shared {
     tls_modes: OnceLock<(bool, bool)>,
     /// Prometheus metrics.
     pub metrics: crate::metrics::ServerMetrics,
+    metrics_render: std::sync::Mutex<()>,
 }
 
 /// The TLS settings in force.
@@ -233,6 +234,8 @@ impl Shared {
 
     /// The metrics text, with the state gauges read from the registry now.
     pub fn render_metrics(&self) -> String {
+        // Scrapes in parallel would clear and refill the same gauges over each other.
+        let _one_at_a_time = self.metrics_render.lock().unwrap_or_else(|e| e.into_inner());
         let m = &self.metrics;
         let streams = self.registry.streams();
         let clients: std::collections::BTreeSet<&str> = streams.iter().map(|s| s.client_id.as_str()).collect();
@@ -292,6 +295,7 @@ impl Server {
                 tls: RwLock::new(TlsSettings::default()),
                 tls_modes: OnceLock::new(),
                 metrics: crate::metrics::ServerMetrics::default(),
+                metrics_render: std::sync::Mutex::new(()),
             }),
         }
     }
@@ -360,7 +364,7 @@ impl Server {
         for s in shared.registry.all_streams() {
             let msg = s
                 .exchanges
-                .message("", Payload::Drain(Drain { reason: "server shutting down".into(), grace_ms: 0, ack: false }));
+                .message("", Payload::Drain(Drain { reason: "server shutting down".into(), ..Default::default() }));
             s.outbound().try_priority(msg);
         }
         // Give the drain messages a moment to be written before the streams end.

@@ -373,10 +373,13 @@ impl Registry {
         let inner = self.read();
         let list = inner.by_group.get(group).ok_or(NoStream::NoClient)?;
         let n = list.len();
-        // Requests in flight per client, over its data streams.
+        // Requests in flight per client, over its data streams. Upgraded
+        // connections are long-lived and bounded by max_connections instead:
+        // idle WebSockets must not lock a client out of ordinary requests.
         let mut per_client: HashMap<&str, usize> = HashMap::new();
         for h in list {
-            *per_client.entry(h.client_id.as_str()).or_default() += h.exchanges.in_flight();
+            let requests = h.exchanges.in_flight().saturating_sub(h.exchanges.upgraded());
+            *per_client.entry(h.client_id.as_str()).or_default() += requests;
         }
         let start = self.rr.fetch_add(1, Ordering::Relaxed);
         // Load: a stream whose outbound queue is full (its connection is not

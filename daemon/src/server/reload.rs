@@ -96,11 +96,23 @@ pub fn apply(shared: &Shared, new: ServerConfig) -> Reload {
         return Reload::Refused(e.to_string());
     }
     let old = shared.config();
-    if old.server.http_listen != new.server.http_listen
-        || old.server.grpc_listen != new.server.grpc_listen
-        || old.server.https_listen != new.server.https_listen
-    {
-        tracing::warn!("listen addresses changed in the file; they apply at the next restart");
+    let (o, n) = (&old.server, &new.server);
+    let restart_only = [
+        ("http_listen", o.http_listen != n.http_listen),
+        ("grpc_listen", o.grpc_listen != n.grpc_listen),
+        ("admin_listen", o.admin_listen != n.admin_listen),
+        ("https_listen", o.https_listen != n.https_listen),
+        ("metrics_listen", o.metrics_listen != n.metrics_listen),
+        ("worker_threads", o.worker_threads != n.worker_threads),
+        ("max_connections", o.max_connections != n.max_connections),
+        ("max_streams_per_connection", o.max_streams_per_connection != n.max_streams_per_connection),
+        ("header_read_timeout", o.header_read_timeout != n.header_read_timeout),
+        ("max_header_bytes", o.max_header_bytes != n.max_header_bytes),
+        ("max_headers", o.max_headers != n.max_headers),
+    ];
+    let changed: Vec<&str> = restart_only.iter().filter(|(_, c)| *c).map(|(k, _)| *k).collect();
+    if !changed.is_empty() {
+        tracing::warn!(keys = ?changed, "these [server] settings changed in the file; they apply at the next restart");
     }
     let (before, after) = (super::group_versions(&old), super::group_versions(&new));
     if *old == new {

@@ -274,10 +274,14 @@ fn on_message(svc: &TunnelSvc, handle: &Arc<StreamHandle>, m: TunnelMessage) {
                 svc.shared.registry.drain_client(&handle.client_id);
             } else {
                 handle.set_draining();
-                // Behind any request already queued here: once the client
-                // reads it, nothing new can follow on this stream.
-                let ack = Drain { reason: "no new requests on this stream".into(), grace_ms: 0, ack: true };
-                handle.exchanges.send_ordered(handle.exchanges.message("", Payload::Drain(ack)));
+                handle.exchanges.stop_opening();
+                if d.ack_wanted {
+                    // Behind any request already queued here: once the client
+                    // reads it, nothing new can follow on this stream.
+                    let ack =
+                        Drain { reason: "no new requests on this stream".into(), ack: true, ..Default::default() };
+                    handle.exchanges.send_ordered(handle.exchanges.message("", Payload::Drain(ack)));
+                }
             }
         }
         Payload::StreamOpenResponse(_) | Payload::ConfigSyncResponse(_) | Payload::HttpRequest(_) => {

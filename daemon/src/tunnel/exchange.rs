@@ -107,6 +107,8 @@ pub struct Exchanges {
     upgraded: AtomicUsize,
     /// Set when the stream ended: no new exchange may open on it.
     closed: AtomicBool,
+    /// Set when the peer drains the stream: no new exchange may open on it.
+    draining: AtomicBool,
     /// Totals, for introspection.
     pub stats: StreamStats,
     out: Outbound,
@@ -122,6 +124,7 @@ impl Exchanges {
             in_flight: AtomicUsize::new(0),
             upgraded: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
             stats: StreamStats::default(),
             out,
             role,
@@ -132,6 +135,14 @@ impl Exchanges {
     /// Exchanges in flight.
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// The peer drains this stream: refuses new exchanges from now. Taken
+    /// under the table's lock, so an exchange either opened before (and its
+    /// head is on its way) or is refused and goes to another stream.
+    pub fn stop_opening(&self) {
+        let _slots = self.lock();
+        self.draining.store(true, Ordering::Release);
     }
 
     /// Upgraded connections in flight (they count in `in_flight` too).
@@ -211,7 +222,7 @@ impl Exchanges {
     /// made under the lock that fail_all drains, so no slot slips in after it.
     fn insert(&self, request_id: String, slot: Slot) -> bool {
         let mut slots = self.lock();
-        if self.closed.load(Ordering::Acquire) {
+        if self.closed.load(Ordering::Acquire) || self.draining.load(Ordering::Acquire) {
             return false;
         }
         if slots.insert(request_id, slot).is_none() {
