@@ -7,6 +7,7 @@ mod fleet;
 mod isolation;
 mod load;
 mod lossy;
+mod ops;
 mod procs;
 mod race;
 mod upstream;
@@ -22,7 +23,7 @@ use std::time::Duration;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(about = "Benchmarks of the tunnel: heartbeat isolation, the speed race, fleet memory, WebSocket")]
+#[command(about = "Benchmarks of the tunnel: heartbeat isolation, the speed race, fleet memory, WebSocket, deploys")]
 struct Args {
     /// Short runs with small loads, for the test suite (under a minute for
     /// isolation; the race and fleet add a few seconds each).
@@ -34,7 +35,7 @@ struct Args {
     /// Where tunnel-server and tunnel-client are (default: beside this binary).
     #[arg(long, global = true)]
     bin_dir: Option<PathBuf>,
-    /// Without a command: all four, in turn.
+    /// Without a command: all of them, in turn.
     #[command(subcommand)]
     command: Option<Cmd>,
 }
@@ -65,6 +66,8 @@ enum Cmd {
     },
     /// WebSocket echo direct vs through the tunnel: throughput, round trips, a 16 MiB message.
     Ws,
+    /// Deploys under 200 req/s with real processes: rolling client restarts, reloads, server SIGTERM.
+    Ops,
 }
 
 #[tokio::main]
@@ -92,6 +95,7 @@ async fn main() -> anyhow::Result<()> {
             defaults,
             Cmd::Race { workers: vec![0, 1], no_rathole: false },
             Cmd::Ws,
+            Cmd::Ops,
         ],
     };
     for c in commands {
@@ -105,6 +109,7 @@ async fn main() -> anyhow::Result<()> {
             }
             Cmd::Fleet { clients } => fleet::run(&bins, clients).await?,
             Cmd::Ws => ws::run(&bins, &ws::Config::new(args.quick)).await?,
+            Cmd::Ops => ops::run(&bins, &ops::Config::new(args.quick)).await?,
         }
     }
     Ok(())

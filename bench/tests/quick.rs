@@ -142,3 +142,13 @@ fn websocket_race_prints_both_routes() {
         assert!(num(r, 1) > 0.0 && num(r, 2) > 0.0 && num(r, 4) > 0.0, "{r:?}");
     }
 }
+
+#[test]
+fn deploys_under_load_print_every_cell() {
+    let stdout = bench(&["ops"]);
+    let table = rows(&stdout, &["restart", "3 reloads", "server SIGTERM"]);
+    assert_eq!(table.len(), 3, "{stdout}");
+    for r in &table {
+        assert!(num(r, 1) > 0.0, "{r:?}");
+    }
+}
