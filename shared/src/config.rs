@@ -239,6 +239,8 @@ struct ServerSection {
     https_listen: Option<Spanned<SocketAddr>>,
     metrics_listen: Option<SocketAddr>,
     tls: Option<LinkTlsSection>,
+    log_level: Option<Spanned<String>>,
+    log_format: Option<Spanned<LogFormat>>,
 }
 
 #[derive(Deserialize)]
@@ -589,7 +591,8 @@ impl ServerConfig {
             };
             return Err(src.error(Some(rule_lines[i]), format!("rules[{i}]"), msg));
         }
-        Ok(ServerConfig { server, log: raw.log, groups, rules, certificates })
+        let log = merge_log(&src, raw.log, s.log_level, s.log_format, "server.")?;
+        Ok(ServerConfig { server, log, groups, rules, certificates })
     }
 
     /// The HTTPS ingress's rustls settings, read from the files now; None without https_listen.
@@ -722,6 +725,8 @@ struct ClientFile {
     upstreams: BTreeMap<String, Spanned<RawUpstream>>,
     tls: Option<Spanned<ClientTlsSection>>,
     metrics_listen: Option<SocketAddr>,
+    log_level: Option<Spanned<String>>,
+    log_format: Option<Spanned<LogFormat>>,
 }
 
 #[derive(Deserialize)]
@@ -883,12 +888,36 @@ impl ClientConfig {
             reconnect_max: raw.reconnect_max.map_or(DEFAULT_RECONNECT_MAX, |d| d.0),
             shutdown_grace: raw.shutdown_grace.map_or(DEFAULT_SHUTDOWN_GRACE, |d| d.0),
             worker_threads: raw.worker_threads.unwrap_or_else(default_worker_threads),
-            log: raw.log,
+            log: merge_log(&src, raw.log, raw.log_level, raw.log_format, "")?,
             upstreams,
             tls,
             metrics_listen: raw.metrics_listen,
         })
     }
+}
+
+/// The `[log]` section with the flat `log_level` / `log_format` keys folded
+/// in (either place works; both at once is an error, naming the key).
+fn merge_log(
+    src: &Source,
+    mut log: LogConfig,
+    level: Option<Spanned<String>>,
+    format: Option<Spanned<LogFormat>>,
+    prefix: &str,
+) -> Result<LogConfig, ConfigError> {
+    if let Some(l) = level {
+        if log.level.is_some() {
+            return Err(src.at(&l, format!("{prefix}log_level"), "set either this or [log] level, not both"));
+        }
+        log.level = Some(l.into_inner());
+    }
+    if let Some(f) = format {
+        if log.format != LogFormat::Text {
+            return Err(src.at(&f, format!("{prefix}log_format"), "set either this or [log] format, not both"));
+        }
+        log.format = f.into_inner();
+    }
+    Ok(log)
 }
 
 /// Checks a `[server.tls]` section: the files exist, parse and belong together.
@@ -1054,6 +1083,26 @@ timeout = "30s"
             }
         }
         assert!(wrong.is_empty(), "{wrong:#?}");
+    }
+
+    /// The flat keys and the [log] section mean the same; both at once is an error.
+    #[test]
+    fn log_keys_flat_or_in_their_section() {
+        let flat = SERVER.replace(
+            "heartbeat_timeout = \"90s\"",
+            "heartbeat_timeout = \"90s\"\nlog_format = \"json\"\nlog_level = \"debug\"",
+        );
+        let c = ServerConfig::from_str_named(&flat, "server.toml").expect("valid");
+        assert_eq!((c.log.format, c.log.level.as_deref()), (LogFormat::Json, Some("debug")));
+        let both = format!("{flat}\n[log]\nlevel = \"info\"\n");
+        let err = ServerConfig::from_str_named(&both, "server.toml").expect_err("both").to_string();
+        assert!(err.starts_with("server.toml:7: server.log_level: set either"), "{err}");
+        let client = "server = \"http://127.0.0.1:7000\"\ngroup = \"g\"\ntoken = \"t\"\nlog_format = \"json\"\n";
+        let c = ClientConfig::from_str_named(client, "client.toml").expect("valid");
+        assert_eq!(c.log.format, LogFormat::Json);
+        let bad = client.replace("\"json\"", "\"xml\"");
+        let err = ClientConfig::from_str_named(&bad, "client.toml").expect_err("bad format").to_string();
+        assert!(err.starts_with("client.toml:4: log_format: unknown variant `xml`"), "{err}");
     }
 
     #[test]

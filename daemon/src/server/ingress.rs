@@ -282,18 +282,20 @@ async fn handle(
             let hook = Box::new(move |bytes, error: Option<String>| {
                 rec.bytes_out = bytes;
                 rec.bytes_in = uploaded.load(Ordering::Relaxed);
-                rec.duration_ms = started.elapsed().as_millis() as u64;
+                let took = started.elapsed();
+                rec.duration_ms = took.as_millis() as u64;
                 rec.error = error.unwrap_or_default();
-                shared.record_request(rec);
+                shared.record_request(rec, took);
             });
             Either::Left(tunnel.on_finish(hook))
         }
         Either::Right(local) if parts.extensions.remove::<RecordedOnClose>().is_some() => Either::Right(local),
         Either::Right(local) => {
-            rec.duration_ms = started.elapsed().as_millis() as u64;
+            let took = started.elapsed();
+            rec.duration_ms = took.as_millis() as u64;
             rec.bytes_in = uploaded.load(Ordering::Relaxed);
             rec.error = parts.extensions.remove::<LocalReason>().map(|r| r.0).unwrap_or_default();
-            shared.record_request(rec);
+            shared.record_request(rec, took);
             Either::Right(local)
         }
     };
@@ -576,7 +578,8 @@ impl Upgrading {
             }
         }
         rec.duration_ms = u64::try_from(now_ms() - rec.unix_ms).unwrap_or(0);
-        shared.record_request(rec);
+        let took = Duration::from_millis(rec.duration_ms);
+        shared.record_request(rec, took);
         drop(conn);
     }
 }

@@ -187,7 +187,8 @@ impl Shared {
     }
 
     /// Records a finished public request: the console's log and the metrics.
-    pub fn record_request(&self, rec: tunnel_lib::introspection::RequestInfo) {
+    /// `took` is the precise duration; the record keeps whole milliseconds.
+    pub fn record_request(&self, rec: tunnel_lib::introspection::RequestInfo, took: Duration) {
         tracing::info!(
             target: "access",
             trace_id = %rec.trace_id,
@@ -211,7 +212,7 @@ impl Shared {
         m.requests
             .get_or_create(&vec![("group", group.clone()), ("class", crate::metrics::status_class(rec.status))])
             .inc();
-        m.request_duration.get_or_create(&vec![("group", group.clone())]).observe(rec.duration_ms as f64 / 1000.0);
+        m.request_duration.get_or_create(&vec![("group", group.clone())]).observe(took.as_secs_f64());
         m.bytes.get_or_create(&vec![("group", group.clone()), ("direction", "in".into())]).inc_by(rec.bytes_in);
         m.bytes.get_or_create(&vec![("group", group), ("direction", "out".into())]).inc_by(rec.bytes_out);
         self.requests.record(rec);
