@@ -189,18 +189,7 @@ pub async fn serve(
     render: Arc<dyn Fn() -> String + Send + Sync>,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
-    loop {
-        let (tcp, _) = tokio::select! {
-            _ = stop.cancelled() => return Ok(()),
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!("metrics accept failed: {e}");
-                    tokio::time::sleep(crate::server::accept::ACCEPT_BACKOFF).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((tcp, _)) = crate::server::accept::next_connection(&listener, "metrics", &stop).await {
         let render = render.clone();
         let stop = stop.clone();
         // Ends when the scraper closes the connection or at shutdown.
@@ -216,6 +205,7 @@ pub async fn serve(
             }
         });
     }
+    Ok(())
 }
 
 async fn answer(

@@ -27,7 +27,7 @@ pub const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 /// Bound on a client's TLS handshake, and on its first byte.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause after an accept error (fd exhaustion), so the loop does not spin.
-pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Connections handed to the gRPC server and not yet taken.
 const READY_QUEUE: usize = 64;
 /// A peer failing the same way again within this is logged at debug only:
@@ -141,6 +141,28 @@ impl AsyncWrite for MaybeTls {
     }
 }
 
+/// The next connection on `listener`, or None once `stop` fires. An accept
+/// error (descriptors exhausted) is logged and retried after a pause, so the
+/// loop neither spins nor ends on it.
+pub async fn next_connection(
+    listener: &TcpListener,
+    what: &str,
+    stop: &CancellationToken,
+) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return None,
+            r = listener.accept() => match r {
+                Ok(x) => return Some(x),
+                Err(e) => {
+                    tracing::warn!("{what} accept failed: {e}");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            },
+        }
+    }
+}
+
 /// Accepts tunnel-link connections until `stop` fires; yields them once
 /// their handshake (TLS or a first plaintext byte) succeeded.
 pub fn link_connections(
@@ -152,18 +174,7 @@ pub fn link_connections(
     let failures = Arc::new(Failures::default());
     let pending = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
-        loop {
-            let (tcp, peer) = tokio::select! {
-                _ = stop.cancelled() => return,
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::warn!("tunnel link accept failed: {e}");
-                        tokio::time::sleep(ACCEPT_BACKOFF).await;
-                        continue;
-                    }
-                },
-            };
+        while let Some((tcp, peer)) = next_connection(&listener, "tunnel link", &stop).await {
             let Ok(slot) = pending.clone().try_acquire_owned() else {
                 failures.report(peer, format!("{MAX_HANDSHAKES} handshakes already in progress; connection closed"));
                 continue;

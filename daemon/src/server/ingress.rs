@@ -2,7 +2,7 @@
 //! to a data stream of a client in the target group and streams the response
 //! back; answers what it cannot serve with a status and a one-line reason.
 
-use super::accept::{MaybeTls, ACCEPT_BACKOFF};
+use super::accept::{next_connection, MaybeTls};
 use super::registry::NoStream;
 use super::Shared;
 use crate::tunnel::body::{send_body, SendError};
@@ -84,18 +84,7 @@ pub async fn run(
         .max_header_list_size(u32::try_from(cfg.server.max_header_bytes).unwrap_or(u32::MAX));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let (upgrades, closing) = (TaskTracker::new(), CancellationToken::new());
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = stop.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((tcp, peer)) = next_connection(&listener, "public", &stop).await {
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             tracing::warn!(%peer, "connection limit reached; connection refused");
             continue;
