@@ -65,14 +65,7 @@ async fn start_grpc_upstream() -> SocketAddr {
     addr
 }
 
-const SERVER: &str = r#"
-[server]
-shutdown_grace = "2s"
-[[groups]]
-name = "demo"
-token = "t-demo"
-heartbeat_interval = "1s"
-data_streams = 2
+const RULES: &str = r#"
 [[rules]]
 host = "grpc.test"
 path_prefix = "/"
@@ -96,7 +89,7 @@ struct Tunnel {
 async fn tunnel() -> Tunnel {
     let grpc = start_grpc_upstream().await;
     let web = Upstream::start("web2").await;
-    let server = start_server(SERVER, None).await;
+    let server = start_server(&demo_server_toml("", "", RULES), None).await;
     let upstreams = [
         ("grpc", format!("{{ url = \"http://{grpc}\", http2 = true }}")),
         ("web2", format!("{{ url = \"{}\", http2 = true }}", web.url())),

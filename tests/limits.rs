@@ -16,17 +16,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 fn server_toml(server_extra: &str) -> String {
-    format!(
-        r#"
-[server]
-shutdown_grace = "2s"
-{server_extra}
-[[groups]]
-name = "demo"
-token = "t-demo"
-heartbeat_interval = "1s"
-data_streams = 2
-max_in_flight = 2
+    demo_server_toml(server_extra, "max_in_flight = 2", RULES)
+}
+
+const RULES: &str = r#"
 [[rules]]
 path_prefix = "/upload-sha"
 group = "demo"
@@ -38,9 +31,7 @@ path_prefix = "/"
 group = "demo"
 upstream = "web"
 timeout = "5s"
-"#
-    )
-}
+"#;
 
 async fn tunnel(server_extra: &str) -> (TestServer, TestClient, Upstream) {
     let up = Upstream::start("web").await;

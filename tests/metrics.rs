@@ -10,15 +10,7 @@ use http::StatusCode;
 use prometheus_parse::{Sample, Scrape, Value};
 use std::net::SocketAddr;
 
-const SERVER: &str = r#"
-[server]
-shutdown_grace = "2s"
-metrics_listen = "127.0.0.1:0"
-[[groups]]
-name = "demo"
-token = "t-demo"
-heartbeat_interval = "1s"
-data_streams = 2
+const RULES: &str = r#"
 [[rules]]
 path_prefix = "/missing"
 group = "demo"
@@ -57,8 +49,9 @@ fn free_port() -> SocketAddr {
 #[tokio::test]
 async fn both_daemons_count_what_happens() {
     let up = Upstream::start("web").await;
-    let cfg = ConfigFile::new(SERVER);
-    let server = start_server(SERVER, Some(cfg.path.clone())).await;
+    let toml = demo_server_toml("metrics_listen = \"127.0.0.1:0\"", "", RULES);
+    let cfg = ConfigFile::new(&toml);
+    let server = start_server(&toml, Some(cfg.path.clone())).await;
     let client_metrics = free_port();
     let extra = format!("metrics_listen = \"{client_metrics}\"");
     let _client = TestClient::start(&client_toml(&server, "edge-1", "demo", "t-demo", &extra, &[("web", up.url())]));

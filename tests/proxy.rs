@@ -12,19 +12,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 fn server_toml(extra_groups: &str, rules: &str) -> String {
-    format!(
-        r#"
-[server]
-shutdown_grace = "2s"
-[[groups]]
-name = "demo"
-token = "t-demo"
-heartbeat_interval = "1s"
-data_streams = 2
-{extra_groups}
-{rules}
-"#
-    )
+    demo_server_toml("", extra_groups, rules)
 }
 
 const DEFAULT_RULES: &str = r#"

@@ -71,15 +71,8 @@ async fn read_head(tcp: &mut TcpStream) -> String {
 }
 
 fn server_toml(idle_timeout: &str) -> String {
-    format!(
+    let rules = format!(
         r#"
-[server]
-shutdown_grace = "2s"
-[[groups]]
-name = "demo"
-token = "t-demo"
-heartbeat_interval = "1s"
-data_streams = 2
 [[rules]]
 path_prefix = "/ws"
 group = "demo"
@@ -97,7 +90,8 @@ group = "demo"
 upstream = "web"
 timeout = "5s"
 "#
-    )
+    );
+    demo_server_toml("", "", &rules)
 }
 
 struct Tunnel {

@@ -264,6 +264,16 @@ impl Drop for Upstream {
 
 // ------------------------------------------------------------------ config files
 
+/// A server.toml for the tests: `[server]` with a 2 s grace and
+/// `server_extra`, the group "demo" (token "t-demo", 1 s heartbeats, 2 data
+/// streams) followed by `after_group` (more keys of that group, or more
+/// groups), then `rules`.
+pub fn demo_server_toml(server_extra: &str, after_group: &str, rules: &str) -> String {
+    format!(
+        "\n[server]\nshutdown_grace = \"2s\"\n{server_extra}\n[[groups]]\nname = \"demo\"\ntoken = \"t-demo\"\nheartbeat_interval = \"1s\"\ndata_streams = 2\n{after_group}\n{rules}\n"
+    )
+}
+
 /// A server.toml on disk, in its own directory, removed when dropped.
 pub struct ConfigFile {
     pub path: PathBuf,

@@ -221,16 +221,11 @@ impl Shared {
     /// One line for `systemctl status`: clients, streams, requests in flight, config versions.
     pub fn status_line(&self) -> String {
         let streams = self.registry.streams();
-        let clients: std::collections::BTreeSet<&str> = streams.iter().map(|s| s.client_id.as_str()).collect();
+        let clients = distinct_clients(&streams);
         let in_flight: usize = streams.iter().map(|s| s.in_flight).sum();
         let versions = self.versions.read().unwrap_or_else(|e| e.into_inner()).clone();
         let config: Vec<String> = versions.iter().map(|(g, v)| format!("{g}={v}")).collect();
-        format!(
-            "{} clients, {} streams, {in_flight} in flight, config {}",
-            clients.len(),
-            streams.len(),
-            config.join(" ")
-        )
+        format!("{} clients, {} streams, {in_flight} in flight, config {}", clients, streams.len(), config.join(" "))
     }
 
     /// The metrics text, with the state gauges read from the registry now.
@@ -239,8 +234,7 @@ impl Shared {
         let _one_at_a_time = self.metrics_render.lock().unwrap_or_else(|e| e.into_inner());
         let m = &self.metrics;
         let streams = self.registry.streams();
-        let clients: std::collections::BTreeSet<&str> = streams.iter().map(|s| s.client_id.as_str()).collect();
-        m.clients.set(clients.len() as i64);
+        m.clients.set(distinct_clients(&streams) as i64);
         m.streams.clear();
         for s in &streams {
             let kind = match s.stream_type {
@@ -263,6 +257,11 @@ impl Shared {
     pub fn group_version(&self, group: &str) -> Option<String> {
         self.versions.read().unwrap_or_else(|e| e.into_inner()).get(group).cloned()
     }
+}
+
+/// Clients with at least one of `streams`.
+fn distinct_clients(streams: &[registry::StreamView]) -> usize {
+    streams.iter().map(|s| s.client_id.as_str()).collect::<std::collections::BTreeSet<_>>().len()
 }
 
 pub(crate) fn group_versions(cfg: &ServerConfig) -> BTreeMap<String, String> {
