@@ -170,3 +170,38 @@ async fn server_shutdown_lets_50_slow_requests_finish() {
     assert_eq!(ok, 50);
     assert!(stopped < Duration::from_secs(5) + Duration::from_secs(2), "stopped within the grace: {stopped:?}");
 }
+
+/// A client stopped with a request that outlasts its shutdown_grace cancels
+/// it at the deadline: the public client gets 503 with the reason, the
+/// upstream request is cancelled, and the client exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_grace_deadline_cancels_what_is_left() {
+    let up = Upstream::start("web").await;
+    let server = start_server(&server_toml("1s", false), None).await;
+    let toml = client_toml(&server, "edge-1", "demo", "t-demo", "", &[("web", up.url())])
+        .replace("shutdown_grace = \"5s\"", "shutdown_grace = \"1s\"");
+    let client = TestClient::start(&toml);
+    server.wait_streams(3).await;
+    let url = server.url("/slow?ms=8000");
+    let pending = tokio::spawn(async move { get(&url).await });
+    let seen = up.seen.clone();
+    eventually("the slow request reached the upstream", WAIT, || {
+        seen.requests.load(std::sync::atomic::Ordering::SeqCst) == 1
+    })
+    .await;
+    let t = Instant::now();
+    client.stop().await;
+    let stopped = t.elapsed();
+    let got = tokio::time::timeout(WAIT, pending).await.expect("answered in time").unwrap();
+    let answered = t.elapsed();
+    println!("client stop with an 8 s request in flight (grace 1s): exited after {stopped:?}, public answer {} after {answered:?}", got.status);
+    assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(got.text().contains("shutting down"), "{}", got.text());
+    assert!(stopped >= Duration::from_millis(900) && stopped < Duration::from_secs(3), "{stopped:?}");
+    assert!(answered < Duration::from_secs(3), "{answered:?}");
+    eventually("the upstream request cancelled", WAIT, || {
+        seen.cancelled.load(std::sync::atomic::Ordering::SeqCst) == 1
+    })
+    .await;
+    server.stop().await;
+}

@@ -72,8 +72,99 @@ async fn oversized_heads_and_uris_are_refused() {
     let got = send(&h2c_client(), req.body(empty()).unwrap()).await;
     assert_eq!(got.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
     assert_eq!(up.seen.requests.load(Ordering::SeqCst), 0, "nothing reached the upstream");
+    // Heads hyper refused itself still get an access record, with their status.
+    // (hyper's are recorded as their connection ends, just after the answer.)
+    let refused = || server.shared.requests.since(0).iter().filter(|r| r.status == 431).count();
+    eventually("the HTTP/1.1 431s (hyper's) and the HTTP/2 one (ours) recorded", WAIT, || refused() == 3).await;
+    let bad = raw_status(server.http, b"GET /a b c HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    assert_eq!(bad, "HTTP/1.1 400 Bad Request");
+    eventually("the 400 recorded", WAIT, || server.shared.requests.since(0).iter().any(|r| r.status == 400)).await;
     // Within the limits all is well.
     assert_eq!(get(&server.url("/echo")).await.status, StatusCode::OK);
+}
+
+/// Reads one HTTP/1.1 response (head and Content-Length body) off `tcp`; its status line.
+async fn read_response(tcp: &mut TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_string();
+            let length = head
+                .lines()
+                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()))
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(0);
+            if got.len() >= end + 4 + length {
+                return head.lines().next().unwrap_or_default().to_string();
+            }
+        }
+        let n = tokio::time::timeout(WAIT, tcp.read(&mut buf)).await.expect("response in time").unwrap();
+        assert!(n > 0, "connection closed mid-response");
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// How long until the server closes `tcp`, which must send nothing meanwhile.
+async fn closed_after(tcp: &mut TcpStream) -> Duration {
+    let start = Instant::now();
+    let mut b = [0u8; 64];
+    let n = tokio::time::timeout(WAIT, tcp.read(&mut b)).await.expect("closed in time").unwrap_or(0);
+    assert_eq!(n, 0, "closed without a response: {:?}", String::from_utf8_lossy(&b[..n]));
+    start.elapsed()
+}
+
+/// An idle keep-alive connection lives for keepalive_timeout, not
+/// header_read_timeout; the next head, once it starts, has
+/// header_read_timeout from its first byte.
+#[tokio::test]
+async fn keepalive_and_head_clocks_are_separate() {
+    let (server, _client, _up) = tunnel("header_read_timeout = \"500ms\"\nkeepalive_timeout = \"2s\"").await;
+    let request = b"GET /echo HTTP/1.1\r\nhost: x\r\n\r\n";
+    let mut tcp = TcpStream::connect(server.http).await.unwrap();
+    tcp.write_all(request).await.unwrap();
+    assert_eq!(read_response(&mut tcp).await, "HTTP/1.1 200 OK");
+    // Idle for longer than the head deadline: the connection is still served.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    tcp.write_all(request).await.unwrap();
+    assert_eq!(read_response(&mut tcp).await, "HTTP/1.1 200 OK", "kept alive past header_read_timeout");
+    let idle = closed_after(&mut tcp).await;
+    println!("idle keep-alive connection (keepalive_timeout 2s, header_read_timeout 500ms): closed after {idle:?}");
+    assert!(idle >= Duration::from_millis(1800) && idle < Duration::from_secs(4), "closed after {idle:?}");
+
+    // A head that starts after an idle spell and never ends.
+    let mut tcp = TcpStream::connect(server.http).await.unwrap();
+    tcp.write_all(request).await.unwrap();
+    assert_eq!(read_response(&mut tcp).await, "HTTP/1.1 200 OK");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    tcp.write_all(b"GET /echo HTTP/1.1\r\nhost").await.unwrap();
+    let head = closed_after(&mut tcp).await;
+    println!("a second head left unfinished (header_read_timeout 500ms): closed after {head:?}");
+    assert!(head >= Duration::from_millis(400) && head < Duration::from_millis(900), "closed after {head:?}");
+}
+
+/// An idle h2c connection is closed (GOAWAY) after keepalive_timeout; one
+/// with a response still streaming is not.
+#[tokio::test]
+async fn idle_h2c_connections_close_at_keepalive_timeout() {
+    let (server, _client, _up) = tunnel("header_read_timeout = \"500ms\"\nkeepalive_timeout = \"1500ms\"").await;
+    let tcp = TcpStream::connect(server.http).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    // A response that takes longer than the keep-alive: the connection is busy, not idle.
+    let req = Request::get(format!("http://{}/slow?ms=2500", server.http)).body(empty()).unwrap();
+    let resp = tokio::time::timeout(WAIT, sender.send_request(req)).await.expect("in time").unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = http_body_util::BodyExt::collect(resp.into_body()).await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"slow done");
+    let idle_from = Instant::now();
+    tokio::time::timeout(WAIT, conn).await.expect("closed in time").unwrap().unwrap();
+    let idle = idle_from.elapsed();
+    println!("idle h2c connection (keepalive_timeout 1.5s): closed after {idle:?}");
+    assert!(idle >= Duration::from_millis(1300) && idle < Duration::from_secs(4), "closed after {idle:?}");
 }
 
 #[tokio::test]

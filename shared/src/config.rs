@@ -40,6 +40,8 @@ pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 128;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Default bound on a public connection's first request head.
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a public connection may sit idle between requests (nginx: 75s).
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default client connect (TCP + HTTP/2 handshake) timeout.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default cap of the client's reconnect backoff.
@@ -232,7 +234,8 @@ struct ServerSection {
     worker_threads: Option<usize>,
     max_streams_per_connection: Option<u32>,
     max_connections: Option<usize>,
-    header_read_timeout: Option<HumanDuration>,
+    header_read_timeout: Option<Spanned<HumanDuration>>,
+    keepalive_timeout: Option<Spanned<HumanDuration>>,
     max_header_bytes: Option<Spanned<ByteSize>>,
     max_headers: Option<Spanned<usize>>,
     max_uri_bytes: Option<Spanned<ByteSize>>,
@@ -306,6 +309,8 @@ pub struct ServerSettings {
     pub max_connections: usize,
     /// A public connection must send a complete request head within this.
     pub header_read_timeout: Duration,
+    /// An idle keep-alive public connection is closed after this.
+    pub keepalive_timeout: Duration,
     /// A public request head larger than this gets 431.
     pub max_header_bytes: u64,
     /// A public request with more headers than this gets 431.
@@ -415,7 +420,20 @@ impl ServerConfig {
             worker_threads: s.worker_threads.unwrap_or_else(default_worker_threads),
             max_streams_per_connection: s.max_streams_per_connection.unwrap_or(DEFAULT_MAX_STREAMS_PER_CONNECTION),
             max_connections: s.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
-            header_read_timeout: s.header_read_timeout.map_or(DEFAULT_HEADER_READ_TIMEOUT, |d| d.0),
+            header_read_timeout: match &s.header_read_timeout {
+                Some(d) if d.get_ref().0.is_zero() => {
+                    return Err(src.at(d, "server.header_read_timeout", "must be more than 0s"))
+                }
+                Some(d) => d.get_ref().0,
+                None => DEFAULT_HEADER_READ_TIMEOUT,
+            },
+            keepalive_timeout: match &s.keepalive_timeout {
+                Some(d) if d.get_ref().0.is_zero() => {
+                    return Err(src.at(d, "server.keepalive_timeout", "must be more than 0s"))
+                }
+                Some(d) => d.get_ref().0,
+                None => DEFAULT_KEEPALIVE_TIMEOUT,
+            },
             max_header_bytes: match &s.max_header_bytes {
                 Some(b) if b.get_ref().0 < MIN_MAX_HEADER_BYTES => {
                     return Err(src.at(b, "server.max_header_bytes", "must be at least 8KiB"))

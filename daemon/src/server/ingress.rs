@@ -3,6 +3,7 @@
 //! back; answers what it cannot serve with a status and a one-line reason.
 
 use super::accept::{next_connection, MaybeTls};
+use super::keepalive::{Activity, Counted, Verdict, Watched};
 use super::registry::NoStream;
 use super::Shared;
 use crate::tunnel::body::{send_body, SendError};
@@ -64,12 +65,13 @@ pub async fn run(
     let cfg = shared.config();
     let limit = Arc::new(tokio::sync::Semaphore::new(cfg.server.max_connections));
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    // Without a timer hyper silently ignores header_read_timeout.
-    let header_timeout = cfg.server.header_read_timeout;
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout)
+        // Our watchdog (keepalive.rs) owns the head and keep-alive clocks:
+        // hyper's would close idle keep-alive connections at the head
+        // deadline, and defaults to 30 s once a timer is set.
+        .header_read_timeout(None)
         // A head past these gets 431 from hyper before any of our code runs.
         .max_buf_size(usize::try_from(cfg.server.max_header_bytes).unwrap_or(usize::MAX))
         .max_headers(cfg.server.max_headers);
@@ -82,34 +84,51 @@ pub async fn run(
         // 64 KiB frames: a quarter of the per-frame work on h2c uploads.
         .max_frame_size(64 << 10)
         .max_header_list_size(u32::try_from(cfg.server.max_header_bytes).unwrap_or(u32::MAX));
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let (upgrades, closing) = (TaskTracker::new(), CancellationToken::new());
+    let (connections, upgrades, closing) = (TaskTracker::new(), TaskTracker::new(), CancellationToken::new());
     while let Some((tcp, peer)) = next_connection(&listener, "public", &stop).await {
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             tracing::warn!(%peer, "connection limit reached; connection refused");
             continue;
         };
         let _ = tcp.set_nodelay(true);
-        let conn =
-            Arc::new(Conn { peer, scheme, _permit: permit, upgrades: upgrades.clone(), closing: closing.clone() });
-        let public = Public { shared: shared.clone(), builder: builder.clone(), watcher: graceful.watcher(), conn };
-        // Owned by the connection: ends when it closes, at the first-request
-        // deadline, or when graceful shutdown closes it.
-        tokio::spawn(public.serve(tcp, header_timeout));
+        let conn = Arc::new(Conn {
+            peer,
+            scheme,
+            _permit: permit,
+            upgrades: upgrades.clone(),
+            draining: stop.clone(),
+            closing: closing.clone(),
+        });
+        let public = Public { shared: shared.clone(), builder: builder.clone(), conn };
+        // Owned by the connection: ends when it closes, at its watchdog's
+        // deadlines, or when shutdown closes it.
+        connections.spawn(public.serve(tcp));
     }
     drop(listener);
+    // Each connection saw `stop` and is finishing its requests. Upgraded
+    // connections left hyper when they switched: they get the rest of the
+    // grace period too. Connections first: only they start upgrades.
     let grace = shared.config().server.shutdown_grace;
     let deadline = tokio::time::Instant::now() + grace;
-    if tokio::time::timeout_at(deadline, graceful.shutdown()).await.is_err() {
-        tracing::warn!(?grace, "public connections still open after the grace period; closing them");
-    }
-    // Upgraded connections left hyper's watch when they switched: they get
-    // the rest of the grace period, then are closed.
+    connections.close();
     upgrades.close();
-    if tokio::time::timeout_at(deadline, upgrades.wait()).await.is_err() {
-        tracing::warn!(open = upgrades.len(), "upgraded connections still open after the grace period; closing them");
+    let all_closed = async {
+        connections.wait().await;
+        upgrades.wait().await;
+    };
+    if tokio::time::timeout_at(deadline, all_closed).await.is_err() {
+        tracing::warn!(
+            ?grace,
+            connections = connections.len(),
+            upgraded = upgrades.len(),
+            "public connections still open after the grace period; closing them"
+        );
         closing.cancel();
-        let _ = tokio::time::timeout(UPGRADE_CLOSE_WAIT, upgrades.wait()).await;
+        let closed = async {
+            connections.wait().await;
+            upgrades.wait().await;
+        };
+        let _ = tokio::time::timeout(UPGRADE_CLOSE_WAIT, closed).await;
     }
     Ok(())
 }
@@ -118,7 +137,6 @@ pub async fn run(
 struct Public {
     shared: Arc<Shared>,
     builder: auto::Builder<TokioExecutor>,
-    watcher: hyper_util::server::graceful::Watcher,
     conn: Arc<Conn>,
 }
 
@@ -132,17 +150,20 @@ struct Conn {
     /// Upgraded connections, which shutdown waits for (hyper's graceful
     /// shutdown stops seeing a connection once it switches protocols).
     upgrades: TaskTracker,
-    /// Fires at the end of the shutdown grace: upgraded connections close.
+    /// Fires at shutdown: finish the requests in flight, take no more.
+    draining: CancellationToken,
+    /// Fires at the end of the shutdown grace: whatever is still open closes.
     closing: CancellationToken,
 }
 
 impl Public {
-    async fn serve(self, tcp: TcpStream, header_timeout: Duration) {
-        let Public { shared, builder, watcher, conn: ctx } = self;
+    async fn serve(self, tcp: TcpStream) {
+        let Public { shared, builder, conn: ctx } = self;
         let (peer, scheme) = (ctx.peer, ctx.scheme);
-        // The TLS handshake counts toward the first request's deadline.
-        let first_request = tokio::time::sleep(header_timeout);
-        tokio::pin!(first_request);
+        let cfg = shared.config();
+        let (header_timeout, keepalive) = (cfg.server.header_read_timeout, cfg.server.keepalive_timeout);
+        drop(cfg);
+        let activity = Activity::new(tokio::time::Instant::now());
         let io = match scheme {
             Scheme::Http => MaybeTls::Plain(tcp),
             Scheme::Https => {
@@ -150,52 +171,103 @@ impl Public {
                     tracing::warn!(%peer, "HTTPS connection but no certificates are loaded; closed");
                     return;
                 };
-                tokio::select! {
-                    _ = &mut first_request => {
+                // The TLS handshake counts toward the first request's deadline.
+                let accept = tokio_rustls::TlsAcceptor::from(tls).accept(tcp);
+                match tokio::time::timeout(header_timeout, accept).await {
+                    Err(_) => {
                         tracing::debug!(%peer, "no TLS handshake within {header_timeout:?}; connection closed");
                         return;
                     }
-                    r = tokio_rustls::TlsAcceptor::from(tls).accept(tcp) => match r {
-                        Ok(s) => MaybeTls::Tls(Box::new(s)),
-                        Err(e) => {
-                            // Scanners and bad clients: routine on a public port.
-                            tracing::debug!(%peer, "public TLS handshake failed: {}", super::accept::handshake_error(&e));
-                            return;
-                        }
-                    },
+                    Ok(Ok(s)) => MaybeTls::Tls(Box::new(s)),
+                    Ok(Err(e)) => {
+                        // Scanners and bad clients: routine on a public port.
+                        tracing::debug!(%peer, "public TLS handshake failed: {}", super::accept::handshake_error(&e));
+                        return;
+                    }
                 }
             }
         };
-        let spoke = Arc::new(AtomicBool::new(false));
-        let spoke_in_svc = spoke.clone();
-        let svc = hyper::service::service_fn(move |req| {
-            spoke_in_svc.store(true, Ordering::Relaxed);
-            handle(shared.clone(), ctx.clone(), req)
+        let (svc_shared, svc_ctx, svc_activity) = (shared.clone(), ctx.clone(), activity.clone());
+        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let in_service = svc_activity.request_started(req.version() == http::Version::HTTP_2);
+            let response = handle(svc_shared.clone(), svc_ctx.clone(), req);
+            async move {
+                let response = response.await?;
+                Ok::<_, Infallible>(response.map(|body| Counted::new(body, in_service)))
+            }
         });
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc).into_owned();
-        let conn = watcher.watch(conn);
+        let io = TokioIo::new(Watched::new(io, activity.clone()));
+        let conn = builder.serve_connection_with_upgrades(io, svc).into_owned();
         tokio::pin!(conn);
-        // hyper's protocol detection reads with no deadline, and
-        // header_read_timeout only starts after it: a peer that connects
-        // and says nothing would hold a connection slot forever.
-        let result = tokio::select! {
-            r = &mut conn => Some(r),
-            _ = &mut first_request => {
-                if !spoke.load(Ordering::Relaxed) {
-                    tracing::debug!(%peer, "no request within {header_timeout:?}; connection closed");
+        let mut check_at = tokio::time::Instant::now() + header_timeout;
+        let mut finishing = false;
+        let result = loop {
+            tokio::select! {
+                r = conn.as_mut() => break r,
+                _ = ctx.draining.cancelled(), if !finishing => {
+                    // Requests in flight finish; an idle connection closes at once.
+                    finishing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                _ = ctx.closing.cancelled() => {
+                    tracing::debug!(%peer, "public connection closed at the end of the shutdown grace");
                     return;
                 }
-                None
+                _ = tokio::time::sleep_until(check_at), if !finishing => {
+                    match activity.verdict(tokio::time::Instant::now(), header_timeout, keepalive) {
+                        Verdict::CheckAt(t) => check_at = t,
+                        Verdict::HeadTimedOut => {
+                            // Also covers a peer that connects and says nothing,
+                            // which hyper's protocol detection would wait on forever.
+                            tracing::debug!(%peer, "no complete request head within {header_timeout:?}; connection closed");
+                            return;
+                        }
+                        Verdict::Idle => {
+                            tracing::debug!(%peer, "keep-alive connection idle for {keepalive:?}; closing it");
+                            finishing = true;
+                            conn.as_mut().graceful_shutdown();
+                        }
+                    }
+                }
             }
         };
-        let result = match result {
-            Some(r) => r,
-            None => conn.await,
-        };
         if let Err(e) = result {
-            tracing::debug!(%peer, "public connection: {e}");
+            match refused_head(e.as_ref()) {
+                Some(status) => record_refused_head(&shared, status, e.as_ref()),
+                None => tracing::debug!(%peer, "public connection: {e}"),
+            }
         }
     }
+}
+
+/// The status hyper itself answered an HTTP/1.1 head it refused to parse, if
+/// that is how the connection ended (its automatic 400, 414 and 431).
+fn refused_head(e: &(dyn std::error::Error + 'static)) -> Option<StatusCode> {
+    let e = e.downcast_ref::<hyper::Error>()?;
+    if e.is_parse_too_large() {
+        // hyper's one public hint which of the two it was.
+        return Some(if e.to_string().starts_with("URI too long") {
+            StatusCode::URI_TOO_LONG
+        } else {
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+        });
+    }
+    (e.is_parse() && !e.is_parse_status() && !e.is_parse_version_h2()).then_some(StatusCode::BAD_REQUEST)
+}
+
+/// An access line and a metric for a head hyper refused before any of our
+/// code saw it: nothing of the request is known but that it was refused.
+fn record_refused_head(shared: &Shared, status: StatusCode, e: &(dyn std::error::Error + 'static)) {
+    let request_id = next_request_id();
+    let rec = RequestInfo {
+        unix_ms: now_ms(),
+        status: u32::from(status.as_u16()),
+        trace_id: request_id.clone(),
+        request_id,
+        error: e.to_string(),
+        ..Default::default()
+    };
+    shared.record_request(rec, Duration::ZERO);
 }
 
 /// Why the tunnel answered a request itself (kept with the response for the request log).

@@ -4,6 +4,7 @@
 pub mod accept;
 pub mod ingress;
 pub mod introspection;
+pub mod keepalive;
 pub mod recent;
 pub mod registry;
 pub mod reload;

@@ -106,7 +106,6 @@ pub fn apply(shared: &Shared, new: ServerConfig) -> Reload {
         ("worker_threads", o.worker_threads != n.worker_threads),
         ("max_connections", o.max_connections != n.max_connections),
         ("max_streams_per_connection", o.max_streams_per_connection != n.max_streams_per_connection),
-        ("header_read_timeout", o.header_read_timeout != n.header_read_timeout),
         ("max_header_bytes", o.max_header_bytes != n.max_header_bytes),
         ("max_headers", o.max_headers != n.max_headers),
     ];
