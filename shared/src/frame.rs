@@ -176,6 +176,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     headers.remove("keep-alive");
     headers.remove("proxy-connection");
+    // The h2c upgrade's settings: meaningful on one connection only.
+    headers.remove("http2-settings");
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }

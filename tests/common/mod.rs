@@ -47,6 +47,25 @@ pub struct Seen {
     pub cancelled: AtomicUsize,
     /// Request bodies that broke off before their end (the sender gave up).
     pub cut_bodies: AtomicUsize,
+    /// Every request head the upstream parsed, in order.
+    pub heads: std::sync::Mutex<Vec<SeenHead>>,
+    /// `/upload-sha` bodies read to their end: (request URI, length).
+    pub whole_bodies: std::sync::Mutex<Vec<(String, usize)>>,
+}
+
+/// A request head as the upstream parsed it.
+#[derive(Debug, Clone)]
+pub struct SeenHead {
+    pub method: String,
+    pub uri: String,
+    pub headers: http::HeaderMap,
+}
+
+impl Seen {
+    /// The heads whose URI contains `needle`.
+    pub fn heads_with(&self, needle: &str) -> Vec<SeenHead> {
+        self.heads.lock().unwrap().iter().filter(|h| h.uri.contains(needle)).cloned().collect()
+    }
 }
 
 struct CancelProbe(Arc<Seen>, bool);
@@ -117,6 +136,11 @@ async fn upstream_handler(
     name: String,
     req: Request<Incoming>,
 ) -> Result<Response<UpBody>, Infallible> {
+    seen.heads.lock().unwrap().push(SeenHead {
+        method: req.method().to_string(),
+        uri: req.uri().to_string(),
+        headers: req.headers().clone(),
+    });
     seen.requests.fetch_add(1, Ordering::SeqCst);
     let mut probe = CancelProbe(seen.clone(), false);
     let path = req.uri().path().to_string();
@@ -157,17 +181,23 @@ async fn upstream_handler(
         }
         "/upload-sha" => {
             let mut h = Sha256::new();
+            let uri = req.uri().to_string();
             let mut body = req.into_body();
             let mut len = 0usize;
+            let mut whole = true;
             while let Some(f) = body.frame().await {
                 let Ok(f) = f else {
                     seen.cut_bodies.fetch_add(1, Ordering::SeqCst);
+                    whole = false;
                     break;
                 };
                 if let Ok(d) = f.into_data() {
                     len += d.len();
                     h.update(&d);
                 }
+            }
+            if whole {
+                seen.whole_bodies.lock().unwrap().push((uri, len));
             }
             Response::new(full(format!("{len} {}", hex(&h.finalize()))))
         }

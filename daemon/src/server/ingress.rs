@@ -26,9 +26,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tunnel_lib::config;
 use tunnel_lib::frame::{self, now_ms, strip_hop_by_hop};
+use tunnel_lib::head::{self, PublicHost};
 use tunnel_lib::introspection::RequestInfo;
 use tunnel_lib::proto::{self, exchange_error::Kind, tunnel_message::Payload};
-use tunnel_lib::rules::normalize_host;
 
 /// After the grace period, how long closing upgraded connections may take.
 const UPGRADE_CLOSE_WAIT: Duration = Duration::from_secs(1);
@@ -370,20 +370,24 @@ async fn forward(
     rec: &mut RequestInfo,
     uploaded: &Arc<AtomicU64>,
 ) -> Response<ProxyBody> {
-    let authority = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string))
-        .unwrap_or_default();
-    let host = normalize_host(&authority);
-    let path = req.uri().path().to_string();
-    rec.host = host.clone();
     // Named before anything can fail, so that every access log line has both.
     let request_id = next_request_id();
     let trace = trace_id(req.headers(), &request_id);
     rec.request_id = request_id.clone();
     rec.trace_id = trace.clone();
+    let path = req.uri().path().to_string();
+    let PublicHost { authority, host } = match head::check_host(req.version(), req.uri(), req.headers()) {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::info!(%path, "refused head: {e}: 400");
+            return reply(StatusCode::BAD_REQUEST, e.to_string());
+        }
+    };
+    rec.host = host.clone();
+    if req.method() == http::Method::CONNECT {
+        // A reverse proxy serves its own hosts; it is not a way out to others.
+        return reply(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not served");
+    }
     let cfg = shared.config();
     // HTTP/1.1 heads past the limits are refused by hyper itself (431/414
     // before a service runs); these also cover HTTP/2.
@@ -456,6 +460,9 @@ async fn forward(
     let (parts, body) = req.into_parts();
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
+    // The host the request was routed by is the one its upstream is told,
+    // whatever the Host header said or `Connection` asked to strip.
+    head::set_host(&mut headers, &authority);
     set_forwarded(&mut headers, conn.peer, conn.scheme, &authority);
     let end_of_stream = upgrade.is_none() && hyper::body::Body::is_end_stream(&body);
     let head = proto::HttpRequest {

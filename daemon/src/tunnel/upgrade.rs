@@ -38,8 +38,18 @@ pub fn requested(headers: &HeaderMap) -> Option<String> {
     if !asks {
         return None;
     }
-    let proto = headers.get(header::UPGRADE)?.to_str().ok()?.trim();
-    (!proto.is_empty()).then(|| proto.to_string())
+    // h2c is never passed on: an upstream that took it would serve any
+    // number of requests on that connection that no rule ever looked at
+    // (h2c smuggling). The request goes as an ordinary one.
+    let offered: Vec<&str> = headers
+        .get(header::UPGRADE)?
+        .to_str()
+        .ok()?
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty() && !p.eq_ignore_ascii_case("h2c"))
+        .collect();
+    (!offered.is_empty()).then(|| offered.join(", "))
 }
 
 /// Puts back the hop-by-hop headers of an upgrade (stripped in transit).
@@ -117,5 +127,16 @@ mod tests {
         let mut back = HeaderMap::new();
         restore_headers(&mut back, "websocket");
         assert_eq!(requested(&back).as_deref(), Some("websocket"));
+    }
+
+    /// h2c is dropped from what a request offers; offering only h2c is no upgrade.
+    #[test]
+    fn h2c_is_never_passed_on() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade, HTTP2-Settings"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        assert_eq!(requested(&h), None);
+        h.insert(header::UPGRADE, HeaderValue::from_static("H2C, websocket"));
+        assert_eq!(requested(&h).as_deref(), Some("websocket"));
     }
 }
