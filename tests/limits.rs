@@ -272,3 +272,39 @@ async fn trickled_heads_are_closed_at_the_timeout_without_slowing_others() {
     assert_eq!(closed_at.len(), 300);
     assert!(worst < Duration::from_secs(1), "normal requests were slowed: {worst:?}");
 }
+
+/// Past max_connections a new public connection is closed at once, while
+/// the open ones are served; a freed place is taken again.
+#[tokio::test]
+async fn connections_past_max_connections_are_closed() {
+    let (server, _client, _up) = tunnel("max_connections = 2").await;
+    let request = b"GET /echo HTTP/1.1\r\nhost: x\r\n\r\n";
+    let mut first = TcpStream::connect(server.http).await.unwrap();
+    let mut second = TcpStream::connect(server.http).await.unwrap();
+    first.write_all(request).await.unwrap();
+    assert_eq!(read_response(&mut first).await, "HTTP/1.1 200 OK");
+    second.write_all(request).await.unwrap();
+    assert_eq!(read_response(&mut second).await, "HTTP/1.1 200 OK");
+    let mut third = TcpStream::connect(server.http).await.unwrap();
+    let _ = third.write_all(request).await;
+    let refused = closed_after(&mut third).await;
+    assert!(refused < Duration::from_secs(1), "the third connection was closed at once: {refused:?}");
+    // The first two are still served on their connections.
+    first.write_all(request).await.unwrap();
+    assert_eq!(read_response(&mut first).await, "HTTP/1.1 200 OK");
+    drop(first);
+    let mut again = None;
+    for _ in 0..50 {
+        let mut tcp = TcpStream::connect(server.http).await.unwrap();
+        let _ = tcp.write_all(request).await;
+        let mut buf = [0u8; 12];
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(500), tcp.read(&mut buf)).await {
+            if n > 0 {
+                again = Some(String::from_utf8_lossy(&buf[..n]).to_string());
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(again.as_deref(), Some("HTTP/1.1 200"), "a freed place is taken again");
+}

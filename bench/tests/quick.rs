@@ -148,7 +148,14 @@ fn deploys_under_load_print_every_cell() {
     let stdout = bench(&["ops"]);
     let table = rows(&stdout, &["restart", "3 reloads", "server SIGTERM"]);
     assert_eq!(table.len(), 3, "{stdout}");
+    // Real processes, real SIGTERM and SIGHUP: nothing may fail, and every
+    // process that was stopped exits 0 (a correctness bound, not a timing).
     for r in &table {
         assert!(num(r, 1) > 0.0, "{r:?}");
+        assert_eq!(r[2], "0", "no failed request: {r:?}");
+        let exits: Vec<&str> = r[3].split("exit ").skip(1).collect();
+        assert!(exits.iter().all(|e| e.starts_with("0 ")), "every stop exits 0: {r:?}");
     }
+    assert_eq!(table[0][3].matches("exit 0").count(), 2, "both clients exited 0: {:?}", table[0]);
+    assert!(table[2][3].starts_with("exit 0"), "the server exited 0: {:?}", table[2]);
 }

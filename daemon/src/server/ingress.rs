@@ -684,7 +684,9 @@ fn failure_reply(failure: &ExchangeFailure, upstream: &str) -> Response<ProxyBod
             Kind::UpstreamUnreachable => {
                 reply(StatusCode::BAD_GATEWAY, format!("upstream {upstream:?} unreachable: {message}"))
             }
-            Kind::ShuttingDown => reply(StatusCode::SERVICE_UNAVAILABLE, "tunnel client is shutting down"),
+            // Cut off mid-request at the client's grace deadline: the upstream
+            // may have acted on it, so not 503 (which says "retry, nothing was done").
+            Kind::ShuttingDown => reply(StatusCode::BAD_GATEWAY, "tunnel client shut down before the request finished"),
             _ => reply(StatusCode::BAD_GATEWAY, format!("upstream {upstream:?} failed: {message}")),
         },
     }

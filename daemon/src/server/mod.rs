@@ -374,10 +374,12 @@ impl Server {
         grpc_stop.cancel();
         background.cancel();
         shared.tasks.close();
-        if tokio::time::timeout(GRPC_STOP_TIMEOUT, shared.tasks.wait()).await.is_err() {
+        // One bound for everything after the grace period, not one per part.
+        let last_call = tokio::time::Instant::now() + GRPC_STOP_TIMEOUT;
+        if tokio::time::timeout_at(last_call, shared.tasks.wait()).await.is_err() {
             tracing::warn!("stream tasks still running after {GRPC_STOP_TIMEOUT:?}; exiting anyway");
         }
-        match tokio::time::timeout(GRPC_STOP_TIMEOUT, grpc).await {
+        match tokio::time::timeout_at(last_call, grpc).await {
             Ok(Ok(Err(e))) => tracing::warn!("gRPC server: {e:#}"),
             Err(_) => tracing::warn!("gRPC server did not stop within {GRPC_STOP_TIMEOUT:?}; exiting anyway"),
             _ => {}
@@ -387,7 +389,7 @@ impl Server {
         if let Some(m) = metrics {
             let _ = m.await;
         }
-        match tokio::time::timeout(GRPC_STOP_TIMEOUT, admin).await {
+        match tokio::time::timeout_at(last_call, admin).await {
             Ok(Ok(Err(e))) => tracing::warn!("admin server: {e:#}"),
             Err(_) => tracing::warn!("admin server did not stop within {GRPC_STOP_TIMEOUT:?}"),
             _ => {}
