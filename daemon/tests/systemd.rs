@@ -119,6 +119,33 @@ fn both_daemons_speak_the_notify_protocol() {
     assert!(reloading.contains("MONOTONIC_USEC="), "{reloading}");
     manager.expect(&["READY=1"], Duration::from_secs(5));
 
+    // The client reloads too: new upstreams apply, a broken file is refused,
+    // and SIGHUP never ends the process.
+    let client_log = dir.join("client.log");
+    let log_has = |needle: &str| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if std::fs::read_to_string(&client_log).unwrap_or_default().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    };
+    let good = std::fs::read_to_string(&client_cfg).unwrap();
+    std::fs::write(&client_cfg, format!("{good}api = \"http://127.0.0.1:10\"\n")).unwrap();
+    signal(&client, "HUP");
+    let reloading = client_manager.expect(&["RELOADING=1"], Duration::from_secs(5));
+    assert!(reloading.contains("MONOTONIC_USEC="), "{reloading}");
+    client_manager.expect(&["READY=1"], Duration::from_secs(5));
+    assert!(log_has("new upstreams serve new requests"), "the new upstreams applied");
+    std::fs::write(&client_cfg, "server = 12\n").unwrap();
+    signal(&client, "HUP");
+    client_manager.expect(&["RELOADING=1"], Duration::from_secs(5));
+    client_manager.expect(&["READY=1"], Duration::from_secs(5));
+    assert!(log_has("config reload refused"), "a broken file is refused, naming why");
+    assert!(client.try_wait().unwrap().is_none(), "SIGHUP never ends the client");
+
     signal(&client, "TERM");
     client_manager.expect(&["STOPPING=1"], Duration::from_secs(5));
     assert_eq!(wait_exit(&mut client, Duration::from_secs(10)), 0);
@@ -146,7 +173,7 @@ fn unit_files_verify() {
     {
         let text = std::fs::read_to_string(root().join(format!("config/{name}.service"))).unwrap();
         assert!(text.contains("Type=notify") && text.contains("WatchdogSec="), "{name}");
-        assert!(name == "tunnel-client" || text.contains("ExecReload=/bin/kill -HUP $MAINPID"), "{name}");
+        assert!(text.contains("ExecReload=/bin/kill -HUP $MAINPID"), "{name}");
         let unit = dir.join(format!("{name}.service"));
         std::fs::write(&unit, text.replace(&format!("/usr/local/bin/{name}"), bin)).unwrap();
         units.push(unit);

@@ -50,8 +50,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let result = tunnel_daemon::runtime::build(config.worker_threads)
-        .and_then(|rt| rt.block_on(Client::new(config).run(tunnel_daemon::signal::shutdown())));
+    let result = tunnel_daemon::runtime::build(config.worker_threads).and_then(|rt| {
+        rt.block_on(Client::new(config).with_config_path(args.config).run(tunnel_daemon::signal::shutdown()))
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

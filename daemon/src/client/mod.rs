@@ -7,6 +7,7 @@ pub mod upstream;
 
 use anyhow::Context as _;
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -60,6 +61,8 @@ impl Backoff {
 /// A client ready to run.
 pub struct Client {
     config: Arc<ClientConfig>,
+    /// Where the config came from: re-read on SIGHUP.
+    config_path: Option<PathBuf>,
     status: watch::Sender<ClientStatus>,
     metrics: Arc<crate::metrics::ClientMetrics>,
 }
@@ -69,9 +72,16 @@ impl Client {
     pub fn new(config: ClientConfig) -> Self {
         Client {
             config: Arc::new(config),
+            config_path: None,
             status: watch::Sender::new(ClientStatus::default()),
             metrics: Arc::new(crate::metrics::ClientMetrics::default()),
         }
+    }
+
+    /// Re-reads `path` on SIGHUP (upstreams apply at once; the rest at the next restart).
+    pub fn with_config_path(mut self, path: PathBuf) -> Self {
+        self.config_path = Some(path);
+        self
     }
 
     /// Watches the client's status.
@@ -84,7 +94,8 @@ impl Client {
     /// within the grace period, then closes.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let stop = CancellationToken::new();
-        let upstreams = upstream::Upstreams::new(self.config.upstreams.clone(), self.metrics.clone());
+        let (upstreams_tx, upstreams) =
+            watch::channel(upstream::Upstreams::new(self.config.upstreams.clone(), self.metrics.clone()));
         let serving_metrics = match self.config.metrics_listen {
             Some(addr) => {
                 let listener = tokio::net::TcpListener::bind(addr)
@@ -97,7 +108,15 @@ impl Client {
             }
             None => None,
         };
-        tracing::info!(server = %self.config.server, client = %self.config.client_id, group = %self.config.group, transport = %self.config.transport, upstreams = ?upstreams.names(), "tunnel-client starting");
+        tracing::info!(server = %self.config.server, client = %self.config.client_id, group = %self.config.group, transport = %self.config.transport, upstreams = ?upstreams.borrow().names(), "tunnel-client starting");
+        let reloader = self.config_path.clone().map(|path| {
+            let reload =
+                Reloader { path, applied: self.config.clone(), upstreams: upstreams_tx, metrics: self.metrics.clone() };
+            let status = self.status.subscribe();
+            let server = self.config.server.to_string();
+            // Owned by the client: ends with `stop`.
+            tokio::spawn(reload.run(move || status_line(&status.borrow(), &server), stop.clone()))
+        });
         // READY=1 once the server has accepted us; a status line (and the
         // watchdog) from the start, since reaching the server may take a while.
         let mut registered = self.status.subscribe();
@@ -186,11 +205,64 @@ impl Client {
         // `stop` has fired in every way out of the select above, which ends the metrics server.
         stop.cancel();
         let _ = notifier.await;
+        if let Some(r) = reloader {
+            let _ = r.await;
+        }
         if let Some(m) = serving_metrics {
             let _ = m.await;
         }
         tracing::info!("tunnel-client stopped");
         Ok(())
+    }
+}
+
+/// Re-reads client.toml on SIGHUP. New `[upstreams]` serve new exchanges at
+/// once (those in flight finish on the old ones); the other keys name the
+/// server, the identity and the process, and apply at the next restart.
+struct Reloader {
+    path: PathBuf,
+    applied: Arc<ClientConfig>,
+    upstreams: watch::Sender<Arc<upstream::Upstreams>>,
+    metrics: Arc<crate::metrics::ClientMetrics>,
+}
+
+impl Reloader {
+    async fn run(mut self, status: impl Fn() -> String, stop: CancellationToken) {
+        let Some(mut hangups) = crate::signal::hangups() else { return };
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                got = hangups.recv() => if got.is_none() { return },
+            }
+            crate::systemd::reloading();
+            self.reload();
+            crate::systemd::ready(&status());
+        }
+    }
+
+    fn reload(&mut self) {
+        let new = match ClientConfig::from_file(&self.path) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("config reload refused, the running config stays: {e}");
+                return;
+            }
+        };
+        let mut rest = new.clone();
+        rest.upstreams = self.applied.upstreams.clone();
+        if rest != *self.applied {
+            tracing::warn!(path = %self.path.display(), "client.toml changed beyond [upstreams]; those changes apply at the next restart");
+        }
+        if new.upstreams == self.applied.upstreams {
+            tracing::info!("config reloaded: upstreams unchanged");
+            return;
+        }
+        let fresh = upstream::Upstreams::new(new.upstreams.clone(), self.metrics.clone());
+        tracing::info!(upstreams = ?fresh.names(), "config reloaded: new upstreams serve new requests");
+        self.upstreams.send_replace(fresh);
+        let mut applied = (*self.applied).clone();
+        applied.upstreams = new.upstreams;
+        self.applied = Arc::new(applied);
     }
 }
 

@@ -57,7 +57,8 @@ struct Session {
     id: String,
     /// When this session started (unix ms): newer sessions win at the server.
     started_ms: i64,
-    upstreams: Arc<Upstreams>,
+    /// The upstreams in force; a reload (SIGHUP) replaces them for new exchanges.
+    upstreams: watch::Receiver<Arc<Upstreams>>,
     settings: watch::Sender<Settings>,
     status: watch::Sender<ClientStatus>,
     /// Fires to end the session (a stream lost, or shutdown).
@@ -177,7 +178,7 @@ fn explain_link_error(e: &(dyn std::error::Error + 'static), tls: bool, stage: S
 /// (drain, then Ok).
 pub async fn run(
     cfg: Arc<ClientConfig>,
-    upstreams: Arc<Upstreams>,
+    upstreams: watch::Receiver<Arc<Upstreams>>,
     status: watch::Sender<ClientStatus>,
     metrics: Arc<ClientMetrics>,
     stop: CancellationToken,
@@ -396,7 +397,7 @@ fn sync_message(session: &Session) -> TunnelMessage {
             client_id: session.cfg.client_id.clone(),
             group: session.cfg.group.clone(),
             config_version: session.settings.borrow().config_version.clone(),
-            upstreams: session.upstreams.names(),
+            upstreams: session.upstreams.borrow().names(),
         })),
     }
 }
@@ -621,7 +622,8 @@ fn on_message(
             if let Dispatched::NewRequest(new) = exchanges.dispatch(m) {
                 // Owned by the exchange: ends when it completes or is cancelled
                 // (stream loss cancels every exchange on the stream).
-                tokio::spawn(upstream::serve(session.upstreams.clone(), exchanges.clone(), *new));
+                let upstreams = session.upstreams.borrow().clone();
+                tokio::spawn(upstream::serve(upstreams, exchanges.clone(), *new));
             }
         }
     }
