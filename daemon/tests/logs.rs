@@ -95,3 +95,57 @@ fn json_logs_with_an_access_line_and_no_secrets() {
     }
     assert!(!text.contains(TOKEN), "the token was logged:\n{text}");
 }
+
+/// The client's logs too: the flat `log_format` and `log_level` keys apply
+/// (JSON lines; info lines gone at "warn"), and neither its logs nor
+/// `--check` show the token.
+#[test]
+fn client_json_logs_honour_log_level_and_hide_the_token() {
+    let dir = std::env::temp_dir().join(format!("tunnel-client-logs-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("client.toml");
+    // Nobody listens on the server port: the client logs failed sessions (warnings).
+    std::fs::write(
+        &config,
+        format!(
+            "server = \"http://{}\"\nclient_id = \"edge-1\"\ngroup = \"demo\"\ntoken = \"{TOKEN}\"\nreconnect_max = \"200ms\"\nlog_format = \"json\"\nlog_level = \"warn\"\n[upstreams]\nweb = \"http://127.0.0.1:9\"\n",
+            free_port()
+        ),
+    )
+    .unwrap();
+    let bin = env!("CARGO_BIN_EXE_tunnel-client");
+    let check = Command::new(bin).arg("--config").arg(&config).arg("--check").output().unwrap();
+    let check_text = format!("{}{}", String::from_utf8_lossy(&check.stdout), String::from_utf8_lossy(&check.stderr));
+    assert!(check.status.success(), "{check_text}");
+    assert!(!check_text.contains(TOKEN), "--check shows the token: {check_text}");
+
+    let log = dir.join("client.log");
+    let mut child = Command::new(bin)
+        .arg("--config")
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut text = String::new();
+    while Instant::now() < deadline {
+        text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("session failed") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    let lines: Vec<serde_json::Value> =
+        text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))).collect();
+    assert!(lines.iter().any(|l| l["level"] == "WARN"), "a warning for the failed session:\n{text}");
+    assert!(
+        lines.iter().all(|l| l["level"] == "WARN" || l["level"] == "ERROR"),
+        "log_level = warn drops info:\n{text}"
+    );
+    assert!(!text.contains(TOKEN), "the token was logged:\n{text}");
+}
