@@ -296,6 +296,13 @@ async fn ambiguous_framing_is_refused_or_normalized() {
     assert_eq!(ok.statuses, [200]);
 }
 
+/// The one head `up` parsed whose URI holds `marker` (fails unless exactly one).
+fn one_head(up: &Upstream, marker: &str) -> SeenHead {
+    let mut seen = up.seen.heads_with(marker);
+    assert_eq!(seen.len(), 1, "heads with {marker:?}: {seen:?}");
+    seen.remove(0)
+}
+
 /// Absolute-form: the request-target's host is the tenant, and the upstream
 /// is told that host, not the Host header's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -308,9 +315,8 @@ async fn the_routed_host_is_the_host_the_upstream_sees() {
     .await;
     assert_eq!(a.statuses, [200], "{}", a.text);
     assert!(t.a.seen.heads_with("c=absolute").is_empty(), "not served by a.example's upstream");
-    let seen = t.b.seen.heads_with("c=absolute");
-    assert_eq!(seen.len(), 1);
-    let hosts: Vec<_> = seen[0].headers.get_all("host").iter().collect();
+    let seen = one_head(&t.b, "c=absolute");
+    let hosts: Vec<_> = seen.headers.get_all("host").iter().collect();
     assert_eq!(hosts, ["b.example"], "exactly one Host, the routed one");
 
     // `Connection` naming Host or X-Forwarded-For strips neither: the
@@ -321,10 +327,9 @@ async fn the_routed_host_is_the_host_the_upstream_sees() {
     )
     .await;
     assert_eq!(a.statuses, [200], "{}", a.text);
-    let seen = t.a.seen.heads_with("c=conn-names");
-    assert_eq!(seen.len(), 1);
-    assert_eq!(seen[0].headers.get_all("host").iter().collect::<Vec<_>>(), ["a.example"]);
-    assert_eq!(seen[0].headers["x-forwarded-for"], "127.0.0.1", "the spoofed value went with Connection; ours is set");
+    let seen = one_head(&t.a, "c=conn-names");
+    assert_eq!(seen.headers.get_all("host").iter().collect::<Vec<_>>(), ["a.example"]);
+    assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1", "the spoofed value went with Connection; ours is set");
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) and those `Connection` names never
@@ -339,9 +344,8 @@ async fn hop_by_hop_headers_and_h2c_upgrades_stop_at_the_tunnel() {
     )
     .await;
     assert_eq!(a.statuses, [200], "{}", a.text);
-    let seen = t.a.seen.heads_with("c=hop");
-    assert_eq!(seen.len(), 1);
-    let h = &seen[0].headers;
+    let seen = one_head(&t.a, "c=hop");
+    let h = &seen.headers;
     for gone in ["x-drop", "keep-alive", "proxy-connection", "proxy-authorization", "te", "trailer", "upgrade"] {
         assert!(h.get(gone).is_none(), "{gone} reached the upstream");
     }
@@ -353,10 +357,9 @@ async fn hop_by_hop_headers_and_h2c_upgrades_stop_at_the_tunnel() {
     )
     .await;
     assert_eq!(a.statuses, [200], "served as an ordinary request: {}", a.text);
-    let seen = t.a.seen.heads_with("c=h2c");
-    assert_eq!(seen.len(), 1);
+    let seen = one_head(&t.a, "c=h2c");
     for gone in ["upgrade", "http2-settings", "connection"] {
-        assert!(seen[0].headers.get(gone).is_none(), "{gone} reached the upstream");
+        assert!(seen.headers.get(gone).is_none(), "{gone} reached the upstream");
     }
 }
 

@@ -29,6 +29,22 @@ fn get(addr: SocketAddr, path: &str) -> Option<u16> {
     std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
 }
 
+/// The log file's text once it contains `needle`, or as it is at `deadline`.
+fn log_once_it_has(log: &std::path::Path, needle: &str, deadline: Instant) -> String {
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains(needle) || Instant::now() >= deadline {
+            return text;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Every line parsed as one JSON object (a line that is not fails the test).
+fn json_lines(text: &str) -> Vec<serde_json::Value> {
+    text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))).collect()
+}
+
 #[test]
 fn json_logs_with_an_access_line_and_no_secrets() {
     let (http, grpc, admin) = (free_port(), free_port(), free_port());
@@ -68,20 +84,12 @@ fn json_logs_with_an_access_line_and_no_secrets() {
     };
     assert_eq!(status, 503);
     // The access line is written as the request completes; give it a moment.
-    let mut text = String::new();
-    while Instant::now() < deadline {
-        text = std::fs::read_to_string(&log).unwrap_or_default();
-        if text.contains("\"target\":\"access\"") {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let text = log_once_it_has(&log, "\"target\":\"access\"", deadline);
     let _ = child.kill();
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
 
-    let lines: Vec<serde_json::Value> =
-        text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))).collect();
+    let lines = json_lines(&text);
     assert!(lines.len() >= 2, "{text}");
     let access = lines.iter().find(|l| l["target"] == "access").unwrap_or_else(|| panic!("no access line:\n{text}"));
     assert_eq!(access["method"], "GET");
@@ -128,20 +136,11 @@ fn client_json_logs_honour_log_level_and_hide_the_token() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let mut text = String::new();
-    while Instant::now() < deadline {
-        text = std::fs::read_to_string(&log).unwrap_or_default();
-        if text.contains("session failed") {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let text = log_once_it_has(&log, "session failed", Instant::now() + Duration::from_secs(15));
     let _ = child.kill();
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
-    let lines: Vec<serde_json::Value> =
-        text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))).collect();
+    let lines = json_lines(&text);
     assert!(lines.iter().any(|l| l["level"] == "WARN"), "a warning for the failed session:\n{text}");
     assert!(
         lines.iter().all(|l| l["level"] == "WARN" || l["level"] == "ERROR"),

@@ -112,11 +112,11 @@ pub async fn run(
     let deadline = tokio::time::Instant::now() + grace;
     connections.close();
     upgrades.close();
-    let all_closed = async {
+    let all_closed = || async {
         connections.wait().await;
         upgrades.wait().await;
     };
-    if tokio::time::timeout_at(deadline, all_closed).await.is_err() {
+    if tokio::time::timeout_at(deadline, all_closed()).await.is_err() {
         tracing::warn!(
             ?grace,
             connections = connections.len(),
@@ -124,11 +124,7 @@ pub async fn run(
             "public connections still open after the grace period; closing them"
         );
         closing.cancel();
-        let closed = async {
-            connections.wait().await;
-            upgrades.wait().await;
-        };
-        let _ = tokio::time::timeout(UPGRADE_CLOSE_WAIT, closed).await;
+        let _ = tokio::time::timeout(UPGRADE_CLOSE_WAIT, all_closed()).await;
     }
     Ok(())
 }

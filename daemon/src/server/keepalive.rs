@@ -5,8 +5,8 @@
 //! hyper 1.x runs one timer for both (its header timer also starts when a
 //! keep-alive connection goes idle), so a short head deadline would also be
 //! a short keep-alive. Operators expect nginx's split: slowloris heads cut
-//! after seconds, idle browsers kept for a minute. hyper's own timer stays
-//! as a backstop at the longer of the two.
+//! after seconds, idle browsers kept for a minute. hyper's own timer is
+//! turned off; these clocks are the only ones.
 
 use std::io;
 use std::pin::Pin;
