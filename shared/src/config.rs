@@ -59,6 +59,29 @@ pub const MAX_MAX_HEADERS: usize = 1000;
 pub const DEFAULT_MAX_URI_BYTES: u64 = 8 * 1024;
 /// Default cap on requests in flight to one client of a group.
 pub const DEFAULT_MAX_IN_FLIGHT: u32 = 1000;
+/// Default bound on a link connection's TLS handshake, or on its first plaintext byte.
+pub const DEFAULT_LINK_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default bound on a tunnel stream's registration and its acknowledgement.
+pub const DEFAULT_REGISTRATION_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default TCP keepalive idle time, for peers that vanish without a FIN.
+pub const DEFAULT_TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+/// Default HTTP/2 PING interval on idle connections, and the wait for its answer.
+pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(20);
+/// Default wait for a PING's answer before the connection is closed.
+pub const DEFAULT_PING_TIMEOUT: Duration = Duration::from_secs(20);
+/// Default cap on concurrent streams of one public HTTP/2 connection.
+pub const DEFAULT_PUBLIC_MAX_STREAMS: u32 = 256;
+/// Default cap on streams a peer opens and resets before they are served
+/// (the rapid-reset attack, CVE-2023-44487); past it, GOAWAY.
+pub const DEFAULT_H2_MAX_REMOTE_RESETS: usize = 20;
+/// Default cap on streams we reset for a peer's protocol errors; past it, GOAWAY.
+pub const DEFAULT_H2_MAX_LOCAL_RESETS: usize = 1024;
+/// First reconnect delay; doubles (with jitter) up to `reconnect_max`.
+pub const DEFAULT_RECONNECT_MIN: Duration = Duration::from_millis(200);
+/// Default bound on connecting to an upstream.
+pub const DEFAULT_UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default time an idle pooled upstream connection is kept.
+pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Default silence after which a streamed response or upload is closed.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -242,6 +265,16 @@ struct ServerSection {
     https_listen: Option<Spanned<SocketAddr>>,
     metrics_listen: Option<SocketAddr>,
     tls: Option<LinkTlsSection>,
+    link_handshake_timeout: Option<Spanned<HumanDuration>>,
+    registration_timeout: Option<Spanned<HumanDuration>>,
+    tcp_keepalive: Option<Spanned<HumanDuration>>,
+    link_ping_interval: Option<Spanned<HumanDuration>>,
+    link_ping_timeout: Option<Spanned<HumanDuration>>,
+    public_ping_interval: Option<Spanned<HumanDuration>>,
+    public_ping_timeout: Option<Spanned<HumanDuration>>,
+    public_max_streams: Option<Spanned<u32>>,
+    h2_max_remote_resets: Option<Spanned<usize>>,
+    h2_max_local_resets: Option<Spanned<usize>>,
     log_level: Option<Spanned<String>>,
     log_format: Option<Spanned<LogFormat>>,
 }
@@ -323,6 +356,30 @@ pub struct ServerSettings {
     pub metrics_listen: Option<SocketAddr>,
     /// TLS on `grpc_listen`; None = plaintext.
     pub tls: Option<LinkTls>,
+    /// Bound on a link connection's TLS handshake, or on a plaintext link
+    /// peer's first byte (public HTTPS handshakes count against
+    /// `header_read_timeout`).
+    pub link_handshake_timeout: Duration,
+    /// Bound on a tunnel stream's first message.
+    pub registration_timeout: Duration,
+    /// TCP keepalive idle time on tunnel link connections.
+    pub tcp_keepalive: Duration,
+    /// HTTP/2 PING interval on idle tunnel link connections.
+    pub link_ping_interval: Duration,
+    /// A link connection whose PING goes unanswered this long is closed.
+    pub link_ping_timeout: Duration,
+    /// HTTP/2 PING interval on idle public h2/h2c connections.
+    pub public_ping_interval: Duration,
+    /// A public h2 connection whose PING goes unanswered this long is closed.
+    pub public_ping_timeout: Duration,
+    /// Concurrent streams one public HTTP/2 connection may open.
+    pub public_max_streams: u32,
+    /// Streams a peer may open and reset before they are served, on either
+    /// HTTP/2 listener, before it gets GOAWAY.
+    pub h2_max_remote_resets: usize,
+    /// Streams we may reset for a peer's errors, on either HTTP/2 listener,
+    /// before it gets GOAWAY.
+    pub h2_max_local_resets: usize,
 }
 
 /// `[server.tls]`: TLS (and with `client_ca`, mTLS) on the tunnel link.
@@ -462,6 +519,70 @@ impl ServerConfig {
                 None => None,
                 Some(t) => Some(check_link_tls(&src, t)?),
             },
+            link_handshake_timeout: duration_key(
+                &src,
+                &s.link_handshake_timeout,
+                "server.link_handshake_timeout",
+                DEFAULT_LINK_HANDSHAKE_TIMEOUT,
+                Duration::from_millis(100),
+            )?,
+            registration_timeout: duration_key(
+                &src,
+                &s.registration_timeout,
+                "server.registration_timeout",
+                DEFAULT_REGISTRATION_TIMEOUT,
+                Duration::from_millis(100),
+            )?,
+            tcp_keepalive: duration_key(&src, &s.tcp_keepalive, "server.tcp_keepalive", DEFAULT_TCP_KEEPALIVE, SECOND)?,
+            link_ping_interval: duration_key(
+                &src,
+                &s.link_ping_interval,
+                "server.link_ping_interval",
+                DEFAULT_PING_INTERVAL,
+                SECOND,
+            )?,
+            link_ping_timeout: duration_key(
+                &src,
+                &s.link_ping_timeout,
+                "server.link_ping_timeout",
+                DEFAULT_PING_TIMEOUT,
+                SECOND,
+            )?,
+            public_ping_interval: duration_key(
+                &src,
+                &s.public_ping_interval,
+                "server.public_ping_interval",
+                DEFAULT_PING_INTERVAL,
+                SECOND,
+            )?,
+            public_ping_timeout: duration_key(
+                &src,
+                &s.public_ping_timeout,
+                "server.public_ping_timeout",
+                DEFAULT_PING_TIMEOUT,
+                SECOND,
+            )?,
+            public_max_streams: count_key(
+                &src,
+                &s.public_max_streams,
+                "server.public_max_streams",
+                DEFAULT_PUBLIC_MAX_STREAMS,
+                1..=10_000,
+            )?,
+            h2_max_remote_resets: count_key(
+                &src,
+                &s.h2_max_remote_resets,
+                "server.h2_max_remote_resets",
+                DEFAULT_H2_MAX_REMOTE_RESETS,
+                1..=100_000,
+            )?,
+            h2_max_local_resets: count_key(
+                &src,
+                &s.h2_max_local_resets,
+                "server.h2_max_local_resets",
+                DEFAULT_H2_MAX_LOCAL_RESETS,
+                1..=100_000,
+            )?,
         };
         let mut certificates = Vec::new();
         for (i, c) in raw.certificates.iter().enumerate() {
@@ -733,8 +854,15 @@ struct ClientFile {
     transport: Transport,
     heartbeat_interval: Option<Spanned<HumanDuration>>,
     data_streams: Option<Spanned<u32>>,
-    connect_timeout: Option<HumanDuration>,
-    reconnect_max: Option<HumanDuration>,
+    connect_timeout: Option<Spanned<HumanDuration>>,
+    reconnect_min: Option<Spanned<HumanDuration>>,
+    reconnect_max: Option<Spanned<HumanDuration>>,
+    registration_timeout: Option<Spanned<HumanDuration>>,
+    tcp_keepalive: Option<Spanned<HumanDuration>>,
+    ping_interval: Option<Spanned<HumanDuration>>,
+    ping_timeout: Option<Spanned<HumanDuration>>,
+    upstream_connect_timeout: Option<Spanned<HumanDuration>>,
+    upstream_idle_timeout: Option<Spanned<HumanDuration>>,
     shutdown_grace: Option<HumanDuration>,
     worker_threads: Option<usize>,
     #[serde(default)]
@@ -823,8 +951,23 @@ pub struct ClientConfig {
     pub heartbeat_interval: Duration,
     /// Used until the server's config arrives.
     pub data_streams: u32,
+    /// Bound on reaching the server: TCP, TLS and the HTTP/2 handshake.
     pub connect_timeout: Duration,
+    /// First reconnect delay; doubles with jitter up to `reconnect_max`.
+    pub reconnect_min: Duration,
     pub reconnect_max: Duration,
+    /// Bound on a stream's registration and its acknowledgement.
+    pub registration_timeout: Duration,
+    /// TCP keepalive idle time on the link.
+    pub tcp_keepalive: Duration,
+    /// HTTP/2 PING interval on the link (and on h2c upstream connections).
+    pub ping_interval: Duration,
+    /// The link is closed when a PING goes unanswered this long.
+    pub ping_timeout: Duration,
+    /// Bound on connecting to an upstream.
+    pub upstream_connect_timeout: Duration,
+    /// An idle pooled upstream connection is closed after this.
+    pub upstream_idle_timeout: Duration,
     pub shutdown_grace: Duration,
     /// Tokio worker threads; 0 = one per core, 1 = single-threaded (default: see `default_worker_threads`).
     pub worker_threads: usize,
@@ -885,6 +1028,18 @@ impl ClientConfig {
             Some(n) => *n.get_ref(),
             None => DEFAULT_DATA_STREAMS,
         };
+        let connect_timeout =
+            duration_key(&src, &raw.connect_timeout, "connect_timeout", DEFAULT_CONNECT_TIMEOUT, TENTH)?;
+        let reconnect_min = duration_key(&src, &raw.reconnect_min, "reconnect_min", DEFAULT_RECONNECT_MIN, TENTH)?;
+        let reconnect_max = duration_key(&src, &raw.reconnect_max, "reconnect_max", DEFAULT_RECONNECT_MAX, TENTH)?;
+        if reconnect_min > reconnect_max {
+            let at = raw.reconnect_min.as_ref().or(raw.reconnect_max.as_ref());
+            return Err(src.error(
+                at.map(|d| d.span().start),
+                "reconnect_min",
+                format!("must not exceed reconnect_max ({})", humantime::format_duration(reconnect_max)),
+            ));
+        }
         let mut upstreams = BTreeMap::new();
         for (name, entry) in &raw.upstreams {
             let (url, http2) = match entry.get_ref() {
@@ -902,8 +1057,33 @@ impl ClientConfig {
             transport: raw.transport,
             heartbeat_interval,
             data_streams,
-            connect_timeout: raw.connect_timeout.map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0),
-            reconnect_max: raw.reconnect_max.map_or(DEFAULT_RECONNECT_MAX, |d| d.0),
+            connect_timeout,
+            reconnect_min,
+            reconnect_max,
+            registration_timeout: duration_key(
+                &src,
+                &raw.registration_timeout,
+                "registration_timeout",
+                DEFAULT_REGISTRATION_TIMEOUT,
+                TENTH,
+            )?,
+            tcp_keepalive: duration_key(&src, &raw.tcp_keepalive, "tcp_keepalive", DEFAULT_TCP_KEEPALIVE, SECOND)?,
+            ping_interval: duration_key(&src, &raw.ping_interval, "ping_interval", DEFAULT_PING_INTERVAL, SECOND)?,
+            ping_timeout: duration_key(&src, &raw.ping_timeout, "ping_timeout", DEFAULT_PING_TIMEOUT, SECOND)?,
+            upstream_connect_timeout: duration_key(
+                &src,
+                &raw.upstream_connect_timeout,
+                "upstream_connect_timeout",
+                DEFAULT_UPSTREAM_CONNECT_TIMEOUT,
+                TENTH,
+            )?,
+            upstream_idle_timeout: duration_key(
+                &src,
+                &raw.upstream_idle_timeout,
+                "upstream_idle_timeout",
+                DEFAULT_UPSTREAM_IDLE_TIMEOUT,
+                SECOND,
+            )?,
             shutdown_grace: raw.shutdown_grace.map_or(DEFAULT_SHUTDOWN_GRACE, |d| d.0),
             worker_threads: raw.worker_threads.unwrap_or_else(default_worker_threads),
             log: merge_log(&src, raw.log, raw.log_level, raw.log_format, "")?,
@@ -911,6 +1091,43 @@ impl ClientConfig {
             tls,
             metrics_listen: raw.metrics_listen,
         })
+    }
+}
+
+const SECOND: Duration = Duration::from_secs(1);
+const TENTH: Duration = Duration::from_millis(100);
+
+/// A duration key: `default` when absent, refused (naming the key) below `min`.
+fn duration_key(
+    src: &Source,
+    value: &Option<Spanned<HumanDuration>>,
+    key: &str,
+    default: Duration,
+    min: Duration,
+) -> Result<Duration, ConfigError> {
+    match value {
+        Some(d) if d.get_ref().0 < min => {
+            Err(src.at(d, key, format!("must be at least {}", humantime::format_duration(min))))
+        }
+        Some(d) => Ok(d.get_ref().0),
+        None => Ok(default),
+    }
+}
+
+/// A count key: `default` when absent, refused (naming the key) outside `range`.
+fn count_key<T: Copy + PartialOrd + std::fmt::Display>(
+    src: &Source,
+    value: &Option<Spanned<T>>,
+    key: &str,
+    default: T,
+    range: std::ops::RangeInclusive<T>,
+) -> Result<T, ConfigError> {
+    match value {
+        Some(n) if !range.contains(n.get_ref()) => {
+            Err(src.at(n, key, format!("must be {} to {}", range.start(), range.end())))
+        }
+        Some(n) => Ok(*n.get_ref()),
+        None => Ok(default),
     }
 }
 
@@ -1057,6 +1274,41 @@ timeout = "30s"
         let c3 = ServerConfig::from_str_named(&SERVER.replace("*.localhost", "app.localhost"), "s").expect("ok");
         assert_ne!(c3.group_sync("demo").expect("group").0, v1, "a rule is part of the group's config");
         assert_eq!(c.group_sync("demo").expect("group").0, v1, "stable for the same content");
+    }
+
+    /// Every transport bound is a key with a default, and set values arrive.
+    #[test]
+    fn transport_keys_default_and_apply() {
+        let d = ServerConfig::from_str_named(SERVER, "s").expect("valid").server;
+        assert_eq!(
+            (d.public_max_streams, d.h2_max_remote_resets, d.h2_max_local_resets),
+            (DEFAULT_PUBLIC_MAX_STREAMS, DEFAULT_H2_MAX_REMOTE_RESETS, DEFAULT_H2_MAX_LOCAL_RESETS)
+        );
+        assert_eq!((d.link_ping_interval, d.link_handshake_timeout), (DEFAULT_PING_INTERVAL, Duration::from_secs(10)));
+        let set = SERVER.replace(
+            "heartbeat_timeout = \"90s\"",
+            "heartbeat_timeout = \"90s\"\npublic_max_streams = 8\nh2_max_remote_resets = 5\nlink_ping_interval = \"3s\"\nlink_ping_timeout = \"2s\"\npublic_ping_timeout = \"4s\"\nlink_handshake_timeout = \"1s\"\nregistration_timeout = \"2s\"",
+        );
+        let s = ServerConfig::from_str_named(&set, "s").expect("valid").server;
+        assert_eq!((s.public_max_streams, s.h2_max_remote_resets), (8, 5));
+        assert_eq!((s.link_ping_interval, s.link_ping_timeout), (Duration::from_secs(3), Duration::from_secs(2)));
+        assert_eq!(s.public_ping_timeout, Duration::from_secs(4));
+        assert_eq!(
+            (s.link_handshake_timeout, s.registration_timeout),
+            (Duration::from_secs(1), Duration::from_secs(2))
+        );
+
+        let client = "server = \"http://127.0.0.1:7000\"\ngroup = \"g\"\ntoken = \"t\"\n";
+        let c = ClientConfig::from_str_named(client, "c").expect("valid");
+        assert_eq!((c.reconnect_min, c.reconnect_max), (DEFAULT_RECONNECT_MIN, DEFAULT_RECONNECT_MAX));
+        assert_eq!(c.upstream_connect_timeout, DEFAULT_UPSTREAM_CONNECT_TIMEOUT);
+        let c = ClientConfig::from_str_named(
+            &format!("{client}reconnect_min = \"1s\"\nping_interval = \"5s\"\nupstream_idle_timeout = \"2s\"\n"),
+            "c",
+        )
+        .expect("valid");
+        assert_eq!((c.reconnect_min, c.ping_interval), (Duration::from_secs(1), Duration::from_secs(5)));
+        assert_eq!(c.upstream_idle_timeout, Duration::from_secs(2));
     }
 
     /// Each bad config names the file, the line and the key.

@@ -14,8 +14,6 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tunnel_lib::config::ClientConfig;
 
-/// First reconnect delay; doubled per failure up to `reconnect_max`.
-const BACKOFF_START: Duration = Duration::from_millis(200);
 /// A session that lived this long resets the backoff.
 const STABLE_SESSION: Duration = Duration::from_secs(30);
 
@@ -36,13 +34,14 @@ pub struct ClientStatus {
 /// many clients cut off together do not reconnect together.
 pub struct Backoff {
     next: Duration,
+    min: Duration,
     max: Duration,
 }
 
 impl Backoff {
-    /// Starts at BACKOFF_START, capped at `max`.
-    pub fn new(max: Duration) -> Self {
-        Backoff { next: BACKOFF_START.min(max), max }
+    /// Starts at `min`, capped at `max`.
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Backoff { next: min.min(max), min, max }
     }
 
     /// The delay before the next attempt.
@@ -54,7 +53,7 @@ impl Backoff {
 
     /// Back to the first step.
     pub fn reset(&mut self) {
-        self.next = BACKOFF_START.min(self.max);
+        self.next = self.min.min(self.max);
     }
 }
 
@@ -95,7 +94,7 @@ impl Client {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let stop = CancellationToken::new();
         let (upstreams_tx, upstreams) =
-            watch::channel(upstream::Upstreams::new(self.config.upstreams.clone(), self.metrics.clone()));
+            watch::channel(upstream::Upstreams::new(self.config.upstreams.clone(), &self.config, self.metrics.clone()));
         let serving_metrics = match self.config.metrics_listen {
             Some(addr) => {
                 let listener = tokio::net::TcpListener::bind(addr)
@@ -138,7 +137,7 @@ impl Client {
             tokio::join!(ready, keep);
         });
         let runner = async {
-            let mut backoff = Backoff::new(self.config.reconnect_max);
+            let mut backoff = Backoff::new(self.config.reconnect_min, self.config.reconnect_max);
             // A failure that repeats word for word is logged once per backoff
             // cap, so a server that is down does not flood the log.
             let mut last_failure: Option<(String, Instant)> = None;
@@ -257,7 +256,7 @@ impl Reloader {
             tracing::info!("config reloaded: upstreams unchanged");
             return;
         }
-        let fresh = upstream::Upstreams::new(new.upstreams.clone(), self.metrics.clone());
+        let fresh = upstream::Upstreams::new(new.upstreams.clone(), &self.applied, self.metrics.clone());
         tracing::info!(upstreams = ?fresh.names(), "config reloaded: new upstreams serve new requests");
         self.upstreams.send_replace(fresh);
         let mut applied = (*self.applied).clone();
@@ -282,7 +281,7 @@ mod tests {
     /// Backoff doubles up to its cap, with jitter, and resets.
     #[test]
     fn backoff_is_capped_and_jittered() {
-        let mut b = Backoff::new(Duration::from_secs(2));
+        let mut b = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
         let steps: Vec<Duration> = (0..8).map(|_| b.step()).collect();
         assert!(steps[0] >= Duration::from_millis(100) && steps[0] <= Duration::from_millis(200));
         assert!(steps.iter().all(|d| *d <= Duration::from_secs(2)));

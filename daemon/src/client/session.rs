@@ -7,10 +7,7 @@ use super::upstream::{self, Upstreams};
 use super::ClientStatus;
 use crate::metrics::ClientMetrics;
 use crate::tunnel::exchange::{payload_name, Dispatched, ExchangeFailure, Exchanges, Role};
-use crate::tunnel::link::{
-    CONNECTION_WINDOW, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_FRAME_SIZE, MAX_MESSAGE, REGISTRATION_TIMEOUT,
-    STREAM_WINDOW, TCP_KEEPALIVE,
-};
+use crate::tunnel::link::{CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_MESSAGE, STREAM_WINDOW};
 use crate::tunnel::outbound::Outbound;
 use anyhow::{bail, Context as _};
 use std::collections::HashMap;
@@ -89,9 +86,9 @@ async fn connect(cfg: &ClientConfig) -> anyhow::Result<Channel> {
     let mut ep = Endpoint::from(cfg.server.clone())
         .connect_timeout(cfg.connect_timeout)
         .tcp_nodelay(true)
-        .tcp_keepalive(Some(TCP_KEEPALIVE))
-        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .tcp_keepalive(Some(cfg.tcp_keepalive))
+        .http2_keep_alive_interval(cfg.ping_interval)
+        .keep_alive_timeout(cfg.ping_timeout)
         .keep_alive_while_idle(true)
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
@@ -438,6 +435,7 @@ async fn run_stream(
     let mut client =
         TunnelServiceClient::new(channel).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE);
     let req = authed(&session.cfg, outbound)?;
+    let bound = session.cfg.registration_timeout;
     let call = async {
         match kind {
             Kind::Control => client.control_stream(req).await,
@@ -448,11 +446,11 @@ async fn run_stream(
     let call = async {
         tokio::select! {
             _ = session.cancel.cancelled() => Ok(Err(tonic::Status::cancelled("session ended"))),
-            r = tokio::time::timeout(REGISTRATION_TIMEOUT, call) => r,
+            r = tokio::time::timeout(bound, call) => r,
         }
     };
     let mut inbound = match call.await {
-        Err(_) => bail!("no answer to registration within {REGISTRATION_TIMEOUT:?}"),
+        Err(_) => bail!("no answer to registration within {bound:?}"),
         Ok(Err(status)) if status.code() == tonic::Code::Unauthenticated => {
             bail!("server refused our token for group {:?}: {}", session.cfg.group, status.message())
         }
@@ -464,8 +462,8 @@ async fn run_stream(
     };
     let first = tokio::select! {
         _ = session.cancel.cancelled() => bail!("session ended"),
-        r = tokio::time::timeout(REGISTRATION_TIMEOUT, inbound.message()) => r
-            .map_err(|_| anyhow::anyhow!("no registration acknowledgement within {REGISTRATION_TIMEOUT:?}"))??,
+        r = tokio::time::timeout(bound, inbound.message()) => r
+            .map_err(|_| anyhow::anyhow!("no registration acknowledgement within {bound:?}"))??,
     };
     let first_rtt = match first.and_then(|m| m.payload) {
         Some(Payload::StreamOpenResponse(r)) if r.accepted => {

@@ -4,7 +4,6 @@
 use crate::metrics::ClientMetrics;
 use crate::tunnel::body::{send_body, InboundBody, SendError};
 use crate::tunnel::exchange::{ExchangeGuard, ExchangeIo, Exchanges, NewRequest};
-use crate::tunnel::link::H2_KEEPALIVE;
 use crate::tunnel::upgrade;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, StatusCode, Uri};
@@ -15,14 +14,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tunnel_lib::config::Upstream;
+use tunnel_lib::config::{ClientConfig, Upstream};
 use tunnel_lib::frame::{self, strip_hop_by_hop, DEFAULT_EXCHANGE_WINDOW};
 use tunnel_lib::proto::{self, exchange_error::Kind, tunnel_message::Payload};
 
-/// Bound on connecting to an upstream.
-const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Idle pooled upstream connections are closed after this long.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Added to the server's timeout for our own.
 const TIMEOUT_BACKSTOP: Duration = Duration::from_secs(1);
 /// Used when a request carries no timeout.
@@ -40,20 +35,20 @@ pub struct Upstreams {
 }
 
 impl Upstreams {
-    /// Upstreams from client.toml's `[upstreams]`.
-    pub fn new(targets: BTreeMap<String, Upstream>, metrics: Arc<ClientMetrics>) -> Arc<Self> {
+    /// `targets` (client.toml's `[upstreams]`), with the pools tuned by `cfg`.
+    pub fn new(targets: BTreeMap<String, Upstream>, cfg: &ClientConfig, metrics: Arc<ClientMetrics>) -> Arc<Self> {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(UPSTREAM_CONNECT_TIMEOUT));
+        connector.set_connect_timeout(Some(cfg.upstream_connect_timeout));
         let mut builder = Client::builder(TokioExecutor::new());
-        builder.pool_idle_timeout(POOL_IDLE_TIMEOUT).pool_timer(TokioTimer::new());
+        builder.pool_idle_timeout(cfg.upstream_idle_timeout).pool_timer(TokioTimer::new());
         let http1 = builder.build(connector.clone());
         let h2c = builder
             .http2_only(true)
             .timer(TokioTimer::new())
             // A silently dead upstream connection is noticed, not waited on.
-            .http2_keep_alive_interval(H2_KEEPALIVE)
-            .http2_keep_alive_timeout(H2_KEEPALIVE)
+            .http2_keep_alive_interval(cfg.ping_interval)
+            .http2_keep_alive_timeout(cfg.ping_timeout)
             // An exchange's window: HTTP/2's 64 KiB default would stall bulk streams.
             .http2_initial_stream_window_size(DEFAULT_EXCHANGE_WINDOW)
             .http2_initial_connection_window_size(4 * DEFAULT_EXCHANGE_WINDOW)

@@ -5,7 +5,6 @@
 //! plaintext is recognised from its first byte and named as such.
 
 use super::Shared;
-use crate::tunnel::link::TCP_KEEPALIVE;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -24,8 +23,6 @@ use tunnel_lib::tls::rustls;
 
 /// The first byte of every TLS connection (a handshake record).
 pub const TLS_HANDSHAKE_RECORD: u8 = 0x16;
-/// Bound on a client's TLS handshake, and on its first byte.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause after an accept error (fd exhaustion), so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Connections handed to the gRPC server and not yet taken.
@@ -179,12 +176,14 @@ pub fn link_connections(
                 failures.report(peer, format!("{MAX_HANDSHAKES} handshakes already in progress; connection closed"));
                 continue;
             };
-            tune(&tcp);
+            let cfg = shared.config();
+            tune(&tcp, cfg.server.tcp_keepalive);
             let (tx, tls, failures) = (tx.clone(), shared.link_tls(), failures.clone());
-            // Ends with the handshake, bounded by HANDSHAKE_TIMEOUT.
+            let bound = cfg.server.link_handshake_timeout;
+            // Ends with the handshake, bounded by link_handshake_timeout.
             tokio::spawn(async move {
                 let _slot = slot;
-                match handshake(tcp, tls).await {
+                match handshake(tcp, tls, bound).await {
                     Ok(io) => {
                         let _ = tx.send(Ok(io)).await;
                     }
@@ -197,16 +196,20 @@ pub fn link_connections(
     ReceiverStream::new(rx)
 }
 
-fn tune(tcp: &TcpStream) {
+fn tune(tcp: &TcpStream, keepalive: Duration) {
     let _ = tcp.set_nodelay(true);
     let sock = socket2::SockRef::from(tcp);
-    let _ = sock.set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE));
+    let _ = sock.set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(keepalive));
 }
 
 /// Completes a connection's handshake; the error is the cause to log, if any.
-async fn handshake(tcp: TcpStream, tls: Option<Arc<rustls::ServerConfig>>) -> Result<MaybeTls, Option<String>> {
-    let first = match tokio::time::timeout(HANDSHAKE_TIMEOUT, first_byte(&tcp)).await {
-        Err(_) => return Err(Some(format!("the peer sent nothing within {HANDSHAKE_TIMEOUT:?}; connection closed"))),
+async fn handshake(
+    tcp: TcpStream,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    bound: Duration,
+) -> Result<MaybeTls, Option<String>> {
+    let first = match tokio::time::timeout(bound, first_byte(&tcp)).await {
+        Err(_) => return Err(Some(format!("the peer sent nothing within {bound:?}; connection closed"))),
         // Closed before a byte: a port probe, nothing to say.
         Ok(None) => return Err(None),
         Ok(Some(b)) => b,
@@ -220,8 +223,8 @@ async fn handshake(tcp: TcpStream, tls: Option<Arc<rustls::ServerConfig>>) -> Re
     if first != TLS_HANDSHAKE_RECORD {
         return Err(Some("a plaintext client on the TLS port; refused (its server URL must be https://)".into()));
     }
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(cfg).accept(tcp)).await {
-        Err(_) => Err(Some(format!("TLS handshake not done within {HANDSHAKE_TIMEOUT:?}; connection closed"))),
+    match tokio::time::timeout(bound, TlsAcceptor::from(cfg).accept(tcp)).await {
+        Err(_) => Err(Some(format!("TLS handshake not done within {bound:?}; connection closed"))),
         Ok(Err(e)) => Err(Some(format!("TLS handshake failed: {}", handshake_error(&e)))),
         Ok(Ok(s)) => Ok(MaybeTls::Tls(Box::new(s))),
     }

@@ -8,7 +8,6 @@ use super::registry::NoStream;
 use super::Shared;
 use crate::tunnel::body::{send_body, SendError};
 use crate::tunnel::exchange::{ExchangeFailure, ExchangeGuard, ExchangeIo};
-use crate::tunnel::link::H2_KEEPALIVE;
 use crate::tunnel::upgrade;
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
@@ -79,8 +78,11 @@ pub async fn run(
         .http2()
         .timer(TokioTimer::new())
         // A silent h2c peer is noticed and closed.
-        .keep_alive_interval(Some(H2_KEEPALIVE))
-        .keep_alive_timeout(H2_KEEPALIVE)
+        .keep_alive_interval(Some(cfg.server.public_ping_interval))
+        .keep_alive_timeout(cfg.server.public_ping_timeout)
+        .max_concurrent_streams(cfg.server.public_max_streams)
+        .max_pending_accept_reset_streams(cfg.server.h2_max_remote_resets)
+        .max_local_error_reset_streams(cfg.server.h2_max_local_resets)
         // 64 KiB frames: a quarter of the per-frame work on h2c uploads.
         .max_frame_size(64 << 10)
         .max_header_list_size(u32::try_from(cfg.server.max_header_bytes).unwrap_or(u32::MAX));

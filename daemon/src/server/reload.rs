@@ -108,6 +108,13 @@ pub fn apply(shared: &Shared, new: ServerConfig) -> Reload {
         ("max_streams_per_connection", o.max_streams_per_connection != n.max_streams_per_connection),
         ("max_header_bytes", o.max_header_bytes != n.max_header_bytes),
         ("max_headers", o.max_headers != n.max_headers),
+        ("public_max_streams", o.public_max_streams != n.public_max_streams),
+        ("public_ping_interval", o.public_ping_interval != n.public_ping_interval),
+        ("public_ping_timeout", o.public_ping_timeout != n.public_ping_timeout),
+        ("h2_max_remote_resets", o.h2_max_remote_resets != n.h2_max_remote_resets),
+        ("h2_max_local_resets", o.h2_max_local_resets != n.h2_max_local_resets),
+        ("link_ping_interval", o.link_ping_interval != n.link_ping_interval),
+        ("link_ping_timeout", o.link_ping_timeout != n.link_ping_timeout),
     ];
     let changed: Vec<&str> = restart_only.iter().filter(|(_, c)| *c).map(|(k, _)| *k).collect();
     if !changed.is_empty() {

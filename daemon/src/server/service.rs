@@ -4,10 +4,7 @@
 use super::registry::{RegisterError, StreamHandle};
 use super::Shared;
 use crate::tunnel::exchange::{payload_name, ExchangeFailure, Exchanges, Role};
-use crate::tunnel::link::{
-    CONNECTION_WINDOW, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_FRAME_SIZE, MAX_MESSAGE, REGISTRATION_TIMEOUT,
-    STREAM_WINDOW,
-};
+use crate::tunnel::link::{CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_MESSAGE, STREAM_WINDOW};
 use crate::tunnel::outbound::{Outbound, ServerOutbound};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,23 +21,28 @@ use tunnel_lib::proto::{
 };
 use tunnel_lib::GROUP_METADATA;
 
-/// Cap on locally reset streams before GOAWAY (hyper's own default; tonic
-/// passes none, which disables the protection against reset floods).
-const MAX_LOCAL_RESETS: usize = 1024;
+/// Bound on one gRPC header block on the link (h2 would default to 16 MiB).
+const LINK_MAX_HEADER_LIST: u32 = 64 << 10;
 
 /// Serves the tunnel gRPC service on `listener` until `stop` fires.
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener, stop: CancellationToken) -> anyhow::Result<()> {
-    let max_streams = shared.config().server.max_streams_per_connection;
+    let cfg = shared.config();
+    let s = &cfg.server;
     let svc_shared = shared.clone();
     let svc = TunnelServiceServer::new(TunnelSvc { shared })
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
     let incoming = super::accept::link_connections(svc_shared, listener, stop.clone());
     tonic::transport::Server::builder()
-        .max_concurrent_streams(Some(max_streams))
-        .http2_max_local_error_reset_streams(Some(MAX_LOCAL_RESETS))
-        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .max_concurrent_streams(Some(s.max_streams_per_connection))
+        // tonic passes no cap by default, which turns off h2's protection
+        // against reset floods.
+        .http2_max_pending_accept_reset_streams(Some(s.h2_max_remote_resets))
+        .http2_max_local_error_reset_streams(Some(s.h2_max_local_resets))
+        // Only metadata travels in gRPC headers: a peer sending more is hostile.
+        .http2_max_header_list_size(LINK_MAX_HEADER_LIST)
+        .http2_keepalive_interval(Some(s.link_ping_interval))
+        .http2_keepalive_timeout(Some(s.link_ping_timeout))
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME_SIZE)
@@ -103,9 +105,10 @@ impl TunnelSvc {
         let peer = req.remote_addr();
         let group = self.authenticate(req.metadata(), peer)?;
         let mut inbound = req.into_inner();
-        let first = tokio::time::timeout(REGISTRATION_TIMEOUT, inbound.message())
+        let bound = self.shared.config().server.registration_timeout;
+        let first = tokio::time::timeout(bound, inbound.message())
             .await
-            .map_err(|_| Status::deadline_exceeded("no registration within 10s"))??;
+            .map_err(|_| Status::deadline_exceeded(format!("no registration within {bound:?}")))??;
         let open = match first.and_then(|m| m.payload) {
             Some(Payload::StreamOpen(o)) => o,
             _ => return Err(Status::invalid_argument("the first message must be a StreamOpen")),

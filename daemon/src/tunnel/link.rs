@@ -1,15 +1,8 @@
 //! Transport settings of the tunnel's gRPC link, shared by both ends so that
-//! they agree; set explicitly rather than left to tonic/hyper defaults.
+//! they agree; set explicitly rather than left to tonic/hyper defaults. The
+//! timeouts and keepalives an operator may want to tune are config keys
+//! (`tunnel_lib::config`).
 
-use std::time::Duration;
-
-/// Bound on a new stream's registration (its first message, and its acknowledgement).
-pub const REGISTRATION_TIMEOUT: Duration = Duration::from_secs(10);
-/// HTTP/2 keepalive: a dead peer is noticed within interval + timeout.
-pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
-pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
-/// TCP keepalive, for peers that vanish without a FIN.
-pub const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 /// HTTP/2 windows. Our stream readers always drain h2 at once into
 /// per-exchange buffers, so h2 windows only bound what is in transit; large
 /// ones keep a bulk transfer from waiting on WINDOW_UPDATE round trips, and a
@@ -21,6 +14,3 @@ pub const CONNECTION_WINDOW: u32 = 16 << 20;
 pub const MAX_FRAME_SIZE: u32 = 64 << 10;
 /// Largest message accepted: a 64 KiB chunk, or a head with up to 1 MiB of headers.
 pub const MAX_MESSAGE: usize = 2 << 20;
-/// HTTP/2 pings on idle public h2 connections and h2c upstream connections,
-/// so a silent peer is noticed and closed.
-pub const H2_KEEPALIVE: Duration = Duration::from_secs(20);
