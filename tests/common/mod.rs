@@ -22,6 +22,7 @@ use tunnel_daemon::client::{Client, ClientStatus};
 use tunnel_daemon::server::{Listeners, Server, Shared};
 use tunnel_lib::config::{ClientConfig, ServerConfig};
 
+pub mod fault;
 pub mod pki;
 pub mod ws;
 
@@ -245,6 +246,11 @@ async fn upstream_handler(
         }
     };
     probe.1 = true;
+    let mut resp = resp;
+    // Which upstream answered, on every response (the echo sets it too).
+    if let Ok(v) = name.parse() {
+        resp.headers_mut().entry("x-upstream").or_insert(v);
+    }
     Ok(resp)
 }
 

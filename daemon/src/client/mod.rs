@@ -2,6 +2,7 @@
 //! registered and heartbeating, applies the config the server pushes, and
 //! forwards every exchange to a local upstream.
 
+mod dial;
 pub mod session;
 pub mod upstream;
 

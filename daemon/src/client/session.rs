@@ -85,8 +85,6 @@ enum Kind {
 async fn connect(cfg: &ClientConfig) -> anyhow::Result<Channel> {
     let mut ep = Endpoint::from(cfg.server.clone())
         .connect_timeout(cfg.connect_timeout)
-        .tcp_nodelay(true)
-        .tcp_keepalive(Some(cfg.tcp_keepalive))
         .http2_keep_alive_interval(cfg.ping_interval)
         .keep_alive_timeout(cfg.ping_timeout)
         .keep_alive_while_idle(true)
@@ -96,13 +94,37 @@ async fn connect(cfg: &ClientConfig) -> anyhow::Result<Channel> {
     if let Some(tls) = &cfg.tls {
         ep = ep.tls_config(client_tls(&cfg.server, tls)?).context("TLS settings")?;
     }
-    // connect_timeout bounds TCP only; this bounds the HTTP/2 handshake too.
-    let connected = tokio::time::timeout(cfg.connect_timeout, ep.connect())
-        .await
-        .map_err(|_| anyhow::anyhow!("no connection to {} within {:?}", cfg.server, cfg.connect_timeout))?;
-    connected.map_err(|e| {
-        anyhow::anyhow!("connecting to {}: {}", cfg.server, explain_link_error(&e, cfg.tls.is_some(), Stage::Connect))
+    let (dialer, heard) = super::dial::Dialer::new(cfg.tcp_keepalive);
+    // Connected means the server spoke: TCP, TLS, and its first bytes, all
+    // within connect_timeout (a tarpit costs this, not a registration timeout).
+    let connected = tokio::time::timeout(cfg.connect_timeout, async {
+        let channel = ep.connect_with_connector(dialer).await.map_err(|e| {
+            anyhow::anyhow!(
+                "connecting to {}: {}",
+                cfg.server,
+                explain_link_error(&e, cfg.tls.is_some(), Stage::Connect)
+            )
+        })?;
+        if heard.await.is_err() {
+            // A TLS server closes a plaintext client's connection unanswered.
+            let hint = if cfg.tls.is_none() {
+                " (if the server's link has TLS on, the server URL must be https://)"
+            } else {
+                ""
+            };
+            bail!("connecting to {}: connection closed before the server spoke{hint}", cfg.server);
+        }
+        Ok::<_, anyhow::Error>(channel)
     })
+    .await;
+    match connected {
+        Ok(r) => r,
+        Err(_) => bail!(
+            "no connection to {} within {:?} (connect_timeout: TCP, TLS and the server's HTTP/2 greeting)",
+            cfg.server,
+            cfg.connect_timeout
+        ),
+    }
 }
 
 /// tonic's TLS settings from client.toml's `[tls]`. The files are read at
