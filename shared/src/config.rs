@@ -178,8 +178,13 @@ impl Source<'_> {
     }
 }
 
+/// Largest config file read.
+const MAX_CONFIG_FILE: u64 = 4 << 20;
+
 fn read(path: &Path) -> Result<String, ConfigError> {
-    std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.display().to_string(), source })
+    let error = |source| ConfigError::Read { path: path.display().to_string(), source };
+    let bytes = crate::units::read_bounded(path, MAX_CONFIG_FILE).map_err(error)?;
+    String::from_utf8(bytes).map_err(|_| error(std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8")))
 }
 
 /// Where and how a daemon logs.

@@ -98,12 +98,25 @@ fn valid_authority(a: &str) -> Result<(), HeadError> {
     let ok = if let Some(inner) = host.strip_prefix('[') {
         inner.strip_suffix(']').is_some_and(|v6| v6.parse::<std::net::Ipv6Addr>().is_ok())
     } else {
+        // Labels of a registered name or an IPv4 address: none empty, one
+        // trailing dot at most ("a..b" or "..." name nothing).
+        let name = host.strip_suffix('.').unwrap_or(host);
         host.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+            && name.split('.').all(|label| !label.is_empty())
     };
     if !ok {
         return Err(bad());
     }
-    if a.ends_with(':') {
+    // After the host, nothing or ":" and a port number: the http crate's
+    // parser lets "host:." through, which would route as another host.
+    let port_ok = match a.strip_prefix(host) {
+        Some("") => true,
+        Some(rest) => rest.strip_prefix(':').is_some_and(|p| {
+            (1..=5).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok()
+        }),
+        None => false,
+    };
+    if !port_ok {
         return Err(bad());
     }
     Ok(())
@@ -138,6 +151,13 @@ mod tests {
         let cases = [
             Case(HTTP_11, "/", &[("host", "App.Example.:8080")], Ok("app.example")),
             Case(HTTP_11, "/", &[("host", "a"), ("host", "b")], Err(HeadError::ManyHosts)),
+            // Found by fuzzing (host_router): a port that is no number, and a
+            // host of dots, normalized to another host than the one checked.
+            Case(HTTP_11, "/", &[("host", "...............:.")], Err(HeadError::BadHost("...............:.".into()))),
+            Case(HTTP_11, "/", &[("host", "a..b")], Err(HeadError::BadHost("a..b".into()))),
+            Case(HTTP_11, "/", &[("host", "a:99999")], Err(HeadError::BadHost("a:99999".into()))),
+            Case(HTTP_11, "/", &[("host", "a.b.:80")], Ok("a.b")),
+            Case(HTTP_11, "/", &[("host", "[::1]:8080")], Ok("::1")),
             Case(HTTP_11, "/", &[], Err(HeadError::NoHost)),
             Case(HTTP_10, "/", &[], Ok("")),
             Case(HTTP_11, "http://b.example/x", &[("host", "a.example")], Ok("b.example")),

@@ -36,8 +36,11 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Largest PEM file read (a long chain is tens of KiB).
+const MAX_PEM_FILE: u64 = 1 << 20;
+
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|e| err(path, format!("cannot read: {e}")))
+    crate::units::read_bounded(path, MAX_PEM_FILE).map_err(|e| err(path, format!("cannot read: {e}")))
 }
 
 /// The certificates of a PEM file (a chain, leaf first, or CA roots).

@@ -56,6 +56,24 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
+/// Reads a file the operator named, refusing what is not a regular file or
+/// is larger than `limit`: a path to a FIFO, a device such as /dev/zero, or
+/// a huge file by mistake must fail with a message, not hang or fill memory.
+pub fn read_bounded(path: &std::path::Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"));
+    }
+    let mut out = Vec::with_capacity(meta.len().min(limit) as usize);
+    file.take(limit + 1).read_to_end(&mut out)?;
+    if out.len() as u64 > limit {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("larger than {} KiB", limit >> 10)));
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -67,5 +85,18 @@ mod tests {
         assert_eq!(ByteSize::parse("10"), Ok(ByteSize(10)));
         assert!(ByteSize::parse("10 parsecs").is_err());
         assert!(ByteSize::parse("KiB").is_err());
+    }
+
+    /// A device or an oversized file named as a config or PEM path fails at once.
+    #[test]
+    fn bounded_reads_refuse_devices_and_huge_files() {
+        let e = read_bounded(std::path::Path::new("/dev/zero"), 1024).expect_err("a device");
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        let path = std::env::temp_dir().join(format!("tunnel-bounded-{}", std::process::id()));
+        std::fs::write(&path, vec![b'x'; 2048]).expect("temp file");
+        let e = read_bounded(&path, 1024).expect_err("too large");
+        assert!(e.to_string().contains("larger than 1 KiB"), "{e}");
+        assert_eq!(read_bounded(&path, 4096).expect("fits").len(), 2048);
+        let _ = std::fs::remove_file(&path);
     }
 }
