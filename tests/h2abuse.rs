@@ -1,0 +1,417 @@
+//! HTTP/2 abuse on the public h2c listener and the gRPC listener, spoken
+//! frame by frame over raw sockets: rapid reset, CONTINUATION, SETTINGS and
+//! PING floods, a stream flood, and a peer that never opens its window.
+//! Meanwhile normal requests must answer within 1 s, the process (server
+//! and client both run in it) must not grow by 50 MiB, and the abusive
+//! connection gets GOAWAY or is closed where the stack has a limit for it.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::Mutex;
+
+/// One abuse at a time: memory is measured for the whole process.
+static SERIAL: Mutex<()> = Mutex::const_new(());
+
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const SETTINGS: u8 = 0x4;
+const PING: u8 = 0x6;
+const GOAWAY: u8 = 0x7;
+const CONTINUATION: u8 = 0x9;
+const END_STREAM: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&(stream & 0x7fff_ffff).to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// An HPACK block: the method, scheme and path from the static table, the
+/// rest as literals without indexing (no Huffman), as any encoder may send.
+fn request_block(method_post: bool, path: &str, authority: &str, extra: &[(&str, &str)]) -> Vec<u8> {
+    let mut b = vec![if method_post { 0x83 } else { 0x82 }, 0x86];
+    let lit = |b: &mut Vec<u8>, name_index: u8, value: &str| {
+        b.push(name_index);
+        b.push(value.len() as u8);
+        b.extend_from_slice(value.as_bytes());
+    };
+    // :path (index 4) and :authority (index 1), literal values.
+    lit(&mut b, 0x04, path);
+    lit(&mut b, 0x01, authority);
+    for (n, v) in extra {
+        b.push(0x00);
+        b.push(n.len() as u8);
+        b.extend_from_slice(n.as_bytes());
+        b.push(v.len() as u8);
+        b.extend_from_slice(v.as_bytes());
+    }
+    b
+}
+
+/// What the server sent back on an abusive connection.
+#[derive(Default)]
+struct Heard {
+    goaway: AtomicBool,
+    goaway_code: AtomicU64,
+    closed: AtomicBool,
+    rst_streams: AtomicU64,
+    frames: AtomicU64,
+}
+
+/// An abusive HTTP/2 connection: we write frames; a reader (unless told not
+/// to read, to hold the server's writes) records what comes back.
+struct Abuser {
+    w: OwnedWriteHalf,
+    heard: Arc<Heard>,
+}
+
+impl Abuser {
+    async fn connect(addr: SocketAddr, read: bool) -> (Abuser, Option<OwnedReadHalf>) {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (r, mut w) = tcp.into_split();
+        w.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+        w.write_all(&frame(SETTINGS, 0, 0, &[])).await.unwrap();
+        let heard = Arc::new(Heard::default());
+        if read {
+            tokio::spawn(read_frames(r, heard.clone()));
+            (Abuser { w, heard }, None)
+        } else {
+            (Abuser { w, heard }, Some(r))
+        }
+    }
+
+    /// Writes; false once the server has closed or reset the connection.
+    async fn send(&mut self, bytes: &[u8]) -> bool {
+        matches!(tokio::time::timeout(Duration::from_secs(5), self.w.write_all(bytes)).await, Ok(Ok(())))
+    }
+
+    fn cut_off(&self) -> bool {
+        self.heard.goaway.load(Ordering::SeqCst) || self.heard.closed.load(Ordering::SeqCst)
+    }
+}
+
+async fn read_frames(mut r: OwnedReadHalf, heard: Arc<Heard>) {
+    let mut head = [0u8; 9];
+    loop {
+        if r.read_exact(&mut head).await.is_err() {
+            break;
+        }
+        let len = (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
+        let mut payload = vec![0u8; len];
+        if r.read_exact(&mut payload).await.is_err() {
+            break;
+        }
+        heard.frames.fetch_add(1, Ordering::SeqCst);
+        match head[3] {
+            GOAWAY if payload.len() >= 8 => {
+                let code = u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]);
+                heard.goaway_code.store(u64::from(code), Ordering::SeqCst);
+                heard.goaway.store(true, Ordering::SeqCst);
+            }
+            RST_STREAM => {
+                heard.rst_streams.fetch_add(1, Ordering::SeqCst);
+            }
+            _ => {}
+        }
+    }
+    heard.closed.store(true, Ordering::SeqCst);
+}
+
+fn rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0.0);
+    kib / 1024.0
+}
+
+/// Normal requests through the tunnel every 20 ms while an abuse runs;
+/// returns the worst latency and the count, failures counted apart.
+struct Probe {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<(Duration, usize, usize)>,
+}
+
+impl Probe {
+    fn start(url: String) -> Probe {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let task = tokio::spawn(async move {
+            let c = http_client();
+            let (mut worst, mut n, mut failed) = (Duration::ZERO, 0, 0);
+            while !s.load(Ordering::SeqCst) {
+                let t = Instant::now();
+                let r = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    c.request(http::Request::get(url.as_str()).body(empty()).unwrap()),
+                )
+                .await;
+                let took = t.elapsed();
+                match r {
+                    Ok(Ok(resp)) if resp.status() == 200 => {
+                        let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+                    }
+                    _ => failed += 1,
+                }
+                worst = worst.max(took);
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (worst, n, failed)
+        });
+        Probe { stop, task }
+    }
+
+    async fn finish(self) -> (Duration, usize, usize) {
+        self.stop.store(true, Ordering::SeqCst);
+        tokio::time::timeout(WAIT, self.task).await.expect("probe ends").unwrap()
+    }
+}
+
+struct Tunnel {
+    server: TestServer,
+    _client: TestClient,
+    _up: Upstream,
+}
+
+async fn tunnel() -> Tunnel {
+    let up = Upstream::start("web").await;
+    let rules = "[[rules]]\ngroup = \"demo\"\nupstream = \"web\"\n";
+    let server = start_server(&demo_server_toml("", "", rules), None).await;
+    let client = TestClient::start(&client_toml(&server, "edge-1", "demo", "t-demo", "", &[("web", up.url())]));
+    server.wait_streams(3).await;
+    Tunnel { server, _client: client, _up: up }
+}
+
+/// Runs `abuse` against `target` while probing; checks the bounds, prints
+/// the figures, and returns what the abuser heard.
+async fn under_abuse<F, Fut>(name: &str, t: &Tunnel, abuse: F) -> Arc<Heard>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Arc<Heard>>,
+{
+    under_abuse_within(name, t, 50.0, abuse).await
+}
+
+/// As `under_abuse`, with the growth allowed in MiB.
+async fn under_abuse_within<F, Fut>(name: &str, t: &Tunnel, max_growth_mib: f64, abuse: F) -> Arc<Heard>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Arc<Heard>>,
+{
+    // Warm up allocator and pools so growth is the abuse's.
+    for _ in 0..20 {
+        assert_eq!(get(&t.server.url("/echo")).await.status, 200);
+    }
+    let before = rss_mib();
+    let probe = Probe::start(t.server.url("/echo"));
+    let started = Instant::now();
+    let heard = tokio::time::timeout(Duration::from_secs(60), abuse()).await.expect("abuse bounded");
+    let took = started.elapsed();
+    let peak = rss_mib();
+    let (worst, n, failed) = probe.finish().await;
+    let code = heard.goaway_code.load(Ordering::SeqCst);
+    println!(
+        "{name}: {took:.1?}; goaway={} (code {code:#x}) closed={} rst_streams={}; RSS {before:.1} -> {peak:.1} MiB; {n} normal requests, worst {worst:?}, {failed} failed",
+        heard.goaway.load(Ordering::SeqCst),
+        heard.closed.load(Ordering::SeqCst),
+        heard.rst_streams.load(Ordering::SeqCst),
+    );
+    assert_eq!(failed, 0, "{name}: normal requests failed");
+    assert!(worst < Duration::from_secs(1), "{name}: a normal request took {worst:?}");
+    assert!(peak - before < max_growth_mib, "{name}: grew {:.1} MiB", peak - before);
+    // Still serving after it.
+    assert_eq!(get(&t.server.url("/echo")).await.status, 200);
+    heard
+}
+
+/// Streams opened and reset at once (CVE-2023-44487), `limit` at most;
+/// stops once the server has had enough.
+async fn rapid_reset(addr: SocketAddr, path: &str, extra: &[(&str, &str)], limit: u32) -> Arc<Heard> {
+    let (mut a, _) = Abuser::connect(addr, true).await;
+    let block = request_block(true, path, "a.test", extra);
+    let mut batch = Vec::new();
+    for i in 0..limit {
+        let id = 2 * i + 1;
+        batch.extend(frame(HEADERS, END_HEADERS, id, &block));
+        batch.extend(frame(RST_STREAM, 0, id, &8u32.to_be_bytes()));
+        if batch.len() > 16 << 10 {
+            if !a.send(&batch).await || a.cut_off() {
+                break;
+            }
+            batch.clear();
+            tokio::task::yield_now().await;
+        }
+    }
+    let _ = a.send(&batch).await;
+    let heard = a.heard.clone();
+    eventually("the server ends the connection", WAIT, || {
+        heard.goaway.load(Ordering::SeqCst) || heard.closed.load(Ordering::SeqCst)
+    })
+    .await;
+    heard
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rapid_reset_gets_goaway_on_both_listeners() {
+    let _serial = SERIAL.lock().await;
+    let t = tunnel().await;
+    let public = t.server.http;
+    let heard = under_abuse("rapid reset, public h2c", &t, || rapid_reset(public, "/echo", &[], 100_000)).await;
+    // ENHANCE_YOUR_CALM (0xb) past h2_max_remote_resets.
+    assert!(heard.goaway.load(Ordering::SeqCst), "no GOAWAY on the public listener");
+    let grpc = t.server.grpc;
+    let extra = [("content-type", "application/grpc"), ("te", "trailers")];
+    let heard =
+        under_abuse("rapid reset, gRPC", &t, || rapid_reset(grpc, "/tunnel.v1.TunnelService/Proxy", &extra, 100_000))
+            .await;
+    assert!(heard.goaway.load(Ordering::SeqCst), "no GOAWAY on the gRPC listener");
+    t.server.stop().await;
+}
+
+/// A header block that never ends: CONTINUATION frames without END_HEADERS.
+async fn continuation_flood(addr: SocketAddr) -> Arc<Heard> {
+    let (mut a, _) = Abuser::connect(addr, true).await;
+    let block = request_block(true, "/echo", "a.test", &[]);
+    a.send(&frame(HEADERS, 0, 1, &block)).await;
+    // Each continuation adds a 4000-byte header literal (HPACK: literal
+    // without indexing, new name "x-a", value length 4000 as a 7-bit-prefix integer).
+    let mut big = vec![0x00, 0x03, b'x', b'-', b'a', 0x7f, 0x80 | (3873 % 128) as u8, (3873 / 128) as u8];
+    big.extend(std::iter::repeat_n(b'v', 4000));
+    let chunk = frame(CONTINUATION, 0, 1, &big);
+    let mut sent = 0usize;
+    while sent < 64 << 20 && !a.cut_off() {
+        if !a.send(&chunk).await {
+            break;
+        }
+        sent += chunk.len();
+    }
+    let heard = a.heard.clone();
+    eventually("the server ends the connection", WAIT, || {
+        heard.goaway.load(Ordering::SeqCst) || heard.closed.load(Ordering::SeqCst)
+    })
+    .await;
+    println!("continuation flood: cut off after {} KiB of header block", sent >> 10);
+    assert!(sent < 8 << 20, "the server took {} MiB of one header block", sent >> 20);
+    heard
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn continuation_flood_is_cut_off_on_both_listeners() {
+    let _serial = SERIAL.lock().await;
+    let t = tunnel().await;
+    let (public, grpc) = (t.server.http, t.server.grpc);
+    under_abuse("CONTINUATION flood, public h2c", &t, || continuation_flood(public)).await;
+    under_abuse("CONTINUATION flood, gRPC", &t, || continuation_flood(grpc)).await;
+    t.server.stop().await;
+}
+
+/// SETTINGS or PING frames as fast as the socket takes them, their ACKs
+/// never read: the server must neither queue answers without bound nor
+/// stall anyone else.
+async fn control_flood(addr: SocketAddr, kind: u8) -> Arc<Heard> {
+    let (mut a, _unread) = Abuser::connect(addr, false).await;
+    let one = if kind == PING { frame(PING, 0, 0, &[7u8; 8]) } else { frame(SETTINGS, 0, 0, &[0, 3, 0, 0, 0, 100]) };
+    let batch: Vec<u8> = one.iter().copied().cycle().take(one.len() * 1000).collect();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut frames = 0u64;
+    while Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_millis(500), a.w.write_all(&batch)).await {
+            Ok(Ok(())) => frames += 1000,
+            // The server stopped reading (its answers are not read): backpressure, as it should.
+            Err(_) => break,
+            Ok(Err(_)) => {
+                a.heard.closed.store(true, Ordering::SeqCst);
+                break;
+            }
+        }
+    }
+    println!(
+        "{} flood: {frames} frames written before the server pushed back or closed",
+        if kind == PING { "PING" } else { "SETTINGS" }
+    );
+    a.heard.clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_and_ping_floods_are_bounded_on_both_listeners() {
+    let _serial = SERIAL.lock().await;
+    let t = tunnel().await;
+    let (public, grpc) = (t.server.http, t.server.grpc);
+    for (name, addr) in [("public h2c", public), ("gRPC", grpc)] {
+        under_abuse(&format!("SETTINGS flood, {name}"), &t, || control_flood(addr, SETTINGS)).await;
+        under_abuse(&format!("PING flood, {name}"), &t, || control_flood(addr, PING)).await;
+    }
+    t.server.stop().await;
+}
+
+/// More concurrent streams than the server allows, each a request whose
+/// body never comes: those past public_max_streams are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_flood_is_capped() {
+    let _serial = SERIAL.lock().await;
+    let t = tunnel().await;
+    let public = t.server.http;
+    let heard = under_abuse("stream flood, public h2c (1000 open uploads)", &t, || async move {
+        let (mut a, _) = Abuser::connect(public, true).await;
+        let block = request_block(true, "/upload-sha", "a.test", &[]);
+        let mut batch = Vec::new();
+        for i in 0..1000u32 {
+            batch.extend(frame(HEADERS, END_HEADERS, 2 * i + 1, &block));
+        }
+        a.send(&batch).await;
+        let heard = a.heard.clone();
+        // 1000 - 256 refused.
+        eventually("streams past the cap refused", WAIT, || heard.rst_streams.load(Ordering::SeqCst) >= 744).await;
+        heard
+    })
+    .await;
+    assert!(heard.rst_streams.load(Ordering::SeqCst) <= 1000);
+    t.server.stop().await;
+}
+
+/// A peer that sets its window to 0 and asks for big downloads on 20
+/// streams: each stuck stream holds a bounded buffer, about 2.7 MiB at the
+/// default 1 MiB exchange window (its credit in flight, the chunks'
+/// buffers, the upstream connection's read buffer), and nothing grows
+/// after. Not yet within 50 MiB for a whole connection of such streams:
+/// docs/reliability.md, "Open".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_window_peer_costs_a_bounded_buffer() {
+    let _serial = SERIAL.lock().await;
+    let t = tunnel().await;
+    let public = t.server.http;
+    under_abuse_within("zero window, public h2c (20 x 100 MiB downloads)", &t, 20.0 * 3.5, || async move {
+        let tcp = TcpStream::connect(public).await.unwrap();
+        let (r, mut w) = tcp.into_split();
+        w.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+        // SETTINGS_INITIAL_WINDOW_SIZE (0x4) = 0.
+        w.write_all(&frame(SETTINGS, 0, 0, &[0, 4, 0, 0, 0, 0])).await.unwrap();
+        let heard = Arc::new(Heard::default());
+        tokio::spawn(read_frames(r, heard.clone()));
+        let block = request_block(false, "/download?bytes=104857600", "a.test", &[]);
+        for i in 0..20u32 {
+            w.write_all(&frame(HEADERS, END_HEADERS | END_STREAM, 2 * i + 1, &block)).await.unwrap();
+        }
+        // Let every exchange fill what it may.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        drop(w);
+        heard
+    })
+    .await;
+    t.server.stop().await;
+}
