@@ -10,6 +10,7 @@ mod lossy;
 mod ops;
 mod procs;
 mod race;
+mod soak;
 mod upstream;
 mod ws;
 
@@ -68,6 +69,12 @@ enum Cmd {
     Ws,
     /// Deploys under 200 req/s with real processes: rolling client restarts, reloads, server SIGTERM.
     Ops,
+    /// Long mixed load with restarts and reloads, sampling RSS, fds and tasks (default 1 h; not in the all-commands run).
+    Soak {
+        /// Where the time series goes.
+        #[arg(long)]
+        csv: Option<PathBuf>,
+    },
 }
 
 #[tokio::main]
@@ -110,6 +117,7 @@ async fn main() -> anyhow::Result<()> {
             Cmd::Fleet { clients } => fleet::run(&bins, clients).await?,
             Cmd::Ws => ws::run(&bins, &ws::Config::new(args.quick)).await?,
             Cmd::Ops => ops::run(&bins, &ops::Config::new(args.quick)).await?,
+            Cmd::Soak { csv } => soak::run(&bins, &soak::Config::new(args.quick, args.duration, csv)).await?,
         }
     }
     Ok(())

@@ -64,7 +64,12 @@ async fn handle(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
 
 /// Starts the upstream on 127.0.0.1 with a port of the system's choosing.
 pub async fn start() -> anyhow::Result<Upstream> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    start_on("127.0.0.1:0".parse()?).await
+}
+
+/// Starts the upstream on `addr` (again, after a `stop`: the soak restarts it).
+pub async fn start_on(addr: SocketAddr) -> anyhow::Result<Upstream> {
+    let listener = TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
     let task = tokio::spawn(async move {
         let mut conns = tokio::task::JoinSet::new();

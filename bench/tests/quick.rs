@@ -159,3 +159,25 @@ fn deploys_under_load_print_every_cell() {
     assert_eq!(table[0][3].matches("exit 0").count(), 2, "both clients exited 0: {:?}", table[0]);
     assert!(table[2][3].starts_with("exit 0"), "the server exited 0: {:?}", table[2]);
 }
+
+#[test]
+fn soak_runs_its_events_and_drains_to_idle() {
+    let csv = std::env::temp_dir().join(format!("tunnel-soak-test-{}.csv", std::process::id()));
+    let stdout = bench(&["soak", "--csv", csv.to_str().unwrap()]);
+    // The run itself fails (and so this test) if a request outlived its
+    // deadline or an exchange stayed in flight when idle.
+    let table = rows(&stdout, &["RSS", "open fds", "live tasks"]);
+    assert_eq!(table.len(), 3, "{stdout}");
+    assert!(stdout.contains("0 overdue"), "{stdout}");
+    assert!(stdout.contains("idle at the end: 0 in flight, 6 streams"), "{stdout}");
+    let events = stdout.lines().find(|l| l.starts_with("events:")).expect("events line");
+    assert!(!events.contains(" 0 client restarts") && !events.contains(" 0 reloads"), "{events}");
+    let samples = std::fs::read_to_string(&csv).unwrap();
+    let _ = std::fs::remove_file(&csv);
+    assert!(samples.lines().count() > 10, "a time series: {samples}");
+    // Every sample read each daemon: RSS, fds and tasks above zero.
+    for line in samples.lines().skip(1) {
+        let v: Vec<u64> = line.split(',').map(|c| c.parse().unwrap()).collect();
+        assert!(v[1] > 0 && v[2] > 0 && v[3] > 0, "server sample {line}");
+    }
+}

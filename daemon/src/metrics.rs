@@ -38,6 +38,43 @@ pub fn status_class(status: u32) -> String {
     format!("{}xx", status / 100)
 }
 
+/// What a leak would grow, read at each scrape: a soak (or an operator)
+/// watches these stay flat.
+#[derive(Default, Clone)]
+struct ProcessGauges {
+    resident_bytes: Gauge,
+    open_fds: Gauge,
+    tasks: Gauge,
+}
+
+impl ProcessGauges {
+    fn register(&self, registry: &mut Registry) {
+        registry.register_with_unit(
+            "process_resident_memory",
+            "Resident memory of the process",
+            Unit::Bytes,
+            self.resident_bytes.clone(),
+        );
+        registry.register("process_open_fds", "Open file descriptors of the process", self.open_fds.clone());
+        registry.register("runtime_alive_tasks", "Tasks alive on the async runtime", self.tasks.clone());
+    }
+
+    fn refresh(&self) {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let rss_kib: i64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0);
+        self.resident_bytes.set(rss_kib * 1024);
+        let fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count());
+        self.open_fds.set(fds as i64);
+        if let Ok(h) = tokio::runtime::Handle::try_current() {
+            self.tasks.set(h.metrics().num_alive_tasks() as i64);
+        }
+    }
+}
+
 /// The server's metrics.
 pub struct ServerMetrics {
     registry: Registry,
@@ -62,6 +99,7 @@ pub struct ServerMetrics {
     pub queue_depth: Gauge,
     /// 1 for each group's current config version.
     pub config_info: Family<Labels, Gauge>,
+    process: ProcessGauges,
 }
 
 impl Default for ServerMetrics {
@@ -81,8 +119,10 @@ impl Default for ServerMetrics {
             upgraded: Gauge::default(),
             queue_depth: Gauge::default(),
             config_info: Family::default(),
+            process: ProcessGauges::default(),
             registry: Registry::default(),
         };
+        m.process.register(&mut registry);
         registry.register("requests", "Public requests by group and status class", m.requests.clone());
         registry.register_with_unit(
             "request_duration",
@@ -117,6 +157,7 @@ impl Default for ServerMetrics {
 impl ServerMetrics {
     /// The text exposition.
     pub fn render(&self) -> String {
+        self.process.refresh();
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = encode(&mut out, &self.registry);
@@ -139,6 +180,7 @@ pub struct ClientMetrics {
     pub heartbeat_rtt: Histogram,
     /// 1 for the config version applied.
     pub config_info: Family<Labels, Gauge>,
+    process: ProcessGauges,
 }
 
 impl Default for ClientMetrics {
@@ -151,8 +193,10 @@ impl Default for ClientMetrics {
             upstream_errors: Family::default(),
             heartbeat_rtt: heartbeat_histogram(),
             config_info: Family::default(),
+            process: ProcessGauges::default(),
             registry: Registry::default(),
         };
+        m.process.register(&mut registry);
         registry.register("registrations", "Streams registered with the server", m.registrations.clone());
         registry.register("reconnects", "Sessions started after the first", m.reconnects.clone());
         registry.register_with_unit(
@@ -171,6 +215,7 @@ impl Default for ClientMetrics {
 impl ClientMetrics {
     /// The text exposition.
     pub fn render(&self) -> String {
+        self.process.refresh();
         let mut out = String::new();
         let _ = encode(&mut out, &self.registry);
         out
