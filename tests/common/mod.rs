@@ -3,7 +3,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::client::legacy::{connect::HttpConnector, Client as HttpClient};
@@ -52,6 +52,8 @@ pub struct Seen {
     pub heads: std::sync::Mutex<Vec<SeenHead>>,
     /// `/upload-sha` bodies read to their end: (request URI, length).
     pub whole_bodies: std::sync::Mutex<Vec<(String, usize)>>,
+    /// `/stream` responses whose reader went away before their end.
+    pub cut_streams: AtomicUsize,
 }
 
 /// A request head as the upstream parsed it.
@@ -140,7 +142,14 @@ async fn upstream_handler(
     seen.heads.lock().unwrap().push(SeenHead {
         method: req.method().to_string(),
         uri: req.uri().to_string(),
-        headers: req.headers().clone(),
+        // Copied, not cloned: a cloned value is a slice of hyper's read
+        // buffer and keeps all of it (~14 KiB a request), which the memory
+        // tests would count as the tunnel's growth.
+        headers: req
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.clone(), HeaderValue::from_bytes(v.as_bytes()).unwrap()))
+            .collect(),
     });
     seen.requests.fetch_add(1, Ordering::SeqCst);
     let mut probe = CancelProbe(seen.clone(), false);
@@ -158,6 +167,25 @@ async fn upstream_handler(
             let n = query(&req, "bytes").unwrap_or(0) as usize;
             let stream = tokio_stream::iter(pattern_chunks(n).map(|c| Ok::<_, Infallible>(Frame::data(c))));
             let mut r = Response::new(StreamBody::new(stream).boxed());
+            r.headers_mut().insert("content-length", n.into());
+            r
+        }
+        "/stream" => {
+            // /download, written by a task of its own, so that a response
+            // abandoned mid-way is counted (the task's next send fails).
+            let n = query(&req, "bytes").unwrap_or(0) as usize;
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+            let seen = seen.clone();
+            // Ends with the last chunk, or when the response is dropped.
+            tokio::spawn(async move {
+                for c in pattern_chunks(n) {
+                    if tx.send(Ok(Frame::data(c))).await.is_err() {
+                        seen.cut_streams.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
+                }
+            });
+            let mut r = Response::new(StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)).boxed());
             r.headers_mut().insert("content-length", n.into());
             r
         }
@@ -414,6 +442,11 @@ impl TestClient {
         let stop = CancellationToken::new();
         let done = rt.spawn(client.run(stop.clone().cancelled_owned()));
         TestClient { rt: Some(rt), status, stop, done: Some(done) }
+    }
+
+    /// Tasks alive on the client's runtime.
+    pub fn alive_tasks(&self) -> usize {
+        self.rt.as_ref().map_or(0, |rt| rt.metrics().num_alive_tasks())
     }
 
     /// Abrupt death: every task dropped, every socket closed, no goodbye.
