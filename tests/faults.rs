@@ -332,3 +332,54 @@ upstream = "reset_chunked"
     }
     server.stop().await;
 }
+
+/// Reloads under load: an unparsable file, then a file that parses but
+/// names a group that does not exist. Each is refused with its file, line
+/// and key in the log, the old config keeps serving, no request fails; the
+/// good file after them applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_reloads_under_load_lose_nothing_and_a_good_one_applies() {
+    use common::logs::{log_text, logs};
+    logs();
+    let (web, other) = (Upstream::start("web").await, Upstream::start("other").await);
+    let file = ConfigFile::new(SERVER);
+    let server = start_server(SERVER, Some(file.path.clone())).await;
+    let toml = client_toml(&server, "edge-1", "demo", "t-demo", "", &[("web", web.url()), ("other", other.url())]);
+    let _client = TestClient::start(&toml);
+    server.wait_streams(3).await;
+    let name = file.path.display().to_string();
+
+    let load = tokio::spawn(open_loop(server.url("/echo"), 50, Duration::from_secs(7), Duration::from_secs(3)));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    file.write(&format!("{SERVER}\n[[rules]\ngroup = \"demo\"\n"));
+    eventually("the unparsable file refused", WAIT, || {
+        log_text().lines().any(|l| l.contains("config reload refused") && l.contains(&format!("{name}:")))
+    })
+    .await;
+    let bad_group = SERVER.replace("group = \"demo\"\nupstream", "group = \"nope\"\nupstream");
+    file.write(&bad_group);
+    eventually("the invalid file refused, naming line and key", WAIT, || {
+        log_text().lines().any(|l| l.contains("config reload refused") && l.contains("rules[0].group"))
+    })
+    .await;
+    let refused: Vec<String> =
+        log_text().lines().filter(|l| l.contains("config reload refused")).map(str::to_string).collect();
+    println!("bad reloads: {}", refused.join("\n  "));
+    // A rule for /new ahead of the catch-all.
+    let good = SERVER.replace(
+        "[[rules]]\ngroup",
+        "[[rules]]\npath_prefix = \"/new\"\ngroup = \"demo\"\nupstream = \"other\"\n[[rules]]\ngroup",
+    );
+    file.write(&good);
+    let shared = server.shared.clone();
+    eventually("the good file applied", WAIT, || shared.config().rules.rules().iter().any(|r| r.path_prefix == "/new"))
+        .await;
+    let got = get(&server.url("/new/x")).await;
+    assert_eq!((got.status.as_u16(), got.headers["x-upstream"].to_str().unwrap()), (200, "other"));
+    let out = load.await.unwrap();
+    println!("bad reloads: {}", summary(&out));
+    assert!(out.iter().all(Outcome::ok), "{}", summary(&out));
+    let text = server.shared.render_metrics();
+    assert!(text.contains("tunnel_config_reloads_total{result=\"failed\"} 2"), "{text}");
+    server.stop().await;
+}

@@ -6,58 +6,20 @@
 
 mod common;
 
+use common::logs::{clear_logs, log_text, logs};
 use common::pki::{Ca, TempDir};
 use common::ws::{ws_config, WsUpstream};
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use http::StatusCode;
 use rcgen::ExtendedKeyUsagePurpose;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
 use tunnel_daemon::server::reload::{self, Reload};
 use tunnel_lib::config::ServerConfig;
 use tunnel_lib::tls::rustls;
-
-// ------------------------------------------------------------------ logs
-
-/// Every log line of both daemons in this test binary. The tests here take
-/// SERIAL, so the lines since a test cleared the buffer are its own.
-fn logs() -> &'static Arc<Mutex<Vec<u8>>> {
-    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let buf = Arc::new(Mutex::new(Vec::new()));
-        let sink = buf.clone();
-        tracing_subscriber::fmt()
-            .with_env_filter("info,tunnel_daemon=debug,h2=off,hyper=off,tonic=off,rustls=off")
-            .with_ansi(false)
-            .with_writer(move || LogWriter(sink.clone()))
-            .init();
-        buf
-    })
-}
-
-struct LogWriter(Arc<Mutex<Vec<u8>>>);
-
-impl Write for LogWriter {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn log_text() -> String {
-    String::from_utf8_lossy(&logs().lock().unwrap()).into_owned()
-}
-
-fn clear_logs() {
-    logs().lock().unwrap().clear();
-}
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
