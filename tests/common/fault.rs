@@ -16,6 +16,8 @@ pub struct Relay {
     pub addr: SocketAddr,
     frozen: watch::Sender<bool>,
     stop: CancellationToken,
+    /// Ends the connections open now (a `cut`); replaced for later ones.
+    current: Arc<Mutex<CancellationToken>>,
 }
 
 impl Relay {
@@ -24,7 +26,8 @@ impl Relay {
         let addr = listener.local_addr().unwrap();
         let (frozen, _) = watch::channel(false);
         let stop = CancellationToken::new();
-        let (tx, stop2) = (frozen.clone(), stop.clone());
+        let current = Arc::new(Mutex::new(stop.child_token()));
+        let (tx, stop2, current2) = (frozen.clone(), stop.clone(), current.clone());
         tokio::spawn(async move {
             loop {
                 let down = tokio::select! {
@@ -34,11 +37,19 @@ impl Relay {
                 let Ok(up) = TcpStream::connect(target).await else { continue };
                 let (dr, dw) = down.into_split();
                 let (ur, uw) = up.into_split();
-                tokio::spawn(pipe(dr, uw, tx.subscribe(), stop2.clone()));
-                tokio::spawn(pipe(ur, dw, tx.subscribe(), stop2.clone()));
+                let generation = current2.lock().unwrap().clone();
+                tokio::spawn(pipe(dr, uw, tx.subscribe(), generation.clone()));
+                tokio::spawn(pipe(ur, dw, tx.subscribe(), generation));
             }
         });
-        Relay { addr, frozen, stop }
+        Relay { addr, frozen, stop, current }
+    }
+
+    /// Closes every connection through the relay now; new ones pass.
+    pub fn cut(&self) {
+        let mut g = self.current.lock().unwrap();
+        g.cancel();
+        *g = self.stop.child_token();
     }
 
     /// Stops moving bytes; nothing is closed.
@@ -67,16 +78,24 @@ async fn pipe(
 ) {
     let mut buf = vec![0u8; 16 << 10];
     loop {
-        if frozen.wait_for(|f| !*f).await.is_err() {
-            return;
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = frozen.wait_for(|f| !*f) => if r.is_err() { return },
         }
         let n = tokio::select! {
             _ = stop.cancelled() => return,
             r = r.read(&mut buf) => match r { Ok(0) | Err(_) => break, Ok(n) => n },
         };
         // Frozen while reading: hold what was read until thawed.
-        let _ = frozen.wait_for(|f| !*f).await;
-        if w.write_all(&buf[..n]).await.is_err() {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = frozen.wait_for(|f| !*f) => {}
+        }
+        let wrote = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = w.write_all(&buf[..n]) => r,
+        };
+        if wrote.is_err() {
             break;
         }
     }
@@ -281,9 +300,12 @@ pub async fn open_loop(url: String, rate: u32, length: Duration, deadline: Durat
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut running = JoinSet::new();
     let total = (length.as_secs_f64() * rate as f64) as usize;
-    for _ in 0..total {
+    for i in 0..total {
         tick.tick().await;
-        let (client, url) = (client.clone(), url.clone());
+        // A unique query per request: the echo names it back, so a response
+        // that reached the wrong request shows.
+        let sep = if url.contains('?') { '&' } else { '?' };
+        let (client, url, id) = (client.clone(), format!("{url}{sep}n={i}"), format!("n={i}"));
         let at = start.elapsed();
         running.spawn(async move {
             let sent = Instant::now();
@@ -291,6 +313,11 @@ pub async fn open_loop(url: String, rate: u32, length: Duration, deadline: Durat
                 let resp = client.request(Request::get(url).body(empty()).unwrap()).await?;
                 let status = resp.status().as_u16();
                 let upstream = resp.headers().get("x-upstream").and_then(|v| v.to_str().ok()).map(str::to_string);
+                if let Some(seen) = resp.headers().get("x-seen-uri").and_then(|v| v.to_str().ok()) {
+                    if !seen.ends_with(&id) {
+                        return Err(format!("wrong response: {id} answered with {seen}").into());
+                    }
+                }
                 resp.into_body().collect().await?;
                 Ok::<_, Box<dyn std::error::Error + Send + Sync>>((status, upstream))
             })
