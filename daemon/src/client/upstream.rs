@@ -18,6 +18,8 @@ use tunnel_lib::config::{ClientConfig, Upstream};
 use tunnel_lib::frame::{self, strip_hop_by_hop, DEFAULT_EXCHANGE_WINDOW};
 use tunnel_lib::proto::{self, exchange_error::Kind, tunnel_message::Payload};
 
+/// Largest read buffer of an HTTP/1.1 upstream connection.
+const UPSTREAM_READ_BUFFER: usize = 64 << 10;
 /// Added to the server's timeout for our own.
 const TIMEOUT_BACKSTOP: Duration = Duration::from_secs(1);
 /// Used when a request carries no timeout.
@@ -41,7 +43,13 @@ impl Upstreams {
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(cfg.upstream_connect_timeout));
         let mut builder = Client::builder(TokioExecutor::new());
-        builder.pool_idle_timeout(cfg.upstream_idle_timeout).pool_timer(TokioTimer::new());
+        builder
+            .pool_idle_timeout(cfg.upstream_idle_timeout)
+            .pool_timer(TokioTimer::new())
+            // hyper's read buffer grows to 400 KiB on a fast body and keeps
+            // it while the exchange waits for credit: 0.4 MiB per stalled
+            // download. Chunks cross the tunnel at 64 KiB at most anyway.
+            .http1_max_buf_size(UPSTREAM_READ_BUFFER);
         let http1 = builder.build(connector.clone());
         let h2c = builder
             .http2_only(true)
