@@ -17,21 +17,6 @@ use common::fault::*;
 use common::*;
 use std::time::{Duration, Instant};
 
-const SERVER: &str = r#"
-[server]
-heartbeat_timeout = "3s"
-shutdown_grace = "2s"
-[[groups]]
-name = "demo"
-token = "t-demo"
-heartbeat_interval = "1s"
-data_streams = 2
-[[rules]]
-group = "demo"
-upstream = "web"
-timeout = "2s"
-"#;
-
 /// Request deadline: the rule's 2 s timeout and a margin.
 const DEADLINE: Duration = Duration::from_secs(3);
 
@@ -61,19 +46,13 @@ fn schedule(seed: u64) -> Vec<(Duration, usize, Fault)> {
         .collect()
 }
 
-fn client_toml(grpc: std::net::SocketAddr, id: &str, up: &Upstream) -> String {
-    format!(
-        "server = \"http://{grpc}\"\nclient_id = \"{id}\"\ngroup = \"demo\"\ntoken = \"t-demo\"\nreconnect_min = \"100ms\"\nreconnect_max = \"1s\"\nconnect_timeout = \"1s\"\nshutdown_grace = \"1s\"\n[upstreams]\nweb = \"{}\"\n",
-        up.url()
-    )
-}
-
 async fn run_seed(seed: u64) {
     let ups = [Upstream::start("a").await, Upstream::start("b").await];
-    let server = start_server(SERVER, None).await;
+    let server = start_server(FAULT_SERVER, None).await;
     let relays = [Relay::start(server.grpc).await, Relay::start(server.grpc).await];
     let ids = ["edge-a", "edge-b"];
-    let tomls: Vec<String> = (0..2).map(|i| client_toml(relays[i].addr, ids[i], &ups[i])).collect();
+    let tomls: Vec<String> =
+        (0..2).map(|i| client_of(relays[i].addr, ids[i], &ups[i], "connect_timeout = \"1s\"")).collect();
     let mut clients: Vec<Option<TestClient>> = tomls.iter().map(|t| Some(TestClient::start(t))).collect();
     server.wait_streams(6).await;
 

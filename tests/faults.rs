@@ -12,31 +12,6 @@ use common::*;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-/// A group of two clients, edge-a and edge-b, each with its own recording
-/// upstream (they answer `x-upstream: a` and `b`); 1 s heartbeats reaped
-/// after 3 s; rules time out at 2 s.
-const SERVER: &str = r#"
-[server]
-heartbeat_timeout = "3s"
-shutdown_grace = "2s"
-[[groups]]
-name = "demo"
-token = "t-demo"
-heartbeat_interval = "1s"
-data_streams = 2
-[[rules]]
-group = "demo"
-upstream = "web"
-timeout = "2s"
-"#;
-
-fn client_of(grpc: std::net::SocketAddr, id: &str, upstream: &Upstream, extra: &str) -> String {
-    format!(
-        "server = \"http://{grpc}\"\nclient_id = \"{id}\"\ngroup = \"demo\"\ntoken = \"t-demo\"\nreconnect_min = \"100ms\"\nreconnect_max = \"1s\"\nshutdown_grace = \"2s\"\n{extra}\n[upstreams]\nweb = \"{}\"\n",
-        upstream.url()
-    )
-}
-
 async fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
     let start = Instant::now();
     eventually(what, limit, &mut f).await;
@@ -49,7 +24,7 @@ async fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> D
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_client_fails_only_its_requests() {
     let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
-    let server = start_server(SERVER, None).await;
+    let server = start_server(FAULT_SERVER, None).await;
     let client_a = TestClient::start(&client_of(server.grpc, "edge-a", &a, ""));
     let _client_b = TestClient::start(&client_of(server.grpc, "edge-b", &b, ""));
     server.wait_streams(6).await;
@@ -113,7 +88,7 @@ async fn dead_client_fails_only_its_requests() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frozen_link_is_routed_around_and_recovers() {
     let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
-    let server = start_server(SERVER, None).await;
+    let server = start_server(FAULT_SERVER, None).await;
     let relay = Relay::start(server.grpc).await;
     let _client_a = TestClient::start(&client_of(relay.addr, "edge-a", &a, ""));
     let _client_b = TestClient::start(&client_of(server.grpc, "edge-b", &b, ""));
@@ -201,7 +176,7 @@ async fn tarpit_server_costs_a_connect_timeout_then_backoff() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crashed_server_restarted_on_same_ports_gets_its_clients_back() {
     let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
-    let server = OwnServer::start(SERVER, None);
+    let server = OwnServer::start(FAULT_SERVER, None);
     let addrs = server.addrs();
     let _client_a = TestClient::start(&client_of(server.grpc, "edge-a", &a, ""));
     let _client_b = TestClient::start(&client_of(server.grpc, "edge-b", &b, ""));
@@ -214,7 +189,7 @@ async fn crashed_server_restarted_on_same_ports_gets_its_clients_back() {
     // Down a moment: the clients' first retries find nothing listening.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let restarted = Instant::now();
-    let server = OwnServer::start(SERVER, Some(addrs));
+    let server = OwnServer::start(FAULT_SERVER, Some(addrs));
     let shared = server.shared.clone();
     let back = wait_for("both clients back", Duration::from_secs(5), || {
         let s = shared.registry.streams();
@@ -342,8 +317,8 @@ async fn bad_reloads_under_load_lose_nothing_and_a_good_one_applies() {
     use common::logs::{log_text, logs};
     logs();
     let (web, other) = (Upstream::start("web").await, Upstream::start("other").await);
-    let file = ConfigFile::new(SERVER);
-    let server = start_server(SERVER, Some(file.path.clone())).await;
+    let file = ConfigFile::new(FAULT_SERVER);
+    let server = start_server(FAULT_SERVER, Some(file.path.clone())).await;
     let toml = client_toml(&server, "edge-1", "demo", "t-demo", "", &[("web", web.url()), ("other", other.url())]);
     let _client = TestClient::start(&toml);
     server.wait_streams(3).await;
@@ -351,12 +326,12 @@ async fn bad_reloads_under_load_lose_nothing_and_a_good_one_applies() {
 
     let load = tokio::spawn(open_loop(server.url("/echo"), 50, Duration::from_secs(7), Duration::from_secs(3)));
     tokio::time::sleep(Duration::from_millis(500)).await;
-    file.write(&format!("{SERVER}\n[[rules]\ngroup = \"demo\"\n"));
+    file.write(&format!("{FAULT_SERVER}\n[[rules]\ngroup = \"demo\"\n"));
     eventually("the unparsable file refused", WAIT, || {
         log_text().lines().any(|l| l.contains("config reload refused") && l.contains(&format!("{name}:")))
     })
     .await;
-    let bad_group = SERVER.replace("group = \"demo\"\nupstream", "group = \"nope\"\nupstream");
+    let bad_group = FAULT_SERVER.replace("group = \"demo\"\nupstream", "group = \"nope\"\nupstream");
     file.write(&bad_group);
     eventually("the invalid file refused, naming line and key", WAIT, || {
         log_text().lines().any(|l| l.contains("config reload refused") && l.contains("rules[0].group"))
@@ -366,7 +341,7 @@ async fn bad_reloads_under_load_lose_nothing_and_a_good_one_applies() {
         log_text().lines().filter(|l| l.contains("config reload refused")).map(str::to_string).collect();
     println!("bad reloads: {}", refused.join("\n  "));
     // A rule for /new ahead of the catch-all.
-    let good = SERVER.replace(
+    let good = FAULT_SERVER.replace(
         "[[rules]]\ngroup",
         "[[rules]]\npath_prefix = \"/new\"\ngroup = \"demo\"\nupstream = \"other\"\n[[rules]]\ngroup",
     );

@@ -8,6 +8,7 @@
 
 mod common;
 
+use common::fault::rss_mib;
 use common::*;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -127,16 +128,6 @@ async fn read_frames(mut r: OwnedReadHalf, heard: Arc<Heard>) {
         }
     }
     heard.closed.store(true, Ordering::SeqCst);
-}
-
-fn rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0.0);
-    kib / 1024.0
 }
 
 /// Normal requests through the tunnel every 20 ms while an abuse runs;

@@ -9,6 +9,7 @@ mod common;
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+use common::fault::{open_fds, rss_mib};
 use common::*;
 use http::Request;
 use std::sync::atomic::Ordering;
@@ -16,19 +17,8 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-fn rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0.0);
-    kib / 1024.0
-}
-
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
-}
+/// One test at a time: both measure the whole process's memory.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn alive_tasks() -> usize {
     tokio::runtime::Handle::current().metrics().num_alive_tasks()
@@ -62,6 +52,7 @@ async fn p99(url: &str, n: usize) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trickle_reader_slows_no_one_and_costs_bounded_memory() {
+    let _serial = SERIAL.lock().await;
     let (server, _client, _up) = tunnel().await;
     let url = server.url("/echo");
     let base = p99(&url, 200).await;
@@ -97,6 +88,7 @@ async fn trickle_reader_slows_no_one_and_costs_bounded_memory() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vanished_clients_leave_nothing_behind() {
+    let _serial = SERIAL.lock().await;
     let (server, client, up) = tunnel().await;
     // Warm up: pools and buffers exist before the baseline.
     for _ in 0..20 {

@@ -5,7 +5,7 @@
 //! ten reloads of server.toml by SIGHUP, and SIGTERM on the server with 50
 //! slow requests in flight.
 
-use crate::procs::{self, free_port, spawn, TempDir};
+use crate::procs::{self, free_port, signal, spawn, TempDir};
 use anyhow::{bail, Context as _};
 use std::ffi::OsStr;
 use std::net::SocketAddr;
@@ -178,15 +178,6 @@ impl Fleet {
         self.start_client(i)?;
         Ok(status)
     }
-}
-
-fn signal(child: &Child, sig: &str) -> anyhow::Result<()> {
-    let pid = child.id().context("process running")?;
-    let ok = std::process::Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status()?.success();
-    if !ok {
-        bail!("kill -{sig} {pid} failed");
-    }
-    Ok(())
 }
 
 /// Runs the three cells and prints the table.

@@ -66,6 +66,16 @@ pub fn which(name: &str) -> Option<PathBuf> {
     dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
 }
 
+/// Sends `kill -SIG` to a child.
+pub fn signal(child: &Child, sig: &str) -> anyhow::Result<()> {
+    let pid = child.id().context("process running")?;
+    let ok = std::process::Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status()?.success();
+    if !ok {
+        bail!("kill -{sig} {pid} failed");
+    }
+    Ok(())
+}
+
 /// A field of /proc/PID/status in KiB (VmRSS, VmHWM), 0 when unreadable.
 pub fn status_kib(pid: u32, field: &str) -> u64 {
     let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return 0 };

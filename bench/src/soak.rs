@@ -8,7 +8,7 @@
 //! warm-up, whether the gauges went back to zero when idle, and whether any
 //! request outlived its deadline.
 
-use crate::procs::{self, free_port, spawn, TempDir};
+use crate::procs::{self, free_port, signal, spawn, TempDir};
 use anyhow::{bail, Context as _};
 use std::ffi::OsStr;
 use std::io::Write as _;
@@ -291,15 +291,6 @@ impl Fleet {
         std::fs::write(&self.server_config, server_toml(http, grpc, admin, metrics, variant))?;
         signal(&self.server.child, "HUP")
     }
-}
-
-fn signal(child: &Child, sig: &str) -> anyhow::Result<()> {
-    let pid = child.id().context("process running")?;
-    let ok = std::process::Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status()?.success();
-    if !ok {
-        bail!("kill -{sig} {pid} failed");
-    }
-    Ok(())
 }
 
 fn median(mut v: Vec<u64>) -> u64 {

@@ -9,6 +9,32 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
+/// A group of clients with 1 s heartbeats reaped after 3 s, and one rule
+/// that times out at 2 s: the server the fault and chaos tests run.
+pub const FAULT_SERVER: &str = r#"
+[server]
+heartbeat_timeout = "3s"
+shutdown_grace = "2s"
+[[groups]]
+name = "demo"
+token = "t-demo"
+heartbeat_interval = "1s"
+data_streams = 2
+[[rules]]
+group = "demo"
+upstream = "web"
+timeout = "2s"
+"#;
+
+/// A client.toml for `FAULT_SERVER`'s group: quick reconnects, `extra` keys,
+/// and its upstream "web".
+pub fn client_of(grpc: SocketAddr, id: &str, upstream: &Upstream, extra: &str) -> String {
+    format!(
+        "server = \"http://{grpc}\"\nclient_id = \"{id}\"\ngroup = \"demo\"\ntoken = \"t-demo\"\nreconnect_min = \"100ms\"\nreconnect_max = \"1s\"\nshutdown_grace = \"2s\"\n{extra}\n[upstreams]\nweb = \"{}\"\n",
+        upstream.url()
+    )
+}
+
 /// A TCP relay to `target`. Frozen, it moves no byte either way and closes
 /// nothing: to both ends it looks like a peer that froze, or a link that
 /// black-holes its packets.
@@ -339,6 +365,22 @@ pub async fn open_loop(url: String, rate: u32, length: Duration, deadline: Durat
     bound.await.expect("every request ends by its deadline");
     out.sort_by_key(|o| o.at);
     out
+}
+
+/// Resident memory of this process (the daemons the test runs in it), MiB.
+pub fn rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
+    kib / 1024.0
+}
+
+/// Open file descriptors of this process.
+pub fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
 }
 
 /// A one-line summary: counts by status, worst latency.
