@@ -31,7 +31,7 @@ for t in "${targets[@]}"; do
     log="fuzz/artifacts/$t.log"
     mkdir -p fuzz/artifacts
     status=0
-    cargo +nightly fuzz run -s none "$t" "fuzz/corpus/$t" "${seeds[@]}" -- \
+    cargo +nightly fuzz run -s none "$t" "fuzz/corpus/$t" ${seeds[@]+"${seeds[@]}"} -- \
         -max_total_time="$secs" -rss_limit_mb=512 -timeout=10 -print_final_stats=1 >"$log" 2>&1 || status=$?
     grep -E '^(Done|stat::number_of_executed_units|stat::peak_rss_mb)' "$log" || true
     if [ "$status" -ne 0 ]; then

@@ -4,7 +4,7 @@
 //! clients of one group under an open-loop load. For every seed: every
 //! public request ends before its deadline, no response reaches the wrong
 //! request, and after the last repair both clients serve again within the
-//! reconnect cap plus a heartbeat. The schedule is reproducible from its
+//! reconnect cap plus a heartbeat timeout. The schedule is reproducible from its
 //! seed; the timing of real sockets is not (turmoil would make it so, but
 //! the transport runs on tokio's own sockets: docs/reliability.md).
 //!
@@ -30,20 +30,37 @@ enum Fault {
     Crash(Duration),
 }
 
+/// Four faults at random times, each on a client no other fault holds at
+/// that moment (a fault on a client already down would change the plan
+/// silently: a thaw ending two holds, a crash of a dead client).
 fn schedule(seed: u64) -> Vec<(Duration, usize, Fault)> {
     let mut rng = fastrand::Rng::with_seed(seed);
     let mut at = Duration::from_millis(500);
-    (0..4)
-        .map(|_| {
-            at += Duration::from_millis(rng.u64(300..1200));
-            let fault = match rng.u8(0..3) {
-                0 => Fault::Hold(Duration::from_millis(rng.u64(200..2500))),
-                1 => Fault::Cut,
-                _ => Fault::Crash(Duration::from_millis(rng.u64(0..1000))),
+    let mut busy_until = [Duration::ZERO; 2];
+    let mut plan = Vec::new();
+    for _ in 0..4 {
+        at += Duration::from_millis(rng.u64(300..1200));
+        let mut who = rng.usize(0..2);
+        if busy_until[who] > at {
+            who = 1 - who;
+        }
+        if busy_until[who] > at {
+            who = if busy_until[0] <= busy_until[1] { 0 } else { 1 };
+            at = busy_until[who] + Duration::from_millis(100);
+        }
+        let fault = match rng.u8(0..3) {
+            0 => Fault::Hold(Duration::from_millis(rng.u64(200..2500))),
+            1 => Fault::Cut,
+            _ => Fault::Crash(Duration::from_millis(rng.u64(0..1000))),
+        };
+        busy_until[who] = at
+            + match fault {
+                Fault::Hold(d) | Fault::Crash(d) => d,
+                Fault::Cut => Duration::ZERO,
             };
-            (at, rng.usize(0..2), fault)
-        })
-        .collect()
+        plan.push((at, who, fault));
+    }
+    plan
 }
 
 async fn run_seed(seed: u64) {

@@ -1035,16 +1035,16 @@ impl ClientConfig {
         };
         let connect_timeout =
             duration_key(&src, &raw.connect_timeout, "connect_timeout", DEFAULT_CONNECT_TIMEOUT, TENTH)?;
-        let reconnect_min = duration_key(&src, &raw.reconnect_min, "reconnect_min", DEFAULT_RECONNECT_MIN, TENTH)?;
         let reconnect_max = duration_key(&src, &raw.reconnect_max, "reconnect_max", DEFAULT_RECONNECT_MAX, TENTH)?;
-        if reconnect_min > reconnect_max {
-            let at = raw.reconnect_min.as_ref().or(raw.reconnect_max.as_ref());
-            return Err(src.error(
-                at.map(|d| d.span().start),
-                "reconnect_min",
-                format!("must not exceed reconnect_max ({})", humantime::format_duration(reconnect_max)),
-            ));
-        }
+        // Unset, the first step follows a small cap down; set, it must fit under it.
+        let reconnect_min = match &raw.reconnect_min {
+            None => DEFAULT_RECONNECT_MIN.min(reconnect_max),
+            Some(d) if d.get_ref().0 > reconnect_max => {
+                let cap = humantime::format_duration(reconnect_max);
+                return Err(src.at(d, "reconnect_min", format!("must not exceed reconnect_max ({cap})")));
+            }
+            Some(_) => duration_key(&src, &raw.reconnect_min, "reconnect_min", DEFAULT_RECONNECT_MIN, TENTH)?,
+        };
         let mut upstreams = BTreeMap::new();
         for (name, entry) in &raw.upstreams {
             let (url, http2) = match entry.get_ref() {
@@ -1307,6 +1307,9 @@ timeout = "30s"
         let c = ClientConfig::from_str_named(client, "c").expect("valid");
         assert_eq!((c.reconnect_min, c.reconnect_max), (DEFAULT_RECONNECT_MIN, DEFAULT_RECONNECT_MAX));
         assert_eq!(c.upstream_connect_timeout, DEFAULT_UPSTREAM_CONNECT_TIMEOUT);
+        let small_cap =
+            ClientConfig::from_str_named(&format!("{client}reconnect_max = \"100ms\"\n"), "c").expect("valid");
+        assert_eq!(small_cap.reconnect_min, Duration::from_millis(100), "the default first step follows the cap down");
         let c = ClientConfig::from_str_named(
             &format!("{client}reconnect_min = \"1s\"\nping_interval = \"5s\"\nupstream_idle_timeout = \"2s\"\n"),
             "c",

@@ -61,11 +61,12 @@ impl<'de> Deserialize<'de> for ByteSize {
 /// a huge file by mistake must fail with a message, not hang or fill memory.
 pub fn read_bounded(path: &std::path::Path, limit: u64) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
-    let file = std::fs::File::open(path)?;
-    let meta = file.metadata()?;
-    if !meta.is_file() {
+    // Checked before opening: opening a FIFO blocks until a writer comes.
+    if !std::fs::metadata(path)?.is_file() {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"));
     }
+    let file = std::fs::File::open(path)?;
+    let meta = file.metadata()?;
     let mut out = Vec::with_capacity(meta.len().min(limit) as usize);
     file.take(limit + 1).read_to_end(&mut out)?;
     if out.len() as u64 > limit {
@@ -92,6 +93,14 @@ mod tests {
     fn bounded_reads_refuse_devices_and_huge_files() {
         let e = read_bounded(std::path::Path::new("/dev/zero"), 1024).expect_err("a device");
         assert!(e.to_string().contains("not a regular file"), "{e}");
+        // A FIFO with no writer: opening it would block forever.
+        let fifo = std::env::temp_dir().join(format!("tunnel-fifo-{}", std::process::id()));
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status().is_ok_and(|s| s.success());
+        if made {
+            let e = read_bounded(&fifo, 1024).expect_err("a FIFO");
+            assert!(e.to_string().contains("not a regular file"), "{e}");
+            let _ = std::fs::remove_file(&fifo);
+        }
         let path = std::env::temp_dir().join(format!("tunnel-bounded-{}", std::process::id()));
         std::fs::write(&path, vec![b'x'; 2048]).expect("temp file");
         let e = read_bounded(&path, 1024).expect_err("too large");

@@ -171,6 +171,13 @@ async fn upstream_handler(
             r.headers_mut().insert("content-length", n.into());
             r
         }
+        "/bighead" => {
+            // A response head of about `bytes`, in one header.
+            let n = query(&req, "bytes").unwrap_or(0) as usize;
+            let mut r = Response::new(full("big head"));
+            r.headers_mut().insert("x-big", HeaderValue::from_str(&"h".repeat(n)).unwrap());
+            r
+        }
         "/stream" => {
             // /download, written by a task of its own, so that a response
             // abandoned mid-way is counted (the task's next send fails).
@@ -353,9 +360,12 @@ impl ConfigFile {
         ConfigFile { path }
     }
 
-    /// Replaces the file's contents (the server notices within a second).
+    /// Replaces the file's contents (the server notices within a second),
+    /// atomically: a poll must never read it truncated and half written.
     pub fn write(&self, text: &str) {
-        std::fs::write(&self.path, text).unwrap();
+        let tmp = self.path.with_extension("toml.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &self.path).unwrap();
     }
 }
 

@@ -4,7 +4,9 @@
 //! a wedged server) a session would only notice at its first registration's
 //! timeout. This dialer reports the first byte the server sends (its HTTP/2
 //! SETTINGS, or with TLS its ServerHello), so that connecting can wait for
-//! proof of life within `connect_timeout`.
+//! proof of life within `connect_timeout`. With TLS that proof is the
+//! handshake itself: a TLS terminator in front of a wedged server passes,
+//! and the registration timeout is what notices it.
 
 use hyper_util::rt::TokioIo;
 use std::future::Future;
@@ -22,15 +24,33 @@ use tonic::codegen::Service;
 #[derive(Clone)]
 pub struct Dialer {
     tcp_keepalive: Duration,
+    connect_timeout: Duration,
     heard: Arc<Mutex<Option<oneshot::Sender<()>>>>,
 }
 
 impl Dialer {
     /// A dialer, and what resolves when its connection's first byte arrives.
-    pub fn new(tcp_keepalive: Duration) -> (Dialer, oneshot::Receiver<()>) {
+    pub fn new(tcp_keepalive: Duration, connect_timeout: Duration) -> (Dialer, oneshot::Receiver<()>) {
         let (tx, rx) = oneshot::channel();
-        (Dialer { tcp_keepalive, heard: Arc::new(Mutex::new(Some(tx))) }, rx)
+        (Dialer { tcp_keepalive, connect_timeout, heard: Arc::new(Mutex::new(Some(tx))) }, rx)
     }
+}
+
+/// Tries each address in turn, each with its share of `within`: a name
+/// whose first address black-holes (IPv6 on an IPv4-only path) still
+/// reaches the next before the connect timeout.
+async fn connect_any(host: &str, port: u16, within: Duration) -> io::Result<TcpStream> {
+    let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host, port)).await?.collect();
+    let share = within / u32::try_from(addrs.len().max(1)).unwrap_or(u32::MAX);
+    let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{host} resolved to no address"));
+    for addr in addrs {
+        match tokio::time::timeout(share, TcpStream::connect(addr)).await {
+            Ok(Ok(tcp)) => return Ok(tcp),
+            Ok(Err(e)) => last = e,
+            Err(_) => last = io::Error::new(io::ErrorKind::TimedOut, format!("{addr}: no answer within {share:?}")),
+        }
+    }
+    Err(last)
 }
 
 impl Service<http::Uri> for Dialer {
@@ -49,10 +69,11 @@ impl Service<http::Uri> for Dialer {
                 uri.host().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "server URL has no host"))?;
             let host = host.trim_start_matches('[').trim_end_matches(']');
             let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
-            let tcp = TcpStream::connect((host, port)).await?;
-            tcp.set_nodelay(true)?;
+            let tcp = connect_any(host, port, this.connect_timeout).await?;
+            // Tuning that fails costs speed or dead-peer detection, not the connection.
+            let _ = tcp.set_nodelay(true);
             let keepalive = socket2::TcpKeepalive::new().with_time(this.tcp_keepalive);
-            socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive)?;
+            let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
             let heard = this.heard.lock().unwrap_or_else(|e| e.into_inner()).take();
             Ok(TokioIo::new(Heard { tcp, heard }))
         })

@@ -94,7 +94,7 @@ async fn connect(cfg: &ClientConfig) -> anyhow::Result<Channel> {
     if let Some(tls) = &cfg.tls {
         ep = ep.tls_config(client_tls(&cfg.server, tls)?).context("TLS settings")?;
     }
-    let (dialer, heard) = super::dial::Dialer::new(cfg.tcp_keepalive);
+    let (dialer, heard) = super::dial::Dialer::new(cfg.tcp_keepalive, cfg.connect_timeout);
     // Connected means the server spoke: TCP, TLS, and its first bytes, all
     // within connect_timeout (a tarpit costs this, not a registration timeout).
     let connected = tokio::time::timeout(cfg.connect_timeout, async {
@@ -120,7 +120,7 @@ async fn connect(cfg: &ClientConfig) -> anyhow::Result<Channel> {
     match connected {
         Ok(r) => r,
         Err(_) => bail!(
-            "no connection to {} within {:?} (connect_timeout: TCP, TLS and the server's HTTP/2 greeting)",
+            "no connection to {} within {:?} (connect_timeout: TCP, TLS, and the server's first bytes)",
             cfg.server,
             cfg.connect_timeout
         ),
@@ -130,7 +130,10 @@ async fn connect(cfg: &ClientConfig) -> anyhow::Result<Channel> {
 /// tonic's TLS settings from client.toml's `[tls]`. The files are read at
 /// every connection, so renewed certificates apply at the next reconnect.
 fn client_tls(server: &http::Uri, tls: &ClientTls) -> anyhow::Result<ClientTlsConfig> {
-    let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    // Bounded, and refusing a FIFO or device: this runs at every connect.
+    let read = |p: &std::path::Path| {
+        tunnel_lib::units::read_bounded(p, 1 << 20).with_context(|| format!("reading {}", p.display()))
+    };
     let mut c = ClientTlsConfig::new();
     c = match &tls.ca {
         Some(ca) => c.ca_certificate(Certificate::from_pem(read(ca)?)),

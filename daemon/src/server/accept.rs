@@ -208,7 +208,9 @@ async fn handshake(
     tls: Option<Arc<rustls::ServerConfig>>,
     bound: Duration,
 ) -> Result<MaybeTls, Option<String>> {
-    let first = match tokio::time::timeout(bound, first_byte(&tcp)).await {
+    // One deadline for the first byte and the TLS handshake together.
+    let deadline = tokio::time::Instant::now() + bound;
+    let first = match tokio::time::timeout_at(deadline, first_byte(&tcp)).await {
         Err(_) => return Err(Some(format!("the peer sent nothing within {bound:?}; connection closed"))),
         // Closed before a byte: a port probe, nothing to say.
         Ok(None) => return Err(None),
@@ -223,7 +225,7 @@ async fn handshake(
     if first != TLS_HANDSHAKE_RECORD {
         return Err(Some("a plaintext client on the TLS port; refused (its server URL must be https://)".into()));
     }
-    match tokio::time::timeout(bound, TlsAcceptor::from(cfg).accept(tcp)).await {
+    match tokio::time::timeout_at(deadline, TlsAcceptor::from(cfg).accept(tcp)).await {
         Err(_) => Err(Some(format!("TLS handshake not done within {bound:?}; connection closed"))),
         Ok(Err(e)) => Err(Some(format!("TLS handshake failed: {}", handshake_error(&e)))),
         Ok(Ok(s)) => Ok(MaybeTls::Tls(Box::new(s))),

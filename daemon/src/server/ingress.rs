@@ -199,9 +199,16 @@ impl Public {
         tokio::pin!(conn);
         let mut check_at = tokio::time::Instant::now() + header_timeout;
         let mut finishing = false;
+        // Set once an idle connection was asked to close: a peer that does
+        // not read cannot be sent the GOAWAY, and would hold it open.
+        let mut drop_at: Option<tokio::time::Instant> = None;
         let result = loop {
             tokio::select! {
                 r = conn.as_mut() => break r,
+                _ = tokio::time::sleep_until(drop_at.unwrap_or(check_at)), if drop_at.is_some() => {
+                    tracing::debug!(%peer, "idle connection did not close within {header_timeout:?} of being asked; dropped");
+                    return;
+                }
                 _ = ctx.draining.cancelled(), if !finishing => {
                     // Requests in flight finish; an idle connection closes at once.
                     finishing = true;
@@ -223,6 +230,7 @@ impl Public {
                         Verdict::Idle => {
                             tracing::debug!(%peer, "keep-alive connection idle for {keepalive:?}; closing it");
                             finishing = true;
+                            drop_at = Some(tokio::time::Instant::now() + header_timeout);
                             conn.as_mut().graceful_shutdown();
                         }
                     }

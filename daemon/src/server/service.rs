@@ -35,8 +35,9 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, stop: Cancellatio
     let incoming = super::accept::link_connections(svc_shared, listener, stop.clone());
     tonic::transport::Server::builder()
         .max_concurrent_streams(Some(s.max_streams_per_connection))
-        // tonic passes no cap by default, which turns off h2's protection
-        // against reset floods.
+        // Ours, not the stack's: tonic passes no cap on local error resets
+        // unless told (turning that protection off), and h2's own defaults
+        // may change under us.
         .http2_max_pending_accept_reset_streams(Some(s.h2_max_remote_resets))
         .http2_max_local_error_reset_streams(Some(s.h2_max_local_resets))
         // Only metadata travels in gRPC headers: a peer sending more is hostile.

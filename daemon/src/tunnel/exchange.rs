@@ -465,7 +465,11 @@ impl Exchanges {
                 // 1.6x the window per stalled exchange). Chunks that queue
                 // are copied out to their own size instead.
                 let queued = slot.body.max_capacity() - slot.body.capacity();
-                let data = if queued >= COPY_WHEN_QUEUED { Bytes::copy_from_slice(&chunk.data) } else { chunk.data };
+                let data = if queued >= COPY_WHEN_QUEUED && !slot.body.is_closed() {
+                    Bytes::copy_from_slice(&chunk.data)
+                } else {
+                    chunk.data
+                };
                 // Cannot be full: the buffer holds a whole window of minimum-cost frames.
                 if slot.body.try_send(BodyEvent::Data(data)).is_err() && !slot.body.is_closed() {
                     drop(slots);
