@@ -35,6 +35,27 @@ pub fn client_of(grpc: SocketAddr, id: &str, upstream: &Upstream, extra: &str) -
     )
 }
 
+/// Binds 127.0.0.1:0 and hands each connection to `serve`, on a task of its
+/// own, until `stop` fires.
+async fn serve_loopback<F, Fut>(stop: CancellationToken, serve: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let tcp = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => continue },
+            };
+            tokio::spawn(serve(tcp));
+        }
+    });
+    addr
+}
+
 /// A TCP relay to `target`. Frozen, it moves no byte either way and closes
 /// nothing: to both ends it looks like a peer that froze, or a link that
 /// black-holes its packets.
@@ -48,26 +69,21 @@ pub struct Relay {
 
 impl Relay {
     pub async fn start(target: SocketAddr) -> Relay {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let (frozen, _) = watch::channel(false);
         let stop = CancellationToken::new();
         let current = Arc::new(Mutex::new(stop.child_token()));
-        let (tx, stop2, current2) = (frozen.clone(), stop.clone(), current.clone());
-        tokio::spawn(async move {
-            loop {
-                let down = tokio::select! {
-                    _ = stop2.cancelled() => return,
-                    r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => continue },
-                };
-                let Ok(up) = TcpStream::connect(target).await else { continue };
+        let (tx, current2) = (frozen.clone(), current.clone());
+        let addr = serve_loopback(stop.clone(), move |down| {
+            let (tx, generation) = (tx.clone(), current2.lock().unwrap().clone());
+            async move {
+                let Ok(up) = TcpStream::connect(target).await else { return };
                 let (dr, dw) = down.into_split();
                 let (ur, uw) = up.into_split();
-                let generation = current2.lock().unwrap().clone();
                 tokio::spawn(pipe(dr, uw, tx.subscribe(), generation.clone()));
                 tokio::spawn(pipe(ur, dw, tx.subscribe(), generation));
             }
-        });
+        })
+        .await;
         Relay { addr, frozen, stop, current }
     }
 
@@ -142,35 +158,28 @@ pub struct Tarpit {
 
 impl Tarpit {
     pub async fn start() -> Tarpit {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let conns = Arc::new(Mutex::new(Vec::new()));
+        let conns: Arc<Mutex<Vec<Attempt>>> = Arc::new(Mutex::new(Vec::new()));
         let stop = CancellationToken::new();
         let (c2, stop2) = (conns.clone(), stop.clone());
-        tokio::spawn(async move {
-            loop {
-                let mut tcp = tokio::select! {
-                    _ = stop2.cancelled() => return,
-                    r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => continue },
-                };
-                let i = {
-                    let mut v = c2.lock().unwrap();
-                    v.push((Instant::now(), None));
-                    v.len() - 1
-                };
-                let (c3, stop3) = (c2.clone(), stop2.clone());
-                tokio::spawn(async move {
-                    let mut sink = [0u8; 4096];
-                    loop {
-                        tokio::select! {
-                            _ = stop3.cancelled() => return,
-                            r = tcp.read(&mut sink) => if matches!(r, Ok(0) | Err(_)) { break },
-                        }
+        let addr = serve_loopback(stop.clone(), move |mut tcp| {
+            let i = {
+                let mut v = c2.lock().unwrap();
+                v.push((Instant::now(), None));
+                v.len() - 1
+            };
+            let (c3, stop3) = (c2.clone(), stop2.clone());
+            async move {
+                let mut sink = [0u8; 4096];
+                loop {
+                    tokio::select! {
+                        _ = stop3.cancelled() => return,
+                        r = tcp.read(&mut sink) => if matches!(r, Ok(0) | Err(_)) { break },
                     }
-                    c3.lock().unwrap()[i].1 = Some(Instant::now());
-                });
+                }
+                c3.lock().unwrap()[i].1 = Some(Instant::now());
             }
-        });
+        })
+        .await;
         Tarpit { addr, conns, stop }
     }
 }
@@ -185,45 +194,35 @@ impl Drop for Tarpit {
 /// `declared` bytes (Content-Length, or chunked when `chunked`), sends
 /// `sent` of them, then resets the connection.
 pub async fn resetting_upstream(declared: usize, sent: usize, chunked: bool) -> (SocketAddr, CancellationToken) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let stop = CancellationToken::new();
-    let stop2 = stop.clone();
-    tokio::spawn(async move {
-        loop {
-            let mut tcp = tokio::select! {
-                _ = stop2.cancelled() => return,
-                r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => continue },
-            };
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut b = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match tcp.read(&mut b).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&b[..n]),
-                    }
-                }
-                let payload = vec![b'x'; sent];
-                let out = if chunked {
-                    let mut o = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
-                    o.extend_from_slice(format!("{sent:x}\r\n").as_bytes());
-                    o.extend_from_slice(&payload);
-                    o.extend_from_slice(b"\r\n");
-                    o
-                } else {
-                    let mut o = format!("HTTP/1.1 200 OK\r\nContent-Length: {declared}\r\n\r\n").into_bytes();
-                    o.extend_from_slice(&payload);
-                    o
-                };
-                let _ = tcp.write_all(&out).await;
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                // SO_LINGER 0: close with RST, not FIN.
-                let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
-                drop(tcp);
-            });
+    let addr = serve_loopback(stop.clone(), move |mut tcp| async move {
+        let mut head = Vec::new();
+        let mut b = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match tcp.read(&mut b).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&b[..n]),
+            }
         }
-    });
+        let payload = vec![b'x'; sent];
+        let out = if chunked {
+            let mut o = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+            o.extend_from_slice(format!("{sent:x}\r\n").as_bytes());
+            o.extend_from_slice(&payload);
+            o.extend_from_slice(b"\r\n");
+            o
+        } else {
+            let mut o = format!("HTTP/1.1 200 OK\r\nContent-Length: {declared}\r\n\r\n").into_bytes();
+            o.extend_from_slice(&payload);
+            o
+        };
+        let _ = tcp.write_all(&out).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // SO_LINGER 0: close with RST, not FIN.
+        let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+        drop(tcp);
+    })
+    .await;
     (addr, stop)
 }
 

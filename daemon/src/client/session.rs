@@ -83,8 +83,9 @@ enum Kind {
 }
 
 async fn connect(cfg: &ClientConfig) -> anyhow::Result<Channel> {
+    // No tonic connect_timeout: the dialer bounds each address, and the
+    // whole connect (TLS and the server's first bytes too) is bounded below.
     let mut ep = Endpoint::from(cfg.server.clone())
-        .connect_timeout(cfg.connect_timeout)
         .http2_keep_alive_interval(cfg.ping_interval)
         .keep_alive_timeout(cfg.ping_timeout)
         .keep_alive_while_idle(true)
