@@ -69,8 +69,15 @@ pub const DEFAULT_TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(20);
 /// Default wait for a PING's answer before the connection is closed.
 pub const DEFAULT_PING_TIMEOUT: Duration = Duration::from_secs(20);
-/// Default cap on concurrent streams of one public HTTP/2 connection.
-pub const DEFAULT_PUBLIC_MAX_STREAMS: u32 = 256;
+/// Default cap on concurrent streams of one public HTTP/2 connection:
+/// nginx's default. Each stream a peer stops reading costs about 200 KiB
+/// across the two daemons (docs/reliability.md).
+pub const DEFAULT_PUBLIC_MAX_STREAMS: u32 = 128;
+/// Exchange window one public connection's requests share: four bulk
+/// downloads at the full default window, then 32 KiB each.
+pub const DEFAULT_PUBLIC_CONNECTION_WINDOW: u64 = 4 << 20;
+/// Largest `public_connection_window`.
+pub const MAX_PUBLIC_CONNECTION_WINDOW: u64 = 1 << 30;
 /// Default cap on streams a peer opens and resets before they are served
 /// (the rapid-reset attack, CVE-2023-44487); past it, GOAWAY.
 pub const DEFAULT_H2_MAX_REMOTE_RESETS: usize = 20;
@@ -278,6 +285,7 @@ struct ServerSection {
     public_ping_interval: Option<Spanned<HumanDuration>>,
     public_ping_timeout: Option<Spanned<HumanDuration>>,
     public_max_streams: Option<Spanned<u32>>,
+    public_connection_window: Option<Spanned<ByteSize>>,
     h2_max_remote_resets: Option<Spanned<usize>>,
     h2_max_local_resets: Option<Spanned<usize>>,
     log_level: Option<Spanned<String>>,
@@ -379,6 +387,10 @@ pub struct ServerSettings {
     pub public_ping_timeout: Duration,
     /// Concurrent streams one public HTTP/2 connection may open.
     pub public_max_streams: u32,
+    /// Exchange window the requests of one public connection share: each
+    /// gets its group's `exchange_window` while this lasts, then what is
+    /// left, down to `frame::MIN_EXCHANGE_WINDOW`.
+    pub public_connection_window: u64,
     /// Streams a peer may open and reset before they are served, on either
     /// HTTP/2 listener, before it gets GOAWAY.
     pub h2_max_remote_resets: usize,
@@ -574,6 +586,23 @@ impl ServerConfig {
                 DEFAULT_PUBLIC_MAX_STREAMS,
                 1..=10_000,
             )?,
+            public_connection_window: match &s.public_connection_window {
+                Some(b)
+                    if !(u64::from(MIN_EXCHANGE_WINDOW)..=MAX_PUBLIC_CONNECTION_WINDOW).contains(&b.get_ref().0) =>
+                {
+                    return Err(src.at(
+                        b,
+                        "server.public_connection_window",
+                        format!(
+                            "must be {}KiB to {}MiB",
+                            MIN_EXCHANGE_WINDOW >> 10,
+                            MAX_PUBLIC_CONNECTION_WINDOW >> 20
+                        ),
+                    ))
+                }
+                Some(b) => b.get_ref().0,
+                None => DEFAULT_PUBLIC_CONNECTION_WINDOW,
+            },
             h2_max_remote_resets: count_key(
                 &src,
                 &s.h2_max_remote_resets,
@@ -1290,12 +1319,14 @@ timeout = "30s"
             (DEFAULT_PUBLIC_MAX_STREAMS, DEFAULT_H2_MAX_REMOTE_RESETS, DEFAULT_H2_MAX_LOCAL_RESETS)
         );
         assert_eq!((d.link_ping_interval, d.link_handshake_timeout), (DEFAULT_PING_INTERVAL, Duration::from_secs(10)));
+        assert_eq!(d.public_connection_window, DEFAULT_PUBLIC_CONNECTION_WINDOW);
         let set = SERVER.replace(
             "heartbeat_timeout = \"90s\"",
-            "heartbeat_timeout = \"90s\"\npublic_max_streams = 8\nh2_max_remote_resets = 5\nlink_ping_interval = \"3s\"\nlink_ping_timeout = \"2s\"\npublic_ping_timeout = \"4s\"\nlink_handshake_timeout = \"1s\"\nregistration_timeout = \"2s\"",
+            "heartbeat_timeout = \"90s\"\npublic_connection_window = \"64MiB\"\npublic_max_streams = 8\nh2_max_remote_resets = 5\nlink_ping_interval = \"3s\"\nlink_ping_timeout = \"2s\"\npublic_ping_timeout = \"4s\"\nlink_handshake_timeout = \"1s\"\nregistration_timeout = \"2s\"",
         );
         let s = ServerConfig::from_str_named(&set, "s").expect("valid").server;
         assert_eq!((s.public_max_streams, s.h2_max_remote_resets), (8, 5));
+        assert_eq!(s.public_connection_window, 64 << 20);
         assert_eq!((s.link_ping_interval, s.link_ping_timeout), (Duration::from_secs(3), Duration::from_secs(2)));
         assert_eq!(s.public_ping_timeout, Duration::from_secs(4));
         assert_eq!(

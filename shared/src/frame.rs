@@ -13,11 +13,22 @@ pub const MIN_FRAME_COST: u32 = 1024;
 /// Default credit per exchange and direction: 1 MiB measured 1.04 GB/s for
 /// one download on loopback where 256 KiB gave 0.6 GB/s (docs/benchmarks.md).
 pub const DEFAULT_EXCHANGE_WINDOW: u32 = 1024 * 1024;
-/// Smallest window: a quarter is returned at a time, and the remaining three
-/// quarters must still fit a full chunk, or a sender could wait forever.
-pub const MIN_EXCHANGE_WINDOW: u32 = 128 * 1024;
+/// Smallest window, the floor an exchange keeps when its public connection's
+/// shared budget is spent: 32 KiB lets 256 stalled exchanges of one
+/// connection hold 8 MiB, not 256 MiB.
+pub const MIN_EXCHANGE_WINDOW: u32 = 32 * 1024;
 /// Largest window a peer may grant.
 pub const MAX_EXCHANGE_WINDOW: u32 = 16 * 1024 * 1024;
+
+/// Largest chunk a sender may put in one frame under `window` (0 = default).
+/// The receiver grants credit back a quarter of the window at a time, so a
+/// sender whose frames were all read holds more than three quarters of it:
+/// a chunk of at most half the window always fits, and no sender waits
+/// forever for credit it can never get.
+pub fn max_chunk(window: u32) -> usize {
+    let window = if window == 0 { DEFAULT_EXCHANGE_WINDOW } else { window };
+    MAX_CHUNK.min(window as usize / 2)
+}
 
 /// Credit a body chunk of `len` bytes consumes.
 pub fn frame_cost(len: usize) -> u32 {
@@ -228,8 +239,8 @@ mod tests {
     /// A peer can send exactly its window, no more; consumption grants credit back in batches.
     #[test]
     fn credit_is_enforced_and_returned_in_batches() {
-        let mut w = RecvWindow::new(MIN_EXCHANGE_WINDOW);
-        for _ in 0..2 {
+        let mut w = RecvWindow::new(4 * MAX_CHUNK as u32);
+        for _ in 0..4 {
             w.on_chunk(MAX_CHUNK).expect("within credit");
         }
         assert!(matches!(w.on_chunk(1), Err(FrameError::CreditExceeded { .. })));
@@ -245,6 +256,34 @@ mod tests {
         }
         assert_eq!(w.on_chunk(0), Err(FrameError::EmptyChunk));
         assert_eq!(w.on_chunk(MAX_CHUNK + 1), Err(FrameError::ChunkTooLarge(MAX_CHUNK + 1)));
+    }
+
+    /// At every window a sender may be given, a sender whose frames were all
+    /// read can send its largest chunk: it never waits for credit that the
+    /// receiver holds back below its grant threshold.
+    #[test]
+    fn largest_chunk_always_fits_what_a_sender_can_hold() {
+        for window in [MIN_EXCHANGE_WINDOW, 48 << 10, 100_000, 128 << 10, DEFAULT_EXCHANGE_WINDOW, MAX_EXCHANGE_WINDOW]
+        {
+            let chunk = max_chunk(window);
+            assert!(chunk > 0 && chunk <= MAX_CHUNK);
+            let mut w = RecvWindow::new(window);
+            let mut held = window;
+            // Worst case: everything sent was read, and the ungranted rest is
+            // just under the threshold.
+            let mut sent = 0;
+            while held >= frame_cost(chunk) && sent < 1000 {
+                w.on_chunk(chunk).expect("within credit");
+                held -= frame_cost(chunk);
+                if let Some(g) = w.on_consumed(chunk) {
+                    held += g;
+                }
+                sent += 1;
+            }
+            assert_eq!(sent, 1000, "window {window}: a sender with {held} bytes of credit is stuck");
+        }
+        assert_eq!(max_chunk(0), MAX_CHUNK);
+        assert_eq!(max_chunk(MIN_EXCHANGE_WINDOW), 16 << 10);
     }
 
     /// The buffer capacity covers every frame a well-behaved peer can have outstanding.

@@ -368,7 +368,12 @@ pub async fn open_loop(url: String, rate: u32, length: Duration, deadline: Durat
 
 /// Resident memory of this process (the daemons the test runs in it), MiB.
 pub fn rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    rss_mib_of("/proc/self/status")
+}
+
+/// Resident memory, MiB, from a `/proc/<pid>/status` file (0 if unreadable).
+pub fn rss_mib_of(status_file: &str) -> f64 {
+    let status = std::fs::read_to_string(status_file).unwrap_or_default();
     let kib: f64 = status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))

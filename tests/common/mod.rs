@@ -22,6 +22,7 @@ use tunnel_daemon::client::{Client, ClientStatus};
 use tunnel_daemon::server::{Listeners, Server, Shared};
 use tunnel_lib::config::{ClientConfig, ServerConfig};
 
+pub mod child;
 pub mod fault;
 pub mod logs;
 pub mod pki;
@@ -81,10 +82,17 @@ impl Drop for CancelProbe {
     }
 }
 
-/// A deterministic 64 KiB block that downloads repeat.
+/// A deterministic 64 KiB block that downloads repeat: one allocation for
+/// the whole test, so that the test upstream's memory is not counted as
+/// the daemons'.
 pub fn pattern_block() -> Bytes {
-    let mut rng = fastrand_like(0x5eed);
-    Bytes::from((0..65536).map(|_| rng()).collect::<Vec<u8>>())
+    static BLOCK: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
+    BLOCK
+        .get_or_init(|| {
+            let mut rng = fastrand_like(0x5eed);
+            Bytes::from((0..65536).map(|_| rng()).collect::<Vec<u8>>())
+        })
+        .clone()
 }
 
 fn fastrand_like(mut state: u64) -> impl FnMut() -> u8 {

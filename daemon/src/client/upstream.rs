@@ -132,7 +132,7 @@ async fn forward(
             headers.insert(header::HOST, v);
         }
     }
-    let ExchangeIo { request_id, credit, cancel, body: inbound } = io;
+    let ExchangeIo { request_id, credit, cancel, max_chunk, body: inbound } = io;
     // An upgrade's body frames are the upgraded connection's, after a 101.
     let upgrade = (!head.upgrade.is_empty()).then_some(head.upgrade.as_str());
     if upgrade.is_some() && target.http2 {
@@ -177,7 +177,7 @@ async fn forward(
         Ok(Ok(r)) => r,
     };
     if let (Some(inbound), StatusCode::SWITCHING_PROTOCOLS) = (held, resp.status()) {
-        let io = ExchangeIo { request_id, credit, cancel, body: inbound };
+        let io = ExchangeIo { request_id, credit, cancel, max_chunk, body: inbound };
         return switch(exchanges, &head.upstream, resp, io).await;
     }
     let (parts, body) = resp.into_parts();
@@ -199,7 +199,7 @@ async fn forward(
         exchanges.finish_outbound(&request_id);
         return Ok(());
     }
-    match send_body(body, &request_id, &credit, &cancel, exchanges, None).await {
+    match send_body(body, &request_id, &credit, &cancel, exchanges, max_chunk, None).await {
         Ok(_) | Err(SendError::Cancelled) => Ok(()),
         // No limit is passed, so TooLarge cannot happen; treated as a failure all the same.
         Err(e @ (SendError::Body(_) | SendError::TooLarge(_))) => {

@@ -2,6 +2,7 @@
 //! the registry of live streams, and config reloads pushed to clients.
 
 pub mod accept;
+pub mod budget;
 pub mod ingress;
 pub mod introspection;
 pub mod keepalive;

@@ -16,9 +16,10 @@ use tunnel_lib::frame::{
 };
 use tunnel_lib::proto::{self, exchange_error::Kind, tunnel_message::Payload, Direction, TunnelMessage};
 
-/// Chunks already waiting for an exchange's reader past which a new chunk
-/// is copied out of the decoder's buffer (see `dispatch`).
-const COPY_WHEN_QUEUED: usize = 4;
+/// Window per chunk that may wait for an exchange's reader as a slice of
+/// the decoder's buffer; past that, chunks are copied out (see `dispatch`).
+/// At the default 1 MiB window, four; at a window under 256 KiB, none.
+const WINDOW_PER_SLICE: u32 = 256 << 10;
 
 /// Why an exchange ended without completing.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -50,6 +51,8 @@ pub struct ExchangeIo {
     /// Our send credit, in bytes (see `frame::frame_cost`).
     pub credit: Arc<Semaphore>,
     pub cancel: CancellationToken,
+    /// Largest chunk we may send in one frame under the exchange's window.
+    pub max_chunk: usize,
     /// The body the peer sends us.
     pub body: InboundBody,
 }
@@ -68,6 +71,8 @@ struct Slot {
     last_activity: Instant,
     /// Switched protocols (101): its body frames are an upgraded connection.
     upgraded: bool,
+    /// Chunks that may wait for the reader as slices of the decoder's buffer.
+    slices: usize,
 }
 
 /// A request that arrived on the client side, to serve.
@@ -213,11 +218,13 @@ impl Exchanges {
             idle_timeout: None,
             last_activity: Instant::now(),
             upgraded: false,
+            slices: (window / WINDOW_PER_SLICE) as usize,
         };
         let io = ExchangeIo {
             request_id: request_id.to_string(),
             credit,
             cancel,
+            max_chunk: frame::max_chunk(window),
             body: InboundBody::new(rx, recv, self.clone(), request_id.to_string()),
         };
         (slot, io)
@@ -462,10 +469,12 @@ impl Exchanges {
                 // A chunk is a slice of the gRPC decoder's buffer and keeps
                 // all of it alive. Read at once, that costs nothing; queued
                 // behind a slow reader, it pins a buffer per chunk (measured
-                // 1.6x the window per stalled exchange). Chunks that queue
-                // are copied out to their own size instead.
+                // 1.6x the window per stalled exchange). Past a few per
+                // exchange (none for a small window: those are the many
+                // streams of one connection), chunks are copied out to
+                // their own size instead.
                 let queued = slot.body.max_capacity() - slot.body.capacity();
-                let data = if queued >= COPY_WHEN_QUEUED && !slot.body.is_closed() {
+                let data = if queued >= slot.slices && !slot.body.is_closed() {
                     Bytes::copy_from_slice(&chunk.data)
                 } else {
                     chunk.data

@@ -15,7 +15,6 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_stream::StreamExt;
 use tokio_util::io::ReaderStream;
-use tunnel_lib::frame::MAX_CHUNK;
 
 /// Bytes an upgraded connection moved.
 #[derive(Debug, Default, Clone, Copy)]
@@ -75,19 +74,19 @@ pub async fn pipe<T>(local: T, io: ExchangeIo, exchanges: &Arc<Exchanges>) -> Ou
 where
     T: AsyncRead + AsyncWrite + Send,
 {
-    let ExchangeIo { request_id, credit, cancel, mut body } = io;
+    let ExchangeIo { request_id, credit, cancel, max_chunk, mut body } = io;
     let (rd, mut wr) = tokio::io::split(local);
     // Counted as they move, so a connection that fails still reports its bytes.
     let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
     let outgoing = async {
         // A read returns what has arrived, so small messages leave at once.
-        let frames = ReaderStream::with_capacity(rd, MAX_CHUNK).map(|r| {
+        let frames = ReaderStream::with_capacity(rd, max_chunk).map(|r| {
             if let Ok(b) = &r {
                 sent.fetch_add(b.len() as u64, Ordering::Relaxed);
             }
             r.map(Frame::data)
         });
-        match send_body(StreamBody::new(frames), &request_id, &credit, &cancel, exchanges, None).await {
+        match send_body(StreamBody::new(frames), &request_id, &credit, &cancel, exchanges, max_chunk, None).await {
             Ok(_) => Ok(()),
             Err(SendError::Cancelled) => Err("exchange cancelled".to_string()),
             Err(e @ (SendError::Body(_) | SendError::TooLarge(_))) => Err(format!("reading the connection: {e}")),
