@@ -7,6 +7,7 @@
 
 mod common;
 
+use common::child::ChildClient;
 use common::fault::*;
 use common::*;
 use std::sync::atomic::Ordering;
@@ -81,11 +82,11 @@ async fn dead_client_fails_only_its_requests() {
     server.stop().await;
 }
 
-/// A link that black-holes (a frozen client process looks the same to the
-/// server: its kernel keeps the socket open and stops acknowledging data
-/// once buffers fill): within heartbeat timeout + 1 s the server routes
-/// around it, no public request waits past its rule's timeout, and thawed,
-/// the client comes back by itself.
+/// A link that black-holes (a frozen client process looks much the same to
+/// the server: its kernel keeps the socket open and stops acknowledging
+/// data once buffers fill): within heartbeat timeout + 1 s the server
+/// routes around it, no public request waits past its rule's timeout, and
+/// thawed, the client comes back by itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frozen_link_is_routed_around_and_recovers() {
     let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
@@ -93,6 +94,35 @@ async fn frozen_link_is_routed_around_and_recovers() {
     let relay = Relay::start(server.grpc).await;
     let _client_a = TestClient::start(&client_of(relay.addr, "edge-a", &a, ""));
     let _client_b = TestClient::start(&client_of(server.grpc, "edge-b", &b, ""));
+    frozen_then_thawed("frozen link", &server, &a, || relay.freeze(), || relay.thaw()).await;
+    server.stop().await;
+}
+
+/// The same with a real process stopped by SIGSTOP and woken by SIGCONT:
+/// its kernel still acknowledges what fits in the socket buffers, but no
+/// heartbeat comes and no request is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopped_client_process_is_routed_around_and_recovers() {
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    let server = start_server(FAULT_SERVER, None).await;
+    let client_a = ChildClient::start(&client_of(server.grpc, "edge-a", &a, ""));
+    let _client_b = TestClient::start(&client_of(server.grpc, "edge-b", &b, ""));
+    frozen_then_thawed("SIGSTOP", &server, &a, || client_a.signal("STOP"), || client_a.signal("CONT")).await;
+    server.stop().await;
+}
+
+/// The tunnel client of `ChildClient`, when this binary runs as one.
+#[test]
+#[ignore = "run by ChildClient, in a process of its own"]
+fn child_client_process() {
+    common::child::serve_client_if_asked();
+}
+
+/// Under load, freezes edge-a (upstream `a`) and checks it is routed
+/// around within heartbeat timeout + 1 s, that no request waits past its
+/// rule's timeout and only requests sent to it fail, then thaws it and
+/// checks it registers and serves again by itself.
+async fn frozen_then_thawed(name: &str, server: &TestServer, a: &Upstream, freeze: impl FnOnce(), thaw: impl FnOnce()) {
     server.wait_streams(6).await;
     let shared = server.shared.clone();
     let streams_of = move |id: &str| shared.registry.streams().iter().filter(|s| s.client_id == id).count();
@@ -100,18 +130,18 @@ async fn frozen_link_is_routed_around_and_recovers() {
     let load = tokio::spawn(open_loop(server.url("/echo"), 40, Duration::from_secs(8), Duration::from_secs(5)));
     tokio::time::sleep(Duration::from_secs(1)).await;
     let frozen_at = Instant::now();
-    relay.freeze();
+    freeze();
     let s = streams_of.clone();
     let detected = wait_for("edge-a reaped", Duration::from_secs(5), || s("edge-a") == 0).await;
-    println!("frozen link: edge-a's streams reaped {detected:?} after the freeze (heartbeat_timeout 3s)");
+    println!("{name}: edge-a's streams reaped {detected:?} after the freeze (heartbeat_timeout 3s)");
     assert!(detected <= Duration::from_secs(4), "routed around after {detected:?}, bound heartbeat_timeout + 1 s");
     tokio::time::sleep(Duration::from_secs(2)).await;
-    relay.thaw();
+    thaw();
     let s = streams_of.clone();
     let back = wait_for("edge-a registered again", Duration::from_secs(10), || s("edge-a") == 3).await;
-    println!("frozen link: thawed, edge-a registered again {back:?} after the thaw");
+    println!("{name}: thawed, edge-a registered again {back:?} after the thaw");
     let out = load.await.unwrap();
-    println!("frozen link: {}", summary(&out));
+    println!("{name}: {}", summary(&out));
 
     // No request waited past its rule's timeout (2 s) by more than 0.5 s.
     let worst = out.iter().map(|o| o.took).max().unwrap();
@@ -124,7 +154,7 @@ async fn frozen_link_is_routed_around_and_recovers() {
         assert!(o.sent < routed_around, "failed after edge-a was routed around: {o:?}");
     }
     let failed = out.iter().filter(|o| !o.ok()).count();
-    println!("frozen link: {failed} requests failed (504 at the rule's 2 s timeout, or 502 at the reaping); worst latency {worst:?}");
+    println!("{name}: {failed} requests failed (504 at the rule's 2 s timeout, or 502 at the reaping); worst latency {worst:?}");
 
     let before = a.seen.requests.load(Ordering::SeqCst);
     let c = http_client();
@@ -133,7 +163,6 @@ async fn frozen_link_is_routed_around_and_recovers() {
         assert_eq!(got.status, 200);
     }
     assert!(a.seen.requests.load(Ordering::SeqCst) > before, "edge-a serves again");
-    server.stop().await;
 }
 
 /// A server that accepts TCP and never starts HTTP/2: the client gives up

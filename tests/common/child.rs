@@ -32,6 +32,13 @@ impl ChildClient {
         ChildClient { child }
     }
 
+    /// Sends the process a signal by name (`STOP`, `CONT`) with kill(1).
+    pub fn signal(&self, name: &str) {
+        let status =
+            Command::new("kill").args(["-s", name, &self.child.id().to_string()]).status().expect("kill(1) runs");
+        assert!(status.success(), "kill -s {name} failed");
+    }
+
     /// Resident memory of the client's process, MiB.
     pub fn rss_mib(&self) -> f64 {
         super::fault::rss_mib_of(&format!("/proc/{}/status", self.child.id()))

@@ -5,6 +5,7 @@
 //! plaintext is recognised from its first byte and named as such.
 
 use super::Shared;
+use crate::tunnel::link::StallGuard;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -161,12 +162,13 @@ pub async fn next_connection(
 }
 
 /// Accepts tunnel-link connections until `stop` fires; yields them once
-/// their handshake (TLS or a first plaintext byte) succeeded.
+/// their handshake (TLS or a first plaintext byte) succeeded, guarded
+/// against a peer that stops taking our bytes (`link_ping_timeout`).
 pub fn link_connections(
     shared: Arc<Shared>,
     listener: TcpListener,
     stop: CancellationToken,
-) -> ReceiverStream<io::Result<MaybeTls>> {
+) -> ReceiverStream<io::Result<StallGuard<MaybeTls>>> {
     let (tx, rx) = mpsc::channel(READY_QUEUE);
     let failures = Arc::new(Failures::default());
     let pending = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
@@ -179,13 +181,13 @@ pub fn link_connections(
             let cfg = shared.config();
             tune(&tcp, cfg.server.tcp_keepalive);
             let (tx, tls, failures) = (tx.clone(), shared.link_tls(), failures.clone());
-            let bound = cfg.server.link_handshake_timeout;
+            let (bound, stall) = (cfg.server.link_handshake_timeout, cfg.server.link_ping_timeout);
             // Ends with the handshake, bounded by link_handshake_timeout.
             tokio::spawn(async move {
                 let _slot = slot;
                 match handshake(tcp, tls, bound).await {
                     Ok(io) => {
-                        let _ = tx.send(Ok(io)).await;
+                        let _ = tx.send(Ok(StallGuard::new(io, stall))).await;
                     }
                     Err(Some(cause)) => failures.report(peer, cause),
                     Err(None) => {}
