@@ -190,7 +190,7 @@ impl Probe {
 struct Tunnel {
     server: TestServer,
     client: ChildClient,
-    _up: Upstream,
+    up: Upstream,
 }
 
 /// The tunnel client of `ChildClient`, when this binary runs as one.
@@ -211,7 +211,7 @@ async fn tunnel_with(server_extra: &str) -> Tunnel {
     let server = start_server(&demo_server_toml(server_extra, "", rules), None).await;
     let client = ChildClient::start(&client_toml(&server, "edge-1", "demo", "t-demo", "", &[("web", up.url())]));
     server.wait_streams(3).await;
-    Tunnel { server, client, _up: up }
+    Tunnel { server, client, up }
 }
 
 /// What neither daemon may grow by under any abuse (issue 9), MiB.
@@ -229,6 +229,8 @@ where
         assert_eq!(get(&t.server.url("/echo")).await.status, 200);
     }
     let before = (rss_mib(), t.client.rss_mib());
+    // A growth check on an unreadable RSS (0) would pass whatever happened.
+    assert!(before.0 > 0.0 && before.1 > 0.0, "both daemons' RSS readable: {before:?}");
     let probe = Probe::start(t.server.url("/echo"));
     let started = Instant::now();
     let heard = tokio::time::timeout(Duration::from_secs(60), abuse()).await.expect("abuse bounded");
@@ -462,7 +464,7 @@ async fn stream_flood_is_capped() {
 }
 
 /// A whole connection of big downloads its peer never takes: as many
-/// streams as the server allows (256), the peer's window held at 0, or
+/// streams as the server allows (`public_max_streams`), the peer's window held at 0, or
 /// opened wide while the peer never reads its socket. The exchanges of one
 /// connection share one budget (`public_connection_window`), so what they
 /// hold stays within it plus a small floor each, far under 50 MiB.
@@ -486,7 +488,7 @@ async fn stuck_downloads(name: &str, wide: bool) {
     let public = t.server.http;
     {
         let what = format!("{name}, public h2c ({STREAMS} x 2 MiB downloads)");
-        under_abuse(&what, &t, || async move {
+        let heard = under_abuse(&what, &t, || async move {
             let tcp = TcpStream::connect(public).await.unwrap();
             let (r, mut w) = tcp.into_split();
             w.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
@@ -517,6 +519,10 @@ async fn stuck_downloads(name: &str, wide: bool) {
             heard
         })
         .await;
+        // Every download was really under way: it reached the upstream and
+        // was not refused on the way.
+        assert_eq!(t.up.seen.heads_with("/download").len(), STREAMS as usize, "{name}: downloads at the upstream");
+        assert_eq!(heard.rst_streams.load(Ordering::SeqCst), 0, "{name}: no download refused");
     }
     t.server.stop().await;
 }

@@ -5,11 +5,22 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tunnel_lib::frame::{frame_cost, FrameKind, Phase, RecvWindow, MAX_CHUNK, MIN_EXCHANGE_WINDOW};
+use tunnel_lib::frame::{
+    frame_cost, max_chunk, FrameKind, Phase, RecvWindow, DEFAULT_EXCHANGE_WINDOW, MAX_CHUNK, MAX_EXCHANGE_WINDOW,
+    MIN_EXCHANGE_WINDOW,
+};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&w, ops)) = data.split_first() else { return };
-    let window = MIN_EXCHANGE_WINDOW * (u32::from(w % 16) + 1);
+    // The floor and its multiples, the default and the largest allowed.
+    let window = match w % 18 {
+        16 => DEFAULT_EXCHANGE_WINDOW,
+        17 => MAX_EXCHANGE_WINDOW,
+        n => MIN_EXCHANGE_WINDOW * (u32::from(n) + 1),
+    };
+    // A sender chunking for this window can always send a chunk.
+    let chunk = max_chunk(window);
+    assert!(chunk > 0 && chunk <= MAX_CHUNK && frame_cost(chunk) <= window / 2, "{window}: chunk {chunk}");
     let mut rw = RecvWindow::new(window);
     // What the peer may still send, by our own account.
     let mut credit = i64::from(window);

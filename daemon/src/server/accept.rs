@@ -37,6 +37,10 @@ const REPEAT_MEMORY: usize = 1024;
 /// once, so a flood of silent or slow peers cannot take every descriptor.
 const MAX_HANDSHAKES: usize = 512;
 
+/// An accepted link connection: its socket guarded against a peer that
+/// stops taking our bytes (`link_ping_timeout`).
+pub type LinkIo = MaybeTls<StallGuard<TcpStream>>;
+
 /// Handshake failures seen lately, by peer address and cause.
 #[derive(Default)]
 struct Failures {
@@ -72,13 +76,14 @@ impl Failures {
     }
 }
 
-/// An accepted connection, plaintext or TLS (tunnel link and public listeners).
-pub enum MaybeTls {
-    Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+/// An accepted connection, plaintext or TLS (tunnel link and public
+/// listeners), over a TCP socket or a wrapper of one.
+pub enum MaybeTls<S = TcpStream> {
+    Plain(S),
+    Tls(Box<TlsStream<S>>),
 }
 
-impl Connected for MaybeTls {
+impl<S: Connected<ConnectInfo = TcpConnectInfo>> Connected for MaybeTls<S> {
     type ConnectInfo = TcpConnectInfo;
 
     fn connect_info(&self) -> TcpConnectInfo {
@@ -89,7 +94,7 @@ impl Connected for MaybeTls {
     }
 }
 
-impl AsyncRead for MaybeTls {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for MaybeTls<S> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             MaybeTls::Plain(t) => Pin::new(t).poll_read(cx, buf),
@@ -98,7 +103,7 @@ impl AsyncRead for MaybeTls {
     }
 }
 
-impl AsyncWrite for MaybeTls {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for MaybeTls<S> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             MaybeTls::Plain(t) => Pin::new(t).poll_write(cx, buf),
@@ -168,10 +173,12 @@ pub fn link_connections(
     shared: Arc<Shared>,
     listener: TcpListener,
     stop: CancellationToken,
-) -> ReceiverStream<io::Result<StallGuard<MaybeTls>>> {
+) -> ReceiverStream<io::Result<LinkIo>> {
     let (tx, rx) = mpsc::channel(READY_QUEUE);
     let failures = Arc::new(Failures::default());
     let pending = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    // Fixed at start like hyper's PING timeout it goes with (a restart-only key).
+    let stall = shared.config().server.link_ping_timeout;
     tokio::spawn(async move {
         while let Some((tcp, peer)) = next_connection(&listener, "tunnel link", &stop).await {
             let Ok(slot) = pending.clone().try_acquire_owned() else {
@@ -181,13 +188,13 @@ pub fn link_connections(
             let cfg = shared.config();
             tune(&tcp, cfg.server.tcp_keepalive);
             let (tx, tls, failures) = (tx.clone(), shared.link_tls(), failures.clone());
-            let (bound, stall) = (cfg.server.link_handshake_timeout, cfg.server.link_ping_timeout);
+            let bound = cfg.server.link_handshake_timeout;
             // Ends with the handshake, bounded by link_handshake_timeout.
             tokio::spawn(async move {
                 let _slot = slot;
-                match handshake(tcp, tls, bound).await {
+                match handshake(tcp, tls, bound, stall).await {
                     Ok(io) => {
-                        let _ = tx.send(Ok(StallGuard::new(io, stall))).await;
+                        let _ = tx.send(Ok(io)).await;
                     }
                     Err(Some(cause)) => failures.report(peer, cause),
                     Err(None) => {}
@@ -209,7 +216,8 @@ async fn handshake(
     tcp: TcpStream,
     tls: Option<Arc<rustls::ServerConfig>>,
     bound: Duration,
-) -> Result<MaybeTls, Option<String>> {
+    stall: Duration,
+) -> Result<LinkIo, Option<String>> {
     // One deadline for the first byte and the TLS handshake together.
     let deadline = tokio::time::Instant::now() + bound;
     let first = match tokio::time::timeout_at(deadline, first_byte(&tcp)).await {
@@ -222,11 +230,14 @@ async fn handshake(
         if first == TLS_HANDSHAKE_RECORD {
             return Err(Some("a TLS client on the plaintext port; refused (turn TLS on with [server.tls], or give the client an http:// server URL)".into()));
         }
-        return Ok(MaybeTls::Plain(tcp));
+        return Ok(MaybeTls::Plain(StallGuard::new(tcp, stall)));
     };
     if first != TLS_HANDSHAKE_RECORD {
         return Err(Some("a plaintext client on the TLS port; refused (its server URL must be https://)".into()));
     }
+    // Guarded beneath TLS: progress is what the socket takes, whatever
+    // rustls buffers or answers Pending for above it.
+    let tcp = StallGuard::new(tcp, stall);
     match tokio::time::timeout_at(deadline, TlsAcceptor::from(cfg).accept(tcp)).await {
         Err(_) => Err(Some(format!("TLS handshake not done within {bound:?}; connection closed"))),
         Ok(Err(e)) => Err(Some(format!("TLS handshake failed: {}", handshake_error(&e)))),

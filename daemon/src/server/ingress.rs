@@ -468,7 +468,10 @@ async fn forward(
             );
         }
     };
-    io.body = io.body.hold(lease);
+    // Shared by the response body and the upload task: the window goes back
+    // to the connection only when both directions are done with it.
+    let lease = Arc::new(lease);
+    io.body = io.body.hold(lease.clone());
     // An upgrade without a request body: its body frames will be the
     // upgraded connection's. (With a body it goes as an ordinary request.)
     let upgrade = match req.version() {
@@ -525,6 +528,7 @@ async fn forward(
         let (limit, flag) = (rule.max_body, too_large.clone());
         // Owned by the exchange: it ends when the body is sent or the exchange is cancelled.
         tokio::spawn(async move {
+            let _lease = lease;
             match send_body(body, &id, &credit, &cancel, &ex, max_chunk, limit).await {
                 Ok(n) => uploaded.store(n, Ordering::Relaxed),
                 Err(SendError::TooLarge(_)) => {

@@ -177,7 +177,18 @@ impl Drop for InboundBody {
         }
         if self.expected == Some(self.delivered) {
             // Complete by length; the end frame is still on its way and frees
-            // the exchange, so there is nothing to cancel.
+            // the exchange, so there is nothing to cancel. The sender may be
+            // waiting for credit before it sends that end: hand over what we
+            // owe if the queue has room (if not, its own end-of-body check
+            // spares it the wait when it knows its length).
+            if self.grant > 0 {
+                if let Some(tx) = self.sender.get_ref() {
+                    let msg = self
+                        .exchanges
+                        .message(&self.request_id, Payload::WindowUpdate(proto::WindowUpdate { credit: self.grant }));
+                    let _ = tx.try_send(Box::new(msg));
+                }
+            }
             if let Some(g) = self.guard.take() {
                 g.disarm();
             }
@@ -231,9 +242,19 @@ where
         // a public client's), not in our memory (measured 135 -> 70 KiB per
         // stalled download at the client). Only this task takes from
         // `credit`, so what is there now is there when the chunk goes.
-        tokio::select! {
-            _ = cancel.cancelled() => return Err(SendError::Cancelled),
-            p = credit.acquire_many(frame::frame_cost(max_chunk)) => drop(p.map_err(|_| SendError::Cancelled)?),
+        // A body that says it has ended, or has less than a chunk left, waits
+        // only for what it still has: its end must not wait for credit it
+        // will never use.
+        let left = match body.size_hint().upper() {
+            _ if body.is_end_stream() => 0,
+            Some(n) => n.min(max_chunk as u64) as usize,
+            None => max_chunk,
+        };
+        if left > 0 {
+            tokio::select! {
+                _ = cancel.cancelled() => return Err(SendError::Cancelled),
+                p = credit.acquire_many(frame::frame_cost(left)) => drop(p.map_err(|_| SendError::Cancelled)?),
+            }
         }
         let next = tokio::select! {
             _ = cancel.cancelled() => return Err(SendError::Cancelled),
@@ -281,4 +302,31 @@ where
     out.send_data(exchanges.message(request_id, Payload::End(end))).await.map_err(|_| SendError::Cancelled)?;
     exchanges.finish_outbound(request_id);
     Ok(sent)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tunnel::exchange::Role;
+    use crate::tunnel::outbound::Outbound;
+    use std::time::Duration;
+
+    /// A body with less than a chunk left, and credit for just that much,
+    /// is sent to its end: the end never waits for credit it would not use
+    /// (a receiver that owes the rest may be gone already).
+    #[tokio::test]
+    async fn the_end_of_a_body_waits_for_no_unneeded_credit() {
+        let cancel = CancellationToken::new();
+        let (out, _stream) = Outbound::new(cancel.clone());
+        let exchanges = Exchanges::new(out, Role::Server, "client".into());
+        let body = http_body_util::Full::new(Bytes::from(vec![7u8; 1000]));
+        let credit = Semaphore::new(frame::frame_cost(1000) as usize);
+        let sent = tokio::time::timeout(
+            Duration::from_secs(5),
+            send_body(body, "r1", &credit, &cancel, &exchanges, 64 * 1024, None),
+        )
+        .await;
+        assert!(matches!(sent, Ok(Ok(1000))), "{sent:?}");
+        assert_eq!(credit.available_permits(), 0, "the one chunk took the credit");
+    }
 }

@@ -32,14 +32,16 @@ pub const MAX_MESSAGE: usize = 2 << 20;
 pub struct StallGuard<T> {
     inner: T,
     limit: Duration,
-    /// Armed when a write could not go; disarmed by any write that did.
-    stalled: Option<Pin<Box<Sleep>>>,
+    /// Set when a write could not go; cleared by any write that did.
+    armed: bool,
+    /// When the stall started plus `limit`, while `armed`.
+    clock: Option<Pin<Box<Sleep>>>,
 }
 
 impl<T> StallGuard<T> {
     /// Guards `inner`: a write stall of `limit` fails the connection.
     pub fn new(inner: T, limit: Duration) -> Self {
-        StallGuard { inner, limit, stalled: None }
+        StallGuard { inner, limit, armed: false, clock: None }
     }
 
     /// Passes a write's outcome on, arming the stall clock while it waits
@@ -49,7 +51,16 @@ impl<T> StallGuard<T> {
         match r {
             Poll::Pending => {
                 let limit = self.limit;
-                let clock = self.stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                if !self.armed {
+                    self.armed = true;
+                    // One timer for the connection's life, reset per stall.
+                    let at = tokio::time::Instant::now() + limit;
+                    match &mut self.clock {
+                        Some(c) => c.as_mut().reset(at),
+                        None => self.clock = Some(Box::pin(tokio::time::sleep_until(at))),
+                    }
+                }
+                let Some(clock) = self.clock.as_mut() else { return Poll::Pending };
                 match clock.as_mut().poll(cx) {
                     Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::TimedOut,
@@ -59,7 +70,7 @@ impl<T> StallGuard<T> {
                 }
             }
             done => {
-                self.stalled = None;
+                self.armed = false;
                 done
             }
         }
@@ -100,7 +111,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for StallGuard<T> {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_shutdown(cx);
+        this.watch(cx, r)
     }
 }
 
