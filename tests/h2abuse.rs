@@ -522,7 +522,10 @@ async fn stuck_downloads(name: &str, wide: bool) {
         // Every download was really under way: it reached the upstream and
         // was not refused on the way.
         assert_eq!(t.up.seen.heads_with("/download").len(), STREAMS as usize, "{name}: downloads at the upstream");
-        assert_eq!(heard.rst_streams.load(Ordering::SeqCst), 0, "{name}: no download refused");
+        if !wide {
+            // (With its socket never read, the abuser hears nothing.)
+            assert_eq!(heard.rst_streams.load(Ordering::SeqCst), 0, "{name}: no download refused");
+        }
     }
     t.server.stop().await;
 }

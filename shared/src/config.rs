@@ -70,7 +70,7 @@ pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(20);
 /// Default wait for a PING's answer before the connection is closed.
 pub const DEFAULT_PING_TIMEOUT: Duration = Duration::from_secs(20);
 /// Default cap on concurrent streams of one public HTTP/2 connection:
-/// nginx's default. Each stream a peer stops reading costs about 250-400
+/// nginx's default. Each stream a peer stops reading costs about 230-430
 /// KiB across the two daemons, measured (docs/reliability.md).
 pub const DEFAULT_PUBLIC_MAX_STREAMS: u32 = 128;
 /// Exchange window one public connection's requests share: four bulk

@@ -179,14 +179,18 @@ impl Drop for InboundBody {
             // Complete by length; the end frame is still on its way and frees
             // the exchange, so there is nothing to cancel. The sender may be
             // waiting for credit before it sends that end: hand over what we
-            // owe if the queue has room (if not, its own end-of-body check
-            // spares it the wait when it knows its length).
+            // owe. Owing means the queue was full at our last try (freed
+            // slots go to waiters first, so a try_send now would fail too):
+            // wait for room off the dropper's path; the task ends when the
+            // credit is queued or the stream closes.
             if self.grant > 0 {
-                if let Some(tx) = self.sender.get_ref() {
+                if let (Some(tx), Ok(rt)) = (self.sender.get_ref().cloned(), tokio::runtime::Handle::try_current()) {
                     let msg = self
                         .exchanges
                         .message(&self.request_id, Payload::WindowUpdate(proto::WindowUpdate { credit: self.grant }));
-                    let _ = tx.try_send(Box::new(msg));
+                    rt.spawn(async move {
+                        let _ = tx.send(Box::new(msg)).await;
+                    });
                 }
             }
             if let Some(g) = self.guard.take() {
