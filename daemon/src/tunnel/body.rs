@@ -104,6 +104,11 @@ impl InboundBody {
         self
     }
 
+    /// The credit we owe, as a WindowUpdate to the peer.
+    fn grant_message(&self) -> proto::TunnelMessage {
+        self.exchanges.message(&self.request_id, Payload::WindowUpdate(proto::WindowUpdate { credit: self.grant }))
+    }
+
     /// Queues owed credit as a WindowUpdate if the priority queue has room;
     /// otherwise the waker is registered and the next poll retries.
     fn flush_grant(&mut self, cx: &mut Context<'_>) {
@@ -112,9 +117,7 @@ impl InboundBody {
         }
         match self.sender.poll_reserve(cx) {
             Poll::Ready(Ok(())) => {
-                let msg = self
-                    .exchanges
-                    .message(&self.request_id, Payload::WindowUpdate(proto::WindowUpdate { credit: self.grant }));
+                let msg = self.grant_message();
                 let _ = self.sender.send_item(Box::new(msg));
                 self.grant = 0;
             }
@@ -185,9 +188,7 @@ impl Drop for InboundBody {
             // credit is queued or the stream closes.
             if self.grant > 0 {
                 if let (Some(tx), Ok(rt)) = (self.sender.get_ref().cloned(), tokio::runtime::Handle::try_current()) {
-                    let msg = self
-                        .exchanges
-                        .message(&self.request_id, Payload::WindowUpdate(proto::WindowUpdate { credit: self.grant }));
+                    let msg = self.grant_message();
                     rt.spawn(async move {
                         let _ = tx.send(Box::new(msg)).await;
                     });

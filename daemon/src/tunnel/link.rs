@@ -34,7 +34,7 @@ pub struct StallGuard<T> {
     limit: Duration,
     /// Set when a write could not go; cleared by any write that did.
     armed: bool,
-    /// When the stall started plus `limit`, while `armed`.
+    /// When the current stall runs out, while `armed`; made at the first stall.
     clock: Option<Pin<Box<Sleep>>>,
 }
 
@@ -51,16 +51,12 @@ impl<T> StallGuard<T> {
         match r {
             Poll::Pending => {
                 let limit = self.limit;
-                if !self.armed {
-                    self.armed = true;
-                    // One timer for the connection's life, reset per stall.
-                    let at = tokio::time::Instant::now() + limit;
-                    match &mut self.clock {
-                        Some(c) => c.as_mut().reset(at),
-                        None => self.clock = Some(Box::pin(tokio::time::sleep_until(at))),
-                    }
+                // One timer for the connection's life, reset when a stall starts.
+                let fresh = self.clock.is_none();
+                let clock = self.clock.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                if !std::mem::replace(&mut self.armed, true) && !fresh {
+                    clock.as_mut().reset(tokio::time::Instant::now() + limit);
                 }
-                let Some(clock) = self.clock.as_mut() else { return Poll::Pending };
                 match clock.as_mut().poll(cx) {
                     Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::TimedOut,
