@@ -334,4 +334,71 @@ mod tests {
         assert!(matches!(sent, Ok(Ok(1000))), "{sent:?}");
         assert_eq!(credit.available_permits(), 0, "the one chunk took the credit");
     }
+
+    /// A body read to its Content-Length while the priority queue is full.
+    fn read_to_length_with_queue_full(
+        stream_cancel: &CancellationToken,
+    ) -> (crate::tunnel::outbound::OutboundStream, u32) {
+        let (out, stream) = Outbound::new(stream_cancel.clone());
+        let filler = proto::TunnelMessage::default();
+        let mut queued = 0;
+        while out.try_priority(filler.clone()) {
+            queued += 1;
+            assert!(queued <= 10_000, "the priority queue never filled");
+        }
+        let exchanges = Exchanges::new(out, Role::Server, "client".into());
+        let (tx, rx) = mpsc::channel(4);
+        let window = Arc::new(Mutex::new(RecvWindow::new(4096)));
+        let mut body = InboundBody::new(rx, window, exchanges, "r1".into()).expect_len(Some(2048));
+        assert!(tx.try_send(BodyEvent::Data(Bytes::from(vec![1u8; 2048]))).is_ok());
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(matches!(Pin::new(&mut body).poll_frame(&mut cx), Poll::Ready(Some(Ok(_)))));
+        let owed = body.grant;
+        assert!(owed > 0, "reading half the window owes credit");
+        // As hyper does at Content-Length: stop reading and drop the body.
+        drop(body);
+        (stream, owed)
+    }
+
+    /// Credit owed by a body dropped at its Content-Length reaches the peer
+    /// once the queue has room, so a sender waiting for it goes on.
+    #[tokio::test]
+    async fn a_body_dropped_at_its_length_hands_over_its_credit() {
+        use tokio_stream::StreamExt;
+        let cancel = CancellationToken::new();
+        let (mut stream, owed) = read_to_length_with_queue_full(&cancel);
+        let found = tokio::time::timeout(Duration::from_secs(5), async {
+            for _ in 0..10_000 {
+                match stream.next().await {
+                    Some(m) => {
+                        if let Some(Payload::WindowUpdate(w)) = m.payload {
+                            return Some((m.request_id, w.credit));
+                        }
+                    }
+                    None => return None,
+                }
+            }
+            None
+        })
+        .await;
+        assert_eq!(found, Ok(Some(("r1".to_string(), owed))));
+    }
+
+    /// If the stream closes instead, the task that waited to hand over the
+    /// credit ends: none is left behind per body.
+    #[tokio::test]
+    async fn a_hand_over_on_a_closed_stream_leaves_no_task() {
+        let cancel = CancellationToken::new();
+        let (stream, _owed) = read_to_length_with_queue_full(&cancel);
+        let tasks = tokio::runtime::Handle::current().metrics();
+        assert_eq!(tasks.num_alive_tasks(), 1, "the hand-over waits for room");
+        drop(stream);
+        let ended = tokio::time::timeout(Duration::from_secs(5), async {
+            while tasks.num_alive_tasks() > 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        assert!(ended.is_ok(), "the hand-over task outlived its stream");
+    }
 }
