@@ -250,10 +250,10 @@ where
         // A body that says it has ended, or has less than a chunk left, waits
         // only for what it still has: its end must not wait for credit it
         // will never use.
-        let left = match body.size_hint().upper() {
-            _ if body.is_end_stream() => 0,
-            Some(n) => n.min(max_chunk as u64) as usize,
-            None => max_chunk,
+        let left = if body.is_end_stream() {
+            0
+        } else {
+            body.size_hint().upper().map_or(max_chunk, |n| n.min(max_chunk as u64) as usize)
         };
         if left > 0 {
             tokio::select! {

@@ -34,14 +34,16 @@ pub struct StallGuard<T> {
     limit: Duration,
     /// Set when a write could not go; cleared by any write that did.
     armed: bool,
-    /// When the current stall runs out, while `armed`; made at the first stall.
-    clock: Option<Pin<Box<Sleep>>>,
+    /// When the current stall runs out, while `armed`; one timer for the
+    /// connection's life, reset when a stall starts.
+    clock: Pin<Box<Sleep>>,
 }
 
 impl<T> StallGuard<T> {
-    /// Guards `inner`: a write stall of `limit` fails the connection.
+    /// Guards `inner`: a write stall of `limit` fails the connection. Must be
+    /// called within a tokio runtime (it makes the timer).
     pub fn new(inner: T, limit: Duration) -> Self {
-        StallGuard { inner, limit, armed: false, clock: None }
+        StallGuard { inner, limit, armed: false, clock: Box::pin(tokio::time::sleep(limit)) }
     }
 
     /// Passes a write's outcome on, arming the stall clock while it waits
@@ -51,13 +53,11 @@ impl<T> StallGuard<T> {
         match r {
             Poll::Pending => {
                 let limit = self.limit;
-                // One timer for the connection's life, reset when a stall starts.
-                let fresh = self.clock.is_none();
-                let clock = self.clock.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-                if !std::mem::replace(&mut self.armed, true) && !fresh {
-                    clock.as_mut().reset(tokio::time::Instant::now() + limit);
+                if !self.armed {
+                    self.armed = true;
+                    self.clock.as_mut().reset(tokio::time::Instant::now() + limit);
                 }
-                match clock.as_mut().poll(cx) {
+                match self.clock.as_mut().poll(cx) {
                     Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::TimedOut,
                         format!("the peer took none of our bytes for {limit:?}"),
