@@ -42,8 +42,11 @@ fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64>
     })
 }
 
-fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+/// `N` distinct ports on 127.0.0.1, free a moment ago: all are held until all
+/// are picked, as the kernel may hand a just-released port to the next bind.
+fn free_ports<const N: usize>() -> [SocketAddr; N] {
+    let held: [std::net::TcpListener; N] = std::array::from_fn(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+    held.map(|l| l.local_addr().unwrap())
 }
 
 #[tokio::test]
@@ -52,7 +55,7 @@ async fn both_daemons_count_what_happens() {
     let toml = demo_server_toml("metrics_listen = \"127.0.0.1:0\"", "", RULES);
     let cfg = ConfigFile::new(&toml);
     let server = start_server(&toml, Some(cfg.path.clone())).await;
-    let client_metrics = free_port();
+    let [client_metrics] = free_ports();
     let extra = format!("metrics_listen = \"{client_metrics}\"");
     let _client = TestClient::start(&client_toml(&server, "edge-1", "demo", "t-demo", &extra, &[("web", up.url())]));
     server.wait_streams(3).await;
@@ -123,8 +126,7 @@ async fn both_daemons_count_what_happens() {
 /// A client that cannot reach its server counts each new attempt.
 #[tokio::test]
 async fn client_counts_reconnects_while_the_server_is_away() {
-    let nowhere = free_port();
-    let client_metrics = free_port();
+    let [nowhere, client_metrics] = free_ports();
     let toml = format!(
         "server = \"http://{nowhere}\"\nclient_id = \"edge-1\"\ngroup = \"demo\"\ntoken = \"t\"\nreconnect_max = \"200ms\"\nmetrics_listen = \"{client_metrics}\"\n[upstreams]\nweb = \"http://127.0.0.1:9\"\n"
     );

@@ -33,11 +33,22 @@ impl Drop for TempDir {
     }
 }
 
-/// A port on 127.0.0.1 free a moment ago.
+/// A port on 127.0.0.1 free a moment ago, and never handed out before in this process.
 pub fn free_port() -> anyhow::Result<SocketAddr> {
-    // Bound and released at once: a small race with other processes, fine on a bench host.
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?)
+    // Bound and released at once: a small race with other processes, fine on a
+    // bench host. The kernel may give the port just released to the next bind,
+    // which once handed a server the same port for its gRPC and admin listeners;
+    // remembering what we gave out rules that out.
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    for _ in 0..64 {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        if !given.contains(&addr.port()) {
+            given.push(addr.port());
+            return Ok(addr);
+        }
+    }
+    bail!("no free port on 127.0.0.1 that this run has not used already")
 }
 
 /// Starts `program args` with stderr and stdout in `log`, killed when dropped.

@@ -4,16 +4,14 @@
 //! in `--check`'s output.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const TOKEN: &str = "s3cret-token-do-not-log";
-
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
-}
 
 /// One HTTP/1.1 GET, bounded; the status code.
 fn get(addr: SocketAddr, path: &str) -> Option<u16> {
@@ -47,7 +45,7 @@ fn json_lines(text: &str) -> Vec<serde_json::Value> {
 
 #[test]
 fn json_logs_with_an_access_line_and_no_secrets() {
-    let (http, grpc, admin) = (free_port(), free_port(), free_port());
+    let [http, grpc, admin] = common::free_ports();
     let dir = std::env::temp_dir().join(format!("tunnel-logs-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("server.toml");
@@ -117,7 +115,7 @@ fn client_json_logs_honour_log_level_and_hide_the_token() {
         &config,
         format!(
             "server = \"http://{}\"\nclient_id = \"edge-1\"\ngroup = \"demo\"\ntoken = \"{TOKEN}\"\nreconnect_max = \"200ms\"\nlog_format = \"json\"\nlog_level = \"warn\"\n[upstreams]\nweb = \"http://127.0.0.1:9\"\n",
-            free_port()
+            common::free_ports::<1>()[0]
         ),
     )
     .unwrap();

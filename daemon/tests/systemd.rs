@@ -4,15 +4,12 @@
 //! And the shipped unit files pass `systemd-analyze verify`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::{SocketAddr, TcpListener};
+mod common;
+
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
-}
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -84,7 +81,7 @@ fn wait_exit(child: &mut Child, within: Duration) -> i32 {
 fn both_daemons_speak_the_notify_protocol() {
     let dir = std::env::temp_dir().join(format!("tunnel-systemd-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let (http, grpc, admin) = (free_port(), free_port(), free_port());
+    let [http, grpc, admin] = common::free_ports();
     let server_cfg = dir.join("server.toml");
     std::fs::write(
         &server_cfg,

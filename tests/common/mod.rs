@@ -121,6 +121,14 @@ pub fn sha256_of_pattern(n: usize) -> String {
     hex(&h.finalize())
 }
 
+/// `N` distinct ports on 127.0.0.1, free a moment ago. All are held until all
+/// are picked: the kernel may hand a just-released port to the next bind, and
+/// a daemon given one port twice fails to start.
+pub fn free_ports<const N: usize>() -> [SocketAddr; N] {
+    let held: [std::net::TcpListener; N] = std::array::from_fn(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+    held.map(|l| l.local_addr().unwrap())
+}
+
 /// Microseconds since the Unix epoch.
 pub fn unix_micros() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
