@@ -42,13 +42,6 @@ fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64>
     })
 }
 
-/// `N` distinct ports on 127.0.0.1, free a moment ago: all are held until all
-/// are picked, as the kernel may hand a just-released port to the next bind.
-fn free_ports<const N: usize>() -> [SocketAddr; N] {
-    let held: [std::net::TcpListener; N] = std::array::from_fn(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap());
-    held.map(|l| l.local_addr().unwrap())
-}
-
 #[tokio::test]
 async fn both_daemons_count_what_happens() {
     let up = Upstream::start("web").await;

@@ -367,15 +367,11 @@ mod tests {
         use tokio_stream::StreamExt;
         let cancel = CancellationToken::new();
         let (mut stream, owed) = read_to_length_with_queue_full(&cancel);
+        // The fillers come first; the queue is bounded, and so is the wait.
         let found = tokio::time::timeout(Duration::from_secs(5), async {
-            for _ in 0..10_000 {
-                match stream.next().await {
-                    Some(m) => {
-                        if let Some(Payload::WindowUpdate(w)) = m.payload {
-                            return Some((m.request_id, w.credit));
-                        }
-                    }
-                    None => return None,
+            while let Some(m) = stream.next().await {
+                if let Some(Payload::WindowUpdate(w)) = m.payload {
+                    return Some((m.request_id, w.credit));
                 }
             }
             None
