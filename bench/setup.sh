@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Installs what tunnel-bench drives: nginx (the upstream), wrk and h2load
 # (load generators), curl (transfers), nftables and iproute2 (the lossy-link
-# cell's network namespace), and rathole (the race's anchor).
+# cell's network namespace), haproxy (the load balancer in front of several
+# servers), and rathole (the race's anchor).
 #   bench/setup.sh               everything
 #   bench/setup.sh --no-rathole  the Debian packages only (what CI needs for --quick)
 set -euo pipefail
 want=()
-for tool in nginx:nginx wrk:wrk h2load:nghttp2-client curl:curl nft:nftables ip:iproute2; do
+for tool in nginx:nginx wrk:wrk h2load:nghttp2-client curl:curl nft:nftables ip:iproute2 haproxy:haproxy; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${tool%%:*}" ] || want+=("${tool#*:}")
 done
 if [ ${#want[@]} -gt 0 ]; then

@@ -1,9 +1,11 @@
 //! tunnel-bench: starts real tunnel-server and tunnel-client processes on
 //! 127.0.0.1, drives load, and prints markdown tables (docs/benchmarks.md):
 //! heartbeat isolation per transport (the design's question), the speed race
-//! against direct nginx and rathole, and the memory of a large fleet.
+//! against direct nginx and rathole, the memory of a large fleet, and
+//! several servers behind HAProxy under faults.
 
 mod fleet;
+mod ha;
 mod isolation;
 mod load;
 mod lossy;
@@ -69,6 +71,8 @@ enum Cmd {
     Ws,
     /// Deploys under 200 req/s with real processes: rolling client restarts, reloads, server SIGTERM.
     Ops,
+    /// Three servers behind HAProxy at 200 req/s: kill -9, SIGSTOP, drain and a rolling restart of one.
+    Ha,
     /// Long mixed load with restarts and reloads, sampling RSS, fds and tasks (default 1 h; not in the all-commands run).
     Soak {
         /// Where the time series goes.
@@ -103,6 +107,7 @@ async fn main() -> anyhow::Result<()> {
             Cmd::Race { workers: vec![0, 1], no_rathole: false },
             Cmd::Ws,
             Cmd::Ops,
+            Cmd::Ha,
         ],
     };
     for c in commands {
@@ -117,6 +122,7 @@ async fn main() -> anyhow::Result<()> {
             Cmd::Fleet { clients } => fleet::run(&bins, clients).await?,
             Cmd::Ws => ws::run(&bins, &ws::Config::new(args.quick)).await?,
             Cmd::Ops => ops::run(&bins, &ops::Config::new(args.quick)).await?,
+            Cmd::Ha => ha::run(&bins, &ha::Config::new(args.quick)).await?,
             Cmd::Soak { csv } => soak::run(&bins, &soak::Config::new(args.quick, args.duration, csv)).await?,
         }
     }

@@ -181,3 +181,33 @@ fn soak_runs_its_events_and_drains_to_idle() {
         assert!(v[1] > 0 && v[2] > 0 && v[3] > 0, "server sample {line}");
     }
 }
+
+/// Three servers behind a real HAProxy: the promises, asserted on
+/// counts (never timings). A server killed with -9 fails only requests sent
+/// before HAProxy marked it down; a drain with drain_delay and a rolling
+/// restart fail none; the other servers' sessions never reconnect.
+#[test]
+fn servers_behind_haproxy_survive_kill_stop_drain_and_rolling_restart() {
+    let installed = ["/usr/sbin/haproxy", "/usr/bin/haproxy", "/usr/local/sbin/haproxy"]
+        .iter()
+        .any(|p| std::path::Path::new(p).exists());
+    if !installed {
+        assert!(std::env::var_os("CI").is_none(), "haproxy is required under CI");
+        eprintln!("skipped: haproxy not installed (bench/setup.sh installs it)");
+        return;
+    }
+    let stdout = bench(&["ha"]);
+    let table = rows(&stdout, &["kill -9", "SIGSTOP", "SIGTERM", "rolling"]);
+    assert_eq!(table.len(), 4, "{stdout}");
+    for r in &table {
+        assert!(num(r, 1) > 0.0, "requests were sent: {r:?}");
+        assert_eq!(r[3], "0", "no request sent after HAProxy marked the server down failed: {r:?}");
+    }
+    let (kill, stop, drain, rolling) = (&table[0], &table[1], &table[2], &table[3]);
+    assert!(kill[5].contains("sessions untouched") && stop[5].contains("sessions untouched"), "{stdout}");
+    assert_eq!(drain[2], "0", "a drain fails nothing: {drain:?}");
+    assert_eq!(rolling[2], "0", "a rolling restart fails nothing: {rolling:?}");
+    // Killed: only what was in flight on it (at 200 req/s with 20 ms
+    // requests, a few, and fewer than HAProxy's detection window holds).
+    assert!(num(kill, 2) < 200.0, "{kill:?}");
+}

@@ -99,6 +99,10 @@ pub struct ServerMetrics {
     pub queue_depth: Gauge,
     /// 1 for each group's current config version.
     pub config_info: Family<Labels, Gauge>,
+    /// 1, labelled with this server's server_id and version.
+    pub server_info: Family<Labels, Gauge>,
+    /// 1 while draining (SIGTERM received): /ready answers 503.
+    pub draining: Gauge,
     process: ProcessGauges,
 }
 
@@ -119,10 +123,14 @@ impl Default for ServerMetrics {
             upgraded: Gauge::default(),
             queue_depth: Gauge::default(),
             config_info: Family::default(),
+            server_info: Family::default(),
+            draining: Gauge::default(),
             process: ProcessGauges::default(),
             registry: Registry::default(),
         };
         m.process.register(&mut registry);
+        registry.register("server_info", "This server's server_id and version (value 1)", m.server_info.clone());
+        registry.register("draining", "1 while the server drains before stopping", m.draining.clone());
         registry.register("requests", "Public requests by group and status class", m.requests.clone());
         registry.register_with_unit(
             "request_duration",
@@ -178,8 +186,12 @@ pub struct ClientMetrics {
     pub upstream_errors: Family<Labels, Counter>,
     /// Heartbeat round trips as the client measures them.
     pub heartbeat_rtt: Histogram,
-    /// 1 for the config version applied.
+    /// 1 for the config version each server's session applied, by server.
     pub config_info: Family<Labels, Gauge>,
+    /// Streams registered now, by server (its address and server_id).
+    pub server_streams: Family<Labels, Gauge>,
+    /// The version in `config_info` for each server.
+    applied: std::sync::Mutex<std::collections::HashMap<String, String>>,
     process: ProcessGauges,
 }
 
@@ -193,10 +205,13 @@ impl Default for ClientMetrics {
             upstream_errors: Family::default(),
             heartbeat_rtt: heartbeat_histogram(),
             config_info: Family::default(),
+            server_streams: Family::default(),
+            applied: Default::default(),
             process: ProcessGauges::default(),
             registry: Registry::default(),
         };
         m.process.register(&mut registry);
+        registry.register("server_streams", "Streams registered now, by server", m.server_streams.clone());
         registry.register("registrations", "Streams registered with the server", m.registrations.clone());
         registry.register("reconnects", "Sessions started after the first", m.reconnects.clone());
         registry.register_with_unit(
@@ -207,7 +222,7 @@ impl Default for ClientMetrics {
         );
         registry.register("upstream_errors", "Upstream failures by upstream and kind", m.upstream_errors.clone());
         registry.register_with_unit("heartbeat_rtt", "Heartbeat round trip", Unit::Seconds, m.heartbeat_rtt.clone());
-        registry.register("config_info", "The config version applied (value 1)", m.config_info.clone());
+        registry.register("config_info", "The config version applied, by server (value 1)", m.config_info.clone());
         ClientMetrics { registry, ..m }
     }
 }
@@ -221,25 +236,45 @@ impl ClientMetrics {
         out
     }
 
-    /// Marks `version` as the one applied.
-    pub fn set_config(&self, version: &str) {
-        self.config_info.clear();
-        self.config_info.get_or_create(&vec![("version", version.to_string())]).set(1);
+    /// The text exposition, with the per-server gauges read from `status` now.
+    pub fn render_with(&self, status: &crate::client::ClientStatus) -> String {
+        self.server_streams.clear();
+        for (server, s) in &status.servers {
+            let labels = vec![("server", server.clone()), ("server_id", s.server_id.clone())];
+            self.server_streams.get_or_create(&labels).set(s.registered_streams as i64);
+        }
+        self.render()
+    }
+
+    /// Marks `version` as the one applied by the session to `server`.
+    pub fn set_config(&self, server: &str, version: &str) {
+        let labels = |v: &str| vec![("server", server.to_string()), ("version", v.to_string())];
+        let mut applied = self.applied.lock().unwrap_or_else(|e| e.into_inner());
+        // One series per server: the version it replaces goes.
+        if let Some(old) = applied.insert(server.to_string(), version.to_string()) {
+            self.config_info.remove(&labels(&old));
+        }
+        self.config_info.get_or_create(&labels(version)).set(1);
     }
 }
 
-/// Serves `GET /metrics` with `render()`'s text until `stop` fires.
-pub async fn serve(
-    listener: TcpListener,
-    render: Arc<dyn Fn() -> String + Send + Sync>,
-    stop: CancellationToken,
-) -> anyhow::Result<()> {
+/// What the metrics listener answers.
+#[derive(Clone)]
+pub struct Endpoints {
+    /// `GET /metrics`: the text exposition.
+    pub render: Arc<dyn Fn() -> String + Send + Sync>,
+    /// `GET /ready`, for load balancers: Ok, or why not (a 503 with that reason).
+    pub ready: Option<Arc<dyn Fn() -> Result<(), String> + Send + Sync>>,
+}
+
+/// Serves `GET /metrics` (and `/ready` if given) until `stop` fires.
+pub async fn serve(listener: TcpListener, endpoints: Endpoints, stop: CancellationToken) -> anyhow::Result<()> {
     while let Some((tcp, _)) = crate::server::accept::next_connection(&listener, "metrics", &stop).await {
-        let render = render.clone();
+        let endpoints = endpoints.clone();
         let stop = stop.clone();
         // Ends when the scraper closes the connection or at shutdown.
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| answer(req, render.clone()));
+            let svc = hyper::service::service_fn(move |req| answer(req, endpoints.clone()));
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(std::time::Duration::from_secs(10))
@@ -253,21 +288,35 @@ pub async fn serve(
     Ok(())
 }
 
-async fn answer(
-    req: Request<Incoming>,
-    render: Arc<dyn Fn() -> String + Send + Sync>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
-    let mut resp = if req.uri().path() == "/metrics" {
-        let mut r = Response::new(Full::new(Bytes::from(render())));
-        r.headers_mut().insert(
-            header::CONTENT_TYPE,
-            http::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
-        );
+/// The answer to `GET /ready`: 200 "ready", or 503 with the reason, one line.
+pub fn ready_response(ready: Result<(), String>) -> (StatusCode, String) {
+    match ready {
+        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+    }
+}
+
+async fn answer(req: Request<Incoming>, endpoints: Endpoints) -> Result<Response<Full<Bytes>>, Infallible> {
+    let text = |status: StatusCode, body: String| {
+        let mut r = Response::new(Full::new(Bytes::from(body)));
+        *r.status_mut() = status;
+        r.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; charset=utf-8"));
         r
-    } else {
-        let mut r = Response::new(Full::new(Bytes::from_static(b"metrics are at /metrics\n")));
-        *r.status_mut() = StatusCode::NOT_FOUND;
-        r
+    };
+    let mut resp = match (req.uri().path(), &endpoints.ready) {
+        ("/metrics", _) => {
+            let mut r = Response::new(Full::new(Bytes::from((endpoints.render)())));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+            );
+            r
+        }
+        ("/ready", Some(ready)) => {
+            let (status, body) = ready_response(ready());
+            text(status, body)
+        }
+        _ => text(StatusCode::NOT_FOUND, "metrics are at /metrics\n".to_string()),
     };
     resp.headers_mut().insert(header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
     Ok(resp)

@@ -446,7 +446,17 @@ impl TestServer {
     }
 
     pub async fn stop(self) {
+        self.begin_stop();
+        self.wait_stopped().await;
+    }
+
+    /// What SIGTERM does: the server starts draining.
+    pub fn begin_stop(&self) {
         self.stop.cancel();
+    }
+
+    /// Waits for a stop begun with `begin_stop` to finish.
+    pub async fn wait_stopped(self) {
         tokio::time::timeout(WAIT, self.task).await.expect("server stops").unwrap().unwrap();
     }
 }

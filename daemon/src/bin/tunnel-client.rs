@@ -32,10 +32,11 @@ fn main() -> ExitCode {
         }
     };
     if args.check {
+        let servers: Vec<String> = config.servers.iter().map(tunnel_daemon::client::fleet::url_text).collect();
         println!(
             "{}: OK (server {}, client {}, group {}, transport {}, {} upstreams)",
             args.config.display(),
-            config.server,
+            servers.join(", "),
             config.client_id,
             config.group,
             config.transport,

@@ -1,34 +1,75 @@
-//! tunnel-client: dials the server, keeps a control stream and N data streams
-//! registered and heartbeating, applies the config the server pushes, and
-//! forwards every exchange to a local upstream.
+//! tunnel-client: dials every configured server, keeps a session to each (a
+//! control stream and N data streams registered and heartbeating, and the
+//! config that server pushes), and forwards every exchange, from whichever
+//! server, to the same local upstreams.
 
 mod dial;
+pub mod fleet;
 pub mod session;
 pub mod upstream;
 
 use anyhow::Context as _;
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tunnel_lib::config::ClientConfig;
 
-/// A session that lived this long resets the backoff.
-const STABLE_SESSION: Duration = Duration::from_secs(30);
-
-/// What the client reports about itself (for tests, logs and status lines).
+/// What the client reports about itself (for tests, logs and status lines):
+/// each server's session, and totals over them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ClientStatus {
-    /// Streams registered with the server now.
+    /// Streams registered now, over every server.
     pub registered_streams: usize,
-    /// The config version applied ("" until the first sync).
+    /// The config version applied last, by any server's session ("" until the first sync).
     pub config_version: String,
-    /// The server's name, from its acknowledgements.
+    /// The server_ids of the servers holding streams now, comma-separated.
     pub server_id: String,
+    /// Sessions started over every server (1 per server + reconnects).
+    pub sessions: u64,
+    /// Each server address's session, by its key (the URL, and the address
+    /// when the URL names a host).
+    pub servers: BTreeMap<String, ServerStatus>,
+}
+
+/// One server address's session, as the client sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServerStatus {
+    /// The server's name, from its answer ("" until it answered).
+    pub server_id: String,
+    /// Streams registered with it now.
+    pub registered_streams: usize,
+    /// The config version its session applied.
+    pub config_version: String,
     /// Sessions started (1 + reconnects).
     pub sessions: u64,
+    /// Streams it accepted, since start.
+    pub registrations: u64,
+    /// Another address of the same server holds the session (that one's key).
+    pub duplicate_of: Option<String>,
+}
+
+impl ClientStatus {
+    /// Recomputes the totals from `servers`.
+    fn recount(&mut self) {
+        self.registered_streams = self.servers.values().map(|s| s.registered_streams).sum();
+        self.sessions = self.servers.values().map(|s| s.sessions).sum();
+        let ids: std::collections::BTreeSet<&str> = self
+            .servers
+            .values()
+            .filter(|s| s.registered_streams > 0 && !s.server_id.is_empty())
+            .map(|s| s.server_id.as_str())
+            .collect();
+        self.server_id = ids.into_iter().collect::<Vec<_>>().join(",");
+    }
+
+    /// Servers with at least one stream registered now.
+    pub fn connected_servers(&self) -> usize {
+        self.servers.values().filter(|s| s.registered_streams > 0).count()
+    }
 }
 
 /// Capped exponential backoff with jitter (50–100% of the step), so that
@@ -102,25 +143,27 @@ impl Client {
                     .await
                     .with_context(|| format!("binding metrics_listen {addr}"))?;
                 tracing::info!(metrics_addr = %listener.local_addr()?, "serving Prometheus metrics at /metrics");
-                let m = self.metrics.clone();
-                let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || m.render());
-                Some(tokio::spawn(crate::metrics::serve(listener, render, stop.clone())))
+                let (m, status) = (self.metrics.clone(), self.status.subscribe());
+                let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || m.render_with(&status.borrow()));
+                let endpoints = crate::metrics::Endpoints { render, ready: None };
+                Some(tokio::spawn(crate::metrics::serve(listener, endpoints, stop.clone())))
             }
             None => None,
         };
-        tracing::info!(server = %self.config.server, client = %self.config.client_id, group = %self.config.group, transport = %self.config.transport, upstreams = ?upstreams.borrow().names(), "tunnel-client starting");
+        let servers: Vec<String> = self.config.servers.iter().map(fleet::url_text).collect();
+        tracing::info!(servers = %servers.join(", "), client = %self.config.client_id, group = %self.config.group, transport = %self.config.transport, upstreams = ?upstreams.borrow().names(), "tunnel-client starting");
         let reloader = self.config_path.clone().map(|path| {
             let reload =
                 Reloader { path, applied: self.config.clone(), upstreams: upstreams_tx, metrics: self.metrics.clone() };
             let status = self.status.subscribe();
-            let server = self.config.server.to_string();
+            let servers = servers.clone();
             // Owned by the client: ends with `stop`.
-            tokio::spawn(reload.run(move || status_line(&status.borrow(), &server), stop.clone()))
+            tokio::spawn(reload.run(move || status_line(&status.borrow(), &servers), stop.clone()))
         });
         // READY=1 once the server has accepted us; a status line (and the
         // watchdog) from the start, since reaching the server may take a while.
         let mut registered = self.status.subscribe();
-        let (status_of, server) = (self.status.subscribe(), self.config.server.to_string());
+        let (status_of, server) = (self.status.subscribe(), servers.clone());
         let notify_stop = stop.clone();
         let notifier = tokio::spawn(async move {
             let ready = async {
@@ -137,57 +180,8 @@ impl Client {
             };
             tokio::join!(ready, keep);
         });
-        let runner = async {
-            let mut backoff = Backoff::new(self.config.reconnect_min, self.config.reconnect_max);
-            // A failure that repeats word for word is logged once per backoff
-            // cap, so a server that is down does not flood the log.
-            let mut last_failure: Option<(String, Instant)> = None;
-            loop {
-                let started = Instant::now();
-                self.status.send_modify(|s| s.sessions += 1);
-                if self.status.borrow().sessions > 1 {
-                    self.metrics.reconnects.inc();
-                }
-                let result = session::run(
-                    self.config.clone(),
-                    upstreams.clone(),
-                    self.status.clone(),
-                    self.metrics.clone(),
-                    stop.clone(),
-                )
-                .await;
-                self.status.send_modify(|s| s.registered_streams = 0);
-                if stop.is_cancelled() {
-                    return;
-                }
-                if started.elapsed() > STABLE_SESSION {
-                    backoff.reset();
-                }
-                let delay = backoff.step();
-                match result {
-                    Ok(()) => {
-                        last_failure = None;
-                        tracing::info!(retry_in = ?delay, "session ended; reconnecting");
-                    }
-                    Err(e) => {
-                        let text = format!("{e:#}");
-                        let repeat = last_failure.as_ref().is_some_and(|(t, at)| {
-                            *t == text && at.elapsed() < self.config.reconnect_max + Duration::from_secs(1)
-                        });
-                        if repeat {
-                            tracing::debug!(retry_in = ?delay, "session failed again: {text}");
-                        } else {
-                            tracing::warn!(retry_in = ?delay, "session failed: {text}");
-                            last_failure = Some((text, Instant::now()));
-                        }
-                    }
-                }
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(delay) => {}
-                }
-            }
-        };
+        let runner =
+            fleet::run(self.config.clone(), upstreams.clone(), self.status.clone(), self.metrics.clone(), stop.clone());
         tokio::pin!(runner);
         tokio::select! {
             _ = &mut runner => {}
@@ -195,7 +189,7 @@ impl Client {
                 tracing::info!("shutting down: draining");
                 crate::systemd::stopping("draining: no new requests, finishing those in flight");
                 stop.cancel();
-                // The session sees `stop`, drains within the grace period and returns.
+                // Every session sees `stop`, drains within the grace period and returns.
                 let bound = self.config.shutdown_grace + Duration::from_secs(2);
                 if tokio::time::timeout(bound, runner).await.is_err() {
                     tracing::warn!("drain did not finish within the grace period; exiting anyway");
@@ -267,12 +261,19 @@ impl Reloader {
 }
 
 /// One line for `systemctl status`.
-fn status_line(s: &ClientStatus, server: &str) -> String {
-    if s.registered_streams == 0 {
-        return format!("connecting to {server} (attempt {})", s.sessions);
-    }
+fn status_line(s: &ClientStatus, servers: &[String]) -> String {
     let version = if s.config_version.is_empty() { "-" } else { s.config_version.as_str() };
-    format!("connected to {server} ({}), {} streams, config {version}", s.server_id, s.registered_streams)
+    match servers {
+        [one] if s.registered_streams == 0 => format!("connecting to {one} (attempt {})", s.sessions),
+        [one] => format!("connected to {one} ({}), {} streams, config {version}", s.server_id, s.registered_streams),
+        _ => format!(
+            "connected to {} of {} servers ({}), {} streams, config {version}",
+            s.connected_servers(),
+            s.servers.len().max(servers.len()),
+            if s.server_id.is_empty() { "-" } else { s.server_id.as_str() },
+            s.registered_streams
+        ),
+    }
 }
 
 #[cfg(test)]

@@ -1,13 +1,15 @@
-//! One connection session of the client: its channel(s), the control stream
-//! and the data streams, each registered and heartbeating on its own, and the
-//! config the server pushes. Any loss of the connection ends the session; the
-//! caller reconnects with backoff and a new session id.
+//! One connection session of the client to one server address: its
+//! channel(s), the control stream and the data streams, each registered and
+//! heartbeating on its own, and the config that server pushes. Any loss of
+//! the connection ends the session; its link reconnects with backoff and a
+//! new session id.
 
-use super::upstream::{self, Upstreams};
-use super::ClientStatus;
+use super::fleet::{Claim, Link};
+use super::upstream;
 use crate::metrics::ClientMetrics;
 use crate::tunnel::exchange::{payload_name, Dispatched, ExchangeFailure, Exchanges, Role};
 use crate::tunnel::link::{CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_MESSAGE, STREAM_WINDOW};
+use crate::tunnel::next_request_id;
 use crate::tunnel::outbound::Outbound;
 use anyhow::{bail, Context as _};
 use std::collections::HashMap;
@@ -48,18 +50,30 @@ struct Settings {
     config_version: String,
 }
 
+/// How a session ended without an error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ended {
+    /// The client is stopping: the session drained.
+    Stopped,
+    /// The server said it is draining: a planned stop, not a failure.
+    ServerDrained,
+    /// This address leads to a server another link already holds (`holder`):
+    /// nothing was registered.
+    Duplicate { server_id: String, holder: String },
+}
+
 /// State shared by the streams of one session.
 struct Session {
     cfg: Arc<ClientConfig>,
+    link: Arc<Link>,
     id: String,
     /// When this session started (unix ms): newer sessions win at the server.
     started_ms: i64,
-    /// The upstreams in force; a reload (SIGHUP) replaces them for new exchanges.
-    upstreams: watch::Receiver<Arc<Upstreams>>,
     settings: watch::Sender<Settings>,
-    status: watch::Sender<ClientStatus>,
     /// Fires to end the session (a stream lost, or shutdown).
     cancel: CancellationToken,
+    /// The server told us it is draining.
+    server_drained: AtomicBool,
     /// Data streams alive now, for draining.
     live: Mutex<HashMap<String, Arc<Exchanges>>>,
     /// Set once a drain starts: closed streams are not reopened.
@@ -82,10 +96,12 @@ enum Kind {
     Single,
 }
 
-async fn connect(cfg: &ClientConfig) -> anyhow::Result<Channel> {
-    // No tonic connect_timeout: the dialer bounds each address, and the
+async fn connect(link: &Link) -> anyhow::Result<Channel> {
+    let cfg = &link.cfg;
+    let server = &link.key;
+    // No tonic connect_timeout: the dialer bounds the TCP connect, and the
     // whole connect (TLS and the server's first bytes too) is bounded below.
-    let mut ep = Endpoint::from(cfg.server.clone())
+    let mut ep = Endpoint::from(link.target.url.clone())
         .http2_keep_alive_interval(cfg.ping_interval)
         .keep_alive_timeout(cfg.ping_timeout)
         .keep_alive_while_idle(true)
@@ -93,18 +109,14 @@ async fn connect(cfg: &ClientConfig) -> anyhow::Result<Channel> {
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME_SIZE);
     if let Some(tls) = &cfg.tls {
-        ep = ep.tls_config(client_tls(&cfg.server, tls)?).context("TLS settings")?;
+        ep = ep.tls_config(client_tls(&link.target.url, tls)?).context("TLS settings")?;
     }
-    let (dialer, heard) = super::dial::Dialer::new(cfg.tcp_keepalive, cfg.connect_timeout);
+    let (dialer, heard) = super::dial::Dialer::new(link.target.addr, cfg.tcp_keepalive, cfg.connect_timeout);
     // Connected means the server spoke: TCP, TLS, and its first bytes, all
     // within connect_timeout (a tarpit costs this, not a registration timeout).
     let connected = tokio::time::timeout(cfg.connect_timeout, async {
         let channel = ep.connect_with_connector(dialer).await.map_err(|e| {
-            anyhow::anyhow!(
-                "connecting to {}: {}",
-                cfg.server,
-                explain_link_error(&e, cfg.tls.is_some(), Stage::Connect)
-            )
+            anyhow::anyhow!("connecting to {}: {}", server, explain_link_error(&e, cfg.tls.is_some(), Stage::Connect))
         })?;
         if heard.await.is_err() {
             // A TLS server closes a plaintext client's connection unanswered.
@@ -113,7 +125,7 @@ async fn connect(cfg: &ClientConfig) -> anyhow::Result<Channel> {
             } else {
                 ""
             };
-            bail!("connecting to {}: connection closed before the server spoke{hint}", cfg.server);
+            bail!("connecting to {server}: connection closed before the server spoke{hint}");
         }
         Ok::<_, anyhow::Error>(channel)
     })
@@ -121,8 +133,7 @@ async fn connect(cfg: &ClientConfig) -> anyhow::Result<Channel> {
     match connected {
         Ok(r) => r,
         Err(_) => bail!(
-            "no connection to {} within {:?} (connect_timeout: TCP, TLS, and the server's first bytes)",
-            cfg.server,
+            "no connection to {server} within {:?} (connect_timeout: TCP, TLS, and the server's first bytes)",
             cfg.connect_timeout
         ),
     }
@@ -197,41 +208,78 @@ fn explain_link_error(e: &(dyn std::error::Error + 'static), tls: bool, stage: S
     format!("{chain}{hint}")
 }
 
-/// Runs one session until the connection is lost (error) or `stop` fires
-/// (drain, then Ok).
-pub async fn run(
-    cfg: Arc<ClientConfig>,
-    upstreams: watch::Receiver<Arc<Upstreams>>,
-    status: watch::Sender<ClientStatus>,
-    metrics: Arc<ClientMetrics>,
-    stop: CancellationToken,
-) -> anyhow::Result<()> {
-    let data_channel = connect(&cfg).await?;
+/// Asks the server who it is (and for our group's config) before anything
+/// registers: the unary ConfigSync. A second address of a server we already
+/// hold must learn that before it opens streams, since a new session of this
+/// client would replace the one there.
+async fn hello(link: &Link, channel: Channel) -> anyhow::Result<ConfigSyncResponse> {
+    let cfg = &link.cfg;
+    let req = ConfigSyncRequest {
+        client_id: cfg.client_id.clone(),
+        group: cfg.group.clone(),
+        config_version: String::new(),
+        upstreams: link.upstreams.borrow().names(),
+    };
+    let mut client =
+        TunnelServiceClient::new(channel).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE);
+    let bound = cfg.registration_timeout;
+    match tokio::time::timeout(bound, client.config_sync(authed(cfg, req)?)).await {
+        Err(_) => bail!("no answer to our first request within {bound:?} (registration_timeout)"),
+        Ok(Err(status)) if status.code() == tonic::Code::Unauthenticated => {
+            bail!("server refused our token for group {:?}: {}", cfg.group, status.message())
+        }
+        Ok(Err(status)) => {
+            let tls = cfg.tls.is_some();
+            bail!(
+                "server refused our first request ({:?}): {}",
+                status.code(),
+                explain_link_error(&status, tls, Stage::Open)
+            )
+        }
+        Ok(Ok(resp)) => Ok(resp.into_inner()),
+    }
+}
+
+/// Runs one session to `link`'s server until the connection is lost
+/// (error), the server drains, or `stop` fires (drain, then Ok).
+pub async fn run(link: Arc<Link>, stop: CancellationToken) -> anyhow::Result<Ended> {
+    let cfg = link.cfg.clone();
+    let data_channel = connect(&link).await?;
     let control_channel = match cfg.transport {
-        Transport::SplitConnection => connect(&cfg).await?,
+        Transport::SplitConnection => connect(&link).await?,
         _ => data_channel.clone(),
     };
-    let held_version = status.borrow().config_version.clone();
+    let first = hello(&link, data_channel.clone()).await?;
+    let _claim: Claim = match link.claims.claim(&first.server_id, &link.key) {
+        Ok(c) => c,
+        Err(holder) => return Ok(Ended::Duplicate { server_id: first.server_id, holder }),
+    };
+    link.update(|s| s.server_id = first.server_id.clone());
+    let held_version = link.status().config_version;
     let session = Arc::new(Session {
         id: uuid::Uuid::new_v4().to_string(),
         started_ms: now_ms(),
-        upstreams,
         settings: watch::Sender::new(Settings {
             heartbeat_interval: cfg.heartbeat_interval,
             data_streams: cfg.data_streams,
             config_version: held_version,
         }),
-        status,
         cancel: CancellationToken::new(),
+        server_drained: AtomicBool::new(false),
         live: Mutex::new(HashMap::new()),
         draining: AtomicBool::new(false),
         failure: Mutex::new(None),
         drain_acked: Mutex::new(std::collections::HashSet::new()),
-        metrics,
+        metrics: link.metrics.clone(),
+        link,
         cfg,
     });
+    // The first streams open with the server's config in force.
+    if adopt_config(&session, &first) {
+        log_applied(&session, &first);
+    }
     // Debug: with a server that refuses us after connecting, this repeats every retry.
-    tracing::debug!(session = %session.id, "connected");
+    tracing::debug!(server = %session.link.key, session = %session.id, "connected");
     let mut tasks = JoinSet::new();
     match session.cfg.transport {
         Transport::Single => {
@@ -244,12 +292,16 @@ pub async fn run(
     }
     let result = tokio::select! {
         _ = session.cancel.cancelled() => {
-            let first = session.failure.lock().unwrap_or_else(|e| e.into_inner()).take();
-            Err(anyhow::anyhow!(first.unwrap_or_else(|| "connection lost".into())))
+            if session.server_drained.load(Ordering::Relaxed) {
+                Ok(Ended::ServerDrained)
+            } else {
+                let first = session.failure.lock().unwrap_or_else(|e| e.into_inner()).take();
+                Err(anyhow::anyhow!(first.unwrap_or_else(|| "connection lost".into())))
+            }
         }
         _ = stop.cancelled() => {
             drain(&session).await;
-            Ok(())
+            Ok(Ended::Stopped)
         }
     };
     session.cancel.cancel();
@@ -387,7 +439,7 @@ fn open_message(session: &Session, stream_id: &str, kind: Kind, seq: u64, last_r
     let now = now_ms();
     TunnelMessage {
         client_id: session.cfg.client_id.clone(),
-        request_id: uuid::Uuid::new_v4().to_string(),
+        request_id: next_request_id(),
         direction: Direction::ClientToServer as i32,
         trace_id: String::new(),
         payload: Some(Payload::StreamOpen(StreamOpenRequest {
@@ -413,14 +465,14 @@ fn open_message(session: &Session, stream_id: &str, kind: Kind, seq: u64, last_r
 fn sync_message(session: &Session) -> TunnelMessage {
     TunnelMessage {
         client_id: session.cfg.client_id.clone(),
-        request_id: uuid::Uuid::new_v4().to_string(),
+        request_id: next_request_id(),
         direction: Direction::ClientToServer as i32,
         trace_id: String::new(),
         payload: Some(Payload::ConfigSync(ConfigSyncRequest {
             client_id: session.cfg.client_id.clone(),
             group: session.cfg.group.clone(),
             config_version: session.settings.borrow().config_version.clone(),
-            upstreams: session.upstreams.borrow().names(),
+            upstreams: session.link.upstreams.borrow().names(),
         })),
     }
 }
@@ -454,8 +506,9 @@ async fn run_stream(
     let (out, outbound) = Outbound::new(cancel.clone());
     let exchanges = Exchanges::new(out.clone(), Role::Client, session.cfg.client_id.clone());
     out.try_priority(open_message(session, &stream_id, kind, 0, -1));
-    let syncs_config = kind != Kind::Data;
-    if syncs_config {
+    // The session began with the config (its hello); this sync marks the
+    // stream as the one the server pushes config on.
+    if kind != Kind::Data {
         out.try_priority(sync_message(session));
     }
     let mut client =
@@ -493,17 +546,17 @@ async fn run_stream(
     };
     let first_rtt = match first.and_then(|m| m.payload) {
         Some(Payload::StreamOpenResponse(r)) if r.accepted => {
-            session.status.send_modify(|s| {
+            session.link.update(|s| {
                 s.registered_streams += 1;
-                session.metrics.registrations.inc();
-                s.server_id = r.server_id.clone();
+                s.registrations += 1;
             });
+            session.metrics.registrations.inc();
             now_ms() - r.echo_timestamp_ms
         }
         Some(Payload::StreamOpenResponse(r)) => bail!("registration refused: {}", r.reason),
         _ => bail!("the server's first message was not a registration acknowledgement"),
     };
-    tracing::info!(stream = %stream_id, kind = ?kind, "stream registered");
+    tracing::info!(server = %session.link.key, stream = %stream_id, kind = ?kind, "stream registered");
     if kind != Kind::Control {
         session.live.lock().unwrap_or_else(|e| e.into_inner()).insert(stream_id.clone(), exchanges.clone());
     }
@@ -511,7 +564,7 @@ async fn run_stream(
     let end = stream_loop(session, stream, &mut inbound, retire, first_rtt).await;
     session.live.lock().unwrap_or_else(|e| e.into_inner()).remove(&stream_id);
     session.drain_acked.lock().unwrap_or_else(|e| e.into_inner()).remove(&stream_id);
-    session.status.send_modify(|s| s.registered_streams = s.registered_streams.saturating_sub(1));
+    session.link.update(|s| s.registered_streams = s.registered_streams.saturating_sub(1));
     exchanges.fail_all(ExchangeFailure::StreamLost);
     Ok(end)
 }
@@ -633,7 +686,8 @@ fn on_message(
             session.drain_acked.lock().unwrap_or_else(|e| e.into_inner()).insert(stream_id.to_string());
         }
         Payload::Drain(d) => {
-            tracing::info!(stream = %stream_id, reason = %d.reason, "server is draining; reconnecting");
+            tracing::info!(server = %session.link.key, stream = %stream_id, reason = %d.reason, "server is draining; this session ends");
+            session.server_drained.store(true, Ordering::Relaxed);
             session.cancel.cancel();
         }
         Payload::StreamOpen(_) | Payload::ConfigSync(_) | Payload::HttpResponse(_) => {
@@ -646,7 +700,7 @@ fn on_message(
             if let Dispatched::NewRequest(new) = exchanges.dispatch(m) {
                 // Owned by the exchange: ends when it completes or is cancelled
                 // (stream loss cancels every exchange on the stream).
-                let upstreams = session.upstreams.borrow().clone();
+                let upstreams = session.link.upstreams.borrow().clone();
                 tokio::spawn(upstream::serve(upstreams, exchanges.clone(), *new));
             }
         }
@@ -655,16 +709,25 @@ fn on_message(
 }
 
 fn apply_config(session: &Session, stream_id: &str, out: &Outbound, kind: Kind, resp: &ConfigSyncResponse) {
+    if adopt_config(session, resp) {
+        log_applied(session, resp);
+        // Acknowledge at once with a heartbeat naming the new version.
+        out.try_priority(open_message(session, stream_id, kind, 0, -1));
+    }
+}
+
+/// Puts the server's config in force for this session; true if it changed anything.
+fn adopt_config(session: &Session, resp: &ConfigSyncResponse) -> bool {
     let Some(cfg) = &resp.config else {
-        tracing::warn!(stream = %stream_id, "config response without a config; dropped");
-        return;
+        tracing::warn!(server = %session.link.key, "config response without a config; dropped");
+        return false;
     };
     if !resp.missing_upstreams.is_empty() {
         tracing::warn!(missing = ?resp.missing_upstreams, "the server routes to upstreams this client does not have; add them to [upstreams] in client.toml");
     }
     let interval = Duration::from_millis(cfg.heartbeat_interval_ms).max(tunnel_lib::config::MIN_HEARTBEAT_INTERVAL);
     let streams = cfg.data_streams.clamp(1, tunnel_lib::config::MAX_DATA_STREAMS);
-    let changed = session.settings.send_if_modified(|s| {
+    session.settings.send_if_modified(|s| {
         let new = Settings {
             heartbeat_interval: interval,
             data_streams: streams,
@@ -673,12 +736,11 @@ fn apply_config(session: &Session, stream_id: &str, out: &Outbound, kind: Kind, 
         let changed = *s != new;
         *s = new;
         changed
-    });
-    if changed {
-        tracing::info!(version = %resp.config_version, heartbeat_interval = ?interval, data_streams = streams, "config applied");
-        session.status.send_modify(|s| s.config_version = resp.config_version.clone());
-        session.metrics.set_config(&resp.config_version);
-        // Acknowledge at once with a heartbeat naming the new version.
-        out.try_priority(open_message(session, stream_id, kind, 0, -1));
-    }
+    })
+}
+
+fn log_applied(session: &Session, resp: &ConfigSyncResponse) {
+    let s = session.settings.borrow().clone();
+    tracing::info!(server = %session.link.key, version = %resp.config_version, heartbeat_interval = ?s.heartbeat_interval, data_streams = s.data_streams, "config applied");
+    session.link.config_applied(&resp.config_version);
 }

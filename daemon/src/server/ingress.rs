@@ -4,12 +4,12 @@
 
 use super::accept::{next_connection, MaybeTls};
 use super::budget::WindowBudget;
-use super::keepalive::{Activity, Counted, Verdict, Watched};
+use super::keepalive::{Activity, Counted, Verdict};
 use super::registry::NoStream;
 use super::Shared;
 use crate::tunnel::body::{send_body, SendError};
 use crate::tunnel::exchange::{ExchangeFailure, ExchangeGuard, ExchangeIo};
-use crate::tunnel::upgrade;
+use crate::tunnel::{next_request_id, upgrade};
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
@@ -205,7 +205,13 @@ impl Public {
                 Ok::<_, Infallible>(response.map(|body| Counted::new(body, in_service)))
             }
         });
-        let io = TokioIo::new(Watched::new(io, activity.clone()));
+        // Every read tells the connection's clocks that bytes arrived.
+        let reads = activity.clone();
+        let io = TokioIo::new(tokio_util::io::InspectReader::new(io, move |bytes: &[u8]| {
+            if !bytes.is_empty() {
+                reads.on_read();
+            }
+        }));
         let conn = builder.serve_connection_with_upgrades(io, svc).into_owned();
         tokio::pin!(conn);
         let mut check_at = tokio::time::Instant::now() + header_timeout;
@@ -716,14 +722,6 @@ fn failure_reply(failure: &ExchangeFailure, upstream: &str) -> Response<ProxyBod
             _ => reply(StatusCode::BAD_GATEWAY, format!("upstream {upstream:?} failed: {message}")),
         },
     }
-}
-
-/// A request id: 128 random bits from a user-space generator, the shape of
-/// a W3C trace id (it doubles as one), without the getrandom syscall per
-/// request that `Uuid::new_v4` costs (measured in issue 5). Ids are scoped to
-/// a stream, so uniqueness needs no more than this.
-fn next_request_id() -> String {
-    format!("{:032x}", fastrand::u128(..))
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! The admin listener: the introspection service the console watches and
-//! steers the server with, plus gRPC health and reflection for standard tools.
+//! steers the server with, gRPC health and reflection for standard tools, and
+//! `GET /ready` (HTTP/1.1 or HTTP/2) for load balancers.
 
 use super::reload;
 use super::Shared;
@@ -39,14 +40,79 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, stop: Cancellatio
         .register_encoded_file_descriptor_set(tunnel_lib::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
+    let ready = ReadyLayer(shared.clone());
     let svc = IntrospectionServer::new(Introspect { shared, stop: stop.clone() });
     tonic::transport::Server::builder()
+        // Load balancers check /ready over HTTP/1.1; gRPC stays HTTP/2.
+        .accept_http1(true)
+        .layer(ready)
         .add_service(svc)
         .add_service(health_service)
         .add_service(reflection)
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), stop.cancelled_owned())
         .await?;
     Ok(())
+}
+
+/// Answers `GET /ready` ahead of the gRPC routes.
+#[derive(Clone)]
+struct ReadyLayer(Arc<Shared>);
+
+impl<S> tower_layer::Layer<S> for ReadyLayer {
+    type Service = WithReady<S>;
+
+    fn layer(&self, inner: S) -> WithReady<S> {
+        WithReady { inner, shared: self.0.clone() }
+    }
+}
+
+/// The admin service with `/ready` in front.
+#[derive(Clone)]
+struct WithReady<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+type AdminResponse = http::Response<tonic::body::Body>;
+
+impl<S> tonic::codegen::Service<http::Request<tonic::body::Body>> for WithReady<S>
+where
+    S: tonic::codegen::Service<http::Request<tonic::body::Body>, Response = AdminResponse>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = AdminResponse;
+    type Error = S::Error;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<AdminResponse, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let http1 = req.version() < http::Version::HTTP_2;
+        let (status, text) = match (req.uri().path(), http1) {
+            ("/ready", _) => crate::metrics::ready_response(self.shared.readiness()),
+            (_, false) => return Box::pin(self.inner.call(req)),
+            // HTTP/1.1 is accepted for health checks only: anything else gets
+            // a plain answer, not a gRPC one it cannot read.
+            (_, true) => (
+                http::StatusCode::NOT_FOUND,
+                "this is the admin listener: gRPC over HTTP/2, and GET /ready\n".to_string(),
+            ),
+        };
+        let mut resp = http::Response::new(tonic::body::Body::new(http_body_util::Full::new(bytes::Bytes::from(text))));
+        *resp.status_mut() = status;
+        let headers = resp.headers_mut();
+        headers.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; charset=utf-8"));
+        headers.insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
+        if http1 {
+            // One answer per connection: nothing keeps an HTTP/1.1 connection
+            // to this port open (tonic bounds none of its timers).
+            headers.insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+        }
+        Box::pin(std::future::ready(Ok(resp)))
+    }
 }
 
 /// The Introspection implementation.

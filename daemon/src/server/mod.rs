@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::net::TcpListener;
@@ -119,6 +119,8 @@ pub struct Shared {
     pub streams: CancellationToken,
     /// Stream reader tasks, waited for at shutdown.
     pub tasks: TaskTracker,
+    /// Set at SIGTERM: /ready answers 503 so load balancers move traffic away.
+    draining: AtomicBool,
     /// rustls settings of the tunnel link (None: plaintext) and of the HTTPS
     /// ingress, re-read from their files on every reload.
     tls: RwLock<TlsSettings>,
@@ -255,6 +257,30 @@ impl Shared {
         m.render()
     }
 
+    /// Whether a load balancer should send public traffic here (`GET /ready`):
+    /// not while draining, nor before any client has registered (every
+    /// request would fail with 502 "no client").
+    pub fn readiness(&self) -> Result<(), String> {
+        if self.draining.load(Ordering::Relaxed) {
+            return Err("draining: the server is shutting down".into());
+        }
+        if !self.registry.can_serve() {
+            return Err("no tunnel client registered".into());
+        }
+        Ok(())
+    }
+
+    /// Turns /ready to 503 for the rest of the server's life.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+        self.metrics.draining.set(1);
+    }
+
+    /// True once the server is draining.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
     /// The current config version of `group`.
     pub fn group_version(&self, group: &str) -> Option<String> {
         self.versions.read().unwrap_or_else(|e| e.into_inner()).get(group).cloned()
@@ -294,6 +320,7 @@ impl Server {
                 started_at: SystemTime::now(),
                 streams: CancellationToken::new(),
                 tasks: TaskTracker::new(),
+                draining: AtomicBool::new(false),
                 tls: RwLock::new(TlsSettings::default()),
                 tls_modes: OnceLock::new(),
                 metrics: crate::metrics::ServerMetrics::default(),
@@ -312,6 +339,11 @@ impl Server {
     pub async fn run(self, listeners: Listeners, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let shared = self.shared;
         let cfg = shared.config();
+        shared
+            .metrics
+            .server_info
+            .get_or_create(&vec![("server_id", shared.server_id.clone()), ("version", tunnel_lib::VERSION.to_string())])
+            .set(1);
         let (http_addr, grpc_addr, admin_addr) = listeners.addrs()?;
         let _ = shared.addrs.set((http_addr, grpc_addr, admin_addr));
         shared.load_tls(&cfg).context("loading TLS certificates")?;
@@ -339,9 +371,12 @@ impl Server {
         let metrics = match (listeners.metrics, cfg.server.metrics_listen) {
             (Some(l), Some(_)) => {
                 tracing::info!(metrics_addr = %l.local_addr()?, "serving Prometheus metrics at /metrics");
-                let s = shared.clone();
-                let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || s.render_metrics());
-                Some(tokio::spawn(crate::metrics::serve(l, render, background.clone())))
+                let (s, r) = (shared.clone(), shared.clone());
+                let endpoints = crate::metrics::Endpoints {
+                    render: Arc::new(move || s.render_metrics()),
+                    ready: Some(Arc::new(move || r.readiness())),
+                };
+                Some(tokio::spawn(crate::metrics::serve(l, endpoints, background.clone())))
             }
             _ => None,
         };
@@ -352,9 +387,18 @@ impl Server {
         let keepalive = tokio::spawn(crate::systemd::keepalive(move || status_of.status_line(), background.clone()));
 
         shutdown.await;
+        shared.start_draining();
+        let drain_delay = shared.config().server.drain_delay;
+        if !drain_delay.is_zero() {
+            // Load balancers see /ready fail and move traffic away while we
+            // still serve whatever they send until they do.
+            crate::systemd::stopping(&format!("draining: /ready says 503, serving {drain_delay:?} more"));
+            tracing::info!(server_id = %shared.server_id, drain_delay = ?drain_delay, "draining: /ready answers 503; serving on for drain_delay before closing the public listeners");
+            tokio::time::sleep(drain_delay).await;
+        }
         let grace = shared.config().server.shutdown_grace;
         crate::systemd::stopping(&format!("draining for up to {grace:?}: {}", shared.status_line()));
-        tracing::info!(grace = ?grace, "shutting down: public listener closed, finishing in-flight requests");
+        tracing::info!(server_id = %shared.server_id, grace = ?grace, "shutting down: public listener closed, finishing in-flight requests");
         ingress_stop.cancel();
         for task in std::iter::once(ingress).chain(secure_ingress) {
             match task.await {

@@ -471,6 +471,12 @@ impl Registry {
         handle.syncs_config.load(Ordering::Relaxed)
     }
 
+    /// Whether some client can take requests now: a data stream of any
+    /// group registered and not draining.
+    pub fn can_serve(&self) -> bool {
+        self.read().by_group.values().flatten().any(|h| !h.is_draining())
+    }
+
     /// Every live stream.
     pub fn all_streams(&self) -> Vec<Arc<StreamHandle>> {
         self.read().streams.values().map(|s| s.handle.clone()).collect()

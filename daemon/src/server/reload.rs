@@ -185,7 +185,7 @@ fn push(shared: &Shared, group: &str, streams: Vec<Arc<StreamHandle>>) -> Option
             server_id: shared.server_id.clone(),
             missing_upstreams: Vec::new(),
         };
-        let msg = s.exchanges.message(&uuid::Uuid::new_v4().to_string(), Payload::ConfigSyncResponse(resp));
+        let msg = s.exchanges.message(&crate::tunnel::next_request_id(), Payload::ConfigSyncResponse(resp));
         if s.outbound().try_priority(msg) {
             reached.insert(s.client_id.clone());
         } else {

@@ -1,0 +1,89 @@
+//! server.toml: its sections as written, and their checks into a
+//! `ServerConfig`, one checker per section.
+
+mod certificates;
+mod groups;
+mod rules;
+mod settings;
+
+pub use certificates::IngressCert;
+pub use groups::GroupSettings;
+pub use settings::{ConfigPush, ServerSettings};
+
+use super::log::{merge_log, LogConfig};
+use super::source::{read, ConfigError, Source};
+use super::version::{config_version, group_config};
+use crate::proto;
+use crate::rules::RuleSet;
+use serde::Deserialize;
+use std::path::Path;
+use std::sync::Arc;
+
+/// server.toml as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServerFile {
+    #[serde(default)]
+    server: settings::ServerSection,
+    #[serde(default)]
+    log: LogConfig,
+    #[serde(default)]
+    groups: Vec<groups::GroupSection>,
+    #[serde(default)]
+    rules: Vec<rules::RuleSection>,
+    #[serde(default)]
+    certificates: Vec<certificates::CertificateSection>,
+}
+
+/// The whole server configuration, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    pub server: ServerSettings,
+    pub log: LogConfig,
+    pub groups: Vec<GroupSettings>,
+    pub rules: RuleSet,
+    /// HTTPS ingress certificates; the first is the default.
+    pub certificates: Vec<IngressCert>,
+}
+
+impl ServerConfig {
+    /// Reads and checks a server.toml.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = read(path)?;
+        Self::from_str_named(&text, &path.display().to_string())
+    }
+
+    /// Parses and checks server.toml text; `file` names it in errors.
+    pub fn from_str_named(text: &str, file: &str) -> Result<Self, ConfigError> {
+        let src = Source { file, text };
+        let raw: ServerFile = src.parse()?;
+        // The order of the checks is the order in which errors are found.
+        let server = settings::check(&src, &raw.server)?;
+        let certificates = certificates::check(&src, &raw.certificates, raw.server.https_listen.as_ref())?;
+        let groups = groups::check(&src, &raw.groups, raw.server.heartbeat_timeout.as_ref())?;
+        let rules = rules::check(&src, &raw.rules, &groups)?;
+        let log = merge_log(&src, raw.log, raw.server.log_level, raw.server.log_format, "server.")?;
+        Ok(ServerConfig { server, log, groups, rules, certificates })
+    }
+
+    /// The HTTPS ingress's rustls settings, read from the files now; None without https_listen.
+    pub fn ingress_tls(&self) -> Result<Option<Arc<crate::tls::rustls::ServerConfig>>, crate::tls::TlsError> {
+        if self.server.https_listen.is_none() {
+            return Ok(None);
+        }
+        let certs: Vec<_> =
+            self.certificates.iter().map(|c| (c.hosts.clone(), c.cert.as_path(), c.key.as_path())).collect();
+        crate::tls::ingress_server_config(&certs).map(Some)
+    }
+
+    /// The group named `name`.
+    pub fn group(&self, name: &str) -> Option<&GroupSettings> {
+        self.groups.iter().find(|g| g.name == name)
+    }
+
+    /// What `ConfigSync` carries for a group, and its version (content hash).
+    pub fn group_sync(&self, name: &str) -> Option<(String, proto::GroupConfig)> {
+        let cfg = group_config(self.group(name)?, &self.rules);
+        Some((config_version(&cfg), cfg))
+    }
+}

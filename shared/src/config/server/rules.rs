@@ -1,0 +1,80 @@
+//! `[[rules]]`: which group and upstream serve a request, by host and path.
+
+use super::groups::GroupSettings;
+use crate::config::defaults::{DEFAULT_IDLE_TIMEOUT, DEFAULT_RULE_TIMEOUT};
+use crate::config::source::{join, ConfigError, Source};
+use crate::rules::{HostPattern, Rule, RuleProblem, RuleSet};
+use crate::units::{ByteSize, HumanDuration};
+use serde::Deserialize;
+use std::collections::BTreeSet;
+use toml::Spanned;
+
+/// A `[[rules]]` entry as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RuleSection {
+    host: Option<Spanned<String>>,
+    path_prefix: Option<Spanned<String>>,
+    group: Spanned<String>,
+    upstream: Spanned<String>,
+    timeout: Option<HumanDuration>,
+    idle_timeout: Option<HumanDuration>,
+    max_body: Option<Spanned<ByteSize>>,
+}
+
+/// Checks each rule, that it names one of `groups`, and that none is a
+/// duplicate of or shadowed by an earlier one (it would never match).
+pub(super) fn check(src: &Source, raw: &[RuleSection], groups: &[GroupSettings]) -> Result<RuleSet, ConfigError> {
+    let names: BTreeSet<String> = groups.iter().map(|g| g.name.clone()).collect();
+    let mut rules = Vec::new();
+    let mut rule_lines = Vec::new();
+    for (i, r) in raw.iter().enumerate() {
+        let key = |k: &str| format!("rules[{i}].{k}");
+        let host = match &r.host {
+            None => HostPattern::Any,
+            Some(h) => HostPattern::parse(h.get_ref()).map_err(|m| src.at(h, key("host"), m))?,
+        };
+        let path_prefix = match &r.path_prefix {
+            None => "/".to_string(),
+            Some(p) if !p.get_ref().starts_with('/') => {
+                return Err(src.at(p, key("path_prefix"), "must start with '/'"))
+            }
+            Some(p) => p.get_ref().clone(),
+        };
+        let group = r.group.get_ref().trim();
+        if !names.contains(group) {
+            return Err(src.at(
+                &r.group,
+                key("group"),
+                format!("no group named {group:?} (defined: {})", join(&names)),
+            ));
+        }
+        let upstream = r.upstream.get_ref().trim();
+        if upstream.is_empty() {
+            return Err(src.at(&r.upstream, key("upstream"), "upstream name is empty"));
+        }
+        rules.push(Rule {
+            host,
+            path_prefix,
+            group: group.to_string(),
+            upstream: upstream.to_string(),
+            timeout: r.timeout.map_or(DEFAULT_RULE_TIMEOUT, |d| d.0),
+            idle_timeout: r.idle_timeout.map_or(DEFAULT_IDLE_TIMEOUT, |d| d.0),
+            max_body: r.max_body.as_ref().map(|b| b.get_ref().0),
+        });
+        rule_lines.push(r.group.span().start);
+    }
+    let rules = RuleSet::new(rules);
+    if let Some(p) = rules.problems().first() {
+        let (i, msg) = match *p {
+            RuleProblem::Duplicate { rule, earlier } => {
+                (rule, format!("duplicate of rules[{earlier}] (same host and path_prefix)"))
+            }
+            RuleProblem::Unreachable { rule, earlier } => {
+                (rule, format!("unreachable: rules[{earlier}] matches every request it would"))
+            }
+        };
+        return Err(src.error(Some(rule_lines[i]), format!("rules[{i}]"), msg));
+    }
+    Ok(rules)
+}

@@ -1,0 +1,180 @@
+//! The file formats end to end: text in, a checked config or an error naming
+//! file, line and key out.
+
+use super::*;
+use std::time::Duration;
+
+const SERVER: &str = r#"
+[server]
+http_listen = "127.0.0.1:8080"
+grpc_listen = "127.0.0.1:7000"
+heartbeat_timeout = "90s"
+
+[[groups]]
+name = "demo"
+token = "change-me"
+heartbeat_interval = "30s"
+data_streams = 2
+
+[[rules]]
+host = "*.localhost"
+path_prefix = "/"
+group = "demo"
+upstream = "web"
+timeout = "30s"
+"#;
+
+#[test]
+fn server_example_parses() {
+    let c = ServerConfig::from_str_named(SERVER, "server.toml").expect("valid");
+    assert_eq!(c.groups[0].heartbeat_timeout, Duration::from_secs(90));
+    assert_eq!(c.groups[0].data_streams, 2);
+    assert_eq!(format!("{:?}", c.groups[0].token), "\"***\"");
+    let (v1, cfg) = c.group_sync("demo").expect("group");
+    assert_eq!(cfg.routes[0].upstream, "web");
+    let c2 = ServerConfig::from_str_named(&SERVER.replace("\"30s\"\ndata", "\"10s\"\ndata"), "s").expect("ok");
+    assert_ne!(c2.group_sync("demo").expect("group").0, v1, "version follows content");
+    let c3 = ServerConfig::from_str_named(&SERVER.replace("*.localhost", "app.localhost"), "s").expect("ok");
+    assert_ne!(c3.group_sync("demo").expect("group").0, v1, "a rule is part of the group's config");
+    assert_eq!(c.group_sync("demo").expect("group").0, v1, "stable for the same content");
+}
+
+/// Every transport bound is a key with a default, and set values arrive.
+#[test]
+fn transport_keys_default_and_apply() {
+    let d = ServerConfig::from_str_named(SERVER, "s").expect("valid").server;
+    assert_eq!(
+        (d.public_max_streams, d.h2_max_remote_resets, d.h2_max_local_resets),
+        (DEFAULT_PUBLIC_MAX_STREAMS, DEFAULT_H2_MAX_REMOTE_RESETS, DEFAULT_H2_MAX_LOCAL_RESETS)
+    );
+    assert_eq!((d.link_ping_interval, d.link_handshake_timeout), (DEFAULT_PING_INTERVAL, Duration::from_secs(10)));
+    assert_eq!(d.public_connection_window, DEFAULT_PUBLIC_CONNECTION_WINDOW);
+    let set = SERVER.replace(
+        "heartbeat_timeout = \"90s\"",
+        "heartbeat_timeout = \"90s\"\npublic_connection_window = \"64MiB\"\npublic_max_streams = 8\nh2_max_remote_resets = 5\nlink_ping_interval = \"3s\"\nlink_ping_timeout = \"2s\"\npublic_ping_timeout = \"4s\"\nlink_handshake_timeout = \"1s\"\nregistration_timeout = \"2s\"",
+    );
+    let s = ServerConfig::from_str_named(&set, "s").expect("valid").server;
+    assert_eq!((s.public_max_streams, s.h2_max_remote_resets), (8, 5));
+    assert_eq!(s.public_connection_window, 64 << 20);
+    assert_eq!((s.link_ping_interval, s.link_ping_timeout), (Duration::from_secs(3), Duration::from_secs(2)));
+    assert_eq!(s.public_ping_timeout, Duration::from_secs(4));
+    assert_eq!((s.link_handshake_timeout, s.registration_timeout), (Duration::from_secs(1), Duration::from_secs(2)));
+
+    let client = "server = \"http://127.0.0.1:7000\"\ngroup = \"g\"\ntoken = \"t\"\n";
+    let c = ClientConfig::from_str_named(client, "c").expect("valid");
+    assert_eq!((c.reconnect_min, c.reconnect_max), (DEFAULT_RECONNECT_MIN, DEFAULT_RECONNECT_MAX));
+    assert_eq!(c.upstream_connect_timeout, DEFAULT_UPSTREAM_CONNECT_TIMEOUT);
+    let small_cap = ClientConfig::from_str_named(&format!("{client}reconnect_max = \"100ms\"\n"), "c").expect("valid");
+    assert_eq!(small_cap.reconnect_min, Duration::from_millis(100), "the default first step follows the cap down");
+    let c = ClientConfig::from_str_named(
+        &format!("{client}reconnect_min = \"1s\"\nping_interval = \"5s\"\nupstream_idle_timeout = \"2s\"\n"),
+        "c",
+    )
+    .expect("valid");
+    assert_eq!((c.reconnect_min, c.ping_interval), (Duration::from_secs(1), Duration::from_secs(5)));
+    assert_eq!(c.upstream_idle_timeout, Duration::from_secs(2));
+}
+
+/// Each bad config names the file, the line and the key.
+#[test]
+fn errors_name_file_line_and_key() {
+    struct Case {
+        text: String,
+        expect: &'static str,
+    }
+    let cases = [
+        Case {
+            text: SERVER.replace("\"90s\"", "\"90 parsecs\""),
+            expect: "server.toml:5: server.heartbeat_timeout: invalid duration",
+        },
+        Case {
+            text: SERVER.replace("data_streams = 2", "data_streams = 0"),
+            expect: "server.toml:11: groups[0].data_streams: must be 1",
+        },
+        Case {
+            text: SERVER.replace("group = \"demo\"", "group = \"nope\""),
+            expect: "server.toml:16: rules[0].group: no group named \"nope\"",
+        },
+        Case {
+            text: SERVER.replace("path_prefix", "path_prefx"),
+            expect: "server.toml:15: rules[0].path_prefx: unknown field `path_prefx`",
+        },
+        Case { text: SERVER.replace("[server]", "[server"), expect: "server.toml:2: syntax:" },
+        Case {
+            text: SERVER.replace("\"127.0.0.1:7000\"", "\"localhost:x\""),
+            expect: "server.toml:4: server.grpc_listen:",
+        },
+        Case {
+            text: format!("{SERVER}\n[[rules]]\nhost = \"a.localhost\"\ngroup = \"demo\"\nupstream = \"web\"\n"),
+            expect: "server.toml:22: rules[1]: unreachable: rules[0]",
+        },
+    ];
+    let mut wrong = Vec::new();
+    for c in cases {
+        let err = ServerConfig::from_str_named(&c.text, "server.toml").expect_err("invalid").to_string();
+        if !err.starts_with(c.expect) {
+            wrong.push(format!("got {err:?}, want {:?}", c.expect));
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}
+
+/// The issue's flat keys and the [log] section mean the same; both at once is an error.
+#[test]
+fn log_keys_flat_or_in_their_section() {
+    let flat = SERVER.replace(
+        "heartbeat_timeout = \"90s\"",
+        "heartbeat_timeout = \"90s\"\nlog_format = \"json\"\nlog_level = \"debug\"",
+    );
+    let c = ServerConfig::from_str_named(&flat, "server.toml").expect("valid");
+    assert_eq!((c.log.format, c.log.level.as_deref()), (LogFormat::Json, Some("debug")));
+    let both = format!("{flat}\n[log]\nlevel = \"info\"\n");
+    let err = ServerConfig::from_str_named(&both, "server.toml").expect_err("both").to_string();
+    assert!(err.starts_with("server.toml:7: server.log_level: set either"), "{err}");
+    let client = "server = \"http://127.0.0.1:7000\"\ngroup = \"g\"\ntoken = \"t\"\nlog_format = \"json\"\n";
+    let c = ClientConfig::from_str_named(client, "client.toml").expect("valid");
+    assert_eq!(c.log.format, LogFormat::Json);
+    let bad = client.replace("\"json\"", "\"xml\"");
+    let err = ClientConfig::from_str_named(&bad, "client.toml").expect_err("bad format").to_string();
+    assert!(err.starts_with("client.toml:4: log_format: unknown variant `xml`"), "{err}");
+}
+
+#[test]
+fn client_config_parses_and_checks_urls() {
+    let text = r#"
+server = "http://127.0.0.1:7000"
+client_id = "edge-1"
+group = "demo"
+token = "change-me"
+transport = "split-connection"
+[upstreams]
+web = "http://127.0.0.1:3000"
+"#;
+    let c = ClientConfig::from_str_named(text, "client.toml").expect("valid");
+    assert_eq!(c.transport, Transport::SplitConnection);
+    assert_eq!(c.upstreams["web"].url.port_u16(), Some(3000));
+    assert!(!c.upstreams["web"].http2);
+    let bad = text.replace("http://127.0.0.1:3000", "127.0.0.1:3000");
+    let err = ClientConfig::from_str_named(&bad, "client.toml").expect_err("invalid").to_string();
+    assert!(err.starts_with("client.toml:8: upstreams.web: "), "{err}");
+    let bad = text.replace("split-connection", "carrier-pigeon");
+    let err = ClientConfig::from_str_named(&bad, "client.toml").expect_err("invalid").to_string();
+    assert!(err.starts_with("client.toml:6: transport: "), "{err}");
+    // The table form, for h2c (gRPC) upstreams.
+    let grpc = format!("{text}grpc = {{ url = \"http://127.0.0.1:50051\", http2 = true }}\n");
+    let c = ClientConfig::from_str_named(&grpc, "client.toml").expect("valid");
+    assert!(c.upstreams["grpc"].http2);
+    assert_eq!(c.upstreams["grpc"].url.port_u16(), Some(50051));
+    for (bad, want) in [
+        (
+            "grpc = { url = \"http://127.0.0.1:50051\", h2 = true }",
+            "client.toml:9: upstreams.grpc.h2: unknown field `h2`",
+        ),
+        ("grpc = { http2 = true }", "client.toml:9: upstreams.grpc: missing field `url`"),
+        ("grpc = 5", "client.toml:9: upstreams.grpc: invalid type: integer `5`, expected a URL string"),
+        ("grpc = { url = \"ftp://x:1\" }", "client.toml:9: upstreams.grpc: scheme \"ftp\""),
+    ] {
+        let err = ClientConfig::from_str_named(&format!("{text}{bad}\n"), "client.toml").expect_err(bad).to_string();
+        assert!(err.starts_with(want), "{bad}: {err}");
+    }
+}
