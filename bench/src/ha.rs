@@ -7,7 +7,8 @@
 //! time) and, last, all three are restarted one after another. Each cell
 //! counts failed requests, those sent after HAProxy had marked the server
 //! down, the worst latency, and how long the clients took to register on a
-//! restarted server.
+//! restarted server. A second table prices a session per server: client RSS
+//! and idle CPU with 1, 3 and 5 servers, and what each client costs a server.
 
 use crate::procs::{self, free_port, signal, spawn, TempDir};
 use anyhow::{bail, Context as _};
@@ -38,14 +39,28 @@ pub struct Config {
     settle: Duration,
     /// How long a server stays stopped (SIGSTOP).
     stopped: Duration,
+    /// Client processes per cell of the sessions table.
+    clients: usize,
+    /// How long the sessions table's idle CPU is measured.
+    idle: Duration,
 }
 
 impl Config {
     pub fn new(quick: bool) -> Self {
         if quick {
-            Config { settle: Duration::from_secs(1), stopped: Duration::from_secs(4) }
+            Config {
+                settle: Duration::from_secs(1),
+                stopped: Duration::from_secs(4),
+                clients: 4,
+                idle: Duration::from_secs(3),
+            }
         } else {
-            Config { settle: Duration::from_secs(3), stopped: Duration::from_secs(10) }
+            Config {
+                settle: Duration::from_secs(3),
+                stopped: Duration::from_secs(10),
+                clients: 10,
+                idle: Duration::from_secs(20),
+            }
         }
     }
 }
@@ -259,23 +274,9 @@ impl Fleet {
         for e in &mut edges {
             e.start(bins, &dir)?;
         }
-        let servers: Vec<String> = edges.iter().map(|e| format!("\"http://{}\"", e.grpc)).collect();
-        let mut clients = Vec::new();
-        for i in 1..=2 {
-            let path = dir.join(&format!("client-{i}.toml"));
-            std::fs::write(
-                &path,
-                format!(
-                    "servers = [{}]\nclient_id = \"ha-{i}\"\ngroup = \"ha\"\ntoken = \"ha-token\"\nreconnect_min = \"100ms\"\nreconnect_max = \"1s\"\nshutdown_grace = \"10s\"\nlog_level = \"warn\"\n[upstreams]\nweb = \"http://{upstream}\"\n",
-                    servers.join(", ")
-                ),
-            )?;
-            clients.push(spawn(
-                &bins.join("tunnel-client"),
-                &[OsStr::new("--config"), path.as_os_str()],
-                &dir.join(&format!("client-{i}.log")),
-            )?);
-        }
+        let grpc: Vec<SocketAddr> = edges.iter().map(|e| e.grpc).collect();
+        let quick_reconnects = "reconnect_min = \"100ms\"\nreconnect_max = \"1s\"\nshutdown_grace = \"10s\"\n";
+        let clients = start_clients(bins, &dir, "ha", &grpc, upstream, 2, quick_reconnects)?;
         let balancer = Balancer::start(haproxy, &dir, &edges).await?;
         let fleet = Fleet { dir, bins: bins.to_path_buf(), edges, balancer, _clients: clients };
         for i in 0..SERVERS {
@@ -358,17 +359,27 @@ impl Row {
     }
 }
 
-/// Runs the cells and prints the table; fails if a cell broke its promise.
+/// Runs the cells and prints the tables.
 pub async fn run(bins: &Path, cfg: &Config) -> anyhow::Result<()> {
-    let haproxy = match haproxy() {
-        Ok(h) => h,
+    let upstream = crate::upstream::start().await?;
+    let result = match haproxy() {
+        Ok(haproxy) => behind_haproxy(bins, &haproxy, upstream.addr, cfg).await,
         Err(why) => {
             println!("\n### Several servers behind HAProxy\n\nskipped: {why}");
-            return Ok(());
+            Ok(())
         }
     };
-    let upstream = crate::upstream::start().await?;
-    let mut fleet = Fleet::start(bins, &haproxy, upstream.addr).await?;
+    let result = match result {
+        Ok(()) => sessions_cost(bins, upstream.addr, cfg).await,
+        Err(e) => Err(e),
+    };
+    upstream.stop();
+    result
+}
+
+/// The fault cells behind HAProxy.
+async fn behind_haproxy(bins: &Path, haproxy: &Path, upstream: SocketAddr, cfg: &Config) -> anyhow::Result<()> {
+    let mut fleet = Fleet::start(bins, haproxy, upstream).await?;
     let mut rows = Vec::new();
 
     // kill -9 of edge-1.
@@ -497,7 +508,6 @@ pub async fn run(bins: &Path, cfg: &Config) -> anyhow::Result<()> {
         None,
         format!("clients back {} ms after each listened again", rejoins.join(" / ")),
     ));
-    upstream.stop();
 
     println!("\n### Several servers behind HAProxy: 3 servers, 2 clients on all 3, {RATE} req/s open loop through HAProxy, 5 s deadline\n");
     println!("| what | requests | failed | failed after HAProxy marked it down | worst latency ms | notes |");
@@ -513,6 +523,113 @@ pub async fn run(bins: &Path, cfg: &Config) -> anyhow::Result<()> {
             r.worst.as_secs_f64() * 1000.0,
             r.notes
         );
+    }
+    Ok(())
+}
+
+/// `n` client processes of group "ha" (ids `{tag}-1`...), each given every
+/// one of `servers` and `extra` keys; their configs and logs in `dir`.
+fn start_clients(
+    bins: &Path,
+    dir: &TempDir,
+    tag: &str,
+    servers: &[SocketAddr],
+    upstream: SocketAddr,
+    n: usize,
+    extra: &str,
+) -> anyhow::Result<Vec<Child>> {
+    let list: Vec<String> = servers.iter().map(|g| format!("\"http://{g}\"")).collect();
+    let mut out = Vec::new();
+    for i in 1..=n {
+        let path = dir.join(&format!("{tag}-client-{i}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "servers = [{}]\nclient_id = \"{tag}-{i}\"\ngroup = \"ha\"\ntoken = \"ha-token\"\nlog_level = \"warn\"\n{extra}[upstreams]\nweb = \"http://{upstream}\"\n",
+                list.join(", ")
+            ),
+        )?;
+        out.push(spawn(
+            &bins.join("tunnel-client"),
+            &[OsStr::new("--config"), path.as_os_str()],
+            &dir.join(&format!("{tag}-client-{i}.log")),
+        )?);
+    }
+    Ok(out)
+}
+
+/// What a session per server costs: for 1, 3 and 5 servers, `cfg.clients`
+/// client processes each holding a session to every server (heartbeats every
+/// second, so their cost shows): each client's RSS and idle CPU, and the
+/// first server's RSS per client.
+async fn sessions_cost(bins: &Path, upstream: SocketAddr, cfg: &Config) -> anyhow::Result<()> {
+    let mut rows = Vec::new();
+    for servers in [1usize, 3, 5] {
+        let dir = TempDir::new(&format!("sessions-{servers}"))?;
+        let mut edges = Vec::new();
+        for i in 1..=servers {
+            let name = format!("edge-{i}");
+            let config = dir.join(&format!("{name}.toml"));
+            let (http, grpc, admin, metrics) = (free_port()?, free_port()?, free_port()?, free_port()?);
+            let e = Edge { name, http, grpc, admin, metrics, config, child: None, starts: 0 };
+            // One-second heartbeats: the per-session work an idle client does.
+            std::fs::write(
+                &e.config,
+                e.toml().replace("token = \"ha-token\"\n", "token = \"ha-token\"\nheartbeat_interval = \"1s\"\n"),
+            )?;
+            edges.push(e);
+        }
+        for e in &mut edges {
+            e.start(bins, &dir)?;
+        }
+        let first = &edges[0];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while procs::snapshot(first.admin).await.is_err() {
+            if Instant::now() > deadline {
+                bail!("{} did not start\n{}", first.name, procs::log_tail(&dir.join("edge-1-1.log")));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let server_pid = first.child()?.id().context("server pid")?;
+        let server_idle = procs::status_kib(server_pid, "VmRSS");
+        let grpc: Vec<SocketAddr> = edges.iter().map(|e| e.grpc).collect();
+        let clients = start_clients(bins, &dir, "cost", &grpc, upstream, cfg.clients, "worker_threads = 1\n")?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for e in &edges {
+            loop {
+                let on = procs::snapshot(e.admin).await.map(|u| u.streams.len()).unwrap_or(0);
+                if on == cfg.clients * 3 {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("{} clients not all on {}: {on} streams", cfg.clients, e.name);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let pids: Vec<u32> = clients.iter().filter_map(|c| c.id()).collect();
+        let cpu_before: Duration = pids.iter().map(|&p| procs::cpu_time(p)).sum();
+        let t = Instant::now();
+        tokio::time::sleep(cfg.idle).await;
+        let cpu = pids.iter().map(|&p| procs::cpu_time(p)).sum::<Duration>().saturating_sub(cpu_before);
+        let per_client_cpu = cpu.as_secs_f64() * 1000.0 / t.elapsed().as_secs_f64() / pids.len() as f64;
+        let rss: u64 = pids.iter().map(|&p| procs::status_kib(p, "VmRSS")).sum::<u64>() / pids.len() as u64;
+        let server_rss = procs::status_kib(server_pid, "VmRSS");
+        let per_client_server = server_rss.saturating_sub(server_idle) as f64 / cfg.clients as f64;
+        rows.push((servers, rss, per_client_cpu, per_client_server));
+        drop(clients);
+        drop(edges);
+    }
+    println!(
+        "\n### A session per server: {} client processes on 1, 3 and 5 servers, heartbeats every second, idle\n",
+        cfg.clients
+    );
+    println!("| servers per client | client RSS MiB | client CPU ms/s idle | first server's RSS per client KiB |");
+    println!("|---|---|---|---|");
+    for (servers, rss, cpu, per_client) in rows {
+        println!("| {servers} | {:.1} | {cpu:.2} | {per_client:.0} |", rss as f64 / 1024.0);
     }
     Ok(())
 }

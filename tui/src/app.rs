@@ -1,19 +1,11 @@
 //! The console's state and how keys and server updates change it. No I/O
 //! here: keys become [`Action`]s, [`update`] applies them and returns the
-//! [`Command`] (if any) for the network task.
+//! [`Steer`] (if any) for the network task of the server that owns the row.
 
-use crate::model::Model;
+use crate::model::{ConnState, Fleet};
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
-use tunnel_lib::introspection::{RequestInfo, StreamInfo, WatchUpdate};
-
-/// The link to the server.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ConnState {
-    Connecting,
-    Live,
-    /// Lost or unreachable, with the reason; the network task keeps retrying.
-    Lost(String),
-}
+use std::cmp::Reverse;
+use tunnel_lib::introspection::{ClientInfo, RequestInfo, StreamInfo, WatchUpdate};
 
 /// The three views.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,20 +74,29 @@ impl Sort {
     }
 }
 
-/// A destructive action waiting for y/n.
+/// A destructive action waiting for y/n, on the server (fleet index) that owns the row.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Confirm {
-    CloseStream { stream_id: String, client_id: String },
-    CloseClient { client_id: String },
+    CloseStream { server: usize, stream_id: String, client_id: String },
+    CloseClient { server: usize, client_id: String },
 }
 
-/// What the console asks the server to do.
+/// What the console asks a server to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     ResyncClient(String),
     ResyncGroup(String),
     CloseStream(String),
     CloseClient(String),
+}
+
+/// A command and the server (fleet index) it goes to: the one that owns the selected row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Steer {
+    /// The server's fleet index.
+    pub server: usize,
+    /// What to ask of it.
+    pub command: Command,
 }
 
 /// Everything that can change the state.
@@ -123,27 +124,35 @@ pub enum Action {
     ToggleHelp,
     Back,
     Quit,
-    /// From the network task.
-    Update(Box<WatchUpdate>),
-    Conn(ConnState),
-    CommandDone(Result<String, String>),
+    /// From the network task of the server at this fleet index.
+    Update(usize, Box<WatchUpdate>),
+    Conn(usize, ConnState),
+    CommandDone(usize, Result<String, String>),
     /// The clock moved (local unix ms).
     Tick(i64),
+}
+
+/// A row's identity: its server's fleet index and its id there (stream id,
+/// client id, request seq), so equal ids on two servers never collide.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowKey {
+    /// The server's fleet index.
+    pub server: usize,
+    /// The row's id on that server.
+    pub id: String,
 }
 
 /// The console's state.
 #[derive(Debug, Clone)]
 pub struct App {
-    /// Where the server is, for the header.
-    pub target: String,
-    pub conn: ConnState,
-    pub model: Model,
+    /// Every watched server: its address, link and what it last said.
+    pub fleet: Fleet,
     pub view: View,
     pub sort: Sort,
     pub filter: String,
     pub editing_filter: bool,
-    /// Selected row, by id (stream id, client id, request seq), so it stays put as rows change.
-    pub selected: Option<String>,
+    /// Selected row, by key, so it stays put as rows change.
+    pub selected: Option<RowKey>,
     pub detail: bool,
     pub help: bool,
     pub confirm: Option<Confirm>,
@@ -154,39 +163,45 @@ pub struct App {
     pub quit: bool,
 }
 
-/// One row of the current view, as a key and the item.
+/// One row of the current view: the owning server's fleet index and the item.
 pub enum RowRef<'a> {
-    Stream(&'a StreamInfo),
-    Client(&'a tunnel_lib::introspection::ClientInfo),
-    Request(&'a RequestInfo),
+    Stream(usize, &'a StreamInfo),
+    Client(usize, &'a ClientInfo),
+    Request(usize, &'a RequestInfo),
 }
 
 impl RowRef<'_> {
-    /// The row's id, for selection.
-    pub fn key(&self) -> String {
+    /// The fleet index of the server the row came from.
+    pub fn server(&self) -> usize {
         match self {
-            RowRef::Stream(s) => s.stream_id.clone(),
-            RowRef::Client(c) => c.client_id.clone(),
-            RowRef::Request(r) => r.seq.to_string(),
+            RowRef::Stream(i, _) | RowRef::Client(i, _) | RowRef::Request(i, _) => *i,
         }
+    }
+
+    /// The row's key, for selection.
+    pub fn key(&self) -> RowKey {
+        let id = match self {
+            RowRef::Stream(_, s) => s.stream_id.clone(),
+            RowRef::Client(_, c) => c.client_id.clone(),
+            RowRef::Request(_, r) => r.seq.to_string(),
+        };
+        RowKey { server: self.server(), id }
     }
 
     fn client_id(&self) -> &str {
         match self {
-            RowRef::Stream(s) => &s.client_id,
-            RowRef::Client(c) => &c.client_id,
-            RowRef::Request(r) => &r.client_id,
+            RowRef::Stream(_, s) => &s.client_id,
+            RowRef::Client(_, c) => &c.client_id,
+            RowRef::Request(_, r) => &r.client_id,
         }
     }
 }
 
 impl App {
-    /// A console for the server at `target`, with the clock at `now_ms`.
-    pub fn new(target: impl Into<String>, now_ms: i64) -> Self {
+    /// A console for the servers at `servers` (addresses as given), with the clock at `now_ms`.
+    pub fn new<S: Into<String>>(servers: impl IntoIterator<Item = S>, now_ms: i64) -> Self {
         App {
-            target: target.into(),
-            conn: ConnState::Connecting,
-            model: Model::default(),
+            fleet: Fleet::new(servers),
             view: View::Streams,
             sort: Sort::Natural,
             filter: String::new(),
@@ -201,63 +216,80 @@ impl App {
         }
     }
 
-    fn matches(&self, fields: &[&str]) -> bool {
+    /// Whether the row's fields (and, with several servers, its SERVER cell) match the filter.
+    fn matches(&self, server: usize, fields: &[&str]) -> bool {
         if self.filter.is_empty() {
             return true;
         }
         let f = self.filter.to_lowercase();
-        fields.iter().any(|x| x.to_lowercase().contains(&f))
+        let hit = |x: &str| x.to_lowercase().contains(&f);
+        fields.iter().any(|x| hit(x)) || (self.fleet.is_fleet() && hit(self.fleet.label(server)))
     }
 
-    /// The rows of the current view, filtered and sorted.
+    /// The rows of the current view, from every server, filtered and sorted.
     pub fn rows(&self) -> Vec<RowRef<'_>> {
-        let m = &self.model;
+        let servers = || self.fleet.servers.iter().enumerate();
         match self.view {
             View::Streams => {
-                let mut v: Vec<&StreamInfo> = m
-                    .streams
-                    .values()
-                    .filter(|s| {
+                let mut v: Vec<(usize, &StreamInfo)> = servers()
+                    .flat_map(|(i, w)| w.model.streams.values().map(move |s| (i, s)))
+                    .filter(|(i, s)| {
                         let ty = crate::ui::stream_type_name(s.stream_type);
-                        self.matches(&[&s.stream_id, &s.client_id, &s.group, ty, &s.peer])
+                        self.matches(*i, &[&s.stream_id, &s.client_id, &s.group, ty, &s.peer])
+                    })
+                    .collect();
+                // A client's rows on every server sit together, server by server.
+                match self.sort {
+                    Sort::Natural => v.sort_by(|(i, a), (j, b)| {
+                        (&a.client_id, i, a.stream_type, &a.stream_id).cmp(&(
+                            &b.client_id,
+                            j,
+                            b.stream_type,
+                            &b.stream_id,
+                        ))
+                    }),
+                    Sort::Age => v.sort_by(|(i, a), (j, b)| {
+                        (a.last_heartbeat_unix_ms, &a.stream_id, i).cmp(&(b.last_heartbeat_unix_ms, &b.stream_id, j))
+                    }),
+                    Sort::Load => v.sort_by(|(_, a), (_, b)| {
+                        b.queue_depth.cmp(&a.queue_depth).then(b.in_flight.cmp(&a.in_flight))
+                    }),
+                }
+                v.into_iter().map(|(i, s)| RowRef::Stream(i, s)).collect()
+            }
+            View::Clients => {
+                let mut v: Vec<(usize, &ClientInfo)> = servers()
+                    .flat_map(|(i, w)| w.model.clients.values().map(move |c| (i, c)))
+                    .filter(|(i, c)| self.matches(*i, &[&c.client_id, &c.group, &c.peer, &c.version]))
+                    .collect();
+                match self.sort {
+                    Sort::Natural => v.sort_by(|(i, a), (j, b)| (&a.client_id, i).cmp(&(&b.client_id, j))),
+                    Sort::Age => v.sort_by_key(|(_, c)| c.connected_unix_ms),
+                    Sort::Load => {
+                        v.sort_by(|(i, a), (j, b)| (&a.group, &a.client_id, i).cmp(&(&b.group, &b.client_id, j)))
+                    }
+                }
+                v.into_iter().map(|(i, c)| RowRef::Client(i, c)).collect()
+            }
+            View::Requests => {
+                let mut v: Vec<(usize, &RequestInfo)> = servers()
+                    .flat_map(|(i, w)| w.model.requests.iter().map(move |r| (i, r)))
+                    .filter(|(i, r)| {
+                        self.matches(*i, &[&r.method, &r.host, &r.path, &r.client_id, &r.trace_id, &r.error])
                     })
                     .collect();
                 match self.sort {
-                    Sort::Natural => v.sort_by(|a, b| {
-                        (&a.client_id, a.stream_type, &a.stream_id).cmp(&(&b.client_id, b.stream_type, &b.stream_id))
-                    }),
-                    Sort::Age => v.sort_by_key(|s| (s.last_heartbeat_unix_ms, s.stream_id.clone())),
-                    Sort::Load => {
-                        v.sort_by(|a, b| b.queue_depth.cmp(&a.queue_depth).then(b.in_flight.cmp(&a.in_flight)))
+                    Sort::Natural => {
+                        v.reverse();
+                        // Each server's log is in its own order; across servers only the clock orders them.
+                        if self.fleet.is_fleet() {
+                            v.sort_by_key(|(i, r)| (Reverse(r.unix_ms), *i));
+                        }
                     }
+                    Sort::Age => v.sort_by_key(|(_, r)| Reverse(r.duration_ms)),
+                    Sort::Load => v.sort_by(|(i, a), (j, b)| (b.status, b.seq, j).cmp(&(a.status, a.seq, i))),
                 }
-                v.into_iter().map(RowRef::Stream).collect()
-            }
-            View::Clients => {
-                let mut v: Vec<_> = m
-                    .clients
-                    .values()
-                    .filter(|c| self.matches(&[&c.client_id, &c.group, &c.peer, &c.version]))
-                    .collect();
-                match self.sort {
-                    Sort::Natural => {}
-                    Sort::Age => v.sort_by_key(|c| c.connected_unix_ms),
-                    Sort::Load => v.sort_by(|a, b| (&a.group, &a.client_id).cmp(&(&b.group, &b.client_id))),
-                }
-                v.into_iter().map(RowRef::Client).collect()
-            }
-            View::Requests => {
-                let mut v: Vec<&RequestInfo> = m
-                    .requests
-                    .iter()
-                    .filter(|r| self.matches(&[&r.method, &r.host, &r.path, &r.client_id, &r.trace_id, &r.error]))
-                    .collect();
-                match self.sort {
-                    Sort::Natural => v.reverse(),
-                    Sort::Age => v.sort_by_key(|r| std::cmp::Reverse(r.duration_ms)),
-                    Sort::Load => v.sort_by(|a, b| b.status.cmp(&a.status).then(b.seq.cmp(&a.seq))),
-                }
-                v.into_iter().map(RowRef::Request).collect()
+                v.into_iter().map(|(i, r)| RowRef::Request(i, r)).collect()
             }
         }
     }
@@ -285,6 +317,20 @@ impl App {
             }
         };
         self.selected = key;
+    }
+
+    /// The selected row's server, if its link is up; otherwise says why in the footer.
+    fn live_server_of_selection(&mut self) -> Option<(usize, String)> {
+        let (server, client) = {
+            let row = self.selected_row()?;
+            (row.server(), row.client_id().to_string())
+        };
+        if self.fleet.get(server).is_some_and(|w| w.is_up()) {
+            return Some((server, client));
+        }
+        let why = format!("not connected to {}: its rows are from before", self.fleet.label(server));
+        self.notice = Some((Err(why), self.now_ms));
+        None
     }
 }
 
@@ -336,8 +382,8 @@ pub fn on_key(app: &App, key: KeyEvent) -> Option<Action> {
     })
 }
 
-/// Applies an action; returns what to ask the server, if anything.
-pub fn update(app: &mut App, action: Action) -> Option<Command> {
+/// Applies an action; returns what to ask which server, if anything.
+pub fn update(app: &mut App, action: Action) -> Option<Steer> {
     match action {
         Action::Up => app.move_selection(|i, _| i.saturating_sub(1)),
         Action::Down => app.move_selection(|i, _| i + 1),
@@ -370,44 +416,74 @@ pub fn update(app: &mut App, action: Action) -> Option<Command> {
         }
         Action::Quit => app.quit = true,
         Action::Resync | Action::ResyncGroup => {
-            let row = app.selected_row()?;
-            let client = row.client_id().to_string();
-            if action == Action::ResyncGroup {
-                let group = app.model.clients.get(&client).map(|c| c.group.clone())?;
-                return Some(Command::ResyncGroup(group));
-            }
-            if client.is_empty() {
+            let (server, client) = app.live_server_of_selection()?;
+            let command = if action == Action::ResyncGroup {
+                // The group as this server knows it: R resyncs it on this server only.
+                let model = &app.fleet.get(server)?.model;
+                Command::ResyncGroup(model.clients.get(&client).map(|c| c.group.clone())?)
+            } else if client.is_empty() {
                 return None;
-            }
-            return Some(Command::ResyncClient(client));
+            } else {
+                Command::ResyncClient(client)
+            };
+            return Some(Steer { server, command });
         }
         Action::AskCloseStream => {
-            if let Some(RowRef::Stream(s)) = app.selected_row() {
-                let c = Confirm::CloseStream { stream_id: s.stream_id.clone(), client_id: s.client_id.clone() };
-                app.confirm = Some(c);
-            } else {
-                app.notice = Some((Err("select a stream in the Streams view to close it".into()), app.now_ms));
+            let stream = match app.selected_row() {
+                Some(RowRef::Stream(i, s)) => Some((i, s.stream_id.clone(), s.client_id.clone())),
+                _ => None,
+            };
+            match stream {
+                Some((server, stream_id, client_id)) => {
+                    if app.live_server_of_selection().is_some() {
+                        app.confirm = Some(Confirm::CloseStream { server, stream_id, client_id });
+                    }
+                }
+                None => {
+                    app.notice = Some((Err("select a stream in the Streams view to close it".into()), app.now_ms));
+                }
             }
         }
         Action::AskCloseClient => {
-            let client = app.selected_row().map(|r| r.client_id().to_string()).filter(|c| !c.is_empty());
-            if let Some(client_id) = client {
-                app.confirm = Some(Confirm::CloseClient { client_id });
+            if let Some((server, client_id)) = app.live_server_of_selection() {
+                if !client_id.is_empty() {
+                    app.confirm = Some(Confirm::CloseClient { server, client_id });
+                }
             }
         }
         Action::ConfirmYes => {
             return match app.confirm.take()? {
-                Confirm::CloseStream { stream_id, .. } => Some(Command::CloseStream(stream_id)),
-                Confirm::CloseClient { client_id } => Some(Command::CloseClient(client_id)),
+                Confirm::CloseStream { server, stream_id, .. } => {
+                    Some(Steer { server, command: Command::CloseStream(stream_id) })
+                }
+                Confirm::CloseClient { server, client_id } => {
+                    Some(Steer { server, command: Command::CloseClient(client_id) })
+                }
             }
         }
         Action::ConfirmNo => app.confirm = None,
-        Action::Update(u) => {
-            app.model.apply(*u, app.now_ms);
-            app.conn = ConnState::Live;
+        Action::Update(i, u) => {
+            let now = app.now_ms;
+            if let Some(w) = app.fleet.servers.get_mut(i) {
+                w.model.apply(*u, now);
+                w.conn = ConnState::Live;
+            }
         }
-        Action::Conn(c) => app.conn = c,
-        Action::CommandDone(r) => app.notice = Some((r, app.now_ms)),
+        Action::Conn(i, c) => {
+            if let Some(w) = app.fleet.servers.get_mut(i) {
+                w.conn = c;
+            }
+        }
+        Action::CommandDone(i, r) => {
+            // With several servers the outcome says whose it is.
+            let r = if app.fleet.is_fleet() {
+                let who = app.fleet.label(i).to_string();
+                r.map(|m| format!("{who}: {m}")).map_err(|m| format!("{who}: {m}"))
+            } else {
+                r
+            };
+            app.notice = Some((r, app.now_ms));
+        }
         Action::Tick(now) => app.now_ms = now,
     }
     None
@@ -417,18 +493,22 @@ pub fn update(app: &mut App, action: Action) -> Option<Command> {
 mod tests {
     use super::*;
     use crossterm::event::{KeyEventKind, KeyEventState};
-    use tunnel_lib::introspection::{ClientInfo, StreamInfo};
+    use tunnel_lib::introspection::{ClientInfo, ServerInfo, StreamInfo};
 
     fn key(code: KeyCode) -> KeyEvent {
         KeyEvent { code, modifiers: KeyModifiers::NONE, kind: KeyEventKind::Press, state: KeyEventState::NONE }
     }
 
-    fn app_with_streams() -> App {
-        let mut app = App::new("127.0.0.1:7001", 0);
-        let mut u = WatchUpdate { full: true, ..Default::default() };
-        for (id, client) in [("s1", "a"), ("s2", "a"), ("s3", "b")] {
+    /// Streams s1, s2 (client a) and s3 (client b), each id prefixed with `prefix`, from server `id`.
+    fn snapshot(id: &str, prefix: &str) -> WatchUpdate {
+        let mut u = WatchUpdate {
+            full: true,
+            server: Some(ServerInfo { server_id: id.into(), ..Default::default() }),
+            ..Default::default()
+        };
+        for (sid, client) in [("s1", "a"), ("s2", "a"), ("s3", "b")] {
             u.streams.push(StreamInfo {
-                stream_id: id.into(),
+                stream_id: format!("{prefix}{sid}"),
                 client_id: client.into(),
                 group: "g".into(),
                 ..Default::default()
@@ -437,14 +517,31 @@ mod tests {
         for c in ["a", "b"] {
             u.clients.push(ClientInfo { client_id: c.into(), group: "g".into(), ..Default::default() });
         }
-        update(&mut app, Action::Update(Box::new(u)));
+        u
+    }
+
+    fn app_with_streams() -> App {
+        let mut app = App::new(["127.0.0.1:7001"], 0);
+        update(&mut app, Action::Update(0, Box::new(snapshot("one", ""))));
         app
+    }
+
+    /// Two servers holding the same clients a and b.
+    fn fleet_app() -> App {
+        let mut app = App::new(["h1:7001", "h2:7001"], 0);
+        update(&mut app, Action::Update(0, Box::new(snapshot("edge-1", "x"))));
+        update(&mut app, Action::Update(1, Box::new(snapshot("edge-2", "y"))));
+        app
+    }
+
+    fn selected_id(app: &App) -> Option<&str> {
+        app.selected.as_ref().map(|k| k.id.as_str())
     }
 
     /// Keys map to actions; dialogs and the filter take keys first.
     #[test]
     fn keys_map_to_actions() {
-        let mut app = App::new("x", 0);
+        let mut app = App::new(["x"], 0);
         assert_eq!(on_key(&app, key(KeyCode::Char('j'))), Some(Action::Down));
         assert_eq!(on_key(&app, key(KeyCode::Up)), Some(Action::Up));
         assert_eq!(on_key(&app, key(KeyCode::Tab)), Some(Action::NextView));
@@ -455,7 +552,7 @@ mod tests {
         app.editing_filter = true;
         assert_eq!(on_key(&app, key(KeyCode::Char('q'))), Some(Action::FilterChar('q')));
         app.editing_filter = false;
-        app.confirm = Some(Confirm::CloseClient { client_id: "a".into() });
+        app.confirm = Some(Confirm::CloseClient { server: 0, client_id: "a".into() });
         assert_eq!(on_key(&app, key(KeyCode::Char('y'))), Some(Action::ConfirmYes));
         assert_eq!(on_key(&app, key(KeyCode::Char('j'))), None);
     }
@@ -465,15 +562,15 @@ mod tests {
     fn selection_follows_rows() {
         let mut app = app_with_streams();
         update(&mut app, Action::Down);
-        assert_eq!(app.selected.as_deref(), Some("s2"));
+        assert_eq!(selected_id(&app), Some("s2"));
         update(&mut app, Action::Bottom);
         update(&mut app, Action::Down);
-        assert_eq!(app.selected.as_deref(), Some("s3"));
+        assert_eq!(selected_id(&app), Some("s3"));
         // s1 goes away: s3 stays selected.
         let u = WatchUpdate { removed_streams: vec!["s1".into()], ..Default::default() };
-        update(&mut app, Action::Update(Box::new(u)));
+        update(&mut app, Action::Update(0, Box::new(u)));
         let rows = app.rows();
-        assert_eq!(rows[app.selected_index(&rows)].key(), "s3");
+        assert_eq!(rows[app.selected_index(&rows)].key().id, "s3");
     }
 
     /// x asks, y confirms and yields the close command; n cancels.
@@ -482,7 +579,8 @@ mod tests {
         let mut app = app_with_streams();
         assert_eq!(update(&mut app, Action::AskCloseStream), None);
         assert!(matches!(app.confirm, Some(Confirm::CloseStream { ref stream_id, .. }) if stream_id == "s1"));
-        assert_eq!(update(&mut app, Action::ConfirmYes), Some(Command::CloseStream("s1".into())));
+        let want = Steer { server: 0, command: Command::CloseStream("s1".into()) };
+        assert_eq!(update(&mut app, Action::ConfirmYes), Some(want));
         assert!(app.confirm.is_none());
         update(&mut app, Action::AskCloseClient);
         update(&mut app, Action::ConfirmNo);
@@ -494,8 +592,9 @@ mod tests {
     fn resync_targets_selection() {
         let mut app = app_with_streams();
         update(&mut app, Action::Bottom);
-        assert_eq!(update(&mut app, Action::Resync), Some(Command::ResyncClient("b".into())));
-        assert_eq!(update(&mut app, Action::ResyncGroup), Some(Command::ResyncGroup("g".into())));
+        let on = |command| Some(Steer { server: 0, command });
+        assert_eq!(update(&mut app, Action::Resync), on(Command::ResyncClient("b".into())));
+        assert_eq!(update(&mut app, Action::ResyncGroup), on(Command::ResyncGroup("g".into())));
     }
 
     /// The filter narrows rows; Esc clears it.
@@ -508,5 +607,79 @@ mod tests {
         assert_eq!(app.rows().len(), 1);
         update(&mut app, Action::Back);
         assert_eq!(app.rows().len(), 3);
+    }
+
+    /// The same client on two servers is two rows; a client's rows sit
+    /// together, server by server; the filter matches the server's name.
+    #[test]
+    fn fleet_rows_are_keyed_by_server() {
+        let mut app = fleet_app();
+        let keys = |app: &App| app.rows().iter().map(|r| (r.server(), r.key().id)).collect::<Vec<_>>();
+        let ids = |v: &[(usize, &str)]| v.iter().map(|(i, s)| (*i, s.to_string())).collect::<Vec<_>>();
+        assert_eq!(keys(&app), ids(&[(0, "xs1"), (0, "xs2"), (1, "ys1"), (1, "ys2"), (0, "xs3"), (1, "ys3")]));
+        update(&mut app, Action::NextView);
+        assert_eq!(keys(&app), ids(&[(0, "a"), (1, "a"), (0, "b"), (1, "b")]));
+        // Moving down from a's row on edge-1 lands on a's row on edge-2.
+        update(&mut app, Action::Down);
+        assert_eq!(app.selected, Some(RowKey { server: 1, id: "a".into() }));
+        for c in "edge-2".chars() {
+            update(&mut app, Action::FilterChar(c));
+        }
+        assert_eq!(keys(&app), ids(&[(1, "a"), (1, "b")]));
+        // With one server its name is on every row: the filter does not look at it.
+        let mut one = app_with_streams();
+        for c in "one".chars() {
+            update(&mut one, Action::FilterChar(c));
+        }
+        assert!(one.rows().is_empty());
+    }
+
+    /// Steering goes to the server that owns the row; a down server's rows
+    /// are refused with a notice, and outcomes name their server.
+    #[test]
+    fn fleet_steering_targets_the_owning_server() {
+        let mut app = fleet_app();
+        // Streams view: xs1 xs2 ys1 ys2 ...; ys2 is edge-2's data stream of client a.
+        for _ in 0..3 {
+            update(&mut app, Action::Down);
+        }
+        update(&mut app, Action::AskCloseStream);
+        assert_eq!(
+            app.confirm,
+            Some(Confirm::CloseStream { server: 1, stream_id: "ys2".into(), client_id: "a".into() })
+        );
+        assert_eq!(
+            update(&mut app, Action::ConfirmYes),
+            Some(Steer { server: 1, command: Command::CloseStream("ys2".into()) })
+        );
+        assert_eq!(
+            update(&mut app, Action::Resync),
+            Some(Steer { server: 1, command: Command::ResyncClient("a".into()) })
+        );
+        update(&mut app, Action::AskCloseClient);
+        assert_eq!(
+            update(&mut app, Action::ConfirmYes),
+            Some(Steer { server: 1, command: Command::CloseClient("a".into()) })
+        );
+        update(&mut app, Action::Top);
+        assert_eq!(
+            update(&mut app, Action::ResyncGroup),
+            Some(Steer { server: 0, command: Command::ResyncGroup("g".into()) })
+        );
+
+        update(&mut app, Action::Conn(1, ConnState::Lost("gone".into())));
+        assert_eq!(app.fleet.up(), 1);
+        assert_eq!(app.rows().len(), 6, "a down server's rows stay");
+        update(&mut app, Action::Bottom);
+        assert_eq!(update(&mut app, Action::Resync), None);
+        update(&mut app, Action::AskCloseStream);
+        assert!(app.confirm.is_none());
+        assert!(matches!(&app.notice, Some((Err(m), _)) if m.contains("edge-2")), "{:?}", app.notice);
+
+        update(&mut app, Action::CommandDone(0, Ok("stream xs1 closed".into())));
+        assert!(matches!(&app.notice, Some((Ok(m), _)) if m == "edge-1: stream xs1 closed"));
+        // Updates for a server the console does not watch change nothing.
+        update(&mut app, Action::Update(9, Box::new(snapshot("edge-9", "z"))));
+        assert_eq!(app.rows().len(), 6);
     }
 }

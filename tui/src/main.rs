@@ -1,4 +1,5 @@
-//! tunnel-tui: watch and steer a running tunnel-server from a terminal.
+//! tunnel-tui: watch and steer one running tunnel-server, or several at
+//! once, from a terminal.
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -6,24 +7,27 @@ use crossterm::event::{Event, EventStream, KeyEventKind};
 use std::process::ExitCode;
 use std::time::Duration;
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tunnel_tui::app::{self, Action, App};
+use tunnel_tui::model::{ConnState, Fleet};
 use tunnel_tui::{net, now_ms, once, ui};
 
 #[derive(Parser)]
 #[command(version, about = "Live console for tunnel-server: streams, heartbeats, queues, config; resync and close")]
 struct Args {
-    /// The server's admin listener (admin_listen), host:port or http://host:port.
-    #[arg(long, short, default_value = "127.0.0.1:7001")]
-    server: String,
-    /// The server's admin_token, if it has one.
+    /// A server's admin listener (admin_listen), host:port or http://host:port;
+    /// repeat it (or separate with commas) to watch several servers at once.
+    #[arg(long, short, default_value = "127.0.0.1:7001", value_delimiter = ',')]
+    server: Vec<String>,
+    /// The servers' admin_token, if they have one (the same for every server).
     #[arg(long, env = "TUNNEL_ADMIN_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// Print one plain-text snapshot and exit (0 connected, 1 not).
+    /// Print one plain-text snapshot and exit (0 if any server answered, 1 if none).
     #[arg(long)]
     once: bool,
-    /// With --once: print the snapshot as JSON.
+    /// With --once: print the snapshot as JSON (several servers: keyed by address).
     #[arg(long, requires = "once")]
     json: bool,
     /// Write the console's own logs to this file (the screen is the terminal's).
@@ -54,11 +58,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let target = net::Target::new(&args.server, args.token.clone());
-    if args.once {
-        return rt.block_on(print_once(&target, args.json));
+    let addrs = net::addresses(&args.server);
+    if addrs.is_empty() {
+        eprintln!("tunnel-tui: --server names no server");
+        return ExitCode::from(2);
     }
-    match rt.block_on(interactive(target, args.server)) {
+    let targets: Vec<net::Target> = addrs.iter().map(|a| net::Target::new(a, args.token.clone())).collect();
+    if args.once {
+        return rt.block_on(print_once(addrs, &targets, args.json));
+    }
+    match rt.block_on(interactive(addrs, targets)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("tunnel-tui: {e:#}");
@@ -67,24 +76,36 @@ fn main() -> ExitCode {
     }
 }
 
-async fn print_once(target: &net::Target, as_json: bool) -> ExitCode {
-    match net::first_snapshot(target).await {
-        Ok(update) => {
-            let now = now_ms();
-            let mut model = tunnel_tui::model::Model::default();
-            model.apply(update, now);
-            if as_json {
-                println!("{}", once::json(&model, now));
-            } else {
-                print!("{}", once::text(&model, now));
+async fn print_once(addrs: Vec<String>, targets: &[net::Target], as_json: bool) -> ExitCode {
+    let results = net::first_snapshots(targets).await;
+    let now = now_ms();
+    let mut fleet = Fleet::new(addrs);
+    let mut reasons = Vec::new();
+    for (w, r) in fleet.servers.iter_mut().zip(results) {
+        match r {
+            Ok(update) => {
+                w.model.apply(update, now);
+                w.conn = ConnState::Live;
             }
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("tunnel-tui: {e}");
-            ExitCode::FAILURE
+            Err(e) => {
+                reasons.push(if targets.len() > 1 { format!("{}: {e}", w.addr) } else { e.clone() });
+                w.conn = ConnState::Lost(e);
+            }
         }
     }
+    // Nothing answered: a line per server on stderr and a failure, for scripts.
+    if fleet.up() == 0 {
+        for r in reasons {
+            eprintln!("tunnel-tui: {r}");
+        }
+        return ExitCode::FAILURE;
+    }
+    if as_json {
+        println!("{}", once::json(&fleet, now));
+    } else {
+        print!("{}", once::text(&fleet, now));
+    }
+    ExitCode::SUCCESS
 }
 
 /// Restores the terminal when dropped, on every way out (ratatui's init also
@@ -97,15 +118,23 @@ impl Drop for TerminalGuard {
     }
 }
 
-async fn interactive(target: net::Target, label: String) -> anyhow::Result<()> {
+async fn interactive(addrs: Vec<String>, targets: Vec<net::Target>) -> anyhow::Result<()> {
     let mut terminal = ratatui::try_init().context("setting up the terminal")?;
     let _guard = TerminalGuard;
     let stop = CancellationToken::new();
     let (events_tx, mut events) = mpsc::channel(64);
-    let (commands, commands_rx) = mpsc::channel(8);
-    let net_task = tokio::spawn(net::run(target, events_tx, commands_rx, stop.clone()));
+    // One link per server, each with its own command queue: a server that is
+    // slow to answer fills only its own.
+    let mut links = JoinSet::new();
+    let mut commands = Vec::with_capacity(targets.len());
+    for (i, target) in targets.into_iter().enumerate() {
+        let (tx, rx) = mpsc::channel(8);
+        links.spawn(net::run(i, target, events_tx.clone(), rx, stop.clone()));
+        commands.push(tx);
+    }
+    drop(events_tx);
     let mut keys = EventStream::new();
-    let mut app = App::new(label, now_ms());
+    let mut app = App::new(addrs, now_ms());
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut dirty = true;
@@ -153,15 +182,17 @@ async fn interactive(target: net::Target, label: String) -> anyhow::Result<()> {
             _ = tick.tick() => Some(Action::Tick(now_ms())),
         };
         if let Some(a) = action {
-            if let Some(cmd) = app::update(&mut app, a) {
-                if commands.try_send(cmd).is_err() {
-                    app::update(&mut app, Action::CommandDone(Err("busy: try again".into())));
+            if let Some(steer) = app::update(&mut app, a) {
+                let sent = commands.get(steer.server).is_some_and(|tx| tx.try_send(steer.command).is_ok());
+                if !sent {
+                    app::update(&mut app, Action::CommandDone(steer.server, Err("busy: try again".into())));
                 }
             }
             dirty = true;
         }
     }
     stop.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(1), net_task).await;
+    // Each link stops at once when told; any still busy after a second is aborted when the set drops.
+    let _ = tokio::time::timeout(Duration::from_secs(1), async { while links.join_next().await.is_some() {} }).await;
     Ok(())
 }

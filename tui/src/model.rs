@@ -1,5 +1,6 @@
-//! What the console knows about the server: the state built from Watch
-//! updates, and the derived facts the views show (ages, health, sync).
+//! What the console knows about the servers it watches: each server's state
+//! built from its Watch updates, the fleet of them, and the derived facts the
+//! views show (ages, health, sync).
 
 use std::collections::{BTreeMap, VecDeque};
 use tunnel_lib::introspection::{ClientInfo, GroupInfo, RequestInfo, ServerInfo, StreamInfo, WatchUpdate};
@@ -17,6 +18,85 @@ pub struct Model {
     pub requests: VecDeque<RequestInfo>,
     /// Server clock minus ours at the last update, ms: ages use the server's clock.
     pub clock_offset_ms: i64,
+}
+
+/// The link to one server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnState {
+    Connecting,
+    Live,
+    /// Lost or unreachable, with the reason; the network task keeps retrying.
+    Lost(String),
+}
+
+/// One watched server: where it is, how its link stands, what it last said.
+#[derive(Debug, Clone)]
+pub struct Watched {
+    /// The address as given on the command line.
+    pub addr: String,
+    /// How the link stands now.
+    pub conn: ConnState,
+    /// What the server last said (kept while the link is down).
+    pub model: Model,
+}
+
+impl Watched {
+    /// A server at `addr` not heard from yet.
+    pub fn new(addr: impl Into<String>) -> Self {
+        Watched { addr: addr.into(), conn: ConnState::Connecting, model: Model::default() }
+    }
+
+    /// Whether its link is up; when not, its rows are from before.
+    pub fn is_up(&self) -> bool {
+        self.conn == ConnState::Live
+    }
+
+    /// The server's own id, once a snapshot has said it.
+    pub fn server_id(&self) -> Option<&str> {
+        self.model.server.as_ref().map(|s| s.server_id.as_str()).filter(|id| !id.is_empty())
+    }
+}
+
+/// Every server the console watches, in the order given; rows are told apart
+/// by their server's index here, since the same client (and in principle the
+/// same id) appears once per server.
+#[derive(Debug, Clone)]
+pub struct Fleet {
+    /// In the order given on the command line; a row's server is its index here.
+    pub servers: Vec<Watched>,
+}
+
+impl Fleet {
+    /// Servers at `addrs`, none heard from yet.
+    pub fn new<S: Into<String>>(addrs: impl IntoIterator<Item = S>) -> Self {
+        Fleet { servers: addrs.into_iter().map(Watched::new).collect() }
+    }
+
+    /// More than one server: the views add a SERVER column and the header counts servers.
+    pub fn is_fleet(&self) -> bool {
+        self.servers.len() > 1
+    }
+
+    /// How many links are up.
+    pub fn up(&self) -> usize {
+        self.servers.iter().filter(|w| w.is_up()).count()
+    }
+
+    /// The server at index `i`.
+    pub fn get(&self, i: usize) -> Option<&Watched> {
+        self.servers.get(i)
+    }
+
+    /// What the SERVER column shows for server `i`: its server_id, or its
+    /// address until the first snapshot (and when another server claims the
+    /// same id, so that two servers never read as one).
+    pub fn label(&self, i: usize) -> &str {
+        let Some(w) = self.servers.get(i) else { return "?" };
+        match w.server_id() {
+            Some(id) if self.servers.iter().enumerate().all(|(j, o)| j == i || o.server_id() != Some(id)) => id,
+            _ => &w.addr,
+        }
+    }
 }
 
 /// How a heartbeat age compares with its group's interval and timeout.
@@ -201,6 +281,27 @@ mod tests {
         assert_eq!(m.freshness(&s, 5_000), Freshness::Fresh);
         assert_eq!(m.freshness(&s, 6_000), Freshness::Late);
         assert_eq!(m.freshness(&s, 7_000), Freshness::Critical);
+    }
+
+    /// A server is named by its id once it has said it; the address before,
+    /// and when two servers claim one id.
+    #[test]
+    fn fleet_labels() {
+        let mut f = Fleet::new(["a:1", "b:2", "c:3"]);
+        assert!(f.is_fleet());
+        assert_eq!(f.label(0), "a:1");
+        let named = |id: &str| WatchUpdate {
+            full: true,
+            server: Some(ServerInfo { server_id: id.into(), ..Default::default() }),
+            ..Default::default()
+        };
+        f.servers[0].model.apply(named("edge-1"), 0);
+        f.servers[0].conn = ConnState::Live;
+        assert_eq!((f.label(0), f.up()), ("edge-1", 1));
+        f.servers[1].model.apply(named("edge-1"), 0);
+        assert_eq!((f.label(0), f.label(1)), ("a:1", "b:2"));
+        assert_eq!(f.label(7), "?");
+        assert!(!Fleet::new(["a:1"]).is_fleet());
     }
 
     #[test]

@@ -1,10 +1,13 @@
-//! The console's link to the server, in a background task: connects (and
-//! reconnects), follows Watch, and carries out commands. Never called from
-//! render or update code.
+//! The console's links to its servers, one background task per server:
+//! each connects (and reconnects), follows Watch and carries out commands on
+//! its own, so a slow or dead server never holds up another. Never called
+//! from render or update code.
 
-use crate::app::{Action, Command, ConnState};
+use crate::app::{Action, Command};
+use crate::model::ConnState;
 use std::time::Duration;
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Request;
@@ -23,6 +26,20 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 const RETRY: Duration = Duration::from_secs(1);
 /// Updates per second asked of the server.
 const RATE: u32 = 4;
+/// Bound on one server's `--once` snapshot: connecting, asking, and the first update.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The servers named by `--server` (repeated, or comma-separated), trimmed,
+/// empty entries dropped, each address once, in the order given.
+pub fn addresses(given: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for a in given.iter().flat_map(|g| g.split(',')).map(str::trim).filter(|a| !a.is_empty()) {
+        if !out.iter().any(|o| o == a) {
+            out.push(a.to_string());
+        }
+    }
+    out
+}
 
 /// Where the server's admin listener is, and its token.
 #[derive(Debug, Clone)]
@@ -72,20 +89,55 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     cur.to_string()
 }
 
+/// Opens a Watch and returns the stream of updates, bounded so that a server
+/// that takes the connection but never answers counts as lost.
+async fn open_watch(
+    client: &mut IntrospectionClient<Channel>,
+    target: &Target,
+) -> Result<tonic::Streaming<WatchUpdate>, String> {
+    let req = target.request(WatchRequest { max_updates_per_second: RATE })?;
+    match tokio::time::timeout(SILENCE, client.watch(req)).await {
+        Ok(Ok(resp)) => Ok(resp.into_inner()),
+        Ok(Err(s)) => Err(s.message().to_string()),
+        Err(_) => Err(format!("no answer to Watch from {} within {SILENCE:?}", target.url)),
+    }
+}
+
 /// Opens a Watch and returns its first (full) update.
 pub async fn first_snapshot(target: &Target) -> Result<WatchUpdate, String> {
     let mut client = connect(target).await?;
-    let mut stream = client
-        .watch(target.request(WatchRequest { max_updates_per_second: RATE })?)
-        .await
-        .map_err(|s| s.message().to_string())?
-        .into_inner();
+    let mut stream = open_watch(&mut client, target).await?;
     match tokio::time::timeout(SILENCE, stream.message()).await {
         Ok(Ok(Some(u))) => Ok(u),
         Ok(Ok(None)) => Err("the server closed the watch".into()),
         Ok(Err(s)) => Err(s.message().to_string()),
         Err(_) => Err(format!("no snapshot within {SILENCE:?}")),
     }
+}
+
+/// Every target's first snapshot, asked of all at once (so the slowest
+/// bounds the wait, not the sum), in the targets' order.
+pub async fn first_snapshots(targets: &[Target]) -> Vec<Result<WatchUpdate, String>> {
+    let mut set = JoinSet::new();
+    for (i, t) in targets.iter().enumerate() {
+        let t = t.clone();
+        set.spawn(async move {
+            let r = tokio::time::timeout(SNAPSHOT_TIMEOUT, first_snapshot(&t))
+                .await
+                .unwrap_or_else(|_| Err(format!("no snapshot from {} within {SNAPSHOT_TIMEOUT:?}", t.url)));
+            (i, r)
+        });
+    }
+    let mut out: Vec<Result<WatchUpdate, String>> =
+        targets.iter().map(|_| Err("the snapshot task failed".to_string())).collect();
+    while let Some(done) = set.join_next().await {
+        if let Ok((i, r)) = done {
+            if let Some(slot) = out.get_mut(i) {
+                *slot = r;
+            }
+        }
+    }
+    out
 }
 
 async fn execute(client: &mut IntrospectionClient<Channel>, target: &Target, cmd: Command) -> Result<String, String> {
@@ -115,55 +167,27 @@ async fn execute(client: &mut IntrospectionClient<Channel>, target: &Target, cmd
     }
 }
 
-/// Follows the server until `stop` fires, reporting to `events`; reconnects
-/// whenever the link is lost.
+/// Follows the server at fleet index `server` until `stop` fires, reporting
+/// to `events`; reconnects whenever the link is lost. Commands run beside the
+/// update stream in tasks this link owns: they end with it.
 pub async fn run(
+    server: usize,
     target: Target,
     events: mpsc::Sender<Action>,
     mut commands: mpsc::Receiver<Command>,
     stop: CancellationToken,
 ) {
+    let mut running = JoinSet::new();
     loop {
-        let reason = match connect(&target).await {
-            Err(e) => e,
-            Ok(mut client) => match target.request(WatchRequest { max_updates_per_second: RATE }) {
-                Err(e) => e,
-                Ok(req) => {
-                    match client.watch(req).await {
-                        Err(s) => s.message().to_string(),
-                        Ok(resp) => {
-                            let mut stream = resp.into_inner();
-                            loop {
-                                tokio::select! {
-                                    _ = stop.cancelled() => return,
-                                    Some(cmd) = commands.recv() => {
-                                        let (mut c, t, ev) = (client.clone(), target.clone(), events.clone());
-                                        // Bounded by COMMAND_TIMEOUT; the update stream keeps flowing meanwhile.
-                                        tokio::spawn(async move {
-                                            let r = tokio::time::timeout(COMMAND_TIMEOUT, execute(&mut c, &t, cmd))
-                                                .await
-                                                .unwrap_or_else(|_| Err("the server did not answer in time".into()));
-                                            let _ = ev.send(Action::CommandDone(r)).await;
-                                        });
-                                    }
-                                    m = tokio::time::timeout(SILENCE, stream.message()) => match m {
-                                        Ok(Ok(Some(u))) => {
-                                            if events.send(Action::Update(Box::new(u))).await.is_err() {
-                                                return;
-                                            }
-                                        }
-                                        Ok(Ok(None)) => break "the server closed the watch".to_string(),
-                                        Ok(Err(s)) => break s.message().to_string(),
-                                        Err(_) => break format!("no update for {SILENCE:?}"),
-                                    },
-                                }
-                            }
-                        }
-                    }
-                }
+        // Stop is heard while connecting too, not only once the watch is up.
+        let reason = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = follow(server, &target, &events, &mut commands, &mut running) => match r {
+                Some(reason) => reason,
+                None => return,
             },
         };
-        if events.send(Action::Conn(ConnState::Lost(reason))).await.is_err() {
+        if events.send(Action::Conn(server, ConnState::Lost(reason))).await.is_err() {
             return;
         }
         let retry = tokio::time::sleep(RETRY);
@@ -172,10 +196,68 @@ pub async fn run(
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = &mut retry => break,
+                Some(_) = running.join_next() => {}
                 Some(_) = commands.recv() => {
-                    let _ = events.send(Action::CommandDone(Err("not connected to the server".into()))).await;
+                    let _ = events.send(Action::CommandDone(server, Err("not connected to the server".into()))).await;
                 }
             }
         }
+    }
+}
+
+/// One connection's life: connects, watches and serves commands until the
+/// link is lost (the reason) or the console has gone (None).
+async fn follow(
+    server: usize,
+    target: &Target,
+    events: &mpsc::Sender<Action>,
+    commands: &mut mpsc::Receiver<Command>,
+    running: &mut JoinSet<()>,
+) -> Option<String> {
+    let mut client = match connect(target).await {
+        Ok(c) => c,
+        Err(e) => return Some(e),
+    };
+    let mut stream = match open_watch(&mut client, target).await {
+        Ok(s) => s,
+        Err(e) => return Some(e),
+    };
+    loop {
+        tokio::select! {
+            // Reaps finished commands, so the set holds only those in flight.
+            Some(_) = running.join_next() => {}
+            Some(cmd) = commands.recv() => {
+                let (mut c, t, ev) = (client.clone(), target.clone(), events.clone());
+                // Bounded by COMMAND_TIMEOUT; the update stream keeps flowing meanwhile.
+                running.spawn(async move {
+                    let r = tokio::time::timeout(COMMAND_TIMEOUT, execute(&mut c, &t, cmd))
+                        .await
+                        .unwrap_or_else(|_| Err("the server did not answer in time".into()));
+                    let _ = ev.send(Action::CommandDone(server, r)).await;
+                });
+            }
+            m = tokio::time::timeout(SILENCE, stream.message()) => match m {
+                Ok(Ok(Some(u))) => {
+                    if events.send(Action::Update(server, Box::new(u))).await.is_err() {
+                        return None;
+                    }
+                }
+                Ok(Ok(None)) => return Some("the server closed the watch".to_string()),
+                Ok(Err(s)) => return Some(s.message().to_string()),
+                Err(_) => return Some(format!("no update for {SILENCE:?}")),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_split_trim_and_dedupe() {
+        let given = ["a:1,b:2".to_string(), " c:3 ".into(), "a:1".into(), ",".into()];
+        assert_eq!(addresses(&given), ["a:1", "b:2", "c:3"]);
+        assert!(addresses(&[]).is_empty());
     }
 }

@@ -1,26 +1,112 @@
-//! `--once`: one plain-text (or JSON) snapshot, for scripts and a quick look over SSH.
+//! `--once`: one plain-text (or JSON) snapshot, for scripts and a quick look
+//! over SSH. With several servers, one merged table with a SERVER column, and
+//! JSON keyed by each server's address as given.
 
-use crate::model::{short_age, short_duration, Model};
+use crate::model::{short_age, short_duration, ConnState, Fleet, Model};
 use crate::ui::stream_type_name;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
+use tunnel_lib::introspection::ServerInfo;
 
-/// A header line, then one line per stream.
-pub fn text(m: &Model, now_ms: i64) -> String {
+/// The snapshot as text: with one server, a header line then one line per
+/// stream; with several, a count of servers up, a line per server (the
+/// reason for one that did not answer) and the streams of all with a SERVER
+/// column.
+pub fn text(fleet: &Fleet, now_ms: i64) -> String {
+    match fleet.servers.as_slice() {
+        [one] => model_text(&one.model, now_ms),
+        _ => fleet_text(fleet, now_ms),
+    }
+}
+
+/// The snapshot as JSON: one server's as an object; several keyed by address
+/// as given, a server that did not answer as `{"error": reason}`.
+pub fn json(fleet: &Fleet, now_ms: i64) -> Value {
+    match fleet.servers.as_slice() {
+        [one] => model_json(&one.model, now_ms),
+        _ => {
+            let mut by_addr = Map::new();
+            for w in &fleet.servers {
+                let v = match &w.conn {
+                    ConnState::Live => model_json(&w.model, now_ms),
+                    ConnState::Lost(why) => json!({ "error": why }),
+                    ConnState::Connecting => json!({ "error": "no answer" }),
+                };
+                by_addr.insert(w.addr.clone(), v);
+            }
+            Value::Object(by_addr)
+        }
+    }
+}
+
+fn server_line(s: &ServerInfo, m: &Model, now_ms: i64) -> String {
+    format!(
+        "server {} v{} up {}  clients {}  streams {}  requests {}  errors {}  in-flight {}  http {}  grpc {}",
+        s.server_id,
+        s.version,
+        short_duration(m.server_now(now_ms) - s.started_unix_ms),
+        s.clients,
+        s.streams,
+        s.requests_total,
+        s.errors_total,
+        s.in_flight,
+        s.http_listen,
+        s.grpc_listen,
+    )
+}
+
+fn fleet_text(fleet: &Fleet, now_ms: i64) -> String {
+    let mut out = format!("servers {}/{} up\n", fleet.up(), fleet.servers.len());
+    for w in &fleet.servers {
+        match (&w.conn, &w.model.server) {
+            (ConnState::Live, Some(s)) => {
+                out.push_str(&format!("{}  at {}\n", server_line(s, &w.model, now_ms), w.addr));
+            }
+            (ConnState::Lost(why), _) => out.push_str(&format!("server {} down: {why}\n", w.addr)),
+            _ => out.push_str(&format!("server {} down: no answer\n", w.addr)),
+        }
+    }
+    let width = (0..fleet.servers.len()).map(|i| fleet.label(i).chars().count()).max().unwrap_or(0).max(6);
+    out.push_str(&format!(
+        "{:<width$}  {:<36}  {:<4}  {:<16}  {:<10}  {:>7}  {:>9}  {:>4}  CONFIG (ACKED/CURRENT)\n",
+        "SERVER", "STREAM", "TYPE", "CLIENT", "GROUP", "HB_AGE", "QUEUE", "INFL"
+    ));
+    let mut streams: Vec<_> = fleet
+        .servers
+        .iter()
+        .enumerate()
+        .filter(|(_, w)| w.is_up())
+        .flat_map(|(i, w)| w.model.streams.values().map(move |s| (i, &w.model, s)))
+        .collect();
+    streams.sort_by(|(i, _, a), (j, _, b)| {
+        (&a.client_id, i, a.stream_type, &a.stream_id).cmp(&(&b.client_id, j, b.stream_type, &b.stream_id))
+    });
+    for (i, m, s) in streams {
+        out.push_str(&format!("{:<width$}  {}", fleet.label(i), stream_line(m, s, now_ms)));
+    }
+    out
+}
+
+fn stream_line(m: &Model, s: &tunnel_lib::introspection::StreamInfo, now_ms: i64) -> String {
+    let (acked, current) = m.config_of(&s.client_id).unwrap_or(("", ""));
+    format!(
+        "{:<36}  {:<4}  {:<16}  {:<10}  {:>7}  {:>9}  {:>4}  {}/{}\n",
+        s.stream_id,
+        stream_type_name(s.stream_type),
+        s.client_id,
+        s.group,
+        short_age(m.heartbeat_age_ms(s, now_ms)),
+        format!("{}/{}", s.queue_depth, s.queue_capacity),
+        s.in_flight,
+        if acked.is_empty() { "-" } else { acked },
+        if current.is_empty() { "-" } else { current },
+    )
+}
+
+fn model_text(m: &Model, now_ms: i64) -> String {
     let mut out = String::new();
     if let Some(s) = &m.server {
-        out.push_str(&format!(
-            "server {} v{} up {}  clients {}  streams {}  requests {}  errors {}  in-flight {}  http {}  grpc {}\n",
-            s.server_id,
-            s.version,
-            short_duration(m.server_now(now_ms) - s.started_unix_ms),
-            s.clients,
-            s.streams,
-            s.requests_total,
-            s.errors_total,
-            s.in_flight,
-            s.http_listen,
-            s.grpc_listen,
-        ));
+        out.push_str(&server_line(s, m, now_ms));
+        out.push('\n');
     }
     out.push_str(&format!(
         "{:<36}  {:<4}  {:<16}  {:<10}  {:>7}  {:>9}  {:>4}  CONFIG (ACKED/CURRENT)\n",
@@ -30,25 +116,13 @@ pub fn text(m: &Model, now_ms: i64) -> String {
     streams
         .sort_by(|a, b| (&a.client_id, a.stream_type, &a.stream_id).cmp(&(&b.client_id, b.stream_type, &b.stream_id)));
     for s in streams {
-        let (acked, current) = m.config_of(&s.client_id).unwrap_or(("", ""));
-        out.push_str(&format!(
-            "{:<36}  {:<4}  {:<16}  {:<10}  {:>7}  {:>9}  {:>4}  {}/{}\n",
-            s.stream_id,
-            stream_type_name(s.stream_type),
-            s.client_id,
-            s.group,
-            short_age(m.heartbeat_age_ms(s, now_ms)),
-            format!("{}/{}", s.queue_depth, s.queue_capacity),
-            s.in_flight,
-            if acked.is_empty() { "-" } else { acked },
-            if current.is_empty() { "-" } else { current },
-        ));
+        out.push_str(&stream_line(m, s, now_ms));
     }
     out
 }
 
-/// The same snapshot as JSON.
-pub fn json(m: &Model, now_ms: i64) -> Value {
+/// One server's snapshot as JSON.
+fn model_json(m: &Model, now_ms: i64) -> Value {
     let server = m.server.as_ref().map(|s| {
         json!({
             "server_id": s.server_id,

@@ -1,13 +1,17 @@
 //! Drawing the console: header, view tabs, the table of the current view, a
 //! detail pane, dialogs and the footer. Pure functions of [`App`]; no I/O.
+//! With one server the screen is the single-server console; with several,
+//! the header counts servers up, tables gain a SERVER column and a down
+//! server's rows stay, greyed, under a banner.
 
-use crate::app::{App, Confirm, ConnState, RowRef, View};
-use crate::model::{short_age, short_bytes, short_duration, short_id, Freshness, Model};
+use crate::app::{App, Confirm, RowRef, View};
+use crate::model::{short_age, short_bytes, short_duration, short_id, ConnState, Fleet, Freshness, Model, Watched};
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Color, Modifier, Style};
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Cell, Clear, Paragraph, Row, Table, TableState, Wrap};
 use ratatui::Frame;
+use std::collections::BTreeSet;
 use tunnel_lib::introspection::{ClientInfo, RequestInfo, StreamInfo};
 use tunnel_lib::proto::StreamType;
 
@@ -15,6 +19,8 @@ use tunnel_lib::proto::StreamType;
 const WIDE: u16 = 140;
 /// How long a command's outcome stays in the footer.
 const NOTICE_MS: i64 = 5_000;
+/// Narrowest the SERVER column gets, and widest on narrow and on wide terminals.
+const SERVER_COL: (u16, u16, u16) = (6, 12, 24);
 
 /// "ctrl" or "http".
 pub fn stream_type_name(t: i32) -> &'static str {
@@ -33,18 +39,44 @@ fn freshness_style(f: Freshness) -> Style {
     }
 }
 
+/// A cell in `style`, unless its row is from a server that is down: those
+/// rows are greyed as a whole, and colours would claim they are current.
+fn tint(cell: Cell<'static>, style: Style, stale: bool) -> Cell<'static> {
+    if stale {
+        cell
+    } else {
+        cell.style(style)
+    }
+}
+
 /// "✓ 1a2b3c" in sync, "✗ 1a2b3c" stale (acknowledged version shown).
-fn config_cell(model: &Model, client_id: &str) -> Cell<'static> {
+fn config_cell(model: &Model, client_id: &str, stale: bool) -> Cell<'static> {
     match model.config_of(client_id) {
         Some((acked, current)) if !current.is_empty() && acked == current => {
-            Cell::from(format!("✓ {}", acked.get(..6).unwrap_or(acked))).style(Style::new().fg(Color::Green))
+            tint(Cell::from(format!("✓ {}", acked.get(..6).unwrap_or(acked))), Style::new().fg(Color::Green), stale)
         }
         Some((acked, _)) => {
             let shown = if acked.is_empty() { "none" } else { acked.get(..6).unwrap_or(acked) };
-            Cell::from(format!("✗ {shown}")).style(Style::new().fg(Color::Yellow))
+            tint(Cell::from(format!("✗ {shown}")), Style::new().fg(Color::Yellow), stale)
         }
         None => Cell::from("-"),
     }
+}
+
+/// A row's server: its name, marked `✗` while the server is down.
+fn server_cell(fleet: &Fleet, i: usize) -> Cell<'static> {
+    let label = fleet.label(i);
+    if fleet.get(i).is_some_and(Watched::is_up) {
+        Cell::from(label.to_string())
+    } else {
+        Cell::from(format!("✗{label}"))
+    }
+}
+
+/// Whether server `i`'s rows are from before: it is down, and there are
+/// others to tell them from (alone, the banner already says so).
+fn is_stale(fleet: &Fleet, i: usize) -> bool {
+    fleet.is_fleet() && !fleet.get(i).is_some_and(Watched::is_up)
 }
 
 /// "3/64 ▮▮▯▯": depth against capacity.
@@ -61,7 +93,7 @@ fn clock(unix_ms: i64) -> String {
 
 /// Draws the whole console.
 pub fn render(app: &App, f: &mut Frame) {
-    let live = app.conn == ConnState::Live;
+    let live = app.fleet.up() == app.fleet.servers.len();
     let banner = if live { 0 } else { 1 };
     let [header, tabs, banner_area, main, footer] = Layout::vertical([
         Constraint::Length(1),
@@ -88,10 +120,10 @@ pub fn render(app: &App, f: &mut Frame) {
     }
     render_footer(app, f, footer);
     if let Some(c) = &app.confirm {
-        render_confirm(c, f);
+        render_confirm(app, c, f);
     }
     if app.help {
-        render_help(f);
+        render_help(app, f);
     }
 }
 
@@ -104,33 +136,62 @@ fn render_header(app: &App, f: &mut Frame, area: Rect) {
     if roomy {
         spans.push(Span::styled("tunnel-tui  ", title));
     }
-    match &app.model.server {
-        Some(s) => {
-            let up = app.model.server_now(app.now_ms) - s.started_unix_ms;
-            let sep = || Span::styled(" · ", dim);
-            spans.push(Span::styled(s.server_id.clone(), title));
-            if roomy {
-                spans.push(Span::styled(format!(" v{}", s.version), dim));
+    let sep = || Span::styled(" · ", dim);
+    let totals = |clients: usize, streams: u64, req: u64, err: u64, in_flight: u64| {
+        [
+            sep(),
+            Span::raw(format!("{clients} clients")),
+            sep(),
+            Span::raw(format!("{streams} streams")),
+            sep(),
+            Span::raw(format!("{req} req")),
+            sep(),
+            Span::styled(format!("{err} err"), if err > 0 { Style::new().fg(Color::Yellow) } else { Style::new() }),
+            sep(),
+            Span::raw(format!("{in_flight} in flight")),
+        ]
+    };
+    let fleet = &app.fleet;
+    match fleet.servers.as_slice() {
+        [one] => match &one.model.server {
+            Some(s) => {
+                let up = one.model.server_now(app.now_ms) - s.started_unix_ms;
+                spans.push(Span::styled(s.server_id.clone(), title));
+                if roomy {
+                    spans.push(Span::styled(format!(" v{}", s.version), dim));
+                }
+                spans.extend([sep(), Span::raw(format!("up {}", short_duration(up)))]);
+                spans.extend(totals(s.clients as usize, s.streams, s.requests_total, s.errors_total, s.in_flight));
             }
-            spans.extend([
-                sep(),
-                Span::raw(format!("up {}", short_duration(up))),
-                sep(),
-                Span::raw(format!("{} clients", s.clients)),
-                sep(),
-                Span::raw(format!("{} streams", s.streams)),
-                sep(),
-                Span::raw(format!("{} req", s.requests_total)),
-                sep(),
-                Span::styled(
-                    format!("{} err", s.errors_total),
-                    if s.errors_total > 0 { Style::new().fg(Color::Yellow) } else { Style::new() },
-                ),
-                sep(),
-                Span::raw(format!("{} in flight", s.in_flight)),
-            ]);
+            None => spans.push(Span::styled("no data yet", dim)),
+        },
+        servers => {
+            let (up, n) = (fleet.up(), servers.len());
+            let style = match up {
+                0 => Style::new().fg(Color::Red).add_modifier(Modifier::BOLD),
+                _ if up < n => Style::new().fg(Color::Yellow).add_modifier(Modifier::BOLD),
+                _ => title,
+            };
+            spans.push(Span::styled(format!("{up}/{n} servers up"), style));
+            // Totals of the servers up now: a down server's numbers are from before.
+            let live: Vec<_> =
+                servers.iter().filter(|w| w.is_up()).filter_map(|w| Some((w, w.model.server.as_ref()?))).collect();
+            if live.is_empty() {
+                spans.extend([sep(), Span::styled("no data yet", dim)]);
+            } else {
+                // Every client holds a session to every server: count each client once.
+                let clients: BTreeSet<&str> =
+                    live.iter().flat_map(|(w, _)| w.model.clients.keys().map(String::as_str)).collect();
+                let sum = |f: fn(&tunnel_lib::introspection::ServerInfo) -> u64| live.iter().map(|(_, s)| f(s)).sum();
+                spans.extend(totals(
+                    clients.len(),
+                    sum(|s| s.streams),
+                    sum(|s| s.requests_total),
+                    sum(|s| s.errors_total),
+                    sum(|s| s.in_flight),
+                ));
+            }
         }
-        None => spans.push(Span::styled("no data yet", dim)),
     }
     f.render_widget(Paragraph::new(Line::from(spans)), area);
 }
@@ -150,12 +211,28 @@ fn render_tabs(app: &App, f: &mut Frame, area: Rect) {
     if !app.filter.is_empty() {
         spans.push(Span::styled(format!("  filter: {}", app.filter), Style::new().fg(Color::Magenta)));
     }
-    let (dot, style) = match &app.conn {
-        ConnState::Live => ("● live", Style::new().fg(Color::Green)),
-        ConnState::Connecting => ("○ connecting", Style::new().fg(Color::Yellow)),
-        ConnState::Lost(_) => ("✗ lost", Style::new().fg(Color::Red)),
+    let fleet = &app.fleet;
+    let (right, style) = match fleet.servers.as_slice() {
+        [one] => {
+            let (dot, style) = match &one.conn {
+                ConnState::Live => ("● live", Style::new().fg(Color::Green)),
+                ConnState::Connecting => ("○ connecting", Style::new().fg(Color::Yellow)),
+                ConnState::Lost(_) => ("✗ lost", Style::new().fg(Color::Red)),
+            };
+            (format!("  {dot} {} ", one.addr), style)
+        }
+        servers => {
+            let n = servers.len();
+            let lost = servers.iter().filter(|w| matches!(w.conn, ConnState::Lost(_))).count();
+            if lost > 0 {
+                (format!("  ✗ {lost} down · {n} servers "), Style::new().fg(Color::Red))
+            } else if fleet.up() < n {
+                (format!("  ○ connecting · {n} servers "), Style::new().fg(Color::Yellow))
+            } else {
+                (format!("  ● live · {n} servers "), Style::new().fg(Color::Green))
+            }
+        }
     };
-    let right = format!("  {dot} {} ", app.target);
     let [left_area, right_area] =
         Layout::horizontal([Constraint::Min(0), Constraint::Length(right.chars().count() as u16)]).areas(area);
     f.render_widget(Paragraph::new(Line::from(spans)), left_area);
@@ -163,117 +240,152 @@ fn render_tabs(app: &App, f: &mut Frame, area: Rect) {
 }
 
 fn render_banner(app: &App, f: &mut Frame, area: Rect) {
-    let text = match &app.conn {
-        ConnState::Lost(why) => format!(" ✗ {why} · retrying · data below is from before"),
-        _ => format!(" connecting to {}…", app.target),
+    let fleet = &app.fleet;
+    let lost: Vec<(usize, &str)> = fleet
+        .servers
+        .iter()
+        .enumerate()
+        .filter_map(|(i, w)| match &w.conn {
+            ConnState::Lost(why) => Some((i, why.as_str())),
+            _ => None,
+        })
+        .collect();
+    let text = match (fleet.servers.as_slice(), lost.as_slice()) {
+        ([_], [(_, why)]) => format!(" ✗ {why} · retrying · data below is from before"),
+        ([one], _) => format!(" connecting to {}…", one.addr),
+        // Which server first: on a narrow screen the reason is what gets cut.
+        (_, [(i, why)]) => format!(" ✗ {} down, retrying: {why}", fleet.label(*i)),
+        (_, []) => {
+            let waiting: Vec<&str> = fleet.servers.iter().filter(|w| !w.is_up()).map(|w| w.addr.as_str()).collect();
+            format!(" connecting to {}…", waiting.join(", "))
+        }
+        (_, many) => {
+            let names: Vec<&str> = many.iter().map(|(i, _)| fleet.label(*i)).collect();
+            format!(" ✗ {} servers down, retrying: {}", many.len(), names.join(", "))
+        }
     };
-    let style = match app.conn {
-        ConnState::Lost(_) => Style::new().bg(Color::Red).fg(Color::White).add_modifier(Modifier::BOLD),
-        _ => Style::new().bg(Color::Yellow).fg(Color::Black),
+    let style = if lost.is_empty() {
+        Style::new().bg(Color::Yellow).fg(Color::Black)
+    } else {
+        Style::new().bg(Color::Red).fg(Color::White).add_modifier(Modifier::BOLD)
     };
     f.render_widget(Paragraph::new(text).style(style), area);
 }
 
-fn header_row(cols: &[&'static str]) -> Row<'static> {
-    Row::new(cols.iter().map(|c| Cell::from(*c))).style(Style::new().add_modifier(Modifier::BOLD).fg(Color::Cyan))
+/// The optional columns a table shows at its width.
+#[derive(Clone, Copy)]
+struct Cols {
+    /// Peer, round trip, counts, trace...: from `WIDE` columns (plus room for SERVER).
+    wide: bool,
+    /// The SERVER column's width, with several servers.
+    server: Option<u16>,
+}
+
+impl Cols {
+    fn new(app: &App, width: u16) -> Cols {
+        let fleet = &app.fleet;
+        if !fleet.is_fleet() {
+            return Cols { wide: width >= WIDE, server: None };
+        }
+        let (min, narrow_max, wide_max) = SERVER_COL;
+        // Only servers that have said something have rows to name; room for
+        // the down mark is kept throughout, so the table does not shift when a server goes.
+        let longest = (0..fleet.servers.len())
+            .filter(|&i| fleet.servers[i].model.server.is_some())
+            .map(|i| fleet.label(i).chars().count() + 1)
+            .max()
+            .unwrap_or(0);
+        let want = u16::try_from(longest).unwrap_or(u16::MAX).max(min);
+        // The wide columns plus the SERVER column and its spacing.
+        let wide = width > WIDE + want.min(wide_max);
+        Cols { wide, server: Some(want.min(if wide { wide_max } else { narrow_max })) }
+    }
+
+    /// A narrow table with a SERVER column gives up one column to make room for it.
+    fn crowded(self) -> bool {
+        !self.wide && self.server.is_some()
+    }
 }
 
 fn render_table(app: &App, f: &mut Frame, area: Rect) {
+    use Constraint::{Length as L, Min};
     let rows = app.rows();
-    let wide = area.width >= WIDE;
+    let c = Cols::new(app, area.width);
     let selected = app.selected_index(&rows);
-    let (header, widths, body): (Row, Vec<Constraint>, Vec<Row>) = match app.view {
+    let mut cols: Vec<(&'static str, Constraint)> = Vec::new();
+    if let Some(w) = c.server {
+        cols.push(("SERVER", L(w)));
+    }
+    let body: Vec<Row> = match app.view {
         View::Streams => {
-            let body = rows
-                .iter()
-                .filter_map(|r| if let RowRef::Stream(s) = r { Some(stream_row(app, s, wide)) } else { None })
-                .collect();
-            if wide {
-                (
-                    header_row(&[
-                        "STREAM", "TYPE", "CLIENT", "GROUP", "PEER", "HB AGE", "DELAY", "RTT", "QUEUE", "INFL", "REQS",
-                        "↓BYTES", "↑BYTES", "CONFIG",
-                    ]),
-                    vec![
-                        Constraint::Length(8),
-                        Constraint::Length(4),
-                        Constraint::Min(10),
-                        Constraint::Length(10),
-                        Constraint::Length(21),
-                        Constraint::Length(6),
-                        Constraint::Length(6),
-                        Constraint::Length(6),
-                        Constraint::Length(11),
-                        Constraint::Length(6),
-                        Constraint::Length(6),
-                        Constraint::Length(9),
-                        Constraint::Length(9),
-                        Constraint::Length(8),
-                    ],
-                    body,
-                )
+            if c.wide {
+                cols.extend([
+                    ("STREAM", L(8)),
+                    ("TYPE", L(4)),
+                    ("CLIENT", Min(10)),
+                    ("GROUP", L(10)),
+                    ("PEER", L(21)),
+                    ("HB AGE", L(6)),
+                    ("DELAY", L(6)),
+                    ("RTT", L(6)),
+                    ("QUEUE", L(11)),
+                    ("INFL", L(6)),
+                    ("REQS", L(6)),
+                    ("↓BYTES", L(9)),
+                    ("↑BYTES", L(9)),
+                    ("CONFIG", L(8)),
+                ]);
             } else {
-                (
-                    header_row(&["STREAM", "TYPE", "CLIENT", "GROUP", "HB AGE", "DELAY", "QUEUE", "INFL", "CONFIG"]),
-                    vec![
-                        Constraint::Length(8),
-                        Constraint::Length(4),
-                        Constraint::Min(8),
-                        Constraint::Length(8),
-                        Constraint::Length(6),
-                        Constraint::Length(6),
-                        Constraint::Length(11),
-                        Constraint::Length(6),
-                        Constraint::Length(8),
-                    ],
-                    body,
-                )
+                cols.extend([("STREAM", L(8)), ("TYPE", L(4)), ("CLIENT", Min(8)), ("GROUP", L(8)), ("HB AGE", L(6))]);
+                // The last heartbeat's delay is in the detail pane.
+                if !c.crowded() {
+                    cols.push(("DELAY", L(6)));
+                }
+                cols.extend([("QUEUE", L(11)), ("INFL", L(6)), ("CONFIG", L(8))]);
             }
+            rows.iter()
+                .filter_map(|r| if let RowRef::Stream(i, s) = r { Some(stream_row(app, *i, s, c)) } else { None })
+                .collect()
         }
         View::Clients => {
-            let body = rows
-                .iter()
-                .filter_map(|r| if let RowRef::Client(c) = r { Some(client_row(app, c, wide)) } else { None })
-                .collect();
-            let mut cols = vec!["CLIENT", "GROUP", "PEER", "CONNECTED", "VERSION", "STREAMS", "CONFIG"];
-            let mut widths = vec![
-                Constraint::Min(10),
-                Constraint::Length(10),
-                Constraint::Length(21),
-                Constraint::Length(9),
-                Constraint::Length(8),
-                Constraint::Length(7),
-                Constraint::Length(8),
-            ];
-            if wide {
-                cols.extend(["CURRENT", "SESSION"]);
-                widths.extend([Constraint::Length(12), Constraint::Length(36)]);
+            cols.extend([("CLIENT", Min(10)), ("GROUP", L(10))]);
+            // The peer is in the detail pane.
+            if !c.crowded() {
+                cols.push(("PEER", L(21)));
             }
-            (header_row(&cols), widths, body)
+            cols.extend([("CONNECTED", L(9)), ("VERSION", L(8)), ("STREAMS", L(7)), ("CONFIG", L(8))]);
+            if c.wide {
+                cols.extend([("CURRENT", L(12)), ("SESSION", L(36))]);
+            }
+            rows.iter()
+                .filter_map(|r| if let RowRef::Client(i, cl) = r { Some(client_row(app, *i, cl, c)) } else { None })
+                .collect()
         }
         View::Requests => {
-            let body = rows
-                .iter()
-                .filter_map(|r| if let RowRef::Request(q) = r { Some(request_row(q, wide)) } else { None })
-                .collect();
-            let mut cols = vec!["TIME", "METH", "HOST", "PATH", "STATUS", "DUR", "BYTES", "CLIENT"];
-            let mut widths = vec![
-                Constraint::Length(8),
-                Constraint::Length(6),
-                Constraint::Length(14),
-                Constraint::Min(10),
-                Constraint::Length(6),
-                Constraint::Length(6),
-                Constraint::Length(9),
-                Constraint::Length(10),
-            ];
-            if wide {
-                cols.extend(["TRACE", "ERROR"]);
-                widths.extend([Constraint::Length(32), Constraint::Length(24)]);
+            cols.extend([
+                ("TIME", L(8)),
+                ("METH", L(6)),
+                ("HOST", L(14)),
+                ("PATH", Min(10)),
+                ("STATUS", L(6)),
+                ("DUR", L(6)),
+            ]);
+            // The byte counts are in the detail pane.
+            if !c.crowded() {
+                cols.push(("BYTES", L(9)));
             }
-            (header_row(&cols), widths, body)
+            cols.push(("CLIENT", L(10)));
+            if c.wide {
+                cols.extend([("TRACE", L(32)), ("ERROR", L(24))]);
+            }
+            rows.iter()
+                .filter_map(|r| if let RowRef::Request(i, q) = r { Some(request_row(app, *i, q, c)) } else { None })
+                .collect()
         }
     };
+    let header = Row::new(cols.iter().map(|(name, _)| Cell::from(*name)))
+        .style(Style::new().add_modifier(Modifier::BOLD).fg(Color::Cyan));
+    let widths: Vec<Constraint> = cols.iter().map(|(_, w)| *w).collect();
     let title = format!(" {} ({}) ", app.view.title(), rows.len());
     let empty = body.is_empty();
     let table = Table::new(body, widths)
@@ -294,10 +406,28 @@ fn render_table(app: &App, f: &mut Frame, area: Rect) {
     }
 }
 
-fn stream_row<'a>(app: &App, s: &StreamInfo, wide: bool) -> Row<'a> {
-    let m = &app.model;
+/// The row's cells with the SERVER cell in front when there is one, greyed
+/// as a whole when its server is down (`dim` too: a draining stream).
+fn finish_row(app: &App, server: usize, c: Cols, cells: Vec<Cell<'static>>, dim: bool) -> Row<'static> {
+    let mut all = Vec::with_capacity(cells.len() + 1);
+    if c.server.is_some() {
+        all.push(server_cell(&app.fleet, server));
+    }
+    all.extend(cells);
+    let row = Row::new(all);
+    if dim || is_stale(&app.fleet, server) {
+        row.style(Style::new().fg(Color::DarkGray))
+    } else {
+        row
+    }
+}
+
+fn stream_row(app: &App, server: usize, s: &StreamInfo, c: Cols) -> Row<'static> {
+    let Some(m) = app.fleet.get(server).map(|w| &w.model) else { return Row::default() };
+    let stale = is_stale(&app.fleet, server);
+    let wide = c.wide;
     let age = m.heartbeat_age_ms(s, app.now_ms);
-    let age_cell = Cell::from(short_age(age)).style(freshness_style(m.freshness(s, app.now_ms)));
+    let age_cell = tint(Cell::from(short_age(age)), freshness_style(m.freshness(s, app.now_ms)), stale);
     let mut cells = vec![
         Cell::from(short_id(&s.stream_id).to_string()),
         Cell::from(stream_type_name(s.stream_type)),
@@ -308,20 +438,22 @@ fn stream_row<'a>(app: &App, s: &StreamInfo, wide: bool) -> Row<'a> {
         cells.push(Cell::from(s.peer.clone()));
     }
     cells.push(age_cell);
-    cells.push(Cell::from(format!("{}ms", s.last_delay_ms)));
+    if !c.crowded() {
+        cells.push(Cell::from(format!("{}ms", s.last_delay_ms)));
+    }
     if wide {
         cells.push(Cell::from(if s.last_rtt_ms < 0 { "-".to_string() } else { format!("{}ms", s.last_rtt_ms) }));
     }
     let q = Cell::from(queue_text(s.queue_depth, s.queue_capacity));
     let q = if s.queue_capacity > 0 && s.queue_depth * 4 >= s.queue_capacity * 3 {
-        q.style(Style::new().fg(Color::Yellow))
+        tint(q, Style::new().fg(Color::Yellow), stale)
     } else {
         q
     };
     cells.push(q);
     // Upgraded connections (WebSocket...) are long-lived in-flight exchanges: marked so they read as such.
     cells.push(if s.upgraded > 0 {
-        Cell::from(format!("{}^{}", s.in_flight, s.upgraded)).style(Style::new().fg(Color::Magenta))
+        tint(Cell::from(format!("{}^{}", s.in_flight, s.upgraded)), Style::new().fg(Color::Magenta), stale)
     } else {
         Cell::from(s.in_flight.to_string())
     });
@@ -330,34 +462,31 @@ fn stream_row<'a>(app: &App, s: &StreamInfo, wide: bool) -> Row<'a> {
         cells.push(Cell::from(short_bytes(s.bytes_to_client)));
         cells.push(Cell::from(short_bytes(s.bytes_from_client)));
     }
-    cells.push(config_cell(m, &s.client_id));
-    let row = Row::new(cells);
-    if s.draining {
-        row.style(Style::new().fg(Color::DarkGray))
-    } else {
-        row
-    }
+    cells.push(config_cell(m, &s.client_id, stale));
+    finish_row(app, server, c, cells, s.draining)
 }
 
-fn client_row<'a>(app: &App, c: &ClientInfo, wide: bool) -> Row<'a> {
-    let since = app.model.server_now(app.now_ms) - c.connected_unix_ms;
-    let mut cells = vec![
-        Cell::from(c.client_id.clone()),
-        Cell::from(c.group.clone()),
-        Cell::from(c.peer.clone()),
+fn client_row(app: &App, server: usize, cl: &ClientInfo, c: Cols) -> Row<'static> {
+    let Some(m) = app.fleet.get(server).map(|w| &w.model) else { return Row::default() };
+    let since = m.server_now(app.now_ms) - cl.connected_unix_ms;
+    let mut cells = vec![Cell::from(cl.client_id.clone()), Cell::from(cl.group.clone())];
+    if !c.crowded() {
+        cells.push(Cell::from(cl.peer.clone()));
+    }
+    cells.extend([
         Cell::from(short_duration(since)),
-        Cell::from(c.version.clone()),
-        Cell::from(c.streams.to_string()),
-        config_cell(&app.model, &c.client_id),
-    ];
-    if wide {
-        cells.push(Cell::from(c.config_version_current.clone()));
-        cells.push(Cell::from(c.session_id.clone()));
+        Cell::from(cl.version.clone()),
+        Cell::from(cl.streams.to_string()),
+        config_cell(m, &cl.client_id, is_stale(&app.fleet, server)),
+    ]);
+    if c.wide {
+        cells.push(Cell::from(cl.config_version_current.clone()));
+        cells.push(Cell::from(cl.session_id.clone()));
     }
-    Row::new(cells)
+    finish_row(app, server, c, cells, false)
 }
 
-fn request_row<'a>(r: &RequestInfo, wide: bool) -> Row<'a> {
+fn request_row(app: &App, server: usize, r: &RequestInfo, c: Cols) -> Row<'static> {
     let status_style = match r.status {
         500.. => Style::new().fg(Color::Red),
         400..=499 => Style::new().fg(Color::Yellow),
@@ -368,27 +497,42 @@ fn request_row<'a>(r: &RequestInfo, wide: bool) -> Row<'a> {
         Cell::from(r.method.clone()),
         Cell::from(r.host.clone()),
         Cell::from(if r.upgrade.is_empty() { r.path.clone() } else { format!("{} [{}]", r.path, r.upgrade) }),
-        Cell::from(r.status.to_string()).style(status_style),
+        tint(Cell::from(r.status.to_string()), status_style, is_stale(&app.fleet, server)),
         Cell::from(short_duration(r.duration_ms as i64)),
-        Cell::from(short_bytes(r.bytes_out)),
-        Cell::from(r.client_id.clone()),
     ];
-    if wide {
+    if !c.crowded() {
+        cells.push(Cell::from(short_bytes(r.bytes_out)));
+    }
+    cells.push(Cell::from(r.client_id.clone()));
+    if c.wide {
         cells.push(Cell::from(r.trace_id.clone()));
         cells.push(Cell::from(r.error.clone()));
     }
-    Row::new(cells)
+    finish_row(app, server, c, cells, false)
 }
 
 fn kv(k: &str, v: impl Into<String>) -> Line<'static> {
     Line::from(vec![Span::styled(format!("{k:>10}: "), Style::new().fg(Color::Cyan)), Span::raw(v.into())])
 }
 
+/// "edge-2 at 127.0.0.1:7101, down: why": which server the selected row is from, and how its link stands.
+fn server_line(fleet: &Fleet, i: usize) -> Line<'static> {
+    let Some(w) = fleet.get(i) else { return kv("server", "?") };
+    let state = match &w.conn {
+        ConnState::Live => String::new(),
+        ConnState::Connecting => ", connecting".into(),
+        ConnState::Lost(why) => format!(", down: {why} (this row is from before)"),
+    };
+    let at = if fleet.label(i) == w.addr { String::new() } else { format!(" at {}", w.addr) };
+    kv("server", format!("{}{at}{state}", fleet.label(i)))
+}
+
 fn render_detail(app: &App, f: &mut Frame, area: Rect) {
-    let m = &app.model;
-    let lines: Vec<Line> = match app.selected_row() {
+    let row = app.selected_row();
+    let Some(m) = app.fleet.get(row.as_ref().map_or(0, |r| r.server())).map(|w| &w.model) else { return };
+    let mut lines: Vec<Line> = match row {
         None => vec![Line::from("nothing selected")],
-        Some(RowRef::Stream(s)) => {
+        Some(RowRef::Stream(_, s)) => {
             let g = m.group(&s.group);
             vec![
                 kv("stream", format!("{} ({})", s.stream_id, stream_type_name(s.stream_type))),
@@ -439,7 +583,7 @@ fn render_detail(app: &App, f: &mut Frame, area: Rect) {
                 kv("config", m.config_of(&s.client_id).map_or("-".into(), |(a, c)| format!("acked {a}, current {c}"))),
             ]
         }
-        Some(RowRef::Client(c)) => vec![
+        Some(RowRef::Client(_, c)) => vec![
             kv("client", format!("{} (version {})", c.client_id, c.version)),
             kv("group", c.group.clone()),
             kv("peer", c.peer.clone()),
@@ -448,7 +592,7 @@ fn render_detail(app: &App, f: &mut Frame, area: Rect) {
             kv("config", format!("acked {}, current {}", c.config_version_acked, c.config_version_current)),
             kv("session", c.session_id.clone()),
         ],
-        Some(RowRef::Request(r)) => vec![
+        Some(RowRef::Request(_, r)) => vec![
             kv("request", format!("{} {}{}", r.method, r.host, r.path)),
             kv("status", format!("{} in {}", r.status, short_duration(r.duration_ms as i64))),
             kv("upgrade", if r.upgrade.is_empty() { "-".into() } else { format!("{} (connection closed)", r.upgrade) }),
@@ -458,6 +602,9 @@ fn render_detail(app: &App, f: &mut Frame, area: Rect) {
             kv("error", if r.error.is_empty() { "-".into() } else { r.error.clone() }),
         ],
     };
+    if let Some(r) = app.selected_row().filter(|_| app.fleet.is_fleet()) {
+        lines.insert(0, server_line(&app.fleet, r.server()));
+    }
     let block = Block::new().borders(Borders::TOP).title(" Detail (Enter/Esc to close) ");
     f.render_widget(Paragraph::new(lines).block(block).wrap(Wrap { trim: false }), area);
 }
@@ -509,14 +656,21 @@ fn centered(area: Rect, width: u16, height: u16) -> Rect {
     Rect { x: area.x + (area.width - w) / 2, y: area.y + (area.height - h) / 2, width: w, height: h }
 }
 
-fn render_confirm(c: &Confirm, f: &mut Frame) {
+fn render_confirm(app: &App, c: &Confirm, f: &mut Frame) {
+    let fleet = &app.fleet;
+    // With several servers the question names the one it goes to, on a line of its own.
+    let on = |i: usize| if fleet.is_fleet() { format!("\non server {}", fleet.label(i)) } else { String::new() };
     let text = match c {
-        Confirm::CloseStream { stream_id, client_id } => {
-            format!("Close stream {} of {client_id}?\nThe client will open a replacement.", short_id(stream_id))
+        Confirm::CloseStream { server, stream_id, client_id } => format!(
+            "Close stream {} of {client_id}{}?\nThe client will open a replacement.",
+            short_id(stream_id),
+            on(*server)
+        ),
+        Confirm::CloseClient { server, client_id } => {
+            format!("Close every stream of {client_id}{}?\nIt will reconnect.", on(*server))
         }
-        Confirm::CloseClient { client_id } => format!("Close every stream of {client_id}?\nIt will reconnect."),
     };
-    let area = centered(f.area(), 48, 6);
+    let area = centered(f.area(), 48, 6 + u16::from(fleet.is_fleet()));
     f.render_widget(Clear, area);
     let block = Block::bordered().title(" Confirm ").border_style(Style::new().fg(Color::Yellow));
     let body = format!("{text}\n  y yes   n no");
@@ -539,8 +693,9 @@ pub const HELP: &[(&str, &str)] = &[
     ("q  Ctrl-C", "quit"),
 ];
 
-fn render_help(f: &mut Frame) {
-    let area = centered(f.area(), 62, HELP.len() as u16 + 5);
+fn render_help(app: &App, f: &mut Frame) {
+    let fleet = app.fleet.is_fleet();
+    let area = centered(f.area(), 62, HELP.len() as u16 + 5 + u16::from(fleet));
     f.render_widget(Clear, area);
     let mut lines: Vec<Line> = HELP
         .iter()
@@ -551,6 +706,10 @@ fn render_help(f: &mut Frame) {
         " heartbeat age: green fresh, yellow late, red near timeout",
         " INFL 3^1: 3 in flight, 1 of them upgraded (WebSocket...)",
     ] {
+        lines.push(Line::from(Span::styled(note, Style::new().fg(Color::DarkGray))));
+    }
+    if fleet {
+        let note = " SERVER ✗edge-2: down; its rows are greyed, from before";
         lines.push(Line::from(Span::styled(note, Style::new().fg(Color::DarkGray))));
     }
     f.render_widget(Paragraph::new(lines).block(Block::bordered().title(" Keys (any key closes) ")), area);

@@ -1,11 +1,13 @@
-//! `tunnel-tui --once` and `--json` against a real server: one snapshot,
-//! exit 0 when connected; one line and a non-zero exit when not.
+//! `tunnel-tui --once` and `--json` against real servers: one snapshot,
+//! exit 0 when connected; one line and a non-zero exit when not. With
+//! several servers, one merged table, and exit 0 while any answers.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tunnel_daemon::client::Client;
-use tunnel_daemon::server::{Listeners, Server};
+use tunnel_daemon::server::{Listeners, Server, Shared};
 use tunnel_lib::config::{ClientConfig, ServerConfig};
 
 const SERVER: &str = r#"
@@ -83,4 +85,117 @@ async fn once_prints_a_snapshot_or_a_reason() {
     let err = String::from_utf8(out.stderr).unwrap();
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("cannot reach"), "{err}");
+}
+
+/// A server named `id` (servers on one host must not share the host name) on ephemeral ports.
+async fn start_server(
+    id: &str,
+    stop: &CancellationToken,
+) -> (Arc<Shared>, String, String, tokio::task::JoinHandle<anyhow::Result<()>>) {
+    let listeners = Listeners::ephemeral().await.unwrap();
+    let (_, grpc, admin) = listeners.addrs().unwrap();
+    let toml = SERVER.replacen("[server]\n", &format!("[server]\nserver_id = \"{id}\"\n"), 1);
+    let server = Server::new(ServerConfig::from_str_named(&toml, "test").unwrap(), None);
+    let shared = server.shared();
+    let task = tokio::spawn(server.run(listeners, stop.clone().cancelled_owned()));
+    (shared, format!("http://{grpc}"), admin.to_string(), task)
+}
+
+/// An address nothing listens on: a port the kernel just handed out and took back.
+fn refused() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+/// Several servers: one merged table with a SERVER column, JSON keyed by
+/// address; success while any server answers, failure when none does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_merges_several_servers() {
+    let stop = CancellationToken::new();
+    let (one, grpc1, admin1, task1) = start_server("tui-one", &stop).await;
+    let (two, grpc2, admin2, task2) = start_server("tui-two", &stop).await;
+    let mut clients = Vec::new();
+    for id in ["edge-1", "edge-2"] {
+        let cfg = format!(
+            "servers = [\"{grpc1}\", \"{grpc2}\"]\nclient_id = \"{id}\"\ngroup = \"demo\"\ntoken = \"t\"\n[upstreams]\nweb = \"http://127.0.0.1:9\"\n"
+        );
+        let client = Client::new(ClientConfig::from_str_named(&cfg, "test").unwrap());
+        clients.push(tokio::spawn(client.run(stop.clone().cancelled_owned())));
+    }
+    let start = Instant::now();
+    while one.registry.streams().len() < 6 || two.registry.streams().len() < 6 {
+        assert!(start.elapsed() < Duration::from_secs(15), "both clients registered on both servers");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let both = format!("{admin1},{admin2}");
+    let out = tui(&["--server", &both, "--token", "adm", "--once"]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "servers 2/2 up", "{text}");
+    assert!(lines[1].starts_with("server tui-one ") && lines[1].ends_with(&format!("at {admin1}")), "{text}");
+    assert!(lines[2].starts_with("server tui-two ") && lines[2].ends_with(&format!("at {admin2}")), "{text}");
+    assert_eq!(lines[3].split_whitespace().take(3).collect::<Vec<_>>(), ["SERVER", "STREAM", "TYPE"], "{text}");
+    assert_eq!(lines.len(), 4 + 12, "{text}");
+    for (id, shared) in [("tui-one", &one), ("tui-two", &two)] {
+        for s in shared.registry.streams() {
+            let line = lines
+                .iter()
+                .find(|l| l.contains(&s.stream_id))
+                .unwrap_or_else(|| panic!("{} of {id} missing:\n{text}", s.stream_id));
+            assert_eq!(line.split_whitespace().next(), Some(id), "{line}");
+            assert!(line.contains(&s.client_id), "{line}");
+        }
+    }
+
+    // Repeated --server works as well as a list; JSON is keyed by the address as given.
+    let out = tui(&["--server", &admin1, "--server", &admin2, "--token", "adm", "--once", "--json"]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v.as_object().unwrap().len(), 2, "{v}");
+    for (admin, id) in [(&admin1, "tui-one"), (&admin2, "tui-two")] {
+        assert_eq!(v[admin]["server"]["server_id"], id, "{v}");
+        assert_eq!(v[admin]["streams"].as_array().unwrap().len(), 6, "{v}");
+        let mut ids: Vec<&str> =
+            v[admin]["clients"].as_array().unwrap().iter().filter_map(|c| c["client_id"].as_str()).collect();
+        ids.sort();
+        assert_eq!(ids, ["edge-1", "edge-2"], "{v}");
+    }
+
+    // One of two unreachable: the other's rows, the dead one named, success.
+    let dead = refused();
+    let out = tui(&["--server", &format!("{dead},{admin2}"), "--token", "adm", "--once"]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "servers 1/2 up", "{text}");
+    assert!(lines[1].starts_with(&format!("server {dead} down: cannot reach")), "{text}");
+    let rows: Vec<&&str> = lines.iter().skip(4).collect();
+    assert_eq!(rows.len(), 6, "{text}");
+    assert!(rows.iter().all(|l| l.starts_with("tui-two ")), "{text}");
+    let out = tui(&["--server", &format!("{dead},{admin2}"), "--token", "adm", "--once", "--json"]).await;
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v[&dead]["error"].as_str().unwrap().contains("cannot reach"), "{v}");
+    assert_eq!(v[&admin2]["streams"].as_array().unwrap().len(), 6, "{v}");
+
+    // None answers: a reason per server on stderr, exit 1.
+    let dead2 = refused();
+    let out = tui(&["--server", &format!("{dead},{dead2}"), "--once"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.lines().count(), 2, "{err}");
+    for d in [&dead, &dead2] {
+        assert!(err.lines().any(|l| l.contains(&format!("{d}: cannot reach"))), "{err}");
+    }
+
+    stop.cancel();
+    for t in clients {
+        let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+    }
+    for t in [task1, task2] {
+        let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+    }
 }

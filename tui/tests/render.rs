@@ -7,7 +7,8 @@ use ratatui::backend::TestBackend;
 use ratatui::Terminal;
 use tunnel_lib::introspection::{ClientInfo, GroupInfo, RequestInfo, ServerInfo, StreamInfo, WatchUpdate};
 use tunnel_lib::proto::StreamType;
-use tunnel_tui::app::{update, Action, App, ConnState};
+use tunnel_tui::app::{update, Action, App};
+use tunnel_tui::model::ConnState;
 use tunnel_tui::ui;
 
 /// The fixed "now": 2026-11-25 10:00:00 UTC.
@@ -44,9 +45,21 @@ fn stream(id: &str, client: &str, ty: StreamType, hb_age_ms: i64, depth: u32, in
 }
 
 fn fixture() -> App {
-    let mut app = App::new("127.0.0.1:7001", NOW);
+    let mut app = App::new(["127.0.0.1:7001"], NOW);
+    update(&mut app, Action::Update(0, Box::new(snapshot("edge-eu-1", None))));
+    app
+}
+
+/// The fixture's server as `server_id`: the same clients and streams, with
+/// `mark` in place of each stream id's first digit (stream ids are unique per
+/// server; the clients are the same on every server).
+fn snapshot(server_id: &str, mark: Option<char>) -> WatchUpdate {
+    let id = |s: &str| match mark {
+        Some(m) => format!("{m}{}", &s[1..]),
+        None => s.to_string(),
+    };
     let server = ServerInfo {
-        server_id: "edge-eu-1".into(),
+        server_id: server_id.into(),
         version: "0.1.0".into(),
         started_unix_ms: NOW - 7_260_000,
         now_unix_ms: NOW,
@@ -85,13 +98,13 @@ fn fixture() -> App {
         })
         .collect();
     let streams = vec![
-        stream("0a1b2c3d-0000-4000-8000-000000000001", "edge-1", StreamType::Control, 4_000, 0, 0),
-        stream("1b2c3d4e-0000-4000-8000-000000000002", "edge-1", StreamType::Http, 12_000, 3, 2),
-        stream("2c3d4e5f-0000-4000-8000-000000000003", "edge-1", StreamType::Http, 29_000, 0, 0),
-        stream("3d4e5f60-0000-4000-8000-000000000004", "edge-2", StreamType::Control, 1_000, 0, 0),
+        stream(&id("0a1b2c3d-0000-4000-8000-000000000001"), "edge-1", StreamType::Control, 4_000, 0, 0),
+        stream(&id("1b2c3d4e-0000-4000-8000-000000000002"), "edge-1", StreamType::Http, 12_000, 3, 2),
+        stream(&id("2c3d4e5f-0000-4000-8000-000000000003"), "edge-1", StreamType::Http, 29_000, 0, 0),
+        stream(&id("3d4e5f60-0000-4000-8000-000000000004"), "edge-2", StreamType::Control, 1_000, 0, 0),
         // Late, and about to be reaped.
-        stream("4e5f6071-0000-4000-8000-000000000005", "edge-2", StreamType::Http, 45_000, 60, 3),
-        stream("5f607182-0000-4000-8000-000000000006", "edge-2", StreamType::Http, 75_000, 0, 0),
+        stream(&id("4e5f6071-0000-4000-8000-000000000005"), "edge-2", StreamType::Http, 45_000, 60, 3),
+        stream(&id("5f607182-0000-4000-8000-000000000006"), "edge-2", StreamType::Http, 75_000, 0, 0),
     ];
     let requests = (0..5)
         .map(|i| RequestInfo {
@@ -105,7 +118,7 @@ fn fixture() -> App {
             bytes_in: if i == 2 { 512 } else { 0 },
             bytes_out: 1024 * (i + 1),
             client_id: "edge-1".into(),
-            stream_id: "1b2c3d4e-0000-4000-8000-000000000002".into(),
+            stream_id: id("1b2c3d4e-0000-4000-8000-000000000002"),
             trace_id: format!("4bf92f3577b34da6a3ce929d0e0e473{i}"),
             error: if i == 4 { "upstream \"web\" unreachable".into() } else { String::new() },
             upgrade: if i == 1 { "websocket".into() } else { String::new() },
@@ -113,9 +126,7 @@ fn fixture() -> App {
             request_id: format!("{i:032x}"),
         })
         .collect();
-    let u = WatchUpdate { full: true, server: Some(server), clients, streams, requests, ..Default::default() };
-    update(&mut app, Action::Update(Box::new(u)));
-    app
+    WatchUpdate { full: true, server: Some(server), clients, streams, requests, ..Default::default() }
 }
 
 fn screen(app: &App, w: u16, h: u16) -> TestBackend {
@@ -142,10 +153,10 @@ fn views_at_both_sizes() {
 #[test]
 fn disconnected() {
     let mut app = fixture();
-    update(&mut app, Action::Conn(ConnState::Lost("cannot reach http://127.0.0.1:7001: Connection refused".into())));
+    update(&mut app, Action::Conn(0, ConnState::Lost("cannot reach http://127.0.0.1:7001: Connection refused".into())));
     insta::assert_snapshot!("disconnected_80x24", screen(&app, 80, 24));
     insta::assert_snapshot!("disconnected_160x40", screen(&app, 160, 40));
-    let never = App::new("127.0.0.1:7001", NOW);
+    let never = App::new(["127.0.0.1:7001"], NOW);
     insta::assert_snapshot!("connecting_80x24", screen(&never, 80, 24));
 }
 
@@ -169,7 +180,7 @@ fn panes_and_dialogs() {
     }
     insta::assert_snapshot!("filter_80x24", screen(&app, 80, 24));
     update(&mut app, Action::EndFilter);
-    update(&mut app, Action::CommandDone(Ok("config a1b2c3d4e5f6 pushed to edge-2".into())));
+    update(&mut app, Action::CommandDone(0, Ok("config a1b2c3d4e5f6 pushed to edge-2".into())));
     insta::assert_snapshot!("notice_80x24", screen(&app, 80, 24));
 }
 
@@ -180,4 +191,104 @@ fn header_line() {
     let backend = screen(&app, 80, 24);
     let first: String = (0..80).map(|x| backend.buffer()[(x, 0)].symbol().to_string()).collect();
     assert_eq!(first.trim_end(), " edge-eu-1 · up 2h01m · 2 clients · 6 streams · 3000 req · 3 err · 5 in flight");
+}
+
+/// The screen's lines as text.
+fn lines(backend: &TestBackend) -> Vec<String> {
+    let area = backend.buffer().area;
+    (0..area.height).map(|y| (0..area.width).map(|x| backend.buffer()[(x, y)].symbol().to_string()).collect()).collect()
+}
+
+/// A table line without the selection marker.
+fn row_text(line: &str) -> &str {
+    line.trim_start_matches(['›', ' '])
+}
+
+/// Three servers: edge-eu-1 and edge-eu-2 up with the same two clients, the third never reached.
+fn fleet_fixture() -> App {
+    let mut app = App::new(["127.0.0.1:7001", "127.0.0.1:7101", "127.0.0.1:7201"], NOW);
+    update(&mut app, Action::Update(0, Box::new(snapshot("edge-eu-1", None))));
+    update(&mut app, Action::Update(1, Box::new(snapshot("edge-eu-2", Some('f')))));
+    update(&mut app, Action::Conn(2, ConnState::Lost("cannot reach http://127.0.0.1:7201: Connection refused".into())));
+    app
+}
+
+/// Several servers: the header counts servers up, the tables have a SERVER
+/// column with every server's rows, and the detail pane names the server.
+#[test]
+fn fleet_views() {
+    let mut app = fleet_fixture();
+    let s = screen(&app, 80, 24);
+    let text = lines(&s);
+    assert_eq!(
+        text[0].trim_end(),
+        " 2/3 servers up · 2 clients · 12 streams · 6000 req · 6 err · 10 in flight",
+        "{text:#?}"
+    );
+    assert!(text[2].starts_with(" ✗ 127.0.0.1:7201 down, retrying: cannot reach"), "banner: {text:#?}");
+    assert_eq!(text[4].split_whitespace().take(3).collect::<Vec<_>>(), ["SERVER", "STREAM", "TYPE"], "{text:#?}");
+    let rows_of = |id: &str| text.iter().filter(|l| row_text(l).starts_with(id)).count();
+    assert_eq!((rows_of("edge-eu-1 "), rows_of("edge-eu-2 ")), (6, 6), "{text:#?}");
+    insta::assert_snapshot!("fleet_streams_80x24", s);
+    insta::assert_snapshot!("fleet_streams_160x40", screen(&app, 160, 40));
+    // edge-1's rows on edge-eu-2 follow its rows on edge-eu-1.
+    for _ in 0..3 {
+        update(&mut app, Action::Down);
+    }
+    update(&mut app, Action::ToggleDetail);
+    let s = screen(&app, 80, 24);
+    assert!(lines(&s).iter().any(|l| l.contains("server: edge-eu-2 at 127.0.0.1:7101")), "{:#?}", lines(&s));
+    insta::assert_snapshot!("fleet_detail_80x24", s);
+    update(&mut app, Action::ToggleDetail);
+    update(&mut app, Action::AskCloseStream);
+    let s = screen(&app, 80, 24);
+    assert!(lines(&s).iter().any(|l| l.contains("on server edge-eu-2?")), "{:#?}", lines(&s));
+    update(&mut app, Action::ConfirmNo);
+    update(&mut app, Action::NextView);
+    let s = screen(&app, 80, 24);
+    let text = lines(&s);
+    assert_eq!(text[4].split_whitespace().take(2).collect::<Vec<_>>(), ["SERVER", "CLIENT"], "{text:#?}");
+    assert_eq!(text.iter().filter(|l| l.split_whitespace().take(1).eq(["edge-eu-2"])).count(), 2, "{text:#?}");
+    insta::assert_snapshot!("fleet_clients_80x24", s);
+    update(&mut app, Action::NextView);
+    insta::assert_snapshot!("fleet_requests_80x24", screen(&app, 80, 24));
+}
+
+/// A server that goes away: counted down, its rows kept but greyed and
+/// marked, while another server's rows stay live and keep updating.
+#[test]
+fn fleet_server_down_keeps_the_others_live() {
+    let mut app = App::new(["127.0.0.1:7001", "127.0.0.1:7101"], NOW);
+    update(&mut app, Action::Update(0, Box::new(snapshot("edge-eu-1", None))));
+    update(&mut app, Action::Update(1, Box::new(snapshot("edge-eu-2", Some('f')))));
+    let text = lines(&screen(&app, 80, 24));
+    assert!(text[0].starts_with(" 2/2 servers up · 2 clients · 12 streams"), "{text:#?}");
+    assert!(text[1].contains("● live · 2 servers"), "{text:#?}");
+
+    update(&mut app, Action::Conn(1, ConnState::Lost("the server closed the watch".into())));
+    // The live server keeps updating: a stream opens on edge-eu-1.
+    let mut opened = snapshot("edge-eu-1", None);
+    opened.full = false;
+    opened.streams.truncate(1);
+    opened.streams[0].stream_id = "7a7a7a7a-0000-4000-8000-000000000007".into();
+    opened.clients.clear();
+    opened.requests.clear();
+    update(&mut app, Action::Update(0, Box::new(opened)));
+    let s = screen(&app, 80, 24);
+    let text = lines(&s);
+    assert!(text[0].starts_with(" 1/2 servers up · 2 clients · 6 streams"), "{text:#?}");
+    assert!(text[1].contains("✗ 1 down · 2 servers"), "{text:#?}");
+    assert!(text[2].starts_with(" ✗ edge-eu-2 down, retrying: the server closed the watch"), "{text:#?}");
+    let rows: Vec<usize> = (0..text.len()).filter(|&y| text[y].contains("demo")).collect();
+    assert_eq!(rows.len(), 13, "every row stays: {text:#?}");
+    assert!(text.iter().any(|l| l.contains("7a7a7a7a")), "the live server's new stream shows: {text:#?}");
+    for y in rows {
+        let line = &text[y];
+        let down = row_text(line).starts_with("✗edge-eu-2");
+        assert!(down || row_text(line).starts_with("edge-eu-1"), "{line}");
+        // A down server's row is grey throughout, even its CONFIG cell; a live one's is coloured.
+        let config = s.buffer()[(79, y as u16)].fg;
+        assert_eq!(config == ratatui::style::Color::DarkGray, down, "row {y}: {line}");
+    }
+    insta::assert_snapshot!("fleet_down_80x24", s);
 }

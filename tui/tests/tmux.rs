@@ -1,11 +1,15 @@
-//! The real `tunnel-tui` driven in tmux against a real server and two real
+//! The real `tunnel-tui` driven in tmux against real servers and two real
 //! clients on loopback: every stream listed with ages advancing, `r` brings a
 //! stale client's config in sync on screen, `x` `y` closes a stream and its
-//! replacement appears. Needs tmux (CI installs it).
+//! replacement appears; watching two servers, steering a row acts on its own
+//! server only, and one server going down leaves the other live. Needs tmux
+//! (CI installs it).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::collections::BTreeSet;
 use std::process::Command;
 use std::time::{Duration, Instant};
+use tokio::sync::Mutex as AsyncMutex;
 use tokio_util::sync::CancellationToken;
 use tunnel_daemon::client::Client;
 use tunnel_daemon::server::{Listeners, Server};
@@ -24,6 +28,22 @@ data_streams = 2
 group = "demo"
 upstream = "web"
 "#;
+
+/// The tests run one at a time: each runs servers, clients and a console on
+/// two cores, and the first times how fast a resync shows.
+static SERIAL: AsyncMutex<()> = AsyncMutex::const_new(());
+
+/// Whether tmux is here; without it, skips (saying so) unless under CI, which must run these.
+fn have_tmux() -> bool {
+    let have = Command::new("tmux").arg("-V").output().is_ok_and(|o| o.status.success());
+    if !have {
+        // CI installs tmux (.ci/run) and must run this test; a developer's
+        // machine without tmux skips it, saying so.
+        assert!(std::env::var_os("CI").is_none(), "tmux is required under CI");
+        eprintln!("skipped: tmux is not installed (apt-get install tmux)");
+    }
+    have
+}
 
 /// A tmux session that is killed when dropped.
 struct Tmux(String);
@@ -91,14 +111,10 @@ fn rows(screen: &str) -> Vec<(String, String, u64, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn console_lists_resyncs_and_closes_streams() {
-    let have_tmux = Command::new("tmux").arg("-V").output().is_ok_and(|o| o.status.success());
-    if !have_tmux {
-        // CI installs tmux (.ci/run) and must run this test; a developer's
-        // machine without tmux skips it, saying so.
-        assert!(std::env::var_os("CI").is_none(), "tmux is required under CI");
-        eprintln!("skipped: tmux is not installed (apt-get install tmux)");
+    if !have_tmux() {
         return;
     }
+    let _serial = SERIAL.lock().await;
     let dir = std::env::temp_dir().join(format!("tunnel-tmux-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("server.toml");
@@ -191,4 +207,220 @@ async fn console_lists_resyncs_and_closes_streams() {
     }
     let _ = tokio::time::timeout(Duration::from_secs(10), server_task).await;
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A row of the fleet Streams table.
+#[derive(Debug, Clone, PartialEq)]
+struct FleetRow {
+    /// The SERVER cell: the server's id, `✗` in front while it is down.
+    server: String,
+    stream: String,
+    kind: String,
+    client: String,
+    selected: bool,
+}
+
+/// The rows of the fleet Streams table (SERVER STREAM TYPE CLIENT ...).
+fn fleet_rows(screen: &str) -> Vec<FleetRow> {
+    screen
+        .lines()
+        .filter_map(|l| {
+            let selected = l.starts_with('›');
+            let cols: Vec<&str> = l.trim_start_matches(['›', ' ']).split_whitespace().collect();
+            if cols.len() < 9 || !(cols[2] == "ctrl" || cols[2] == "http") {
+                return None;
+            }
+            let [server, stream, kind, client] = [cols[0], cols[1], cols[2], cols[3]].map(String::from);
+            Some(FleetRow { server, stream, kind, client, selected })
+        })
+        .collect()
+}
+
+/// A server with its own id and its own stop, so it can be stopped alone.
+struct TestServer {
+    shared: std::sync::Arc<tunnel_daemon::server::Shared>,
+    grpc: String,
+    admin: String,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl TestServer {
+    async fn start(id: &str) -> TestServer {
+        let toml = SERVER.replacen("[server]\n", &format!("[server]\nserver_id = \"{id}\"\n"), 1);
+        let listeners = Listeners::ephemeral().await.unwrap();
+        let (_, grpc, admin) = listeners.addrs().unwrap();
+        let server = Server::new(ServerConfig::from_str_named(&toml, "test").unwrap(), None);
+        let shared = server.shared();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(server.run(listeners, stop.clone().cancelled_owned()));
+        TestServer { shared, grpc: format!("http://{grpc}"), admin: admin.to_string(), stop, task }
+    }
+
+    fn stream_ids(&self) -> BTreeSet<String> {
+        self.shared.registry.streams().into_iter().map(|s| s.stream_id).collect()
+    }
+
+    fn streams_of(&self, client: &str) -> usize {
+        self.shared.registry.streams().iter().filter(|s| s.client_id == client).count()
+    }
+
+    /// The full id of the stream shown as `short`.
+    fn full_id(&self, short: &str) -> String {
+        self.stream_ids()
+            .into_iter()
+            .find(|id| id.starts_with(short))
+            .unwrap_or_else(|| panic!("{short} not on server"))
+    }
+
+    async fn wait(&self, what: &str, f: impl Fn(&TestServer) -> bool) {
+        let start = Instant::now();
+        while !f(self) {
+            assert!(start.elapsed() < Duration::from_secs(15), "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Moves the selection to the first row matching `want`, checking on screen that it is selected.
+async fn select(tui: &Tmux, want: impl Fn(&FleetRow) -> bool) -> FleetRow {
+    let rows = fleet_rows(&tui.screen());
+    let k = rows.iter().position(&want).unwrap_or_else(|| panic!("no such row in {rows:?}"));
+    let target = rows[k].clone();
+    tui.keys(&["g"]);
+    for _ in 0..k {
+        tui.keys(&["j"]);
+    }
+    tui.wait("the row selected", Duration::from_secs(3), |s| {
+        fleet_rows(s).iter().any(|r| r.selected && r.stream == target.stream && r.server == target.server)
+    })
+    .await;
+    target
+}
+
+/// Two servers, both holding the same two clients, and a third that never
+/// answers: one merged view with a SERVER column; `x` `y` on a row of the
+/// second server closes that stream there and nowhere else; the second
+/// server going away leaves its rows marked down while the first stays live
+/// and steerable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_watches_two_servers_and_steers_the_owner() {
+    if !have_tmux() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let one = TestServer::start("tui-s1").await;
+    let two = TestServer::start("tui-s2").await;
+    let stop_clients = CancellationToken::new();
+    let mut clients = Vec::new();
+    for id in ["edge-a", "edge-b"] {
+        let cfg = format!(
+            "servers = [\"{}\", \"{}\"]\nclient_id = \"{id}\"\ngroup = \"demo\"\ntoken = \"t\"\nreconnect_max = \"1s\"\nshutdown_grace = \"1s\"\n[upstreams]\nweb = \"http://127.0.0.1:9\"\n",
+            one.grpc, two.grpc
+        );
+        let client = Client::new(ClientConfig::from_str_named(&cfg, "test").unwrap());
+        clients.push(tokio::spawn(client.run(stop_clients.clone().cancelled_owned())));
+    }
+    for s in [&one, &two] {
+        s.wait("both clients on the server", |s| s.streams_of("edge-a") == 3 && s.streams_of("edge-b") == 3).await;
+    }
+
+    // A third "server" that takes connections and never answers, first in
+    // the list: it must hold up neither the others' rows nor their steering.
+    let tarpit = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hung = tarpit.local_addr().unwrap().to_string();
+    let tarpit = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((sock, _)) = tarpit.accept().await {
+            held.push(sock);
+        }
+    });
+
+    let bin = env!("CARGO_BIN_EXE_tunnel-tui");
+    let tui = Tmux::start(&format!("{bin} --server {hung} --server {},{}", one.admin, two.admin));
+    let screen = tui.wait("twelve rows", Duration::from_secs(10), |s| fleet_rows(s).len() == 12).await;
+    assert!(screen.contains("2/3 servers up"), "{screen}");
+    // The hung server's connect attempt (3 s) has not even failed yet when the others' rows are up.
+    assert!(screen.contains(&format!("connecting to {hung}")), "{screen}");
+    assert!(screen.lines().any(|l| l.split_whitespace().take(2).eq(["SERVER", "STREAM"])), "{screen}");
+    let rows = fleet_rows(&screen);
+    for (label, s) in [("tui-s1", &one), ("tui-s2", &two)] {
+        for id in s.stream_ids() {
+            assert!(
+                rows.iter().any(|r| r.server == label && r.stream == id[..8]),
+                "{id} of {label} missing:\n{screen}"
+            );
+        }
+        for c in ["edge-a", "edge-b"] {
+            assert_eq!(rows.iter().filter(|r| r.server == label && r.client == c).count(), 3, "{screen}");
+        }
+    }
+
+    // `x` `y` on edge-a's data stream on the SECOND server.
+    let before_one = one.stream_ids();
+    let target = select(&tui, |r| r.server == "tui-s2" && r.client == "edge-a" && r.kind == "http").await;
+    let full = two.full_id(&target.stream);
+    tui.keys(&["x"]);
+    tui.wait("confirm dialog", Duration::from_secs(3), |s| s.contains("Close stream") && s.contains("tui-s2")).await;
+    tui.keys(&["y"]);
+    two.wait("the stream closed and reopened on server 2", |s| {
+        !s.stream_ids().contains(&full) && s.streams_of("edge-a") == 3
+    })
+    .await;
+    let screen = tui
+        .wait("the replacement on screen", Duration::from_secs(10), |s| {
+            let r = fleet_rows(s);
+            r.len() == 12
+                && r.iter().all(|r| r.stream != target.stream)
+                && r.iter().filter(|r| r.server == "tui-s2" && r.client == "edge-a").count() == 3
+        })
+        .await;
+    assert!(screen.contains("tui-s2: stream"), "the outcome names the server:\n{screen}");
+    assert_eq!(one.stream_ids(), before_one, "server 1's streams untouched");
+
+    // Server 2 goes away: its rows stay, marked; server 1 stays live and steerable.
+    two.stop.cancel();
+    let screen = tui
+        .wait("server 2 down", Duration::from_secs(15), |s| {
+            s.contains("1/3 servers up") && fleet_rows(s).iter().filter(|r| r.server == "✗tui-s2").count() == 6
+        })
+        .await;
+    let banner = screen.lines().find(|l| l.contains("down, retrying")).unwrap_or_else(|| panic!("banner:\n{screen}"));
+    assert!(banner.contains("tui-s2"), "{screen}");
+    let before_two: Vec<FleetRow> = fleet_rows(&screen).into_iter().filter(|r| r.server == "✗tui-s2").collect();
+    let target = select(&tui, |r| r.server == "tui-s1" && r.client == "edge-b" && r.kind == "http").await;
+    let full = one.full_id(&target.stream);
+    tui.keys(&["x"]);
+    tui.wait("confirm dialog", Duration::from_secs(3), |s| s.contains("Close stream") && s.contains("tui-s1")).await;
+    tui.keys(&["y"]);
+    one.wait("the stream closed and reopened on server 1", |s| {
+        !s.stream_ids().contains(&full) && s.streams_of("edge-b") == 3
+    })
+    .await;
+    let screen = tui
+        .wait("server 1's replacement on screen", Duration::from_secs(10), |s| {
+            let r = fleet_rows(s);
+            r.iter().all(|r| r.stream != target.stream)
+                && r.iter().filter(|r| r.server == "tui-s1" && r.client == "edge-b").count() == 3
+        })
+        .await;
+    let after_two: Vec<FleetRow> = fleet_rows(&screen)
+        .into_iter()
+        .filter(|r| r.server == "✗tui-s2")
+        .map(|r| FleetRow { selected: false, ..r })
+        .collect();
+    let before_two: Vec<FleetRow> = before_two.into_iter().map(|r| FleetRow { selected: false, ..r }).collect();
+    assert_eq!(after_two, before_two, "server 2's last rows stay as they were");
+
+    tui.keys(&["q"]);
+    drop(tui);
+    stop_clients.cancel();
+    one.stop.cancel();
+    for c in clients {
+        let _ = tokio::time::timeout(Duration::from_secs(10), c).await;
+    }
+    for s in [one, two] {
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.task).await;
+    }
+    tarpit.abort();
 }
