@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::fault::{client_of, OwnServer, Tarpit, FAULT_SERVER};
+use common::fault::{client_of, OwnServer, Relay, Tarpit, FAULT_SERVER};
 use common::logs::{clear_logs, log_text};
 use common::*;
 use std::net::SocketAddr;
@@ -108,15 +108,16 @@ async fn dead_servers_first_in_the_list_do_not_delay_the_live_one() {
     assert_eq!(status.servers.len(), 3, "a session slot per address: {status:?}");
 }
 
-/// Two URLs that lead to the same server (an address and a name for it)
-/// keep one session: the second finds the server held and registers nothing,
-/// so the first is never replaced there.
+/// Two URLs that lead to the same server (two relays in front of it, as
+/// balancers in front of the link would be) keep one session: the second
+/// finds the server held and registers nothing, so the first is never
+/// replaced there; when the holder's path is cut, the other takes over.
 #[tokio::test]
 async fn two_addresses_of_one_server_keep_one_session() {
     let up = Upstream::start("web").await;
     let server = OwnServer::start(&server_toml("only", ""), None);
-    let port = server.grpc.port();
-    let grpc = [format!("http://127.0.0.1:{port}"), format!("http://localhost:{port}")];
+    let relays = [Relay::start(server.grpc).await, Relay::start(server.grpc).await];
+    let grpc = [url(relays[0].addr), url(relays[1].addr)];
     let client = TestClient::start(&fleet_client(&grpc, "c1", &up, ""));
     let mut status = client.status.clone();
     tokio::time::timeout(
@@ -134,10 +135,29 @@ async fn two_addresses_of_one_server_keep_one_session() {
     assert_eq!(server.streams_of("c1"), 3);
     // Whichever address answered first holds the server; the other waits.
     let status = client.status.borrow().clone();
-    let (held, waiting): (Vec<_>, Vec<_>) = status.servers.values().partition(|v| v.duplicate_of.is_none());
-    assert_eq!(held.len(), 1, "{status:?}");
-    assert_eq!((held[0].sessions, held[0].registered_streams), (1, 3), "{status:?}");
-    assert!(waiting.iter().all(|w| w.registrations == 0), "the duplicate registered nothing: {status:?}");
+    let (held, waiting): (Vec<_>, Vec<_>) = status.servers.iter().partition(|(_, v)| v.duplicate_of.is_none());
+    assert_eq!((held.len(), waiting.len()), (1, 1), "{status:?}");
+    assert_eq!((held[0].1.sessions, held[0].1.registered_streams), (1, 3), "{status:?}");
+    assert_eq!(
+        (waiting[0].1.sessions, waiting[0].1.registrations),
+        (0, 0),
+        "the duplicate registered nothing: {status:?}"
+    );
+    // Cut the holder's path: the other address takes the server over.
+    let (holder, other) = if *held[0].0 == grpc[0] { (0, 1) } else { (1, 0) };
+    relays[holder].freeze();
+    relays[holder].cut();
+    let mut status = client.status.clone();
+    tokio::time::timeout(
+        WAIT,
+        status.wait_for(|s| {
+            s.servers.get(&grpc[other]).is_some_and(|v| v.registered_streams == 3 && v.duplicate_of.is_none())
+        }),
+    )
+    .await
+    .expect("the other address took over")
+    .unwrap();
+    eventually("one session at the server", WAIT, || server.streams_of("c1") == 3).await;
 }
 
 /// A crashed server costs the others nothing (same session, no reconnect),

@@ -75,9 +75,20 @@ pub fn haproxy() -> Result<PathBuf, String> {
 struct Sent {
     at: Instant,
     took: Duration,
-    /// None: it failed (why in `error`).
+    /// False: it failed (why in `error`).
     ok: bool,
     error: String,
+}
+
+/// One GET given `within`, timed.
+async fn timed_get(c: &crate::load::HttpClient, url: String, within: Duration) -> Sent {
+    let at = Instant::now();
+    let error = match tokio::time::timeout(within, crate::load::get_ok(c, url)).await {
+        Ok(Ok(())) => String::new(),
+        Ok(Err(e)) => e,
+        Err(_) => format!("no answer within {within:?}"),
+    };
+    Sent { at, took: at.elapsed(), ok: error.is_empty(), error }
 }
 
 /// Requests GET `url` at RATE per second until `stop` fires; every request.
@@ -92,27 +103,7 @@ async fn load(url: String, stop: CancellationToken) -> Vec<Sent> {
             _ = tick.tick() => {}
         }
         let (c, url) = (client.clone(), url.clone());
-        tasks.spawn(async move {
-            let at = Instant::now();
-            let r = tokio::time::timeout(DEADLINE, async {
-                let req = http::Request::get(url).body(crate::load::empty()).map_err(|e| e.to_string())?;
-                let resp = c.request(req).await.map_err(|e| format!("{e}"))?;
-                let status = resp.status();
-                http_body_util::BodyExt::collect(resp.into_body()).await.map_err(|e| format!("body cut: {e}"))?;
-                if status == http::StatusCode::OK {
-                    Ok(())
-                } else {
-                    Err(format!("status {status}"))
-                }
-            })
-            .await;
-            let error = match r {
-                Ok(Ok(())) => String::new(),
-                Ok(Err(e)) => e,
-                Err(_) => format!("no answer within {DEADLINE:?}"),
-            };
-            Sent { at, took: at.elapsed(), ok: error.is_empty(), error }
-        });
+        tasks.spawn(async move { timed_get(&c, url, DEADLINE).await });
     }
     let mut out = Vec::new();
     let bound = tokio::time::Instant::now() + DEADLINE + Duration::from_secs(2);
@@ -450,19 +441,7 @@ async fn behind_haproxy(bins: &Path, haproxy: &Path, upstream: SocketAddr, cfg: 
     let mut slow = JoinSet::new();
     for i in 0..SLOW_REQUESTS {
         let (c, url) = (client.clone(), format!("http://{}/slow?ms=1500&i={i}", fleet.balancer.front));
-        slow.spawn(async move {
-            let at = Instant::now();
-            let r = async {
-                let req = http::Request::get(url).body(crate::load::empty()).ok()?;
-                let r = tokio::time::timeout(Duration::from_secs(15), c.request(req)).await.ok()?.ok()?;
-                let ok = r.status() == http::StatusCode::OK;
-                http_body_util::BodyExt::collect(r.into_body()).await.ok()?;
-                Some(ok)
-            }
-            .await;
-            let ok = r == Some(true);
-            Sent { at, took: at.elapsed(), ok, error: if ok { String::new() } else { "slow request failed".into() } }
-        });
+        slow.spawn(async move { timed_get(&c, url, Duration::from_secs(15)).await });
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let term_at = Instant::now();

@@ -155,8 +155,11 @@ impl Outcome {
 /// A request or response body of the bench's client.
 pub type Body = BoxBody<Bytes, Infallible>;
 
+/// The bench's HTTP client.
+pub type HttpClient = Client<HttpConnector, Body>;
+
 /// A pooled HTTP/1.1 client with TCP_NODELAY.
-pub fn client() -> Client<HttpConnector, Body> {
+pub fn client() -> HttpClient {
     let mut c = HttpConnector::new();
     c.set_nodelay(true);
     Client::builder(TokioExecutor::new()).pool_max_idle_per_host(2048).build(c)
@@ -165,6 +168,19 @@ pub fn client() -> Client<HttpConnector, Body> {
 /// An empty body.
 pub fn empty() -> Body {
     Empty::new().boxed()
+}
+
+/// GETs `url` and reads the whole body: Ok only for a 200 in full, else why not.
+pub async fn get_ok(client: &HttpClient, url: String) -> Result<(), String> {
+    let req = http::Request::get(url).body(empty()).map_err(|e| e.to_string())?;
+    let resp = client.request(req).await.map_err(|e| format!("{e}"))?;
+    let status = resp.status();
+    http_body_util::BodyExt::collect(resp.into_body()).await.map_err(|e| format!("body cut: {e}"))?;
+    if status == http::StatusCode::OK {
+        Ok(())
+    } else {
+        Err(format!("status {status}"))
+    }
 }
 
 /// Runs `scenario` against the tunnel's public address for the configured time.

@@ -58,18 +58,9 @@ async fn load(url: String, stop: tokio_util::sync::CancellationToken) -> Count {
         count.sent += 1;
         let (c, url) = (client.clone(), url.clone());
         tasks.spawn(async move {
-            let req = http::Request::get(url).body(crate::load::empty()).map_err(|e| e.to_string())?;
-            let resp = match tokio::time::timeout(DEADLINE, c.request(req)).await {
-                Err(_) => return Err("no answer within 5s".to_string()),
-                Ok(Err(e)) => return Err(format!("{e}")),
-                Ok(Ok(r)) => r,
-            };
-            let status = resp.status();
-            http_body_util::BodyExt::collect(resp.into_body()).await.map_err(|e| format!("body cut: {e}"))?;
-            if status == http::StatusCode::OK {
-                Ok(())
-            } else {
-                Err(format!("status {status}"))
+            match tokio::time::timeout(DEADLINE, crate::load::get_ok(&c, url)).await {
+                Err(_) => Err("no answer within 5s".to_string()),
+                Ok(r) => r,
             }
         });
         while let Some(r) = tasks.try_join_next() {

@@ -188,9 +188,11 @@ fn soak_runs_its_events_and_drains_to_idle() {
 /// restart fail none; the other servers' sessions never reconnect.
 #[test]
 fn servers_behind_haproxy_survive_kill_stop_drain_and_rolling_restart() {
-    let installed = ["/usr/sbin/haproxy", "/usr/bin/haproxy", "/usr/local/sbin/haproxy"]
-        .iter()
-        .any(|p| std::path::Path::new(p).exists());
+    // Where the bench looks: PATH, then the sbin directories.
+    let mut dirs: Vec<std::path::PathBuf> =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
+    dirs.extend(["/usr/sbin", "/sbin", "/usr/local/sbin"].map(std::path::PathBuf::from));
+    let installed = dirs.iter().any(|d| d.join("haproxy").is_file());
     if !installed {
         assert!(std::env::var_os("CI").is_none(), "haproxy is required under CI");
         eprintln!("skipped: haproxy not installed (bench/setup.sh installs it)");

@@ -192,6 +192,7 @@ pub struct ClientMetrics {
     pub server_streams: Family<Labels, Gauge>,
     /// The version in `config_info` for each server.
     applied: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    render_lock: std::sync::Mutex<()>,
     process: ProcessGauges,
 }
 
@@ -207,6 +208,7 @@ impl Default for ClientMetrics {
             config_info: Family::default(),
             server_streams: Family::default(),
             applied: Default::default(),
+            render_lock: Default::default(),
             process: ProcessGauges::default(),
             registry: Registry::default(),
         };
@@ -238,12 +240,22 @@ impl ClientMetrics {
 
     /// The text exposition, with the per-server gauges read from `status` now.
     pub fn render_with(&self, status: &crate::client::ClientStatus) -> String {
+        // Scrapes in parallel would clear and refill the same gauges over each other.
+        let _one_at_a_time = self.render_lock.lock().unwrap_or_else(|e| e.into_inner());
         self.server_streams.clear();
         for (server, s) in &status.servers {
             let labels = vec![("server", server.clone()), ("server_id", s.server_id.clone())];
             self.server_streams.get_or_create(&labels).set(s.registered_streams as i64);
         }
         self.render()
+    }
+
+    /// Drops `server`'s series: its link is gone (its address left DNS).
+    pub fn forget_server(&self, server: &str) {
+        let mut applied = self.applied.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = applied.remove(server) {
+            self.config_info.remove(&vec![("server", server.to_string()), ("version", old)]);
+        }
     }
 
     /// Marks `version` as the one applied by the session to `server`.

@@ -1,7 +1,7 @@
 //! The systemd notify protocol for `Type=notify` units, spoken only when
 //! NOTIFY_SOCKET is set (silent otherwise): READY=1 once serving,
 //! RELOADING=1 (with MONOTONIC_USEC) then READY=1 around a reload,
-//! STOPPING=1 when draining, WATCHDOG=1 at half of WATCHDOG_USEC, and STATUS=
+//! STOPPING=1 (and EXTEND_TIMEOUT_USEC) when draining, WATCHDOG=1 at half of WATCHDOG_USEC, and STATUS=
 //! lines an operator reads in `systemctl status`.
 
 use sd_notify::NotifyState;
@@ -40,6 +40,14 @@ pub fn reloading() {
 /// Draining toward exit.
 pub fn stopping(status: &str) {
     send(&[NotifyState::Stopping, NotifyState::Status(status)]);
+}
+
+/// Draining toward exit, which may take `within`: systemd's stop timeout is
+/// extended to cover it (EXTEND_TIMEOUT_USEC), so a long `drain_delay` plus
+/// `shutdown_grace` is not cut short by `TimeoutStopSec`.
+pub fn stopping_within(status: &str, within: Duration) {
+    let usec = u32::try_from(within.as_micros()).unwrap_or(u32::MAX);
+    send(&[NotifyState::Stopping, NotifyState::Status(status), NotifyState::ExtendTimeoutUsec(usec)]);
 }
 
 /// Pings the watchdog at half its interval (and refreshes STATUS= with

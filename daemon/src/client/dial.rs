@@ -30,7 +30,7 @@ use tonic::codegen::Service;
 type OnRead = Box<dyn FnMut(&[u8]) + Send>;
 
 /// What the dialer hands tonic: the TCP stream, watched for its first byte.
-pub type Link = TokioIo<InspectReader<TcpStream, OnRead>>;
+pub type LinkIo = TokioIo<InspectReader<TcpStream, OnRead>>;
 
 /// A "resolver" that answers every name with the session's own address: the
 /// client resolves server names itself, one session per address, while the
@@ -78,9 +78,9 @@ impl Dialer {
 }
 
 impl Service<http::Uri> for Dialer {
-    type Response = Link;
+    type Response = LinkIo;
     type Error = Box<dyn std::error::Error + Send + Sync>;
-    type Future = Pin<Box<dyn Future<Output = Result<Link, Self::Error>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<LinkIo, Self::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.http.poll_ready(cx).map_err(Into::into)

@@ -10,8 +10,9 @@ use super::session::{self, Ended};
 use super::upstream::Upstreams;
 use super::{Backoff, ClientStatus, ServerStatus};
 use crate::metrics::ClientMetrics;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -26,6 +27,9 @@ const RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
 /// How long a link that found its server already held waits before looking
 /// again, if the holder keeps it (the address may come to lead elsewhere).
 const DUPLICATE_RECHECK: Duration = Duration::from_secs(60);
+/// After a planned drain, failing to reach the server is logged at info for
+/// this long; a server still away after it may be gone for good: warn.
+const AWAY_QUIET: Duration = Duration::from_secs(300);
 
 /// One server address a session dials.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -88,41 +92,97 @@ async fn resolve(url: &http::Uri, within: Duration) -> Result<Vec<Target>, Strin
 /// it; another address of the same server waits until that session ends.
 #[derive(Default)]
 pub struct Claims {
-    held: Mutex<HashMap<String, String>>,
-    /// Bumped at every release, for the links waiting on one.
-    released: watch::Sender<u64>,
+    /// Numbers each claim, so a release frees only its own.
+    next: AtomicU64,
+    /// server_id -> (the holder's key, its claim's number).
+    held: Mutex<HashMap<String, (String, u64)>>,
+    /// server_id -> (releases so far, whether the last was a planned drain),
+    /// for the links waiting on one.
+    released: watch::Sender<HashMap<String, (u64, bool)>>,
 }
 
 /// A held claim; dropping it releases the server to other links.
 pub struct Claim {
     claims: Arc<Claims>,
     server_id: String,
+    id: u64,
+    planned: AtomicBool,
+}
+
+/// What a link waiting on a held server watches: that server's releases
+/// since the moment it looked.
+pub struct Releases {
+    rx: watch::Receiver<HashMap<String, (u64, bool)>>,
+    server_id: String,
+    seen: Option<u64>,
+}
+
+impl std::fmt::Debug for Releases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Releases").field("server_id", &self.server_id).field("seen", &self.seen).finish()
+    }
+}
+
+impl Releases {
+    /// Waits until the holder lets go (Some(planned)) or `within` passes (None).
+    async fn wait(mut self, within: Duration) -> Option<bool> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some((n, planned)) = self.rx.borrow_and_update().get(&self.server_id) {
+                if Some(*n) != self.seen {
+                    return Some(*planned);
+                }
+            }
+            match tokio::time::timeout_at(deadline, self.rx.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return None,
+            }
+        }
+    }
 }
 
 impl Claims {
     /// Claims `server_id` for the link `key`, or names the link holding it.
+    /// A link's key may come back (an address that left DNS and returned)
+    /// while its old session still drains: that one holds it until it ends.
     pub fn claim(self: &Arc<Self>, server_id: &str, key: &str) -> Result<Claim, String> {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        match held.get(server_id) {
-            Some(holder) if holder != key => Err(holder.clone()),
-            _ => {
-                held.insert(server_id.to_string(), key.to_string());
-                Ok(Claim { claims: self.clone(), server_id: server_id.to_string() })
-            }
+        if let Some((holder, _)) = held.get(server_id) {
+            return Err(holder.clone());
         }
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        held.insert(server_id.to_string(), (key.to_string(), id));
+        Ok(Claim { claims: self.clone(), server_id: server_id.to_string(), id, planned: AtomicBool::new(false) })
     }
 
-    /// Resolves once some claim is released, or after `within`.
-    async fn released(&self, within: Duration) {
-        let mut rx = self.released.subscribe();
-        let _ = tokio::time::timeout(within, rx.changed()).await;
+    /// `server_id`'s releases from now on; taken before trying a claim, so none is missed.
+    pub fn watch(&self, server_id: &str) -> Releases {
+        let rx = self.released.subscribe();
+        let seen = rx.borrow().get(server_id).map(|e| e.0);
+        Releases { rx, server_id: server_id.to_string(), seen }
+    }
+}
+
+impl Claim {
+    /// The session ends because the server drains: waiting links expect it away.
+    pub fn ends_planned(&self) {
+        self.planned.store(true, Ordering::Relaxed);
     }
 }
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        self.claims.held.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.server_id);
-        self.claims.released.send_modify(|n| *n = n.wrapping_add(1));
+        {
+            let mut held = self.claims.held.lock().unwrap_or_else(|e| e.into_inner());
+            if held.get(&self.server_id).is_some_and(|(_, id)| *id == self.id) {
+                held.remove(&self.server_id);
+            }
+        }
+        let planned = self.planned.load(Ordering::Relaxed);
+        self.claims.released.send_modify(|m| {
+            let e = m.entry(self.server_id.clone()).or_default();
+            *e = (e.0.wrapping_add(1), planned);
+        });
     }
 }
 
@@ -153,6 +213,13 @@ impl Link {
         self.status.borrow().servers.get(&self.key).cloned().unwrap_or_default()
     }
 
+    /// Whether another address of this link's URL holds a session now (a
+    /// dual-stack name whose other family works).
+    fn sibling_serves(&self) -> bool {
+        let url = url_text(&self.target.url);
+        self.status.borrow().servers.iter().any(|(k, s)| *k != self.key && s.url == url && s.registered_streams > 0)
+    }
+
     /// Notes `version` as applied by this link's session.
     pub fn config_applied(&self, version: &str) {
         self.status.send_modify(|s| {
@@ -174,23 +241,31 @@ pub async fn run(
     stop: CancellationToken,
 ) {
     let claims = Arc::new(Claims::default());
+    // Links running, and those retired (their address left DNS) still draining:
+    // an address that comes back gets a new link only once its old one ended.
     let mut links: HashMap<Target, CancellationToken> = HashMap::new();
-    let mut tasks = JoinSet::new();
-    let lookup_bound = cfg.connect_timeout;
+    let mut retiring: HashSet<Target> = HashSet::new();
+    let mut tasks: JoinSet<Target> = JoinSet::new();
     loop {
+        // Every name at once, and none holds up a stop.
+        let resolved = tokio::select! {
+            _ = stop.cancelled() => None,
+            r = resolve_all(&cfg.servers, cfg.connect_timeout) => Some(r),
+        };
+        let Some(resolved) = resolved else { break };
         let mut failed = false;
-        for url in &cfg.servers {
-            let targets = match resolve(url, lookup_bound).await {
+        for (url, targets) in resolved {
+            let targets = match targets {
                 Ok(t) => t,
                 Err(e) => {
                     // Links already running for this URL keep going.
-                    tracing::warn!(server = %url_text(url), "{e}");
+                    tracing::warn!(server = %url_text(&url), "{e}");
                     failed = true;
                     continue;
                 }
             };
             for t in &targets {
-                if links.contains_key(t) {
+                if links.contains_key(t) || retiring.contains(t) {
                     continue;
                 }
                 let token = stop.child_token();
@@ -204,15 +279,20 @@ pub async fn run(
                     metrics: metrics.clone(),
                     claims: claims.clone(),
                 });
-                tracing::info!(server = %link.key, "session to start");
-                tasks.spawn(run_link(link, token));
+                tracing::info!(server = %link.key, "starting a session");
+                let target = t.clone();
+                tasks.spawn(async move {
+                    run_link(link, token).await;
+                    target
+                });
             }
             // Addresses the name no longer gives: drain those sessions.
             links.retain(|t, token| {
-                let keep = &t.url != url || targets.contains(t);
+                let keep = t.url != url || targets.contains(t);
                 if !keep {
                     tracing::info!(server = %t.key(), "no longer in DNS: draining its session");
                     token.cancel();
+                    retiring.insert(t.clone());
                 }
                 keep
             });
@@ -223,35 +303,60 @@ pub async fn run(
         tokio::pin!(wake);
         loop {
             tokio::select! {
-                _ = stop.cancelled() => {
-                    // Every link's token is a child of `stop`: they drain in parallel.
-                    while tasks.join_next().await.is_some() {}
-                    return;
-                }
+                _ = stop.cancelled() => break,
                 _ = &mut wake => break,
-                Some(_) = tasks.join_next() => {}
+                Some(ended) = tasks.join_next() => {
+                    if let Ok(t) = ended {
+                        retiring.remove(&t);
+                    }
+                }
             }
         }
+        if stop.is_cancelled() {
+            break;
+        }
     }
+    // Every link's token is a child of `stop`: they drain in parallel.
+    while tasks.join_next().await.is_some() {}
+}
+
+/// Each URL's addresses now, looked up concurrently.
+async fn resolve_all(urls: &[http::Uri], within: Duration) -> Vec<(http::Uri, Result<Vec<Target>, String>)> {
+    let mut lookups = JoinSet::new();
+    for (i, url) in urls.iter().enumerate() {
+        let url = url.clone();
+        lookups.spawn(async move {
+            let r = resolve(&url, within).await;
+            (i, url, r)
+        });
+    }
+    let mut out = Vec::with_capacity(urls.len());
+    while let Some(r) = lookups.join_next().await {
+        if let Ok(r) = r {
+            out.push(r);
+        }
+    }
+    // In the configured order, so links start (and log) in it.
+    out.sort_by_key(|(i, _, _)| *i);
+    out.into_iter().map(|(_, u, r)| (u, r)).collect()
 }
 
 /// Keeps one session to `link`'s address until `stop` fires, reconnecting
 /// with backoff.
 async fn run_link(link: Arc<Link>, stop: CancellationToken) {
     let cfg = link.cfg.clone();
+    link.update(|s| s.url = url_text(&link.target.url));
     let mut backoff = Backoff::new(cfg.reconnect_min, cfg.reconnect_max);
     // A failure that repeats word for word is logged once per backoff cap,
     // so a server that is down does not flood the log.
     let mut last_failure: Option<(String, Instant)> = None;
-    // The server drained (a planned stop): failing to reach it until it is
-    // back is expected, not an error.
-    let mut away = false;
+    // Since when the server is away after a planned drain: failing to reach
+    // it is expected for a while, not an error.
+    let mut away_since: Option<Instant> = None;
+    let mut warned_duplicate = false;
     loop {
         let started = Instant::now();
         link.update(|s| s.sessions += 1);
-        if link.status().sessions > 1 {
-            link.metrics.reconnects.inc();
-        }
         let registered_before = link.status().registrations;
         let result = session::run(link.clone(), stop.clone()).await;
         let reached = link.status().registrations > registered_before;
@@ -259,43 +364,65 @@ async fn run_link(link: Arc<Link>, stop: CancellationToken) {
         if stop.is_cancelled() {
             break;
         }
+        if let Ok(Ended::Duplicate { server_id, holder, releases }) = result {
+            // Not a session: nothing was registered.
+            link.update(|s| {
+                s.sessions -= 1;
+                s.duplicate_of = Some(holder.clone());
+            });
+            let same_name =
+                link.status.borrow().servers.get(&holder).is_some_and(|h| h.url == url_text(&link.target.url));
+            if same_name || warned_duplicate {
+                tracing::info!(server = %link.key, %server_id, held_by = %holder, "same server as another address: one session kept");
+            } else {
+                // Two URLs the operator listed lead to one server_id: fine
+                // behind a balancer, wrong if they are different servers.
+                tracing::warn!(server = %link.key, %server_id, held_by = %holder, "same server_id as another configured server: one session kept (if these are different servers, give each its own server_id)");
+                warned_duplicate = true;
+            }
+            let planned = tokio::select! {
+                _ = stop.cancelled() => break,
+                r = releases.wait(DUPLICATE_RECHECK) => r,
+            };
+            link.update(|s| s.duplicate_of = None);
+            if planned == Some(true) {
+                away_since.get_or_insert_with(Instant::now);
+            }
+            continue;
+        }
+        if link.status().sessions > 1 {
+            link.metrics.reconnects.inc();
+        }
         if started.elapsed() > STABLE_SESSION {
             backoff.reset();
         }
         if reached {
-            away = false;
+            away_since = None;
         }
         let delay = backoff.step();
         match result {
-            Ok(Ended::Stopped) => break,
+            Ok(Ended::Stopped) | Ok(Ended::Duplicate { .. }) => break,
             Ok(Ended::ServerDrained) => {
-                away = true;
+                away_since = Some(Instant::now());
                 last_failure = None;
                 tracing::info!(server = %link.key, retry_in = ?delay, "the server is draining (a planned stop); reconnecting to it with backoff");
-            }
-            Ok(Ended::Duplicate { server_id, holder }) => {
-                tracing::info!(server = %link.key, %server_id, held_by = %holder, "same server as another address: one session kept");
-                link.update(|s| s.duplicate_of = Some(holder));
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    _ = link.claims.released(DUPLICATE_RECHECK) => {}
-                }
-                link.update(|s| s.duplicate_of = None);
-                continue;
             }
             Err(e) => {
                 let text = format!("{e:#}");
                 let repeat = last_failure
                     .as_ref()
                     .is_some_and(|(t, at)| *t == text && at.elapsed() < cfg.reconnect_max + Duration::from_secs(1));
+                let expected = away_since.is_some_and(|t| t.elapsed() < AWAY_QUIET);
                 if repeat {
                     tracing::debug!(server = %link.key, retry_in = ?delay, "session failed again: {text}");
+                } else if expected {
+                    tracing::info!(server = %link.key, retry_in = ?delay, "server not back yet: {text}");
+                } else if link.sibling_serves() {
+                    tracing::info!(server = %link.key, retry_in = ?delay, "unreachable, the name's other address serves: {text}");
                 } else {
-                    if away {
-                        tracing::info!(server = %link.key, retry_in = ?delay, "server not back yet: {text}");
-                    } else {
-                        tracing::warn!(server = %link.key, retry_in = ?delay, "session failed: {text}");
-                    }
+                    tracing::warn!(server = %link.key, retry_in = ?delay, "session failed: {text}");
+                }
+                if !repeat {
                     last_failure = Some((text, Instant::now()));
                 }
             }
@@ -305,26 +432,37 @@ async fn run_link(link: Arc<Link>, stop: CancellationToken) {
             _ = tokio::time::sleep(delay) => {}
         }
     }
-    // A retired link (its address left DNS) leaves the status with its session.
+    // A retired link (its address left DNS) leaves the status and the metrics with its session.
     link.status.send_modify(|s| {
         s.servers.remove(&link.key);
         s.recount();
     });
+    link.metrics.forget_server(&link.key);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A second link reaching a server already held is refused until the holder lets go.
-    #[test]
-    fn one_claim_per_server() {
+    /// A second link reaching a server already held is refused until the
+    /// holder lets go, even under the holder's own key (a returning address
+    /// while its old session drains); a release frees only its own claim.
+    #[tokio::test]
+    async fn one_claim_per_server() {
         let claims = Arc::new(Claims::default());
+        let waiting = claims.watch("edge-1");
         let first = claims.claim("edge-1", "a").expect("free");
         assert_eq!(claims.claim("edge-1", "b").err().as_deref(), Some("a"));
+        assert_eq!(claims.claim("edge-1", "a").err().as_deref(), Some("a"), "not twice under one key");
         assert!(claims.claim("edge-2", "b").is_ok(), "another server is free");
+        first.ends_planned();
         drop(first);
-        assert!(claims.claim("edge-1", "b").is_ok(), "released with the session");
+        assert_eq!(waiting.wait(Duration::from_secs(1)).await, Some(true), "a planned release");
+        let second = claims.claim("edge-1", "b").expect("released with the session");
+        let quiet = claims.watch("edge-1");
+        assert_eq!(quiet.wait(Duration::from_millis(50)).await, None, "held: nothing released");
+        drop(second);
+        assert!(claims.claim("edge-1", "c").is_ok());
     }
 
     #[test]

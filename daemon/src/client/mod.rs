@@ -38,6 +38,8 @@ pub struct ClientStatus {
 /// One server address's session, as the client sees it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ServerStatus {
+    /// The configured URL this address came from.
+    pub url: String,
     /// The server's name, from its answer ("" until it answered).
     pub server_id: String,
     /// Streams registered with it now.

@@ -4,9 +4,8 @@
 //! the connection ends the session; its link reconnects with backoff and a
 //! new session id.
 
-use super::fleet::{Claim, Link};
+use super::fleet::{Claim, Link, Releases};
 use super::upstream;
-use crate::metrics::ClientMetrics;
 use crate::tunnel::exchange::{payload_name, Dispatched, ExchangeFailure, Exchanges, Role};
 use crate::tunnel::link::{CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_MESSAGE, STREAM_WINDOW};
 use crate::tunnel::next_request_id;
@@ -51,20 +50,20 @@ struct Settings {
 }
 
 /// How a session ended without an error.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Ended {
     /// The client is stopping: the session drained.
     Stopped,
     /// The server said it is draining: a planned stop, not a failure.
     ServerDrained,
     /// This address leads to a server another link already holds (`holder`):
-    /// nothing was registered.
-    Duplicate { server_id: String, holder: String },
+    /// nothing was registered; `releases` tells when the holder lets go.
+    Duplicate { server_id: String, holder: String, releases: Releases },
 }
 
 /// State shared by the streams of one session.
 struct Session {
-    cfg: Arc<ClientConfig>,
+    /// The link this session is for: its config, address, status and metrics.
     link: Arc<Link>,
     id: String,
     /// When this session started (unix ms): newer sessions win at the server.
@@ -82,7 +81,6 @@ struct Session {
     failure: Mutex<Option<String>>,
     /// Data streams whose drain the server acknowledged: no request follows on them.
     drain_acked: Mutex<std::collections::HashSet<String>>,
-    metrics: Arc<ClientMetrics>,
 }
 
 /// What a stream does.
@@ -244,15 +242,28 @@ async fn hello(link: &Link, channel: Channel) -> anyhow::Result<ConfigSyncRespon
 /// (error), the server drains, or `stop` fires (drain, then Ok).
 pub async fn run(link: Arc<Link>, stop: CancellationToken) -> anyhow::Result<Ended> {
     let cfg = link.cfg.clone();
-    let data_channel = connect(&link).await?;
-    let control_channel = match cfg.transport {
-        Transport::SplitConnection => connect(&link).await?,
-        _ => data_channel.clone(),
+    // A stop (or this address leaving DNS) must not wait for a tarpit's connect_timeout.
+    let setup = async {
+        let data_channel = connect(&link).await?;
+        let first = hello(&link, data_channel.clone()).await?;
+        anyhow::Ok((data_channel, first))
     };
-    let first = hello(&link, data_channel.clone()).await?;
-    let _claim: Claim = match link.claims.claim(&first.server_id, &link.key) {
+    let (data_channel, first) = tokio::select! {
+        _ = stop.cancelled() => return Ok(Ended::Stopped),
+        r = setup => r?,
+    };
+    let releases = link.claims.watch(&first.server_id);
+    let claim: Claim = match link.claims.claim(&first.server_id, &link.key) {
         Ok(c) => c,
-        Err(holder) => return Ok(Ended::Duplicate { server_id: first.server_id, holder }),
+        Err(holder) => return Ok(Ended::Duplicate { server_id: first.server_id, holder, releases }),
+    };
+    drop(releases);
+    let control_channel = match cfg.transport {
+        Transport::SplitConnection => tokio::select! {
+            _ = stop.cancelled() => return Ok(Ended::Stopped),
+            r = connect(&link) => r?,
+        },
+        _ => data_channel.clone(),
     };
     link.update(|s| s.server_id = first.server_id.clone());
     let held_version = link.status().config_version;
@@ -270,9 +281,7 @@ pub async fn run(link: Arc<Link>, stop: CancellationToken) -> anyhow::Result<End
         draining: AtomicBool::new(false),
         failure: Mutex::new(None),
         drain_acked: Mutex::new(std::collections::HashSet::new()),
-        metrics: link.metrics.clone(),
         link,
-        cfg,
     });
     // The first streams open with the server's config in force.
     if adopt_config(&session, &first) {
@@ -281,7 +290,7 @@ pub async fn run(link: Arc<Link>, stop: CancellationToken) -> anyhow::Result<End
     // Debug: with a server that refuses us after connecting, this repeats every retry.
     tracing::debug!(server = %session.link.key, session = %session.id, "connected");
     let mut tasks = JoinSet::new();
-    match session.cfg.transport {
+    match session.link.cfg.transport {
         Transport::Single => {
             tasks.spawn(stream_task(session.clone(), data_channel, Kind::Single, CancellationToken::new()));
         }
@@ -305,8 +314,13 @@ pub async fn run(link: Arc<Link>, stop: CancellationToken) -> anyhow::Result<End
         }
     };
     session.cancel.cancel();
-    // Every task watches the session token: they end promptly.
+    // Every task watches the session token: they end promptly, the data
+    // streams with their supervisor, before the claim goes.
     while tasks.join_next().await.is_some() {}
+    if matches!(result, Ok(Ended::ServerDrained)) {
+        claim.ends_planned();
+    }
+    drop(claim);
     result
 }
 
@@ -326,7 +340,7 @@ async fn drain(session: &Session) {
             "",
             Payload::Drain(Drain {
                 reason: "client shutting down".into(),
-                grace_ms: session.cfg.shutdown_grace.as_millis() as u64,
+                grace_ms: session.link.cfg.shutdown_grace.as_millis() as u64,
                 ack_wanted: true,
                 ..Default::default()
             }),
@@ -334,11 +348,11 @@ async fn drain(session: &Session) {
         ex.outbound().try_priority(msg);
     }
     let started = Instant::now();
-    let deadline = started + session.cfg.shutdown_grace;
+    let deadline = started + session.link.cfg.shutdown_grace;
     // Requests the server sent before it saw our drain are still on their
     // way: only its acknowledgement, which comes behind them, says a
     // stream is done receiving.
-    let ack_deadline = started + DRAIN_ACK_WAIT.min(session.cfg.shutdown_grace);
+    let ack_deadline = started + DRAIN_ACK_WAIT.min(session.link.cfg.shutdown_grace);
     let mut quiet_since: Option<Instant> = None;
     loop {
         let acked = {
@@ -374,16 +388,18 @@ async fn drain(session: &Session) {
     }
 }
 
-/// Keeps as many data streams as the config asks for; retires extra ones by draining them.
+/// Keeps as many data streams as the config asks for; retires extra ones by
+/// draining them. Owns the streams: it returns once they all ended.
 async fn supervise_data_streams(session: Arc<Session>, channel: Channel) {
     let mut settings = session.settings.subscribe();
     let mut retire: Vec<CancellationToken> = Vec::new();
+    let mut streams = JoinSet::new();
     loop {
         let want = settings.borrow_and_update().data_streams as usize;
         while retire.len() < want {
             let token = CancellationToken::new();
             retire.push(token.clone());
-            tokio::spawn(stream_task(session.clone(), channel.clone(), Kind::Data, token));
+            streams.spawn(stream_task(session.clone(), channel.clone(), Kind::Data, token));
         }
         while retire.len() > want {
             if let Some(t) = retire.pop() {
@@ -391,10 +407,13 @@ async fn supervise_data_streams(session: Arc<Session>, channel: Channel) {
             }
         }
         tokio::select! {
-            _ = session.cancel.cancelled() => return,
-            r = settings.changed() => if r.is_err() { return },
+            _ = session.cancel.cancelled() => break,
+            r = settings.changed() => if r.is_err() { break },
+            Some(_) = streams.join_next() => {}
         }
     }
+    // Every stream watches the session token.
+    while streams.join_next().await.is_some() {}
 }
 
 /// Runs one stream; a data stream the server closes is reopened with a new id.
@@ -438,13 +457,13 @@ fn open_message(session: &Session, stream_id: &str, kind: Kind, seq: u64, last_r
     let settings = session.settings.borrow();
     let now = now_ms();
     TunnelMessage {
-        client_id: session.cfg.client_id.clone(),
+        client_id: session.link.cfg.client_id.clone(),
         request_id: next_request_id(),
         direction: Direction::ClientToServer as i32,
         trace_id: String::new(),
         payload: Some(Payload::StreamOpen(StreamOpenRequest {
-            client_id: session.cfg.client_id.clone(),
-            group: session.cfg.group.clone(),
+            client_id: session.link.cfg.client_id.clone(),
+            group: session.link.cfg.group.clone(),
             version: tunnel_lib::VERSION.to_string(),
             stream_id: stream_id.to_string(),
             stream_type: match kind {
@@ -464,13 +483,13 @@ fn open_message(session: &Session, stream_id: &str, kind: Kind, seq: u64, last_r
 
 fn sync_message(session: &Session) -> TunnelMessage {
     TunnelMessage {
-        client_id: session.cfg.client_id.clone(),
+        client_id: session.link.cfg.client_id.clone(),
         request_id: next_request_id(),
         direction: Direction::ClientToServer as i32,
         trace_id: String::new(),
         payload: Some(Payload::ConfigSync(ConfigSyncRequest {
-            client_id: session.cfg.client_id.clone(),
-            group: session.cfg.group.clone(),
+            client_id: session.link.cfg.client_id.clone(),
+            group: session.link.cfg.group.clone(),
             config_version: session.settings.borrow().config_version.clone(),
             upstreams: session.link.upstreams.borrow().names(),
         })),
@@ -504,7 +523,7 @@ async fn run_stream(
     // Closing the outbound ends our half of the RPC whenever this function returns.
     let _close = cancel.clone().drop_guard();
     let (out, outbound) = Outbound::new(cancel.clone());
-    let exchanges = Exchanges::new(out.clone(), Role::Client, session.cfg.client_id.clone());
+    let exchanges = Exchanges::new(out.clone(), Role::Client, session.link.cfg.client_id.clone());
     out.try_priority(open_message(session, &stream_id, kind, 0, -1));
     // The session began with the config (its hello); this sync marks the
     // stream as the one the server pushes config on.
@@ -513,8 +532,8 @@ async fn run_stream(
     }
     let mut client =
         TunnelServiceClient::new(channel).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE);
-    let req = authed(&session.cfg, outbound)?;
-    let bound = session.cfg.registration_timeout;
+    let req = authed(&session.link.cfg, outbound)?;
+    let bound = session.link.cfg.registration_timeout;
     let call = async {
         match kind {
             Kind::Control => client.control_stream(req).await,
@@ -531,10 +550,10 @@ async fn run_stream(
     let mut inbound = match call.await {
         Err(_) => bail!("no answer to registration within {bound:?}"),
         Ok(Err(status)) if status.code() == tonic::Code::Unauthenticated => {
-            bail!("server refused our token for group {:?}: {}", session.cfg.group, status.message())
+            bail!("server refused our token for group {:?}: {}", session.link.cfg.group, status.message())
         }
         Ok(Err(status)) => {
-            let tls = session.cfg.tls.is_some();
+            let tls = session.link.cfg.tls.is_some();
             bail!("server refused the stream ({:?}): {}", status.code(), explain_link_error(&status, tls, Stage::Open))
         }
         Ok(Ok(resp)) => resp.into_inner(),
@@ -550,7 +569,7 @@ async fn run_stream(
                 s.registered_streams += 1;
                 s.registrations += 1;
             });
-            session.metrics.registrations.inc();
+            session.link.metrics.registrations.inc();
             now_ms() - r.echo_timestamp_ms
         }
         Some(Payload::StreamOpenResponse(r)) => bail!("registration refused: {}", r.reason),
@@ -598,7 +617,7 @@ async fn stream_loop(
         if let Some(since) = retiring {
             let acked = session.drain_acked.lock().unwrap_or_else(|e| e.into_inner()).contains(stream_id);
             let settled = acked || since.elapsed() > DRAIN_ACK_WAIT;
-            if (exchanges.in_flight() == 0 && settled) || since.elapsed() > session.cfg.shutdown_grace {
+            if (exchanges.in_flight() == 0 && settled) || since.elapsed() > session.link.cfg.shutdown_grace {
                 tracing::info!(stream = %stream_id, "retired data stream closed");
                 return End::Retired;
             }
@@ -669,7 +688,7 @@ fn on_message(
     match payload {
         Payload::StreamOpenResponse(ack) => {
             let rtt = now_ms() - ack.echo_timestamp_ms;
-            session.metrics.heartbeat_rtt.observe(rtt.max(0) as f64 / 1000.0);
+            session.link.metrics.heartbeat_rtt.observe(rtt.max(0) as f64 / 1000.0);
             tracing::debug!(stream = %stream_id, seq = ack.sequence, rtt_ms = rtt, "heartbeat acknowledged");
             if kind != Kind::Data
                 && !ack.config_version.is_empty()
@@ -686,8 +705,10 @@ fn on_message(
             session.drain_acked.lock().unwrap_or_else(|e| e.into_inner()).insert(stream_id.to_string());
         }
         Payload::Drain(d) => {
-            tracing::info!(server = %session.link.key, stream = %stream_id, reason = %d.reason, "server is draining; this session ends");
-            session.server_drained.store(true, Ordering::Relaxed);
+            // Every stream hears it: one line per session.
+            if !session.server_drained.swap(true, Ordering::Relaxed) {
+                tracing::info!(server = %session.link.key, reason = %d.reason, "server is draining; this session ends");
+            }
             session.cancel.cancel();
         }
         Payload::StreamOpen(_) | Payload::ConfigSync(_) | Payload::HttpResponse(_) => {

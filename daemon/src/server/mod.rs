@@ -276,11 +276,6 @@ impl Shared {
         self.metrics.draining.set(1);
     }
 
-    /// True once the server is draining.
-    pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
-    }
-
     /// The current config version of `group`.
     pub fn group_version(&self, group: &str) -> Option<String> {
         self.versions.read().unwrap_or_else(|e| e.into_inner()).get(group).cloned()
@@ -389,15 +384,21 @@ impl Server {
         shutdown.await;
         shared.start_draining();
         let drain_delay = shared.config().server.drain_delay;
+        // The whole stop: the delay, the grace, the bound after it, a margin.
+        let whole_stop =
+            drain_delay + shared.config().server.shutdown_grace + GRPC_STOP_TIMEOUT + Duration::from_secs(1);
         if !drain_delay.is_zero() {
             // Load balancers see /ready fail and move traffic away while we
             // still serve whatever they send until they do.
-            crate::systemd::stopping(&format!("draining: /ready says 503, serving {drain_delay:?} more"));
+            crate::systemd::stopping_within(
+                &format!("draining: /ready says 503, serving {drain_delay:?} more"),
+                whole_stop,
+            );
             tracing::info!(server_id = %shared.server_id, drain_delay = ?drain_delay, "draining: /ready answers 503; serving on for drain_delay before closing the public listeners");
             tokio::time::sleep(drain_delay).await;
         }
         let grace = shared.config().server.shutdown_grace;
-        crate::systemd::stopping(&format!("draining for up to {grace:?}: {}", shared.status_line()));
+        crate::systemd::stopping_within(&format!("draining for up to {grace:?}: {}", shared.status_line()), whole_stop);
         tracing::info!(server_id = %shared.server_id, grace = ?grace, "shutting down: public listener closed, finishing in-flight requests");
         ingress_stop.cancel();
         for task in std::iter::once(ingress).chain(secure_ingress) {
