@@ -244,3 +244,49 @@ async fn ready_follows_clients_and_the_drain() {
     assert!(warnings.is_empty(), "a planned drain warned:\n{}", warnings.join("\n"));
     assert!(text.contains("the server is draining (a planned stop)"), "{text}");
 }
+
+/// After a planned drain the client retries the server at most about 2 s
+/// apart, however long it stays away, so a restarted server has its client
+/// back at once. With reconnect_min = 1s and reconnect_max = 60s a doubling
+/// backoff would make at most 3 attempts between 2 s and 10 s after the
+/// drain (at 1.5-3, 3.5-7 and 7.5-15 s); capped, there are at least 4.
+#[tokio::test]
+async fn a_drained_server_has_its_client_back_soon_after_it_returns() {
+    let up = Upstream::start("web").await;
+    let server = start_server(&server_toml("edge-d", ""), None).await;
+    let (http, grpc, admin) = (server.http, server.grpc, server.admin);
+    let text = fleet_client(&[url(grpc)], "c1", &up, "")
+        .replace("reconnect_min = \"100ms\"", "reconnect_min = \"1s\"")
+        .replace("reconnect_max = \"1s\"", "reconnect_max = \"60s\"");
+    let client = TestClient::start(&text);
+    server.wait_streams(3).await;
+    server.stop().await;
+    let mut status = client.status.clone();
+    tokio::time::timeout(WAIT, status.wait_for(|s| s.registered_streams == 0)).await.expect("session ended").unwrap();
+    let ended = Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = status.borrow().sessions;
+    tokio::time::sleep_until((ended + Duration::from_secs(10)).into()).await;
+    let attempts = status.borrow().sessions - before;
+    assert!(attempts >= 4, "{attempts} attempts between 2 s and 10 s away");
+    let toml = server_toml(
+        "edge-d",
+        &format!("http_listen = \"{http}\"\ngrpc_listen = \"{grpc}\"\nadmin_listen = \"{admin}\""),
+    );
+    let cfg = tunnel_lib::config::ServerConfig::from_str_named(&toml, "restarted server.toml").unwrap();
+    let listeners = tunnel_daemon::server::Listeners::bind(&cfg).await.expect("the old ports are free again");
+    let listening = Instant::now();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let again =
+        tokio::spawn(tunnel_daemon::server::Server::new(cfg, None).run(listeners, stop.clone().cancelled_owned()));
+    tokio::time::timeout(Duration::from_secs(4), status.wait_for(|s| s.registered_streams == 3))
+        .await
+        .expect("back within a capped retry")
+        .unwrap();
+    println!(
+        "{attempts} attempts in 8 s away; client back {:?} after the drained server listened again",
+        listening.elapsed()
+    );
+    stop.cancel();
+    let _ = tokio::time::timeout(WAIT, again).await;
+}

@@ -34,8 +34,9 @@ fn main() -> ExitCode {
     if args.check {
         let servers: Vec<String> = config.servers.iter().map(tunnel_daemon::client::fleet::url_text).collect();
         println!(
-            "{}: OK (server {}, client {}, group {}, transport {}, {} upstreams)",
+            "{}: OK ({} {}, client {}, group {}, transport {}, {} upstreams)",
             args.config.display(),
+            if servers.len() == 1 { "server" } else { "servers" },
             servers.join(", "),
             config.client_id,
             config.group,

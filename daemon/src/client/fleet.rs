@@ -30,6 +30,10 @@ const DUPLICATE_RECHECK: Duration = Duration::from_secs(60);
 /// After a planned drain, failing to reach the server is logged at info for
 /// this long; a server still away after it may be gone for good: warn.
 const AWAY_QUIET: Duration = Duration::from_secs(300);
+/// While a drained server is expected back (within AWAY_QUIET), retries are
+/// at most this far apart, so a restarted server has its clients back at
+/// once, not after a backoff grown during its absence.
+const AWAY_RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// One server address a session dials.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -399,7 +403,14 @@ async fn run_link(link: Arc<Link>, stop: CancellationToken) {
         if reached {
             away_since = None;
         }
-        let delay = backoff.step();
+        let expected_back = away_since.is_some_and(|t| t.elapsed() < AWAY_QUIET);
+        if matches!(result, Ok(Ended::ServerDrained)) {
+            // A planned stop: the server is probably restarting.
+            backoff.reset();
+        }
+        let step = backoff.step();
+        // Jittered like the backoff, so a fleet's clients do not retry in step.
+        let delay = if expected_back { step.min(AWAY_RETRY_MAX.mul_f64(0.5 + fastrand::f64() / 2.0)) } else { step };
         match result {
             Ok(Ended::Stopped) | Ok(Ended::Duplicate { .. }) => break,
             Ok(Ended::ServerDrained) => {
@@ -412,10 +423,9 @@ async fn run_link(link: Arc<Link>, stop: CancellationToken) {
                 let repeat = last_failure
                     .as_ref()
                     .is_some_and(|(t, at)| *t == text && at.elapsed() < cfg.reconnect_max + Duration::from_secs(1));
-                let expected = away_since.is_some_and(|t| t.elapsed() < AWAY_QUIET);
                 if repeat {
                     tracing::debug!(server = %link.key, retry_in = ?delay, "session failed again: {text}");
-                } else if expected {
+                } else if expected_back {
                     tracing::info!(server = %link.key, retry_in = ?delay, "server not back yet: {text}");
                 } else if link.sibling_serves() {
                     tracing::info!(server = %link.key, retry_in = ?delay, "unreachable, the name's other address serves: {text}");

@@ -244,10 +244,9 @@ impl Reloader {
                 return;
             }
         };
-        let mut rest = new.clone();
-        rest.upstreams = self.applied.upstreams.clone();
-        if rest != *self.applied {
-            tracing::warn!(path = %self.path.display(), "client.toml changed beyond [upstreams]; those changes apply at the next restart");
+        let later: Vec<&str> = self.applied.changed_keys(&new).into_iter().filter(|k| *k != "upstreams").collect();
+        if !later.is_empty() {
+            tracing::warn!(path = %self.path.display(), keys = %later.join(", "), "client.toml changed beyond [upstreams]; these keys apply at the next restart");
         }
         if new.upstreams == self.applied.upstreams {
             tracing::info!("config reloaded: upstreams unchanged");

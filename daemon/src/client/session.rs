@@ -73,6 +73,8 @@ struct Session {
     cancel: CancellationToken,
     /// The server told us it is draining.
     server_drained: AtomicBool,
+    /// The upstreams the server last said we lack, as warned about.
+    missing_warned: Mutex<Vec<String>>,
     /// Data streams alive now, for draining.
     live: Mutex<HashMap<String, Arc<Exchanges>>>,
     /// Set once a drain starts: closed streams are not reopened.
@@ -277,6 +279,7 @@ pub async fn run(link: Arc<Link>, stop: CancellationToken) -> anyhow::Result<End
         }),
         cancel: CancellationToken::new(),
         server_drained: AtomicBool::new(false),
+        missing_warned: Mutex::new(Vec::new()),
         live: Mutex::new(HashMap::new()),
         draining: AtomicBool::new(false),
         failure: Mutex::new(None),
@@ -743,9 +746,13 @@ fn adopt_config(session: &Session, resp: &ConfigSyncResponse) -> bool {
         tracing::warn!(server = %session.link.key, "config response without a config; dropped");
         return false;
     };
-    if !resp.missing_upstreams.is_empty() {
-        tracing::warn!(missing = ?resp.missing_upstreams, "the server routes to upstreams this client does not have; add them to [upstreams] in client.toml");
+    // Once per session and list: the hello and the stream's sync both carry it.
+    let mut warned = session.missing_warned.lock().unwrap_or_else(|e| e.into_inner());
+    if !resp.missing_upstreams.is_empty() && *warned != resp.missing_upstreams {
+        tracing::warn!(server = %session.link.key, missing = ?resp.missing_upstreams, "the server routes to upstreams this client does not have; add them to [upstreams] in client.toml");
     }
+    *warned = resp.missing_upstreams.clone();
+    drop(warned);
     let interval = Duration::from_millis(cfg.heartbeat_interval_ms).max(tunnel_lib::config::MIN_HEARTBEAT_INTERVAL);
     let streams = cfg.data_streams.clamp(1, tunnel_lib::config::MAX_DATA_STREAMS);
     session.settings.send_if_modified(|s| {

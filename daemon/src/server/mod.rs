@@ -365,7 +365,7 @@ impl Server {
         let reaper = tokio::spawn(reap(shared.clone(), background.clone()));
         let metrics = match (listeners.metrics, cfg.server.metrics_listen) {
             (Some(l), Some(_)) => {
-                tracing::info!(metrics_addr = %l.local_addr()?, "serving Prometheus metrics at /metrics");
+                tracing::info!(metrics_addr = %l.local_addr()?, "serving Prometheus metrics at /metrics and readiness at /ready");
                 let (s, r) = (shared.clone(), shared.clone());
                 let endpoints = crate::metrics::Endpoints {
                     render: Arc::new(move || s.render_metrics()),

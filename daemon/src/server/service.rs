@@ -77,17 +77,19 @@ impl TunnelSvc {
         }
     }
 
+    /// The group's config for a client; `warn` logs the upstreams it lacks.
     fn sync_response(
         &self,
         client_id: &str,
         group: &str,
         req: &ConfigSyncRequest,
+        warn: bool,
     ) -> Result<ConfigSyncResponse, Status> {
         let cfg = self.shared.config();
         let (version, config) = cfg.group_sync(group).ok_or_else(|| Status::not_found("group no longer configured"))?;
         let missing: Vec<String> =
             config.routes.iter().filter(|r| !req.upstreams.contains(&r.upstream)).map(|r| r.upstream.clone()).collect();
-        if !missing.is_empty() {
+        if warn && !missing.is_empty() {
             tracing::warn!(client = client_id, group, ?missing, "client lacks upstreams that its group's rules use");
         }
         Ok(ConfigSyncResponse {
@@ -260,7 +262,7 @@ fn on_message(svc: &TunnelSvc, handle: &Arc<StreamHandle>, m: TunnelMessage) {
         Payload::ConfigSync(req) => {
             handle.set_syncs_config();
             svc.shared.registry.set_config_version(&handle.client_id, &req.config_version);
-            match svc.sync_response(&handle.client_id, &handle.group, req) {
+            match svc.sync_response(&handle.client_id, &handle.group, req, true) {
                 Ok(resp) => {
                     let msg = handle.exchanges.message(&m.request_id, Payload::ConfigSyncResponse(resp));
                     if !handle.outbound().try_priority(msg) {
@@ -322,6 +324,8 @@ impl TunnelService for TunnelSvc {
         if body.group != group {
             return Err(Status::invalid_argument("group does not match the authenticated group"));
         }
-        self.sync_response(&body.client_id, &group, &body).map(Response::new)
+        // A client's session asks this first, then again on its control
+        // stream: that one says what the client lacks (once per session).
+        self.sync_response(&body.client_id, &group, &body, false).map(Response::new)
     }
 }

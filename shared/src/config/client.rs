@@ -158,6 +158,60 @@ pub struct ClientConfig {
 }
 
 impl ClientConfig {
+    /// The keys whose values differ between `self` and `other`, as client.toml names them.
+    pub fn changed_keys(&self, other: &ClientConfig) -> Vec<&'static str> {
+        // Destructured whole: a new field must be named here to compile.
+        let ClientConfig {
+            servers,
+            client_id,
+            group,
+            token,
+            transport,
+            heartbeat_interval,
+            data_streams,
+            connect_timeout,
+            reconnect_min,
+            reconnect_max,
+            registration_timeout,
+            tcp_keepalive,
+            ping_interval,
+            ping_timeout,
+            upstream_connect_timeout,
+            upstream_idle_timeout,
+            shutdown_grace,
+            worker_threads,
+            log,
+            upstreams,
+            tls,
+            metrics_listen,
+        } = self;
+        let pairs = [
+            ("servers", *servers != other.servers),
+            ("client_id", *client_id != other.client_id),
+            ("group", *group != other.group),
+            ("token", *token != other.token),
+            ("transport", *transport != other.transport),
+            ("heartbeat_interval", *heartbeat_interval != other.heartbeat_interval),
+            ("data_streams", *data_streams != other.data_streams),
+            ("connect_timeout", *connect_timeout != other.connect_timeout),
+            ("reconnect_min", *reconnect_min != other.reconnect_min),
+            ("reconnect_max", *reconnect_max != other.reconnect_max),
+            ("registration_timeout", *registration_timeout != other.registration_timeout),
+            ("tcp_keepalive", *tcp_keepalive != other.tcp_keepalive),
+            ("ping_interval", *ping_interval != other.ping_interval),
+            ("ping_timeout", *ping_timeout != other.ping_timeout),
+            ("upstream_connect_timeout", *upstream_connect_timeout != other.upstream_connect_timeout),
+            ("upstream_idle_timeout", *upstream_idle_timeout != other.upstream_idle_timeout),
+            ("shutdown_grace", *shutdown_grace != other.shutdown_grace),
+            ("worker_threads", *worker_threads != other.worker_threads),
+            ("log", *log != other.log),
+            ("upstreams", *upstreams != other.upstreams),
+            ("tls", *tls != other.tls),
+            ("metrics_listen", *metrics_listen != other.metrics_listen),
+        ];
+        pairs.into_iter().filter(|(_, changed)| *changed).map(|(k, _)| k).collect()
+    }
+
     /// Reads and checks a client.toml.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text = read(path)?;
