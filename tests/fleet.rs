@@ -227,6 +227,16 @@ async fn ready_follows_clients_and_the_drain() {
     assert!(stopping.elapsed() < Duration::from_millis(1500));
     let metrics = get(&format!("http://{}/metrics", server.metrics)).await.text();
     assert!(metrics.contains("tunnel_draining 1"), "{metrics}");
+    // The console sees it too.
+    let watched = tokio::time::timeout(WAIT, async {
+        use tunnel_lib::introspection::{introspection_client::IntrospectionClient, WatchRequest};
+        let mut c = IntrospectionClient::connect(format!("http://{}", server.admin)).await.unwrap();
+        let mut updates = c.watch(WatchRequest::default()).await.unwrap().into_inner();
+        updates.message().await.unwrap().unwrap()
+    })
+    .await
+    .expect("a snapshot");
+    assert!(watched.server.is_some_and(|s| s.draining), "introspection says draining");
     assert!(metrics.contains("tunnel_server_info{server_id=\"edge-r\""), "{metrics}");
     server.wait_stopped().await;
     assert!(stopping.elapsed() >= Duration::from_millis(1500), "closed only after drain_delay");

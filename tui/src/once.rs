@@ -51,7 +51,7 @@ fn server_line(s: &ServerInfo, m: &Model, now_ms: i64) -> String {
         s.in_flight,
         s.http_listen,
         s.grpc_listen,
-    )
+    ) + if s.draining { "  DRAINING" } else { "" }
 }
 
 fn fleet_text(fleet: &Fleet, now_ms: i64) -> String {
@@ -127,6 +127,7 @@ fn model_json(m: &Model, now_ms: i64) -> Value {
         json!({
             "server_id": s.server_id,
             "version": s.version,
+            "draining": s.draining,
             "uptime_ms": m.server_now(now_ms) - s.started_unix_ms,
             "http_listen": s.http_listen,
             "grpc_listen": s.grpc_listen,

@@ -161,6 +161,12 @@ fn render_header(app: &App, f: &mut Frame, area: Rect) {
                     spans.push(Span::styled(format!(" v{}", s.version), dim));
                 }
                 spans.extend([sep(), Span::raw(format!("up {}", short_duration(up)))]);
+                if s.draining {
+                    spans.extend([
+                        sep(),
+                        Span::styled("draining", Style::new().fg(Color::Yellow).add_modifier(Modifier::BOLD)),
+                    ]);
+                }
                 spans.extend(totals(s.clients as usize, s.streams, s.requests_total, s.errors_total, s.in_flight));
             }
             None => spans.push(Span::styled("no data yet", dim)),
@@ -173,6 +179,19 @@ fn render_header(app: &App, f: &mut Frame, area: Rect) {
                 _ => title,
             };
             spans.push(Span::styled(format!("{up}/{n} servers up"), style));
+            // A server draining (SIGTERM, drain_delay) is up but on its way out.
+            let draining: Vec<String> = (0..n)
+                .filter(|&i| {
+                    fleet.get(i).is_some_and(|w| w.is_up() && w.model.server.as_ref().is_some_and(|s| s.draining))
+                })
+                .map(|i| fleet.label(i).to_string())
+                .collect();
+            if !draining.is_empty() {
+                spans.push(Span::styled(
+                    format!(" ({} draining)", draining.join(", ")),
+                    Style::new().fg(Color::Yellow).add_modifier(Modifier::BOLD),
+                ));
+            }
             // Totals of the servers up now: a down server's numbers are from before.
             let live: Vec<_> =
                 servers.iter().filter(|w| w.is_up()).filter_map(|w| Some((w, w.model.server.as_ref()?))).collect();

@@ -81,6 +81,7 @@ fn snapshot(server_id: &str, mark: Option<char>) -> WatchUpdate {
         config_push: "auto".into(),
         streams_reaped: 1,
         exchanges_idle_closed: 0,
+        draining: false,
     };
     let clients = ["edge-1", "edge-2"]
         .iter()
@@ -191,6 +192,29 @@ fn header_line() {
     let backend = screen(&app, 80, 24);
     let first: String = (0..80).map(|x| backend.buffer()[(x, 0)].symbol().to_string()).collect();
     assert_eq!(first.trim_end(), " edge-eu-1 · up 2h01m · 2 clients · 6 streams · 3000 req · 3 err · 5 in flight");
+}
+
+/// A draining server (SIGTERM, drain_delay) says so in the header, alone
+/// and in a fleet, while it is still up.
+#[test]
+fn draining_shows_in_the_header() {
+    let mut app = fixture();
+    let mut u = snapshot("edge-eu-1", None);
+    if let Some(s) = u.server.as_mut() {
+        s.draining = true;
+    }
+    update(&mut app, Action::Update(0, Box::new(u)));
+    let first = lines(&screen(&app, 80, 24))[0].clone();
+    assert!(first.starts_with(" edge-eu-1 · up 2h01m · draining · 2 clients"), "{first}");
+
+    let mut app = fleet_fixture();
+    let mut u = snapshot("edge-eu-2", Some('f'));
+    if let Some(s) = u.server.as_mut() {
+        s.draining = true;
+    }
+    update(&mut app, Action::Update(1, Box::new(u)));
+    let first = lines(&screen(&app, 100, 24))[0].clone();
+    assert!(first.contains(" 2/3 servers up (edge-eu-2 draining) · 2 clients"), "{first}");
 }
 
 /// The screen's lines as text.

@@ -174,6 +174,7 @@ fn server_info(shared: &Shared, clients: usize, streams: &HashMap<String, Stream
         config_push: cfg.server.config_push.to_string(),
         streams_reaped: shared.streams_reaped.load(std::sync::atomic::Ordering::Relaxed),
         exchanges_idle_closed: shared.exchanges_idle_closed.load(std::sync::atomic::Ordering::Relaxed),
+        draining: shared.is_draining(),
     }
 }
 

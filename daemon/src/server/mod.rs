@@ -276,6 +276,11 @@ impl Shared {
         self.metrics.draining.set(1);
     }
 
+    /// True from SIGTERM on.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
     /// The current config version of `group`.
     pub fn group_version(&self, group: &str) -> Option<String> {
         self.versions.read().unwrap_or_else(|e| e.into_inner()).get(group).cloned()
