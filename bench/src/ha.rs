@@ -129,11 +129,20 @@ struct Edge {
 }
 
 impl Edge {
-    fn toml(&self) -> String {
-        format!(
-            "[server]\nserver_id = \"{}\"\nhttp_listen = \"{}\"\ngrpc_listen = \"{}\"\nadmin_listen = \"{}\"\nmetrics_listen = \"{}\"\nshutdown_grace = \"10s\"\ndrain_delay = \"{DRAIN_DELAY}\"\nlog_level = \"warn\"\n[[groups]]\nname = \"ha\"\ntoken = \"ha-token\"\n[[rules]]\ngroup = \"ha\"\nupstream = \"web\"\ntimeout = \"10s\"\n",
-            self.name, self.http, self.grpc, self.admin, self.metrics
-        )
+    /// edge-`i` on free ports, its server.toml written in `dir` with `group_extra` keys for the group.
+    fn new(dir: &TempDir, i: usize, group_extra: &str) -> anyhow::Result<Edge> {
+        let name = format!("edge-{i}");
+        let config = dir.join(&format!("{name}.toml"));
+        let (http, grpc, admin, metrics) = (free_port()?, free_port()?, free_port()?, free_port()?);
+        let e = Edge { name, http, grpc, admin, metrics, config, child: None, starts: 0 };
+        std::fs::write(
+            &e.config,
+            format!(
+                "[server]\nserver_id = \"{}\"\nhttp_listen = \"{}\"\ngrpc_listen = \"{}\"\nadmin_listen = \"{}\"\nmetrics_listen = \"{}\"\nshutdown_grace = \"10s\"\ndrain_delay = \"{DRAIN_DELAY}\"\nlog_level = \"warn\"\n[[groups]]\nname = \"ha\"\ntoken = \"ha-token\"\n{group_extra}[[rules]]\ngroup = \"ha\"\nupstream = \"web\"\ntimeout = \"10s\"\n",
+                e.name, e.http, e.grpc, e.admin, e.metrics
+            ),
+        )?;
+        Ok(e)
     }
 
     fn start(&mut self, bins: &Path, dir: &TempDir) -> anyhow::Result<()> {
@@ -158,18 +167,15 @@ impl Edge {
 
 /// Client ids registered on the server with this admin address now.
 async fn clients_on(admin: SocketAddr) -> Vec<String> {
-    let Ok(u) = procs::snapshot(admin).await else { return Vec::new() };
-    let mut ids: Vec<String> = u.clients.into_iter().map(|c| c.client_id).collect();
-    ids.sort();
-    ids
+    of_clients_on(admin, |c| c.client_id).await
 }
 
-/// The session ids of the clients on a server, to tell a reconnect.
-async fn sessions_on(admin: SocketAddr) -> Vec<String> {
+/// `field` of each client on the server with this admin address, sorted.
+async fn of_clients_on(admin: SocketAddr, field: fn(tunnel_lib::introspection::ClientInfo) -> String) -> Vec<String> {
     let Ok(u) = procs::snapshot(admin).await else { return Vec::new() };
-    let mut ids: Vec<String> = u.clients.into_iter().map(|c| c.session_id).collect();
-    ids.sort();
-    ids
+    let mut v: Vec<String> = u.clients.into_iter().map(field).collect();
+    v.sort();
+    v
 }
 
 /// HAProxy in front of the servers' public listeners.
@@ -255,15 +261,7 @@ struct Fleet {
 impl Fleet {
     async fn start(bins: &Path, haproxy: &Path, upstream: SocketAddr) -> anyhow::Result<Fleet> {
         let dir = TempDir::new("ha")?;
-        let mut edges = Vec::new();
-        for i in 1..=SERVERS {
-            let name = format!("edge-{i}");
-            let config = dir.join(&format!("{name}.toml"));
-            let (http, grpc, admin, metrics) = (free_port()?, free_port()?, free_port()?, free_port()?);
-            let e = Edge { name, http, grpc, admin, metrics, config, child: None, starts: 0 };
-            std::fs::write(&e.config, e.toml())?;
-            edges.push(e);
-        }
+        let mut edges = (1..=SERVERS).map(|i| Edge::new(&dir, i, "")).collect::<anyhow::Result<Vec<_>>>()?;
         for e in &mut edges {
             e.start(bins, &dir)?;
         }
@@ -283,6 +281,18 @@ impl Fleet {
         }
         procs::wait_serving(fleet.balancer.front, "/small", Duration::from_secs(10)).await?;
         Ok(fleet)
+    }
+
+    /// The client session ids on every server but `i`: equal before and after
+    /// a fault on `i` means the others' sessions never reconnected.
+    async fn sessions_except(&self, i: usize) -> Vec<Vec<String>> {
+        let mut out = Vec::new();
+        for (j, e) in self.edges.iter().enumerate() {
+            if j != i {
+                out.push(of_clients_on(e.admin, |c| c.session_id).await);
+            }
+        }
+        out
     }
 
     /// Waits until both clients are registered on server `i`.
@@ -384,8 +394,7 @@ async fn behind_haproxy(bins: &Path, haproxy: &Path, upstream: SocketAddr, cfg: 
     let stop = CancellationToken::new();
     let traffic = fleet.load(&stop);
     tokio::time::sleep(cfg.settle).await;
-    let others: Vec<Vec<String>> =
-        vec![sessions_on(fleet.edges[1].admin).await, sessions_on(fleet.edges[2].admin).await];
+    let others = fleet.sessions_except(0).await;
     let killed_at = Instant::now();
     signal(fleet.edges[0].child()?, "KILL")?;
     fleet.edges[0].exited(Duration::from_secs(5)).await?;
@@ -395,7 +404,7 @@ async fn behind_haproxy(bins: &Path, haproxy: &Path, upstream: SocketAddr, cfg: 
     tokio::time::sleep(cfg.settle).await;
     stop.cancel();
     let sent = traffic.await?;
-    let untouched = others == [sessions_on(fleet.edges[1].admin).await, sessions_on(fleet.edges[2].admin).await];
+    let untouched = others == fleet.sessions_except(0).await;
     let in_flight_fail_slowest = sent.iter().filter(|s| !s.ok).map(|s| s.took).max().unwrap_or_default();
     rows.push(Row::new(
         "kill -9 one server",
@@ -414,8 +423,7 @@ async fn behind_haproxy(bins: &Path, haproxy: &Path, upstream: SocketAddr, cfg: 
     let stop = CancellationToken::new();
     let traffic = fleet.load(&stop);
     tokio::time::sleep(cfg.settle).await;
-    let others: Vec<Vec<String>> =
-        vec![sessions_on(fleet.edges[0].admin).await, sessions_on(fleet.edges[2].admin).await];
+    let others = fleet.sessions_except(1).await;
     let stopped_at = Instant::now();
     signal(fleet.edges[1].child()?, "STOP")?;
     let down_at = fleet.balancer.wait_state("edge-2", "DOWN", Duration::from_secs(10)).await?;
@@ -427,7 +435,7 @@ async fn behind_haproxy(bins: &Path, haproxy: &Path, upstream: SocketAddr, cfg: 
     tokio::time::sleep(cfg.settle).await;
     stop.cancel();
     let sent = traffic.await?;
-    let untouched = others == [sessions_on(fleet.edges[0].admin).await, sessions_on(fleet.edges[2].admin).await];
+    let untouched = others == fleet.sessions_except(1).await;
     rows.push(Row::new(
         &format!("SIGSTOP one server for {} s", cfg.stopped.as_secs()),
         &sent,
@@ -556,19 +564,10 @@ async fn sessions_cost(bins: &Path, upstream: SocketAddr, cfg: &Config) -> anyho
     let mut rows = Vec::new();
     for servers in [1usize, 3, 5] {
         let dir = TempDir::new(&format!("sessions-{servers}"))?;
-        let mut edges = Vec::new();
-        for i in 1..=servers {
-            let name = format!("edge-{i}");
-            let config = dir.join(&format!("{name}.toml"));
-            let (http, grpc, admin, metrics) = (free_port()?, free_port()?, free_port()?, free_port()?);
-            let e = Edge { name, http, grpc, admin, metrics, config, child: None, starts: 0 };
-            // One-second heartbeats: the per-session work an idle client does.
-            std::fs::write(
-                &e.config,
-                e.toml().replace("token = \"ha-token\"\n", "token = \"ha-token\"\nheartbeat_interval = \"1s\"\n"),
-            )?;
-            edges.push(e);
-        }
+        // One-second heartbeats: the per-session work an idle client does.
+        let mut edges = (1..=servers)
+            .map(|i| Edge::new(&dir, i, "heartbeat_interval = \"1s\"\n"))
+            .collect::<anyhow::Result<Vec<_>>>()?;
         for e in &mut edges {
             e.start(bins, &dir)?;
         }

@@ -3,11 +3,13 @@
 //! several servers, one merged table, and exit 0 while any answers.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::Arc;
+mod common;
+
+use common::{start_clients, TestServer};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tunnel_daemon::client::Client;
-use tunnel_daemon::server::{Listeners, Server, Shared};
+use tunnel_daemon::server::{Listeners, Server};
 use tunnel_lib::config::{ClientConfig, ServerConfig};
 
 const SERVER: &str = r#"
@@ -88,19 +90,6 @@ async fn once_prints_a_snapshot_or_a_reason() {
 }
 
 /// A server named `id` (servers on one host must not share the host name) on ephemeral ports.
-async fn start_server(
-    id: &str,
-    stop: &CancellationToken,
-) -> (Arc<Shared>, String, String, tokio::task::JoinHandle<anyhow::Result<()>>) {
-    let listeners = Listeners::ephemeral().await.unwrap();
-    let (_, grpc, admin) = listeners.addrs().unwrap();
-    let toml = SERVER.replacen("[server]\n", &format!("[server]\nserver_id = \"{id}\"\n"), 1);
-    let server = Server::new(ServerConfig::from_str_named(&toml, "test").unwrap(), None);
-    let shared = server.shared();
-    let task = tokio::spawn(server.run(listeners, stop.clone().cancelled_owned()));
-    (shared, format!("http://{grpc}"), admin.to_string(), task)
-}
-
 /// An address nothing listens on: a port the kernel just handed out and took back.
 fn refused() -> String {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -111,21 +100,13 @@ fn refused() -> String {
 /// address; success while any server answers, failure when none does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn once_merges_several_servers() {
+    let one = TestServer::start(SERVER, "tui-one").await;
+    let two = TestServer::start(SERVER, "tui-two").await;
+    let (admin1, admin2) = (one.admin.clone(), two.admin.clone());
     let stop = CancellationToken::new();
-    let (one, grpc1, admin1, task1) = start_server("tui-one", &stop).await;
-    let (two, grpc2, admin2, task2) = start_server("tui-two", &stop).await;
-    let mut clients = Vec::new();
-    for id in ["edge-1", "edge-2"] {
-        let cfg = format!(
-            "servers = [\"{grpc1}\", \"{grpc2}\"]\nclient_id = \"{id}\"\ngroup = \"demo\"\ntoken = \"t\"\n[upstreams]\nweb = \"http://127.0.0.1:9\"\n"
-        );
-        let client = Client::new(ClientConfig::from_str_named(&cfg, "test").unwrap());
-        clients.push(tokio::spawn(client.run(stop.clone().cancelled_owned())));
-    }
-    let start = Instant::now();
-    while one.registry.streams().len() < 6 || two.registry.streams().len() < 6 {
-        assert!(start.elapsed() < Duration::from_secs(15), "both clients registered on both servers");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let clients = start_clients(&["edge-1", "edge-2"], &[&one.grpc, &two.grpc], &stop);
+    for s in [&one, &two] {
+        s.wait("both clients registered", |s| s.shared.registry.streams().len() == 6).await;
     }
 
     let both = format!("{admin1},{admin2}");
@@ -138,8 +119,8 @@ async fn once_merges_several_servers() {
     assert!(lines[2].starts_with("server tui-two ") && lines[2].ends_with(&format!("at {admin2}")), "{text}");
     assert_eq!(lines[3].split_whitespace().take(3).collect::<Vec<_>>(), ["SERVER", "STREAM", "TYPE"], "{text}");
     assert_eq!(lines.len(), 4 + 12, "{text}");
-    for (id, shared) in [("tui-one", &one), ("tui-two", &two)] {
-        for s in shared.registry.streams() {
+    for (id, server) in [("tui-one", &one), ("tui-two", &two)] {
+        for s in server.shared.registry.streams() {
             let line = lines
                 .iter()
                 .find(|l| l.contains(&s.stream_id))
@@ -195,7 +176,8 @@ async fn once_merges_several_servers() {
     for t in clients {
         let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
     }
-    for t in [task1, task2] {
-        let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+    for s in [one, two] {
+        s.stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.task).await;
     }
 }

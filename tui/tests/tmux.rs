@@ -6,7 +6,9 @@
 //! (CI installs it).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::BTreeSet;
+mod common;
+
+use common::{start_clients, TestServer};
 use std::process::Command;
 use std::time::{Duration, Instant};
 use tokio::sync::Mutex as AsyncMutex;
@@ -236,52 +238,6 @@ fn fleet_rows(screen: &str) -> Vec<FleetRow> {
         .collect()
 }
 
-/// A server with its own id and its own stop, so it can be stopped alone.
-struct TestServer {
-    shared: std::sync::Arc<tunnel_daemon::server::Shared>,
-    grpc: String,
-    admin: String,
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-impl TestServer {
-    async fn start(id: &str) -> TestServer {
-        let toml = SERVER.replacen("[server]\n", &format!("[server]\nserver_id = \"{id}\"\n"), 1);
-        let listeners = Listeners::ephemeral().await.unwrap();
-        let (_, grpc, admin) = listeners.addrs().unwrap();
-        let server = Server::new(ServerConfig::from_str_named(&toml, "test").unwrap(), None);
-        let shared = server.shared();
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(server.run(listeners, stop.clone().cancelled_owned()));
-        TestServer { shared, grpc: format!("http://{grpc}"), admin: admin.to_string(), stop, task }
-    }
-
-    fn stream_ids(&self) -> BTreeSet<String> {
-        self.shared.registry.streams().into_iter().map(|s| s.stream_id).collect()
-    }
-
-    fn streams_of(&self, client: &str) -> usize {
-        self.shared.registry.streams().iter().filter(|s| s.client_id == client).count()
-    }
-
-    /// The full id of the stream shown as `short`.
-    fn full_id(&self, short: &str) -> String {
-        self.stream_ids()
-            .into_iter()
-            .find(|id| id.starts_with(short))
-            .unwrap_or_else(|| panic!("{short} not on server"))
-    }
-
-    async fn wait(&self, what: &str, f: impl Fn(&TestServer) -> bool) {
-        let start = Instant::now();
-        while !f(self) {
-            assert!(start.elapsed() < Duration::from_secs(15), "timed out waiting for {what}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
 /// Moves the selection to the first row matching `want`, checking on screen that it is selected.
 async fn select(tui: &Tmux, want: impl Fn(&FleetRow) -> bool) -> FleetRow {
     let rows = fleet_rows(&tui.screen());
@@ -309,18 +265,10 @@ async fn console_watches_two_servers_and_steers_the_owner() {
         return;
     }
     let _serial = SERIAL.lock().await;
-    let one = TestServer::start("tui-s1").await;
-    let two = TestServer::start("tui-s2").await;
+    let one = TestServer::start(SERVER, "tui-s1").await;
+    let two = TestServer::start(SERVER, "tui-s2").await;
     let stop_clients = CancellationToken::new();
-    let mut clients = Vec::new();
-    for id in ["edge-a", "edge-b"] {
-        let cfg = format!(
-            "servers = [\"{}\", \"{}\"]\nclient_id = \"{id}\"\ngroup = \"demo\"\ntoken = \"t\"\nreconnect_max = \"1s\"\nshutdown_grace = \"1s\"\n[upstreams]\nweb = \"http://127.0.0.1:9\"\n",
-            one.grpc, two.grpc
-        );
-        let client = Client::new(ClientConfig::from_str_named(&cfg, "test").unwrap());
-        clients.push(tokio::spawn(client.run(stop_clients.clone().cancelled_owned())));
-    }
+    let clients = start_clients(&["edge-a", "edge-b"], &[&one.grpc, &two.grpc], &stop_clients);
     for s in [&one, &two] {
         s.wait("both clients on the server", |s| s.streams_of("edge-a") == 3 && s.streams_of("edge-b") == 3).await;
     }

@@ -12,7 +12,7 @@ use super::{Backoff, ClientStatus, ServerStatus};
 use crate::metrics::ClientMetrics;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -96,10 +96,9 @@ async fn resolve(url: &http::Uri, within: Duration) -> Result<Vec<Target>, Strin
 /// it; another address of the same server waits until that session ends.
 #[derive(Default)]
 pub struct Claims {
-    /// Numbers each claim, so a release frees only its own.
-    next: AtomicU64,
-    /// server_id -> (the holder's key, its claim's number).
-    held: Mutex<HashMap<String, (String, u64)>>,
+    /// server_id -> the holder's key. Only the holder's drop removes an
+    /// entry: no other claim can be made while it is there.
+    held: Mutex<HashMap<String, String>>,
     /// server_id -> (releases so far, whether the last was a planned drain),
     /// for the links waiting on one.
     released: watch::Sender<HashMap<String, (u64, bool)>>,
@@ -109,7 +108,6 @@ pub struct Claims {
 pub struct Claim {
     claims: Arc<Claims>,
     server_id: String,
-    id: u64,
     planned: AtomicBool,
 }
 
@@ -151,12 +149,11 @@ impl Claims {
     /// while its old session still drains: that one holds it until it ends.
     pub fn claim(self: &Arc<Self>, server_id: &str, key: &str) -> Result<Claim, String> {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((holder, _)) = held.get(server_id) {
+        if let Some(holder) = held.get(server_id) {
             return Err(holder.clone());
         }
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        held.insert(server_id.to_string(), (key.to_string(), id));
-        Ok(Claim { claims: self.clone(), server_id: server_id.to_string(), id, planned: AtomicBool::new(false) })
+        held.insert(server_id.to_string(), key.to_string());
+        Ok(Claim { claims: self.clone(), server_id: server_id.to_string(), planned: AtomicBool::new(false) })
     }
 
     /// `server_id`'s releases from now on; taken before trying a claim, so none is missed.
@@ -176,12 +173,7 @@ impl Claim {
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        {
-            let mut held = self.claims.held.lock().unwrap_or_else(|e| e.into_inner());
-            if held.get(&self.server_id).is_some_and(|(_, id)| *id == self.id) {
-                held.remove(&self.server_id);
-            }
-        }
+        self.claims.held.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.server_id);
         let planned = self.planned.load(Ordering::Relaxed);
         self.claims.released.send_modify(|m| {
             let e = m.entry(self.server_id.clone()).or_default();

@@ -225,19 +225,18 @@ async fn hello(link: &Link, channel: Channel) -> anyhow::Result<ConfigSyncRespon
     let bound = cfg.registration_timeout;
     match tokio::time::timeout(bound, client.config_sync(authed(cfg, req)?)).await {
         Err(_) => bail!("no answer to our first request within {bound:?} (registration_timeout)"),
-        Ok(Err(status)) if status.code() == tonic::Code::Unauthenticated => {
-            bail!("server refused our token for group {:?}: {}", cfg.group, status.message())
-        }
-        Ok(Err(status)) => {
-            let tls = cfg.tls.is_some();
-            bail!(
-                "server refused our first request ({:?}): {}",
-                status.code(),
-                explain_link_error(&status, tls, Stage::Open)
-            )
-        }
+        Ok(Err(status)) => Err(refusal(cfg, &status, "our first request")),
         Ok(Ok(resp)) => Ok(resp.into_inner()),
     }
+}
+
+/// A call the server answered with an error, in an operator's words.
+fn refusal(cfg: &ClientConfig, status: &tonic::Status, what: &str) -> anyhow::Error {
+    if status.code() == tonic::Code::Unauthenticated {
+        return anyhow::anyhow!("server refused our token for group {:?}: {}", cfg.group, status.message());
+    }
+    let why = explain_link_error(status, cfg.tls.is_some(), Stage::Open);
+    anyhow::anyhow!("server refused {what} ({:?}): {why}", status.code())
 }
 
 /// Runs one session to `link`'s server until the connection is lost
@@ -552,13 +551,7 @@ async fn run_stream(
     };
     let mut inbound = match call.await {
         Err(_) => bail!("no answer to registration within {bound:?}"),
-        Ok(Err(status)) if status.code() == tonic::Code::Unauthenticated => {
-            bail!("server refused our token for group {:?}: {}", session.link.cfg.group, status.message())
-        }
-        Ok(Err(status)) => {
-            let tls = session.link.cfg.tls.is_some();
-            bail!("server refused the stream ({:?}): {}", status.code(), explain_link_error(&status, tls, Stage::Open))
-        }
+        Ok(Err(status)) => return Err(refusal(&session.link.cfg, &status, "the stream")),
         Ok(Ok(resp)) => resp.into_inner(),
     };
     let first = tokio::select! {

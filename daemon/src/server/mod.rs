@@ -261,7 +261,7 @@ impl Shared {
     /// not while draining, nor before any client has registered (every
     /// request would fail with 502 "no client").
     pub fn readiness(&self) -> Result<(), String> {
-        if self.draining.load(Ordering::Relaxed) {
+        if self.is_draining() {
             return Err("draining: the server is shutting down".into());
         }
         if !self.registry.can_serve() {

@@ -351,13 +351,7 @@ fn check_servers(
 
 /// Who the client is: its id (default: the host name), group and token.
 fn check_identity(src: &Source, raw: &ClientFile) -> Result<(String, String, Secret), ConfigError> {
-    let client_id = match &raw.client_id {
-        Some(id) if id.get_ref().trim().is_empty() => {
-            return Err(src.at(id, "client_id", "is empty; omit it to use the host name"))
-        }
-        Some(id) => id.get_ref().trim().to_string(),
-        None => default_host_name(),
-    };
+    let client_id = name_or_host_name(src, &raw.client_id, "client_id")?;
     if raw.group.get_ref().trim().is_empty() {
         return Err(src.at(&raw.group, "group", "group name is empty"));
     }

@@ -100,3 +100,17 @@ pub fn default_host_name() -> String {
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "localhost".into())
 }
+
+/// A name key (`client_id`, `server_id`) that defaults to the host name:
+/// trimmed, and refused when set but empty.
+pub(super) fn name_or_host_name(
+    src: &super::source::Source,
+    raw: &Option<toml::Spanned<String>>,
+    key: &str,
+) -> Result<String, super::source::ConfigError> {
+    match raw {
+        Some(id) if id.get_ref().trim().is_empty() => Err(src.at(id, key, "is empty; omit it to use the host name")),
+        Some(id) => Ok(id.get_ref().trim().to_string()),
+        None => Ok(default_host_name()),
+    }
+}

@@ -151,13 +151,7 @@ pub(super) fn check(src: &Source, s: &ServerSection) -> Result<ServerSettings, C
         admin_listen,
         admin_token,
         config_push: s.config_push,
-        server_id: match &s.server_id {
-            Some(id) if id.get_ref().trim().is_empty() => {
-                return Err(src.at(id, "server.server_id", "is empty; omit it to use the host name"))
-            }
-            Some(id) => id.get_ref().trim().to_string(),
-            None => default_host_name(),
-        },
+        server_id: name_or_host_name(src, &s.server_id, "server.server_id")?,
         shutdown_grace: s.shutdown_grace.map_or(DEFAULT_SHUTDOWN_GRACE, |d| d.0),
         drain_delay: s.drain_delay.map_or(Duration::ZERO, |d| d.0),
         worker_threads: s.worker_threads.unwrap_or_else(default_worker_threads),
