@@ -12,5 +12,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::fs::write(out.join("tunnel_descriptor.bin"), fds.encode_to_vec())?;
     // Our codec: tonic's default buffers cost 16 KiB per idle call (src/codec.rs).
     tonic_prost_build::configure().bytes(".").codec_path("crate::codec::TunnelCodec").compile_fds(fds)?;
+    // etcd's API, client side only; and what servers store in it.
+    let stored = ["../proto/etcd.proto", "../proto/cluster.proto"];
+    for p in stored {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    let fds = protox::compile(stored, ["../proto"])?;
+    tonic_prost_build::configure().build_server(false).compile_fds(fds)?;
     Ok(())
 }

@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod demo;
+pub mod etcd;
 pub mod logging;
 pub mod metrics;
 pub mod runtime;

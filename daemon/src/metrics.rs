@@ -103,6 +103,16 @@ pub struct ServerMetrics {
     pub server_info: Family<Labels, Gauge>,
     /// 1 while draining (SIGTERM received): /ready answers 503.
     pub draining: Gauge,
+    /// `[cluster]`: 1 while etcd answers.
+    pub cluster_etcd_up: Gauge,
+    /// `[cluster]`: live servers in the membership, this one included.
+    pub cluster_members: Gauge,
+    /// `[cluster]`: (client, server) sessions in the shared registry.
+    pub cluster_holdings: Gauge,
+    /// `[cluster]`: the etcd revision the view is current to.
+    pub cluster_revision: Gauge,
+    /// `[cluster]`: registry entries this server wrote or deleted.
+    pub cluster_registry_writes: Counter,
     process: ProcessGauges,
 }
 
@@ -125,12 +135,34 @@ impl Default for ServerMetrics {
             config_info: Family::default(),
             server_info: Family::default(),
             draining: Gauge::default(),
+            cluster_etcd_up: Gauge::default(),
+            cluster_members: Gauge::default(),
+            cluster_holdings: Gauge::default(),
+            cluster_revision: Gauge::default(),
+            cluster_registry_writes: Counter::default(),
             process: ProcessGauges::default(),
             registry: Registry::default(),
         };
         m.process.register(&mut registry);
         registry.register("server_info", "This server's server_id and version (value 1)", m.server_info.clone());
         registry.register("draining", "1 while the server drains before stopping", m.draining.clone());
+        registry.register("cluster_etcd_up", "1 while etcd answers ([cluster] only)", m.cluster_etcd_up.clone());
+        registry.register("cluster_members", "Live servers in the cluster's membership", m.cluster_members.clone());
+        registry.register(
+            "cluster_holdings",
+            "Client sessions in the cluster's shared registry, over all servers",
+            m.cluster_holdings.clone(),
+        );
+        registry.register(
+            "cluster_revision",
+            "The etcd revision this server's view is current to",
+            m.cluster_revision.clone(),
+        );
+        registry.register(
+            "cluster_registry_writes",
+            "Registry entries this server wrote to or deleted from etcd",
+            m.cluster_registry_writes.clone(),
+        );
         registry.register("requests", "Public requests by group and status class", m.requests.clone());
         registry.register_with_unit(
             "request_duration",
@@ -276,7 +308,7 @@ pub struct Endpoints {
     /// `GET /metrics`: the text exposition.
     pub render: Arc<dyn Fn() -> String + Send + Sync>,
     /// `GET /ready`, for load balancers: Ok, or why not (a 503 with that reason).
-    pub ready: Option<Arc<dyn Fn() -> Result<(), String> + Send + Sync>>,
+    pub ready: Option<Arc<dyn Fn() -> Result<String, String> + Send + Sync>>,
 }
 
 /// Serves `GET /metrics` (and `/ready` if given) until `stop` fires.
@@ -301,9 +333,10 @@ pub async fn serve(listener: TcpListener, endpoints: Endpoints, stop: Cancellati
 }
 
 /// The answer to `GET /ready`: 200 "ready", or 503 with the reason, one line.
-pub fn ready_response(ready: Result<(), String>) -> (StatusCode, String) {
+pub fn ready_response(ready: Result<String, String>) -> (StatusCode, String) {
     match ready {
-        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+        Ok(note) if note.is_empty() => (StatusCode::OK, "ready\n".to_string()),
+        Ok(note) => (StatusCode::OK, format!("ready; {note}\n")),
         Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
     }
 }

@@ -24,9 +24,21 @@ pub mod pb {
                 tonic::include_proto!("tunnel.introspection.v1");
             }
         }
+        pub mod cluster {
+            pub mod v1 {
+                tonic::include_proto!("tunnel.cluster.v1");
+            }
+        }
+    }
+    pub mod etcdserverpb {
+        tonic::include_proto!("etcdserverpb");
     }
 }
 
+/// The subset of etcd's v3 API that servers use (`proto/etcd.proto`).
+pub use pb::etcdserverpb as etcd;
+/// What servers of a cluster store in etcd (`proto/cluster.proto`).
+pub use pb::tunnel::cluster::v1 as cluster;
 /// The server's introspection service (`proto/introspection.proto`).
 pub use pb::tunnel::introspection::v1 as introspection;
 /// The tunnel protocol (`proto/tunnel.proto`).

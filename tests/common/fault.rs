@@ -234,6 +234,10 @@ pub struct OwnServer {
     pub grpc: SocketAddr,
     pub admin: SocketAddr,
     pub shared: Arc<Shared>,
+    /// Fires what SIGTERM fires.
+    stop: CancellationToken,
+    /// Resolves when `run` has returned.
+    stopped: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
 impl OwnServer {
@@ -258,8 +262,16 @@ impl OwnServer {
             let (http, grpc, admin) = listeners.addrs().unwrap();
             let server = Server::new(cfg, None);
             let shared = server.shared();
-            rt.spawn(server.run(listeners, std::future::pending::<()>()));
-            OwnServer { rt: Some(rt), http, grpc, admin, shared }
+            let stop = CancellationToken::new();
+            let (done, stopped) = tokio::sync::oneshot::channel();
+            let run = server.run(listeners, stop.clone().cancelled_owned());
+            rt.spawn(async move {
+                if let Err(e) = run.await {
+                    eprintln!("server: {e:#}");
+                }
+                let _ = done.send(());
+            });
+            OwnServer { rt: Some(rt), http, grpc, admin, shared, stop, stopped: Some(stopped) }
         })
         .join()
         .unwrap()
@@ -268,6 +280,17 @@ impl OwnServer {
     /// (public, gRPC, admin) addresses, to start again on.
     pub fn addrs(&self) -> (SocketAddr, SocketAddr, SocketAddr) {
         (self.http, self.grpc, self.admin)
+    }
+
+    /// What SIGTERM does: the server starts draining.
+    pub fn begin_stop(&self) {
+        self.stop.cancel();
+    }
+
+    /// Waits for a stop begun with `begin_stop` to finish.
+    pub async fn wait_stopped(mut self) {
+        let stopped = self.stopped.take().expect("not waited for before");
+        tokio::time::timeout(WAIT, stopped).await.expect("server stops in time").expect("server task ran");
     }
 
     /// Every task and socket gone at once, no goodbye.

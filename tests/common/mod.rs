@@ -23,6 +23,7 @@ use tunnel_daemon::server::{Listeners, Server, Shared};
 use tunnel_lib::config::{ClientConfig, ServerConfig};
 
 pub mod child;
+pub mod etcd;
 pub mod fault;
 pub mod logs;
 pub mod pki;

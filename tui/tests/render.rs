@@ -82,6 +82,7 @@ fn snapshot(server_id: &str, mark: Option<char>) -> WatchUpdate {
         streams_reaped: 1,
         exchanges_idle_closed: 0,
         draining: false,
+        cluster: None,
     };
     let clients = ["edge-1", "edge-2"]
         .iter()

@@ -175,6 +175,7 @@ fn server_info(shared: &Shared, clients: usize, streams: &HashMap<String, Stream
         streams_reaped: shared.streams_reaped.load(std::sync::atomic::Ordering::Relaxed),
         exchanges_idle_closed: shared.exchanges_idle_closed.load(std::sync::atomic::Ordering::Relaxed),
         draining: shared.is_draining(),
+        cluster: shared.cluster.as_ref().map(|c| c.info()),
     }
 }
 

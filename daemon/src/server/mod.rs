@@ -3,6 +3,7 @@
 
 pub mod accept;
 pub mod budget;
+pub mod cluster;
 pub mod ingress;
 pub mod introspection;
 pub mod keepalive;
@@ -112,6 +113,8 @@ pub struct Shared {
     /// Where the config came from, for reloads.
     pub config_path: Option<PathBuf>,
     pub registry: Registry,
+    /// Membership and the shared registry in etcd; None when standalone.
+    pub cluster: Option<Arc<cluster::Cluster>>,
     pub server_id: String,
     pub started: Instant,
     pub started_at: SystemTime,
@@ -260,20 +263,31 @@ impl Shared {
     /// Whether a load balancer should send public traffic here (`GET /ready`):
     /// not while draining, nor before any client has registered (every
     /// request would fail with 502 "no client").
-    pub fn readiness(&self) -> Result<(), String> {
+    /// Ok carries a note for the operator (empty when all is well): an
+    /// unreachable etcd leaves the server ready, serving from what it holds.
+    pub fn readiness(&self) -> Result<String, String> {
         if self.is_draining() {
             return Err("draining: the server is shutting down".into());
         }
         if !self.registry.can_serve() {
             return Err("no tunnel client registered".into());
         }
-        Ok(())
+        match self.cluster.as_ref().and_then(|c| c.outage()) {
+            Some((since, why)) => {
+                let secs = since.elapsed().map_or(0, |d| d.as_secs());
+                Ok(format!("etcd unreachable for {secs}s ({why}); serving with the registry and config held"))
+            }
+            None => Ok(String::new()),
+        }
     }
 
     /// Turns /ready to 503 for the rest of the server's life.
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::Relaxed);
         self.metrics.draining.set(1);
+        if let Some(c) = &self.cluster {
+            c.start_draining();
+        }
     }
 
     /// True from SIGTERM on.
@@ -305,6 +319,7 @@ impl Server {
     /// A server on `config`; `config_path` is re-read on SIGHUP and on change.
     pub fn new(config: ServerConfig, config_path: Option<PathBuf>) -> Self {
         let server_id = config.server.server_id.clone();
+        let cluster = config.cluster.clone().map(|c| Arc::new(cluster::Cluster::new(c, server_id.clone())));
         Server {
             shared: Arc::new(Shared {
                 versions: RwLock::new(Arc::new(group_versions(&config))),
@@ -315,6 +330,7 @@ impl Server {
                 addrs: OnceLock::new(),
                 config_path,
                 registry: Registry::new(),
+                cluster,
                 server_id,
                 started: Instant::now(),
                 started_at: SystemTime::now(),
@@ -381,6 +397,12 @@ impl Server {
             _ => None,
         };
         let reloader = tokio::spawn(reload::watch(shared.clone(), background.clone()));
+        // Stopped last, after the streams: the lease is revoked on the way out.
+        let cluster_stop = CancellationToken::new();
+        let cluster = shared.cluster.clone().map(|c| {
+            tracing::info!(etcd = ?c.settings.etcd.iter().map(|u| u.to_string()).collect::<Vec<_>>(), prefix = %c.settings.prefix, advertise = %c.settings.advertise, "cluster: membership and registry in etcd");
+            tokio::spawn(cluster::run(shared.clone(), c, cluster_stop.clone()))
+        });
 
         crate::systemd::ready(&shared.status_line());
         let status_of = shared.clone();
@@ -446,6 +468,10 @@ impl Server {
             _ => {}
         }
         let _ = reloader.await;
+        cluster_stop.cancel();
+        if let Some(c) = cluster {
+            let _ = c.await;
+        }
         tracing::info!("tunnel-server stopped");
         Ok(())
     }

@@ -3,7 +3,7 @@
 
 use crate::tunnel::exchange::Exchanges;
 use crate::tunnel::outbound::Outbound;
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -213,6 +213,8 @@ pub struct Registry {
     // std RwLock: never held across an await; reads (picks) dominate.
     inner: RwLock<Inner>,
     rr: AtomicUsize,
+    /// Wakes whoever publishes the holdings (the cluster) when they may have changed.
+    changed: tokio::sync::Notify,
 }
 
 impl Registry {
@@ -299,6 +301,7 @@ impl Registry {
                 rtts: VecDeque::with_capacity(HEARTBEAT_WINDOW),
             },
         );
+        self.changed.notify_one();
         Ok(stale)
     }
 
@@ -335,7 +338,9 @@ impl Registry {
 
     /// Removes a stream (and its client when it was the last one).
     pub fn remove(&self, stream_id: &str) -> Option<Arc<StreamHandle>> {
-        Self::remove_locked(&mut self.write(), stream_id)
+        let removed = Self::remove_locked(&mut self.write(), stream_id);
+        self.changed.notify_one();
+        removed
     }
 
     /// Removes `stream_id` only if it is still this very handle (a newer
@@ -345,6 +350,7 @@ impl Registry {
         let same = inner.streams.get(&handle.stream_id).is_some_and(|s| Arc::ptr_eq(&s.handle, handle));
         if same {
             Self::remove_locked(&mut inner, &handle.stream_id);
+            self.changed.notify_one();
         }
     }
 
@@ -429,6 +435,7 @@ impl Registry {
             return Vec::new();
         }
         let mut inner = self.write();
+        self.changed.notify_one();
         expired.into_iter().filter_map(|(id, age)| Self::remove_locked(&mut inner, &id).map(|h| (h, age))).collect()
     }
 
@@ -442,6 +449,30 @@ impl Registry {
                 }
             }
         }
+        self.changed.notify_one();
+    }
+
+    /// Marks one stream as draining.
+    pub fn drain_stream(&self, handle: &StreamHandle) {
+        handle.set_draining();
+        self.changed.notify_one();
+    }
+
+    /// Resolves when streams registered, ended or started draining since the
+    /// last call (one waiter: the cluster's publisher).
+    pub async fn changed(&self) {
+        self.changed.notified().await
+    }
+
+    /// Each (group, client) with a data stream that takes new exchanges, and
+    /// when its oldest such stream connected: what the cluster publishes.
+    pub fn holdings(&self) -> BTreeMap<(String, String), SystemTime> {
+        let mut held: BTreeMap<(String, String), SystemTime> = BTreeMap::new();
+        for h in self.read().by_group.values().flatten().filter(|h| !h.is_draining()) {
+            let since = held.entry((h.group.clone(), h.client_id.clone())).or_insert(h.connected_at);
+            *since = (*since).min(h.connected_at);
+        }
+        held
     }
 
     /// Streams that config pushes for `group` go to.

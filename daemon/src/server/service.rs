@@ -279,7 +279,7 @@ fn on_message(svc: &TunnelSvc, handle: &Arc<StreamHandle>, m: TunnelMessage) {
             if handle.stream_type == StreamType::Control {
                 svc.shared.registry.drain_client(&handle.client_id);
             } else {
-                handle.set_draining();
+                svc.shared.registry.drain_stream(handle);
                 handle.exchanges.stop_opening();
                 if d.ack_wanted {
                     // Behind any request already queued here: once the client

@@ -2,11 +2,13 @@
 //! `ServerConfig`, one checker per section.
 
 mod certificates;
+mod cluster;
 mod groups;
 mod rules;
 mod settings;
 
 pub use certificates::IngressCert;
+pub use cluster::{ClusterSettings, EtcdTls};
 pub use groups::GroupSettings;
 pub use settings::{ConfigPush, ServerSettings};
 
@@ -33,6 +35,7 @@ struct ServerFile {
     rules: Vec<rules::RuleSection>,
     #[serde(default)]
     certificates: Vec<certificates::CertificateSection>,
+    cluster: Option<cluster::ClusterSection>,
 }
 
 /// The whole server configuration, checked.
@@ -44,6 +47,8 @@ pub struct ServerConfig {
     pub rules: RuleSet,
     /// HTTPS ingress certificates; the first is the default.
     pub certificates: Vec<IngressCert>,
+    /// Membership and registry in etcd; None = a standalone server.
+    pub cluster: Option<ClusterSettings>,
 }
 
 impl ServerConfig {
@@ -62,8 +67,9 @@ impl ServerConfig {
         let certificates = certificates::check(&src, &raw.certificates, raw.server.https_listen.as_ref())?;
         let groups = groups::check(&src, &raw.groups, raw.server.heartbeat_timeout.as_ref())?;
         let rules = rules::check(&src, &raw.rules, &groups)?;
+        let cluster = raw.cluster.as_ref().map(|c| cluster::check(&src, c)).transpose()?;
         let log = merge_log(&src, raw.log, raw.server.log_level, raw.server.log_format, "server.")?;
-        Ok(ServerConfig { server, log, groups, rules, certificates })
+        Ok(ServerConfig { server, log, groups, rules, certificates, cluster })
     }
 
     /// The HTTPS ingress's rustls settings, read from the files now; None without https_listen.
