@@ -98,6 +98,15 @@ async fn servers_share_membership_and_holdings_through_etcd() {
     assert_eq!(holders(&edges[2]), vec![("edge-1".to_string(), 1), ("edge-2".to_string(), 1)]);
     assert_eq!(holders(&edges[0]), vec![("edge-2".to_string(), 1)], "a server never lists itself");
 
+    // Registration answers carry the fleet: c1 learned every server's URL.
+    let fleet_of = |c: &TestClient| -> Vec<(String, String)> {
+        let status = c.status.borrow();
+        status.servers.values().flat_map(|s| s.fleet.iter().map(|f| (f.server_id.clone(), f.url.clone()))).collect()
+    };
+    let urls: Vec<(String, String)> =
+        edges.iter().map(|e| (e.shared.server_id.clone(), format!("http://{}", e.grpc))).collect();
+    eventually("c1 knows the fleet", Duration::from_secs(3), || fleet_of(&c1) == urls).await;
+
     // Introspection carries the fleet for the console.
     let info = edges[1].shared.cluster.as_ref().unwrap().info();
     assert!(info.etcd_up);
@@ -122,6 +131,9 @@ async fn servers_share_membership_and_holdings_through_etcd() {
     })
     .await;
     println!("crashed server left the membership {:?} after the crash (lease_ttl 2s)", crashed.elapsed());
+    // c1's next heartbeat acknowledgement (1 s) tells it, since its fleet version is out of date.
+    let without_2: Vec<(String, String)> = urls.iter().filter(|(id, _)| id != "edge-2").cloned().collect();
+    eventually("c1 hears edge-2 is gone", Duration::from_secs(3), || fleet_of(&c1) == without_2).await;
     assert!(crashed.elapsed() >= Duration::from_millis(900), "gone before its lease could have expired");
 
     // SIGTERM: draining at once (peers stop counting on it), gone at exit.

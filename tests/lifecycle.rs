@@ -80,6 +80,7 @@ fn open_msg(stream_id: &str, seq: u64) -> TunnelMessage {
             config_version: String::new(),
             last_rtt_ms: -1,
             session_started_ms: 0,
+            fleet_version: String::new(),
         })),
     }
 }

@@ -52,6 +52,10 @@ pub struct ServerStatus {
     pub registrations: u64,
     /// Another address of the same server holds the session (that one's key).
     pub duplicate_of: Option<String>,
+    /// A clustered server's fleet as it last told us: the live servers, and
+    /// the version we send back so that it resends only on a change.
+    pub fleet: Vec<tunnel_lib::proto::FleetServer>,
+    pub fleet_version: String,
 }
 
 impl ClientStatus {

@@ -25,8 +25,8 @@ use tunnel_lib::frame::now_ms;
 use tunnel_lib::proto::exchange_error::Kind as ErrorKind;
 use tunnel_lib::proto::tunnel_service_client::TunnelServiceClient;
 use tunnel_lib::proto::{
-    tunnel_message::Payload, ConfigSyncRequest, ConfigSyncResponse, Direction, Drain, StreamOpenRequest, StreamType,
-    TunnelMessage,
+    tunnel_message::Payload, ConfigSyncRequest, ConfigSyncResponse, Direction, Drain, StreamOpenRequest,
+    StreamOpenResponse, StreamType, TunnelMessage,
 };
 use tunnel_lib::GROUP_METADATA;
 
@@ -455,6 +455,19 @@ enum End {
     SessionOver,
 }
 
+/// Keeps the fleet a clustered server sent (it sends the list only when ours is out of date).
+fn learn_fleet(session: &Session, ack: &StreamOpenResponse) {
+    if ack.fleet.is_empty() {
+        return;
+    }
+    let servers: Vec<String> = ack.fleet.iter().map(|f| f.server_id.clone()).collect();
+    tracing::debug!(server = %session.link.key, fleet_version = %ack.fleet_version, ?servers, "fleet membership");
+    session.link.update(|s| {
+        s.fleet = ack.fleet.clone();
+        s.fleet_version = ack.fleet_version.clone();
+    });
+}
+
 fn open_message(session: &Session, stream_id: &str, kind: Kind, seq: u64, last_rtt_ms: i64) -> TunnelMessage {
     let settings = session.settings.borrow();
     let now = now_ms();
@@ -479,6 +492,7 @@ fn open_message(session: &Session, stream_id: &str, kind: Kind, seq: u64, last_r
             session_started_ms: session.started_ms,
             config_version: settings.config_version.clone(),
             last_rtt_ms,
+            fleet_version: session.link.status().fleet_version,
         })),
     }
 }
@@ -565,6 +579,7 @@ async fn run_stream(
                 s.registered_streams += 1;
                 s.registrations += 1;
             });
+            learn_fleet(session, &r);
             session.link.metrics.registrations.inc();
             now_ms() - r.echo_timestamp_ms
         }
@@ -686,6 +701,7 @@ fn on_message(
             let rtt = now_ms() - ack.echo_timestamp_ms;
             session.link.metrics.heartbeat_rtt.observe(rtt.max(0) as f64 / 1000.0);
             tracing::debug!(stream = %stream_id, seq = ack.sequence, rtt_ms = rtt, "heartbeat acknowledged");
+            learn_fleet(session, ack);
             if kind != Kind::Data
                 && !ack.config_version.is_empty()
                 && ack.config_version != session.settings.borrow().config_version

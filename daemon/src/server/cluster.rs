@@ -39,6 +39,8 @@ pub struct View {
     pub revision: i64,
     /// Live servers by server_id (their lease holds).
     pub members: BTreeMap<String, Member>,
+    /// The revision at which `members` last changed (or was read whole).
+    pub members_revision: i64,
     /// group -> client_id -> server_id -> holding.
     pub holdings: BTreeMap<String, BTreeMap<String, BTreeMap<String, Holding>>>,
 }
@@ -60,7 +62,24 @@ impl View {
             .collect()
     }
 
+    /// The live servers for clients to choose from, and their version.
+    pub fn fleet(&self) -> (Vec<tunnel_lib::proto::FleetServer>, String) {
+        let servers = self
+            .members
+            .values()
+            .map(|m| tunnel_lib::proto::FleetServer {
+                server_id: m.server_id.clone(),
+                url: m.advertise.clone(),
+                draining: m.draining,
+            })
+            .collect();
+        (servers, self.members_revision.to_string())
+    }
+
     fn apply(&mut self, prefix: &str, kv: &KeyValue, deleted: bool) {
+        if matches!(parse_key(prefix, &kv.key), Some(Key::Member(_))) {
+            self.members_revision = self.members_revision.max(kv.mod_revision);
+        }
         match parse_key(prefix, &kv.key) {
             Some(Key::Member(id)) if deleted => {
                 self.members.remove(&id);
@@ -372,7 +391,7 @@ async fn session(
     // The whole state at one revision: what we missed while away, deletes
     // included, then the watch from just after it.
     let (kvs, revision) = etcd.range_prefix(format!("{prefix}/").as_bytes()).await?;
-    let mut fresh = View { revision, ..Default::default() };
+    let mut fresh = View { revision, members_revision: revision, ..Default::default() };
     for kv in &kvs {
         fresh.apply(prefix, kv, false);
     }

@@ -183,7 +183,7 @@ fn push(shared: &Shared, group: &str, streams: Vec<Arc<StreamHandle>>) -> Option
             config_version: version.clone(),
             config: Some(config.clone()),
             server_id: shared.server_id.clone(),
-            missing_upstreams: Vec::new(),
+            ..Default::default()
         };
         let msg = s.exchanges.message(&crate::tunnel::next_request_id(), Payload::ConfigSyncResponse(resp));
         if s.outbound().try_priority(msg) {

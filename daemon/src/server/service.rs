@@ -1,7 +1,7 @@
 //! The gRPC side of the server: authentication, stream registration,
 //! heartbeats, config sync, and the reader task of every stream.
 
-use super::registry::{RegisterError, StreamHandle};
+use super::registry::{RegisterError, Registry, StreamHandle};
 use super::Shared;
 use crate::tunnel::exchange::{payload_name, ExchangeFailure, Exchanges, Role};
 use crate::tunnel::link::{CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_MESSAGE, STREAM_WINDOW};
@@ -97,6 +97,7 @@ impl TunnelSvc {
             config: Some(config),
             server_id: self.shared.server_id.clone(),
             missing_upstreams: missing,
+            ..Default::default()
         })
     }
 
@@ -176,6 +177,20 @@ fn ack(shared: &Shared, handle: &StreamHandle, open: &StreamOpenRequest) {
         ConfigPush::Auto => shared.group_version(&handle.group).unwrap_or_default(),
         ConfigPush::Manual => String::new(),
     };
+    // The fleet goes to the control stream (or the only one), on the
+    // registration and whenever the client's copy is out of date.
+    let (fleet, fleet_version) = match &shared.cluster {
+        Some(c) if handle.stream_type == StreamType::Control || Registry::syncs_config(handle) => c.with_view(|v| {
+            let version = v.members_revision.to_string();
+            if open.sequence == 0 || open.fleet_version != version {
+                v.fleet()
+            } else {
+                (Vec::new(), version)
+            }
+        }),
+        Some(c) => (Vec::new(), c.with_view(|v| v.members_revision.to_string())),
+        None => (Vec::new(), String::new()),
+    };
     let msg = TunnelMessage {
         client_id: handle.client_id.clone(),
         request_id: String::new(),
@@ -190,6 +205,8 @@ fn ack(shared: &Shared, handle: &StreamHandle, open: &StreamOpenRequest) {
             server_timestamp_ms: now_ms(),
             server_id: shared.server_id.clone(),
             config_version: version,
+            fleet,
+            fleet_version,
         })),
     };
     if !handle.outbound().try_priority(msg) {
@@ -326,6 +343,10 @@ impl TunnelService for TunnelSvc {
         }
         // A client's session asks this first, then again on its control
         // stream: that one says what the client lacks (once per session).
-        self.sync_response(&body.client_id, &group, &body, false).map(Response::new)
+        let mut resp = self.sync_response(&body.client_id, &group, &body, false)?;
+        if let Some(c) = &self.shared.cluster {
+            (resp.fleet, resp.fleet_version) = c.with_view(|v| v.fleet());
+        }
+        Ok(Response::new(resp))
     }
 }
