@@ -1,7 +1,9 @@
 //! A real etcd (Debian's `etcd-server`) for the cluster tests: members on
 //! loopback ports of their own, data in a temporary directory, killed when
 //! dropped. Where `etcd` is not installed the tests skip, saying so, except
-//! under CI, where .ci/run installs it.
+//! under CI, where .ci/run installs it. Self-contained, so that the
+//! console's tests include it too (`#[path]`), using only part of it.
+#![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -39,10 +41,15 @@ impl EtcdCluster {
         if !etcd_available() {
             return None;
         }
-        let dir = std::env::temp_dir().join(format!("tunnel-etcd-{}-{}", std::process::id(), super::unix_micros()));
+        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros());
+        let dir = std::env::temp_dir().join(format!("tunnel-etcd-{}-{stamp}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("etcd data directory");
         assert!((1..=3).contains(&n), "1 to 3 members");
-        let ports = super::free_ports::<6>();
+        // All held until all are picked, so no port is handed out twice.
+        let held: Vec<std::net::TcpListener> =
+            (0..2 * n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("a free port")).collect();
+        let ports: Vec<SocketAddr> = held.iter().map(|l| l.local_addr().expect("bound")).collect();
+        drop(held);
         let members = (0..n)
             .map(|i| Member { name: format!("m{i}"), client: ports[2 * i], peer: ports[2 * i + 1], child: None })
             .collect();

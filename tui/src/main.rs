@@ -30,6 +30,9 @@ struct Args {
     /// With --once: print the snapshot as JSON (several servers: keyed by address).
     #[arg(long, requires = "once")]
     json: bool,
+    /// Watch only the servers given, not the other members of their cluster.
+    #[arg(long)]
+    no_discover: bool,
     /// Write the console's own logs to this file (the screen is the terminal's).
     #[arg(long)]
     log_file: Option<std::path::PathBuf>,
@@ -58,10 +61,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let addrs = net::addresses(&args.server);
+    let mut addrs = net::addresses(&args.server);
     if addrs.is_empty() {
         eprintln!("tunnel-tui: --server names no server");
         return ExitCode::from(2);
+    }
+    if !args.no_discover {
+        // A clustered server lists the fleet: watch all of it.
+        addrs = rt.block_on(net::with_cluster_members(addrs, args.token.clone()));
     }
     let targets: Vec<net::Target> = addrs.iter().map(|a| net::Target::new(a, args.token.clone())).collect();
     if args.once {

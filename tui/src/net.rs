@@ -41,6 +41,29 @@ pub fn addresses(given: &[String]) -> Vec<String> {
     out
 }
 
+/// `given`, then the console addresses (admin_advertise) of every other
+/// member of the clusters the given servers belong to, as each given server
+/// sees its membership now. A server that does not answer, or that runs
+/// standalone, adds nothing. Addresses are compared as URLs, so
+/// `127.0.0.1:7001` and `http://127.0.0.1:7001` count as one.
+pub async fn with_cluster_members(given: Vec<String>, token: Option<String>) -> Vec<String> {
+    let targets: Vec<Target> = given.iter().map(|a| Target::new(a, token.clone())).collect();
+    let mut known: Vec<String> = targets.iter().map(|t| t.url.clone()).collect();
+    let mut out = given;
+    for snapshot in first_snapshots(&targets).await.into_iter().flatten() {
+        let members = snapshot.server.and_then(|s| s.cluster).map(|c| c.members).unwrap_or_default();
+        for m in members.into_iter().filter(|m| !m.admin_advertise.is_empty()) {
+            let url = Target::new(&m.admin_advertise, None).url;
+            if !known.contains(&url) {
+                known.push(url);
+                // Shown as host:port, like addresses given on the command line.
+                out.push(m.admin_advertise.strip_prefix("http://").unwrap_or(&m.admin_advertise).to_string());
+            }
+        }
+    }
+    out
+}
+
 /// Where the server's admin listener is, and its token.
 #[derive(Debug, Clone)]
 pub struct Target {

@@ -4,6 +4,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+#[path = "../../tests/common/etcd.rs"]
+mod etcd;
 
 use common::{start_clients, TestServer};
 use std::time::{Duration, Instant};
@@ -177,6 +179,39 @@ async fn once_merges_several_servers() {
         let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
     }
     for s in [one, two] {
+        s.stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.task).await;
+    }
+}
+
+/// Pointed at one server of a cluster, the console finds the others in its
+/// membership and shows them all; --no-discover keeps to the one given.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_finds_every_member_of_a_cluster() {
+    let Some(etcd) = etcd::EtcdCluster::start(1) else { return };
+    let prefix = format!("/tui-test-{}", std::process::id());
+    let mut servers = Vec::new();
+    for id in ["fleet-a", "fleet-b", "fleet-c"] {
+        servers.push(TestServer::start_clustered(SERVER, id, &etcd.toml_list(), &prefix).await);
+    }
+    for s in &servers {
+        let cluster = s.shared.cluster.clone().unwrap();
+        s.wait("all three members seen", |_| cluster.with_view(|v| v.members.len()) == 3).await;
+    }
+    let out = tui(&["--server", &servers[1].admin, "--token", "adm", "--once"]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "servers 3/3 up", "{text}");
+    // The one given first, then the members it listed, in server_id order.
+    for (line, s) in lines[1..4].iter().zip([&servers[1], &servers[0], &servers[2]]) {
+        let id = &s.shared.server_id;
+        assert!(line.starts_with(&format!("server {id} ")) && line.ends_with(&format!("at {}", s.admin)), "{text}");
+    }
+    let out = tui(&["--server", &servers[1].admin, "--token", "adm", "--once", "--no-discover"]).await;
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.lines().next().is_some_and(|l| l.starts_with("server fleet-b ")), "{text}");
+    for s in servers {
         s.stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(10), s.task).await;
     }

@@ -23,9 +23,24 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(toml: &str, id: &str) -> TestServer {
-        let toml = toml.replacen("[server]\n", &format!("[server]\nserver_id = \"{id}\"\n"), 1);
+        Self::start_in(toml, id, None).await
+    }
+
+    /// A server of a cluster whose membership lives in `etcd` (an etcd
+    /// `[cluster]` list) under `prefix`, advertising its own addresses.
+    pub async fn start_clustered(toml: &str, id: &str, etcd: &str, prefix: &str) -> TestServer {
+        Self::start_in(toml, id, Some((etcd, prefix))).await
+    }
+
+    async fn start_in(toml: &str, id: &str, cluster: Option<(&str, &str)>) -> TestServer {
+        let mut toml = toml.replacen("[server]\n", &format!("[server]\nserver_id = \"{id}\"\n"), 1);
         let listeners = Listeners::ephemeral().await.unwrap();
         let (_, grpc, admin) = listeners.addrs().unwrap();
+        if let Some((etcd, prefix)) = cluster {
+            toml.push_str(&format!(
+                "\n[cluster]\netcd = {etcd}\nprefix = \"{prefix}\"\nadvertise = \"http://{grpc}\"\nadmin_advertise = \"http://{admin}\"\nlease_ttl = \"2s\"\n"
+            ));
+        }
         let server = Server::new(ServerConfig::from_str_named(&toml, "test").unwrap(), None);
         let shared = server.shared();
         let stop = CancellationToken::new();
