@@ -1,5 +1,5 @@
 //! A real etcd (Debian's `etcd-server`) for the cluster tests: members on
-//! loopback ports of their own, data in a temporary directory, killed when
+//! loopback addresses of their own, data in a temporary directory, killed when
 //! dropped. Where `etcd` is not installed the tests skip, saying so, except
 //! under CI, where .ci/run installs it. Self-contained, so that the
 //! console's tests include it too (`#[path]`), using only part of it.
@@ -45,19 +45,29 @@ impl EtcdCluster {
         let dir = std::env::temp_dir().join(format!("tunnel-etcd-{}-{stamp}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("etcd data directory");
         assert!((1..=3).contains(&n), "1 to 3 members");
-        // All held until all are picked, so no port is handed out twice.
-        let held: Vec<std::net::TcpListener> =
-            (0..2 * n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("a free port")).collect();
-        let ports: Vec<SocketAddr> = held.iter().map(|l| l.local_addr().expect("bound")).collect();
-        drop(held);
+        // Each cluster on loopback addresses of its own (all of 127/8 is on
+        // lo) with etcd's usual ports: ports picked free and released could
+        // be taken by a parallel test before etcd binds them, and then a
+        // health check would find another test's etcd there.
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        let seed = nanos ^ std::process::id().wrapping_mul(2_654_435_761);
+        let (a, b, c) = (1 + seed % 250, (seed >> 8) % 256, 1 + (seed >> 16) % 250);
         let members = (0..n)
-            .map(|i| Member { name: format!("m{i}"), client: ports[2 * i], peer: ports[2 * i + 1], child: None })
+            .map(|i| {
+                let ip: std::net::IpAddr = format!("127.{a}.{b}.{}", c + i as u32).parse().expect("a loopback address");
+                Member {
+                    name: format!("m{i}"),
+                    client: SocketAddr::new(ip, 2379),
+                    peer: SocketAddr::new(ip, 2380),
+                    child: None,
+                }
+            })
             .collect();
         let mut c = EtcdCluster { members, dir };
         for i in 0..n {
             c.start_member(i);
         }
-        c.wait_healthy(Duration::from_secs(20));
+        c.wait_healthy(Duration::from_secs(60));
         Some(c)
     }
 
@@ -84,11 +94,17 @@ impl EtcdCluster {
             .arg("new")
             .arg("--initial-cluster-token")
             .arg(format!("tunnel-test-{}", std::process::id()))
-            // Quick elections: a test stops members and waits for the rest.
-            .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
-            .args(["--log-level", "error"])
+            // etcd's defaults: quicker elections flap on a loaded 2-core CI machine.
+            .args(["--heartbeat-interval", "100", "--election-timeout", "1000"])
+            .args(["--log-level", "error", "--logger", "zap"])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.dir.join(format!("{}.log", m.name)))
+                    .expect("etcd log file"),
+            )
             .spawn()
             .expect("etcd starts");
         m.child = Some(child);
@@ -122,18 +138,31 @@ impl EtcdCluster {
                 self.start_member(i);
             }
         }
-        self.wait_healthy(Duration::from_secs(20));
+        self.wait_healthy(Duration::from_secs(60));
     }
 
-    /// Waits until every running member says it is healthy (it has a leader).
-    fn wait_healthy(&self, limit: Duration) {
+    /// Waits until every running member says it is healthy (it has a leader);
+    /// fails with the member's log if it exited or never got there.
+    fn wait_healthy(&mut self, limit: Duration) {
         let started = Instant::now();
-        for m in self.members.iter().filter(|m| m.child.is_some()) {
+        for i in 0..self.members.len() {
+            if self.members[i].child.is_none() {
+                continue;
+            }
             loop {
-                if health(m.client) {
+                if health(self.members[i].client) {
                     break;
                 }
-                assert!(started.elapsed() < limit, "etcd member {} not healthy within {limit:?}", m.name);
+                let exited = self.members[i].child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+                if exited.is_some() || started.elapsed() > limit {
+                    let name = &self.members[i].name;
+                    let log = std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
+                    let tail: Vec<&str> = log.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect();
+                    panic!(
+                        "etcd member {name} not healthy within {limit:?} (exit: {exited:?}); its log ends:\n{}",
+                        tail.join("\n")
+                    );
+                }
                 std::thread::sleep(Duration::from_millis(50));
             }
         }

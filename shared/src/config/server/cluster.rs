@@ -4,6 +4,7 @@
 use crate::config::ranged::{self, Bound::*, SECOND};
 use crate::config::secret::Secret;
 use crate::config::source::{parse_url, ConfigError, Source};
+use crate::config::tls::tls_error;
 use crate::units::HumanDuration;
 use serde::Deserialize;
 use std::path::PathBuf;
@@ -136,14 +137,8 @@ fn check_tls(src: &Source, c: &ClusterSection, https: bool) -> Result<Option<Etc
     }
     let identity = match (&c.etcd_cert, &c.etcd_key) {
         (Some(cert), Some(key)) => {
-            crate::tls::certified_key(cert.get_ref(), key.get_ref()).map_err(|e| {
-                let (at, name) = if e.path == key.get_ref().display().to_string() {
-                    (key, "cluster.etcd_key")
-                } else {
-                    (cert, "cluster.etcd_cert")
-                };
-                src.at(at, name, e.to_string())
-            })?;
+            crate::tls::certified_key(cert.get_ref(), key.get_ref())
+                .map_err(|e| tls_error(src, e, (cert, "cluster.etcd_cert"), (key, "cluster.etcd_key")))?;
             Some((cert.get_ref().clone(), key.get_ref().clone()))
         }
         (Some(cert), None) => return Err(src.at(cert, "cluster.etcd_cert", "needs cluster.etcd_key too")),
