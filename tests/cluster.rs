@@ -212,3 +212,64 @@ async fn an_etcd_outage_costs_no_request_and_views_converge_after_it() {
     let (_, body) = tunnel_daemon::metrics::ready_response(e1.shared.readiness());
     assert_eq!(body, "ready\n");
 }
+
+/// Which servers hold each client, by client id.
+fn placement(edges: &[&OwnServer]) -> BTreeMap<String, Vec<String>> {
+    let mut by_client: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for e in edges {
+        for c in e.shared.registry.clients() {
+            by_client.entry(c.client_id).or_default().push(e.shared.server_id.clone());
+        }
+    }
+    by_client
+}
+
+/// `connections = 2`, one seed: each client learns the fleet from the seed
+/// and holds sessions to exactly 2 of the 4 servers, spread over all of
+/// them; a draining server's clients move to another server before it
+/// stops, a killed server's within seconds, long before its lease would say.
+#[tokio::test]
+async fn clients_hold_k_sessions_spread_over_the_fleet_and_move_off_a_server_that_goes() {
+    let Some(etcd) = EtcdCluster::start(1) else { return };
+    let prefix = prefix("k");
+    let up = Upstream::start("web").await;
+    let edges: Vec<OwnServer> =
+        (1..=4).map(|i| start_edge(&format!("edge-{i}"), &etcd, &prefix, "drain_delay = \"3s\"")).collect();
+    eventually("every server sees all four", Duration::from_secs(5), || edges.iter().all(|e| seen_by(e).0.len() == 4))
+        .await;
+    let ids: Vec<String> = (1..=6).map(|i| format!("k{i}")).collect();
+    let started = Instant::now();
+    let _clients: Vec<TestClient> =
+        ids.iter().map(|id| TestClient::start(&client_of(edges[0].grpc, id, &up, "connections = 2"))).collect();
+    let all: Vec<&OwnServer> = edges.iter().collect();
+    let on_two = |edges: &[&OwnServer]| {
+        let p = placement(edges);
+        p.len() == 6 && p.values().all(|servers| servers.len() == 2)
+    };
+    eventually("each client on exactly 2 servers", Duration::from_secs(5), || on_two(&all)).await;
+    println!("6 clients on 2 servers each {:?} after start: {:?}", started.elapsed(), placement(&all));
+    let per_server: Vec<usize> = edges.iter().map(|e| e.shared.registry.clients().len()).collect();
+    assert!(per_server.iter().all(|&n| n >= 1), "the clients spread over every server: {per_server:?}");
+    assert_eq!(per_server.iter().sum::<usize>(), 12);
+
+    // Drain the server holding the most clients: its clients move while it still serves.
+    let busiest = (0..4).max_by_key(|&i| per_server[i]).unwrap();
+    let mut edges: Vec<Option<OwnServer>> = edges.into_iter().map(Some).collect();
+    let drained = edges[busiest].take().unwrap();
+    let drain_begun = Instant::now();
+    drained.begin_stop();
+    let rest: Vec<&OwnServer> = edges.iter().flatten().collect();
+    eventually("the drained server's clients on 2 other servers", Duration::from_secs(3), || on_two(&rest)).await;
+    println!("clients moved off a draining server {:?} after SIGTERM (drain_delay 3 s)", drain_begun.elapsed());
+    assert!(drain_begun.elapsed() < Duration::from_secs(3), "moved before the drained server closed");
+    drained.wait_stopped().await;
+
+    // Kill one of the other three: its clients move to the remaining two.
+    let victim = edges.iter().position(|e| e.is_some()).unwrap();
+    let killed = edges[victim].take().unwrap();
+    let crash_at = Instant::now();
+    killed.crash();
+    let rest: Vec<&OwnServer> = edges.iter().flatten().collect();
+    eventually("every client on the 2 remaining servers", Duration::from_secs(4), || on_two(&rest)).await;
+    println!("clients back to 2 sessions {:?} after a server was killed (lease_ttl 2 s)", crash_at.elapsed());
+}

@@ -35,6 +35,16 @@ const AWAY_QUIET: Duration = Duration::from_secs(300);
 /// once, not after a backoff grown during its absence.
 const AWAY_RETRY_MAX: Duration = Duration::from_secs(2);
 
+/// With `connections = k`: a chosen server that no session has reached for
+/// this long is passed over for the next in rank (a killed server refuses at
+/// once; the membership would say so only when its lease expires).
+const SUSPECT_AFTER: Duration = Duration::from_secs(1);
+/// How long a server passed over that way stays passed over before it is
+/// tried again (if it still ranks among the k).
+const SUSPECT_FOR: Duration = Duration::from_secs(30);
+/// With `connections = k`: how often the choice of servers is looked at.
+const CHOOSE_INTERVAL: Duration = Duration::from_millis(250);
+
 /// One server address a session dials.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Target {
@@ -228,7 +238,9 @@ impl Link {
 }
 
 /// Runs a link per server address until `stop` fires, then waits for every
-/// session to drain.
+/// session to drain. With `connections = k` the addresses are those of the k
+/// servers chosen from the fleet the servers announce (the configured ones
+/// until a server has announced it), chosen again as the fleet changes.
 pub async fn run(
     cfg: Arc<ClientConfig>,
     upstreams: watch::Receiver<Arc<Upstreams>>,
@@ -242,11 +254,13 @@ pub async fn run(
     let mut links: HashMap<Target, CancellationToken> = HashMap::new();
     let mut retiring: HashSet<Target> = HashSet::new();
     let mut tasks: JoinSet<Target> = JoinSet::new();
+    let mut chooser = Chooser::new(&cfg);
+    let mut urls = chooser.choose(&status.borrow());
     loop {
         // Every name at once, and none holds up a stop.
         let resolved = tokio::select! {
             _ = stop.cancelled() => None,
-            r = resolve_all(&cfg.servers, cfg.connect_timeout) => Some(r),
+            r = resolve_all(&urls, cfg.connect_timeout) => Some(r),
         };
         let Some(resolved) = resolved else { break };
         let mut failed = false;
@@ -293,10 +307,22 @@ pub async fn run(
                 keep
             });
         }
+        // Servers no longer chosen: drain those sessions.
+        links.retain(|t, token| {
+            let keep = urls.contains(&t.url);
+            if !keep {
+                tracing::info!(server = %t.key(), "no longer among the servers chosen: draining its session");
+                token.cancel();
+                retiring.insert(t.clone());
+            }
+            keep
+        });
         let next =
             if failed { cfg.reconnect_max.clamp(Duration::from_secs(1), RESOLVE_INTERVAL) } else { RESOLVE_INTERVAL };
         let wake = tokio::time::sleep(next);
         tokio::pin!(wake);
+        let mut look = tokio::time::interval(CHOOSE_INTERVAL);
+        look.tick().await;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
@@ -304,6 +330,13 @@ pub async fn run(
                 Some(ended) = tasks.join_next() => {
                     if let Ok(t) = ended {
                         retiring.remove(&t);
+                    }
+                }
+                _ = look.tick(), if chooser.k > 0 => {
+                    let chosen = chooser.choose(&status.borrow());
+                    if chosen != urls {
+                        urls = chosen;
+                        break;
                     }
                 }
             }
@@ -314,6 +347,101 @@ pub async fn run(
     }
     // Every link's token is a child of `stop`: they drain in parallel.
     while tasks.join_next().await.is_some() {}
+}
+
+/// Which servers to hold sessions with: every configured one, or with
+/// `connections = k` the first k of the announced fleet by rendezvous rank
+/// of this client's id, passing over draining servers and ones that could
+/// not be reached lately.
+struct Chooser {
+    k: usize,
+    client_id: String,
+    seeds: Vec<http::Uri>,
+    /// The servers' scheme: a fleet member advertising another is unusable.
+    scheme: String,
+    /// server_id -> until when it is passed over.
+    suspects: HashMap<String, Instant>,
+    /// The last choice logged, so each change is logged once.
+    logged: Vec<String>,
+}
+
+impl Chooser {
+    fn new(cfg: &ClientConfig) -> Self {
+        Chooser {
+            k: cfg.connections,
+            client_id: cfg.client_id.clone(),
+            seeds: cfg.servers.clone(),
+            scheme: cfg.servers.first().and_then(|u| u.scheme_str()).unwrap_or("http").to_string(),
+            suspects: HashMap::new(),
+            logged: Vec::new(),
+        }
+    }
+
+    fn choose(&mut self, status: &ClientStatus) -> Vec<http::Uri> {
+        if self.k == 0 {
+            return self.seeds.clone();
+        }
+        // The newest announcement any session heard (versions are etcd revisions).
+        let fleet = status
+            .servers
+            .values()
+            .filter(|s| !s.fleet.is_empty())
+            .max_by_key(|s| s.fleet_version.parse::<i64>().unwrap_or(0))
+            .map(|s| s.fleet.clone())
+            .unwrap_or_default();
+        if fleet.is_empty() {
+            return self.seeds.clone();
+        }
+        let now = Instant::now();
+        self.suspects.retain(|_, until| *until > now);
+        for s in status.servers.values() {
+            let id = if s.server_id.is_empty() {
+                fleet.iter().find(|f| f.url == s.url).map(|f| f.server_id.clone())
+            } else {
+                Some(s.server_id.clone())
+            };
+            if let (Some(id), Some(since)) = (id, s.down_since) {
+                if now.duration_since(since) >= SUSPECT_AFTER && !self.suspects.contains_key(&id) {
+                    tracing::info!(server_id = %id, "unreachable for {SUSPECT_AFTER:?}: moving its session to the next server for {SUSPECT_FOR:?}");
+                    self.suspects.insert(id, now + SUSPECT_FOR);
+                }
+            }
+        }
+        let mut ranked: Vec<(u64, &tunnel_lib::proto::FleetServer)> = fleet
+            .iter()
+            .filter(|f| !f.draining && !self.suspects.contains_key(&f.server_id))
+            .filter(|f| f.url.starts_with(&format!("{}://", self.scheme)))
+            .map(|f| (rendezvous(&self.client_id, &f.server_id), f))
+            .collect();
+        ranked.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.server_id.cmp(&b.1.server_id)));
+        let chosen: Vec<&tunnel_lib::proto::FleetServer> = ranked.into_iter().take(self.k).map(|(_, f)| f).collect();
+        if chosen.is_empty() {
+            // Every server draining or unreachable: start over from the seeds.
+            return self.seeds.clone();
+        }
+        let ids: Vec<String> = chosen.iter().map(|f| f.server_id.clone()).collect();
+        if ids != self.logged {
+            tracing::info!(servers = ?ids, connections = self.k, fleet = fleet.len(), "sessions to the servers chosen from the fleet");
+            self.logged = ids;
+        }
+        chosen.iter().filter_map(|f| f.url.parse::<http::Uri>().ok()).collect()
+    }
+}
+
+/// The rendezvous (highest random weight) score of `server` for `client`:
+/// each client ranks the servers in its own order, so clients spread over
+/// the fleet, and a server that leaves moves only its own clients.
+fn rendezvous(client: &str, server: &str) -> u64 {
+    // FNV-1a: stable across builds and platforms, unlike std's hasher.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in client.bytes().chain(std::iter::once(0)).chain(server.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    // A final mix: FNV's low bits barely differ for names that differ at the end.
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^ (h >> 33)
 }
 
 /// Each URL's addresses now, looked up concurrently.
@@ -356,7 +484,10 @@ async fn run_link(link: Arc<Link>, stop: CancellationToken) {
         let registered_before = link.status().registrations;
         let result = session::run(link.clone(), stop.clone()).await;
         let reached = link.status().registrations > registered_before;
-        link.update(|s| s.registered_streams = 0);
+        link.update(|s| {
+            s.registered_streams = 0;
+            s.down_since = if reached { None } else { s.down_since.or(Some(Instant::now())) };
+        });
         if stop.is_cancelled() {
             break;
         }
@@ -445,6 +576,61 @@ async fn run_link(link: Arc<Link>, stop: CancellationToken) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn fleet_status(servers: &[(&str, bool)]) -> ClientStatus {
+        let fleet: Vec<tunnel_lib::proto::FleetServer> = servers
+            .iter()
+            .map(|(id, draining)| tunnel_lib::proto::FleetServer {
+                server_id: id.to_string(),
+                url: format!("http://{id}:7000"),
+                draining: *draining,
+            })
+            .collect();
+        let mut status = ClientStatus::default();
+        let seed = ServerStatus { fleet, fleet_version: "7".into(), ..Default::default() };
+        status.servers.insert("http://seed:7000".into(), seed);
+        status
+    }
+
+    fn chooser(client: &str, k: usize) -> Chooser {
+        let toml = format!(
+            "server = \"http://seed:7000\"\nclient_id = \"{client}\"\ngroup = \"g\"\ntoken = \"t\"\nconnections = {k}\n"
+        );
+        Chooser::new(&ClientConfig::from_str_named(&toml, "test").expect("a valid client.toml"))
+    }
+
+    /// k distinct servers, seeds until the fleet is known, draining ones
+    /// passed over, and a server that leaves moves only the clients that held it.
+    #[test]
+    fn clients_choose_k_servers_by_rendezvous_rank() {
+        let hosts = |urls: Vec<http::Uri>| urls.iter().map(|u| u.host().unwrap_or("").to_string()).collect::<Vec<_>>();
+        assert_eq!(hosts(chooser("c", 2).choose(&ClientStatus::default())), ["seed"]);
+        let five = fleet_status(&[("a", false), ("b", false), ("c", false), ("d", false), ("e", false)]);
+        let mut moved = 0;
+        let mut load: HashMap<String, usize> = HashMap::new();
+        for i in 0..200 {
+            let client = format!("client-{i}");
+            let before = hosts(chooser(&client, 2).choose(&five));
+            assert_eq!(before.len(), 2);
+            assert_ne!(before[0], before[1]);
+            for h in &before {
+                *load.entry(h.clone()).or_default() += 1;
+            }
+            let mut without_c = five.clone();
+            without_c.servers.get_mut("http://seed:7000").expect("the seed").fleet[2].draining = true;
+            let after = hosts(chooser(&client, 2).choose(&without_c));
+            assert!(!after.contains(&"c".to_string()));
+            if before.contains(&"c".to_string()) {
+                moved += 1;
+                assert!(after.iter().filter(|h| before.contains(h)).count() == 1, "{before:?} -> {after:?}");
+            } else {
+                assert_eq!(before, after, "a client that did not hold c keeps its servers");
+            }
+        }
+        // 400 sessions over 5 servers: about 80 each.
+        assert!(load.values().all(|&n| (50..=110).contains(&n)), "{load:?}");
+        assert!((50..=110).contains(&moved), "{moved}");
+    }
 
     /// A second link reaching a server already held is refused until the
     /// holder lets go, even under the holder's own key (a returning address

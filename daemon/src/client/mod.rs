@@ -56,6 +56,10 @@ pub struct ServerStatus {
     /// the version we send back so that it resends only on a change.
     pub fleet: Vec<tunnel_lib::proto::FleetServer>,
     pub fleet_version: String,
+    /// Since when no session could be established (None while one is, or
+    /// before the first attempt ended): how `connections = k` tells a dead
+    /// server before the fleet's membership does.
+    pub down_since: Option<std::time::Instant>,
 }
 
 impl ClientStatus {

@@ -37,12 +37,17 @@ impl std::fmt::Display for Transport {
     }
 }
 
+/// Largest `connections`: more sessions than this per client is the
+/// every-client-on-every-server shape that clustering exists to avoid.
+const MAX_CONNECTIONS: usize = 16;
+
 /// client.toml as written.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ClientFile {
     server: Option<Spanned<String>>,
     servers: Option<Spanned<Vec<Spanned<String>>>>,
+    connections: Option<Spanned<usize>>,
     client_id: Option<Spanned<String>>,
     group: Spanned<String>,
     token: Spanned<Secret>,
@@ -120,6 +125,10 @@ pub struct ClientConfig {
     /// The servers' gRPC addresses, `http://host:port` (all https:// or all
     /// http://): a session to each, and to each address a name resolves to.
     pub servers: Vec<http::Uri>,
+    /// With clustered servers: hold sessions to this many of the fleet's
+    /// servers, learned from the servers' answers (`servers` are then only
+    /// the seeds to learn it from); 0 = a session to every configured server.
+    pub connections: usize,
     pub client_id: String,
     pub group: String,
     pub token: Secret,
@@ -163,6 +172,7 @@ impl ClientConfig {
         // Destructured whole: a new field must be named here to compile.
         let ClientConfig {
             servers,
+            connections,
             client_id,
             group,
             token,
@@ -187,6 +197,7 @@ impl ClientConfig {
         } = self;
         let pairs = [
             ("servers", *servers != other.servers),
+            ("connections", *connections != other.connections),
             ("client_id", *client_id != other.client_id),
             ("group", *group != other.group),
             ("token", *token != other.token),
@@ -242,6 +253,7 @@ impl ClientConfig {
         let upstreams = check_upstreams(&src, &raw.upstreams)?;
         Ok(ClientConfig {
             servers,
+            connections: ranged::value(&src, &raw.connections, "connections", 0, Range(0, MAX_CONNECTIONS))?,
             client_id,
             group,
             token,
