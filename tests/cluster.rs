@@ -6,26 +6,34 @@
 
 mod common;
 
+use bytes::Bytes;
 use common::etcd::EtcdCluster;
 use common::fault::{client_of, OwnServer, FAULT_SERVER};
+use common::ws::{ws_config, WsUpstream};
 use common::*;
+use futures_util::{SinkExt, StreamExt};
+use http::Request;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::convert::Infallible;
 use std::time::{Duration, Instant};
 
-/// A server of the fleet: FAULT_SERVER with `[cluster]` on `etcd`.
-fn edge_toml(id: &str, etcd: &EtcdCluster, grpc: SocketAddr, admin: SocketAddr, prefix: &str, extra: &str) -> String {
-    let server = FAULT_SERVER.replacen("[server]\n", &format!("[server]\nserver_id = \"{id}\"\n{extra}\n"), 1);
-    format!(
-        "{server}\n[cluster]\netcd = {}\nprefix = \"{prefix}\"\nadvertise = \"http://{grpc}\"\nadmin_advertise = \"http://{admin}\"\nlease_ttl = \"2s\"\n",
-        etcd.toml_list()
-    )
+/// Starts server `id` of the fleet on ports of its own: FAULT_SERVER with
+/// `extra` in [server], and `[cluster]` on `etcd`, taking forwarded requests.
+fn start_edge(id: &str, etcd: &EtcdCluster, prefix: &str, extra: &str) -> OwnServer {
+    start_edge_of(FAULT_SERVER, id, etcd, prefix, extra)
 }
 
-/// Starts server `id` on ports of its own.
-fn start_edge(id: &str, etcd: &EtcdCluster, prefix: &str, extra: &str) -> OwnServer {
-    let [http, grpc, admin] = free_ports::<3>();
-    OwnServer::start(&edge_toml(id, etcd, grpc, admin, prefix, extra), Some((http, grpc, admin)))
+/// `start_edge` with another server.toml than FAULT_SERVER.
+fn start_edge_of(base: &str, id: &str, etcd: &EtcdCluster, prefix: &str, extra: &str) -> OwnServer {
+    let [http, grpc, admin, peer] = free_ports::<4>();
+    let server = base.replacen("[server]\n", &format!("[server]\nserver_id = \"{id}\"\n{extra}\n"), 1);
+    let toml = format!(
+        "{server}\n[cluster]\netcd = {}\nprefix = \"{prefix}\"\nadvertise = \"http://{grpc}\"\nadmin_advertise = \"http://{admin}\"\npeer_listen = \"{peer}\"\npeer_advertise = \"http://{peer}\"\nlease_ttl = \"2s\"\n",
+        etcd.toml_list()
+    );
+    OwnServer::start(&toml, Some((http, grpc, admin)))
 }
 
 /// A prefix of its own per test: tests share no etcd, but a prefix per test
@@ -272,4 +280,149 @@ async fn clients_hold_k_sessions_spread_over_the_fleet_and_move_off_a_server_tha
     let rest: Vec<&OwnServer> = edges.iter().flatten().collect();
     eventually("every client on the 2 remaining servers", Duration::from_secs(4), || on_two(&rest)).await;
     println!("clients back to 2 sessions {:?} after a server was killed (lease_ttl 2 s)", crash_at.elapsed());
+}
+
+/// A server of its own for forwarding: WebSocket under /ws, trailers over
+/// h2c (an HTTP/1.1 upstream sends none), the rest to web.
+const FORWARD_SERVER: &str = r#"
+[server]
+heartbeat_timeout = "3s"
+shutdown_grace = "2s"
+[[groups]]
+name = "demo"
+token = "t-demo"
+heartbeat_interval = "1s"
+data_streams = 2
+[[rules]]
+path_prefix = "/ws"
+group = "demo"
+upstream = "ws"
+timeout = "5s"
+[[rules]]
+path_prefix = "/trailers"
+group = "demo"
+upstream = "web2"
+timeout = "5s"
+[[rules]]
+group = "demo"
+upstream = "web"
+timeout = "5s"
+"#;
+
+/// A request that lands on a server holding no client of its group is
+/// answered through the peer that holds one: an ordinary request, 100 MiB
+/// each way byte-identical, trailers both ways, a WebSocket; the access
+/// record and metrics say it was forwarded and to whom; and a forwarded
+/// download whose reader stalls holds up no other forwarded request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_without_a_client_forwards_to_a_peer_that_has_one() {
+    let Some(etcd) = EtcdCluster::start(1) else { return };
+    let prefix = prefix("forward");
+    let (web, ws) = (Upstream::start("web").await, WsUpstream::start().await);
+    let e1 = start_edge_of(FORWARD_SERVER, "edge-1", &etcd, &prefix, "");
+    let e2 = start_edge_of(FORWARD_SERVER, "edge-2", &etcd, &prefix, "");
+    let upstreams = format!(
+        "[upstreams]\nweb = \"{}\"\nws = \"{}\"\nweb2 = {{ url = \"{}\", http2 = true }}\n",
+        web.url(),
+        ws.url(),
+        web.url()
+    );
+    let toml =
+        client_of(e2.grpc, "c1", &web, "").replace(&format!("[upstreams]\nweb = \"{}\"\n", web.url()), &upstreams);
+    let _c1 = TestClient::start(&toml);
+    eventually("edge-1 sees c1 on edge-2", Duration::from_secs(5), || seen_by(&e1).1 == held(&[("c1", &["edge-2"])]))
+        .await;
+    assert!(e1.shared.registry.clients().is_empty(), "edge-1 holds no client itself");
+    let url = |path: &str| format!("http://{}{path}", e1.http);
+
+    let got = get(&url("/hello?x=1")).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert_eq!(got.headers["x-upstream"], "web");
+    assert_eq!(got.headers["x-seen-uri"], "/hello?x=1");
+    let last = e1.shared.requests.since(0).pop().expect("a request record");
+    assert_eq!((last.forwarded_to.as_str(), last.status), ("edge-2", 200), "{last:?}");
+
+    // 100 MiB each way, byte-identical.
+    const N: usize = 100 << 20;
+    let c = http_client();
+    let up = send(&c, Request::post(url("/upload-sha")).body(streamed(pattern_chunks(N).collect())).unwrap()).await;
+    assert_eq!(up.text(), format!("{N} {}", sha256_of_pattern(N)));
+    let resp = tokio::time::timeout(
+        WAIT,
+        c.request(Request::get(url(&format!("/download?bytes={N}"))).body(empty()).unwrap()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let mut body = resp.into_body();
+    let (mut h, mut len) = (<sha2::Sha256 as sha2::Digest>::new(), 0);
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(f) = body.frame().await {
+            if let Ok(d) = f.unwrap().into_data() {
+                len += d.len();
+                sha2::Digest::update(&mut h, &d);
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!((len, hex(&sha2::Digest::finalize(h))), (N, sha256_of_pattern(N)));
+
+    // Trailers both ways (gRPC's need), over h2c.
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-checksum", "abc123".parse().unwrap());
+    let frames =
+        vec![Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"first second"))), Ok(Frame::trailers(trailers))];
+    let req =
+        Request::post(url("/trailers")).body(BodyExt::boxed(StreamBody::new(tokio_stream::iter(frames)))).unwrap();
+    let resp = tokio::time::timeout(WAIT, h2c_client().request(req)).await.unwrap().unwrap();
+    let collected = tokio::time::timeout(WAIT, resp.into_body().collect()).await.unwrap().unwrap();
+    let got_trailers = collected.trailers().cloned().expect("response trailers arrive");
+    assert_eq!(got_trailers["x-got-checksum"], "abc123", "the request's trailer reached the upstream");
+    assert_eq!(got_trailers["x-body-bytes"], "12");
+
+    // A WebSocket, upgraded through the peer.
+    let tcp = tokio::net::TcpStream::connect(e1.http).await.unwrap();
+    let (mut socket, _) =
+        tokio_tungstenite::client_async_with_config(format!("ws://{}/ws/chat", e1.http), tcp, Some(ws_config()))
+            .await
+            .expect("the upgrade is forwarded");
+    for i in 0..20 {
+        let text = format!("hello {i}");
+        socket.send(tokio_tungstenite::tungstenite::Message::text(text.clone())).await.unwrap();
+        let echoed = tokio::time::timeout(WAIT, socket.next()).await.unwrap().unwrap().unwrap();
+        assert_eq!(echoed.into_text().unwrap().as_str(), text);
+    }
+    socket.close(None).await.unwrap();
+    drop(socket);
+
+    // A forwarded download nobody reads: other forwarded requests go on.
+    let stalled = c.request(Request::get(url(&format!("/download?bytes={}", 64 << 20))).body(empty()).unwrap());
+    let stalled = tokio::time::timeout(WAIT, stalled).await.unwrap().unwrap();
+    for i in 0..20 {
+        let started = Instant::now();
+        let got = get(&url(&format!("/beside-a-stall/{i}"))).await;
+        assert_eq!(got.status, 200);
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "request {i} took {:?} beside a stalled one",
+            started.elapsed()
+        );
+    }
+    drop(stalled);
+
+    // 26 forwarded (the WebSocket and the abandoned download are recorded when they close).
+    let forwarded =
+        || e1.shared.metrics.forwarded.get_or_create(&vec![("group", "demo".into()), ("peer", "edge-2".into())]).get();
+    let counted = tokio::time::timeout(Duration::from_secs(3), async {
+        while forwarded() != 26 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    if counted.await.is_err() {
+        let paths: Vec<(String, u32, String)> =
+            e1.shared.requests.since(0).into_iter().map(|r| (r.path, r.status, r.forwarded_to)).collect();
+        panic!("{} forwarded, not 26: {paths:?}", forwarded());
+    }
+    assert_eq!(e2.shared.metrics.forwarded_in.get_or_create(&vec![("group", "demo".into())]).get(), 26);
 }

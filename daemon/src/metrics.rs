@@ -103,6 +103,10 @@ pub struct ServerMetrics {
     pub server_info: Family<Labels, Gauge>,
     /// 1 while draining (SIGTERM received): /ready answers 503.
     pub draining: Gauge,
+    /// Requests forwarded to a peer server, by group and peer.
+    pub forwarded: Family<Labels, Counter>,
+    /// Exchanges forwarded here by a peer server and relayed, by group.
+    pub forwarded_in: Family<Labels, Counter>,
     /// `[cluster]`: 1 while etcd answers.
     pub cluster_etcd_up: Gauge,
     /// `[cluster]`: live servers in the membership, this one included.
@@ -135,6 +139,8 @@ impl Default for ServerMetrics {
             config_info: Family::default(),
             server_info: Family::default(),
             draining: Gauge::default(),
+            forwarded: Family::default(),
+            forwarded_in: Family::default(),
             cluster_etcd_up: Gauge::default(),
             cluster_members: Gauge::default(),
             cluster_holdings: Gauge::default(),
@@ -146,6 +152,16 @@ impl Default for ServerMetrics {
         m.process.register(&mut registry);
         registry.register("server_info", "This server's server_id and version (value 1)", m.server_info.clone());
         registry.register("draining", "1 while the server drains before stopping", m.draining.clone());
+        registry.register(
+            "forwarded_requests",
+            "Public requests forwarded to a peer server holding a client of their group, by group and peer",
+            m.forwarded.clone(),
+        );
+        registry.register(
+            "forwarded_in",
+            "Exchanges forwarded here by a peer server and relayed to a client, by group",
+            m.forwarded_in.clone(),
+        );
         registry.register("cluster_etcd_up", "1 while etcd answers ([cluster] only)", m.cluster_etcd_up.clone());
         registry.register("cluster_members", "Live servers in the cluster's membership", m.cluster_members.clone());
         registry.register(

@@ -41,17 +41,21 @@ impl EtcdCluster {
         if !etcd_available() {
             return None;
         }
-        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros());
-        let dir = std::env::temp_dir().join(format!("tunnel-etcd-{}-{stamp}", std::process::id()));
+        // Tests start together: a count keeps two clusters of one process apart.
+        static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let nth = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("tunnel-etcd-{}-{nth}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("etcd data directory");
         assert!((1..=3).contains(&n), "1 to 3 members");
         // Each cluster on loopback addresses of its own (all of 127/8 is on
         // lo) with etcd's usual ports: ports picked free and released could
         // be taken by a parallel test before etcd binds them, and then a
         // health check would find another test's etcd there.
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-        let seed = nanos ^ std::process::id().wrapping_mul(2_654_435_761);
-        let (a, b, c) = (1 + seed % 250, (seed >> 8) % 256, 1 + (seed >> 16) % 250);
+        // 127.a.b.c: a from the process, b from the count, so no two clusters
+        // of concurrent test processes or of one process share an address.
+        let pid = std::process::id();
+        let (a, b, c) = (1 + pid % 250, (pid / 250 + nth * 7) % 256, 1 + (pid / 64_000 + nth * 4) % 250);
         let members = (0..n)
             .map(|i| {
                 let ip: std::net::IpAddr = format!("127.{a}.{b}.{}", c + i as u32).parse().expect("a loopback address");

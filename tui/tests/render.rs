@@ -126,6 +126,7 @@ fn snapshot(server_id: &str, mark: Option<char>) -> WatchUpdate {
             upgrade: if i == 1 { "websocket".into() } else { String::new() },
             group: "demo".into(),
             request_id: format!("{i:032x}"),
+            forwarded_to: String::new(),
         })
         .collect();
     WatchUpdate { full: true, server: Some(server), clients, streams, requests, ..Default::default() }

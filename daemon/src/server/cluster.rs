@@ -47,7 +47,8 @@ pub struct View {
 
 impl View {
     /// Servers other than `me` that hold a client of `group` and are live
-    /// and not draining, with how many of its clients each holds.
+    /// and not draining, with how many of its clients each holds (a server
+    /// that takes no forwarded requests is listed too; the caller skips it).
     pub fn holders(&self, group: &str, me: &str) -> Vec<(&Member, usize)> {
         let mut count: BTreeMap<&str, usize> = BTreeMap::new();
         for servers in self.holdings.get(group).into_iter().flat_map(|c| c.values()) {
@@ -258,7 +259,12 @@ impl Cluster {
         Member {
             server_id: self.server_id.clone(),
             advertise: self.settings.advertise.to_string().trim_end_matches('/').to_string(),
-            peer_advertise: String::new(),
+            peer_advertise: self
+                .settings
+                .peer_advertise
+                .as_ref()
+                .map(|u| u.to_string().trim_end_matches('/').to_string())
+                .unwrap_or_default(),
             draining: self.draining.load(Ordering::Relaxed),
             version: tunnel_lib::VERSION.to_string(),
             started_unix_ms: self.started_unix_ms,

@@ -455,6 +455,16 @@ async fn forward(
             }
         }
     }
+    // No client of the group here: a peer server that holds one serves it.
+    if matches!(opened, Err(NoStream::NoClient)) {
+        if let Some((stream, peer)) = super::peer::forwarder(shared, &rule.group) {
+            if let Some(x) = stream.exchanges.open(&request_id, window, rule.idle_timeout) {
+                tracing::debug!(%host, %path, group = %rule.group, %peer, "no client here: forwarding to a peer server");
+                rec.forwarded_to = peer;
+                opened = Ok((stream, x));
+            }
+        }
+    }
     let (stream, (mut io, head_rx)) = match opened {
         Ok(x) => x,
         Err(NoStream::Busy) => {
@@ -706,6 +716,7 @@ fn failure_reply(failure: &ExchangeFailure, upstream: &str) -> Response<ProxyBod
         }
         ExchangeFailure::Protocol(e) => reply(StatusCode::BAD_GATEWAY, format!("tunnel protocol error: {e}")),
         ExchangeFailure::Idle(_) => reply(StatusCode::GATEWAY_TIMEOUT, failure.to_string()),
+        ExchangeFailure::Forward(why) => reply(StatusCode::BAD_GATEWAY, why.clone()),
         ExchangeFailure::Peer { kind, message } => match kind {
             Kind::UpstreamTimeout => {
                 reply(StatusCode::GATEWAY_TIMEOUT, format!("upstream {upstream:?} timed out: {message}"))

@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod ingress;
 pub mod introspection;
 pub mod keepalive;
+pub mod peer;
 pub mod recent;
 pub mod registry;
 pub mod reload;
@@ -44,6 +45,8 @@ pub struct Listeners {
     pub https: Option<TcpListener>,
     /// Prometheus metrics; served only when the config has `metrics_listen`.
     pub metrics: Option<TcpListener>,
+    /// Forwarded requests from peer servers; with `[cluster] peer_listen`.
+    pub peer: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -66,7 +69,11 @@ impl Listeners {
             Some(a) => Some(TcpListener::bind(a).await.with_context(|| format!("binding metrics_listen {a}"))?),
             None => None,
         };
-        Ok(Listeners { http, grpc, admin, https, metrics })
+        let peer = match cfg.cluster.as_ref().and_then(|c| c.peer_listen) {
+            Some(a) => Some(TcpListener::bind(a).await.with_context(|| format!("binding cluster.peer_listen {a}"))?),
+            None => None,
+        };
+        Ok(Listeners { http, grpc, admin, https, metrics, peer })
     }
 
     /// Binds all four on 127.0.0.1 with ports chosen by the system (tests, demos).
@@ -78,6 +85,7 @@ impl Listeners {
             admin: bind().await?,
             https: Some(bind().await?),
             metrics: Some(bind().await?),
+            peer: None,
         })
     }
 
@@ -115,6 +123,8 @@ pub struct Shared {
     pub registry: Registry,
     /// Membership and the shared registry in etcd; None when standalone.
     pub cluster: Option<Arc<cluster::Cluster>>,
+    /// Connections to peer servers, for forwarded requests.
+    pub peers: peer::Peers,
     pub server_id: String,
     pub started: Instant,
     pub started_at: SystemTime,
@@ -212,6 +222,7 @@ impl Shared {
             stream = %rec.stream_id,
             upgrade = %rec.upgrade,
             error = %rec.error,
+            forwarded_to = %rec.forwarded_to,
             "request"
         );
         let m = &self.metrics;
@@ -219,6 +230,9 @@ impl Shared {
         m.requests
             .get_or_create(&vec![("group", group.clone()), ("class", crate::metrics::status_class(rec.status))])
             .inc();
+        if !rec.forwarded_to.is_empty() {
+            m.forwarded.get_or_create(&vec![("group", group.clone()), ("peer", rec.forwarded_to.clone())]).inc();
+        }
         m.request_duration.get_or_create(&vec![("group", group.clone())]).observe(took.as_secs_f64());
         m.bytes.get_or_create(&vec![("group", group.clone()), ("direction", "in".into())]).inc_by(rec.bytes_in);
         m.bytes.get_or_create(&vec![("group", group), ("direction", "out".into())]).inc_by(rec.bytes_out);
@@ -331,6 +345,7 @@ impl Server {
                 config_path,
                 registry: Registry::new(),
                 cluster,
+                peers: peer::Peers::default(),
                 server_id,
                 started: Instant::now(),
                 started_at: SystemTime::now(),
@@ -399,6 +414,12 @@ impl Server {
         let reloader = tokio::spawn(reload::watch(shared.clone(), background.clone()));
         // Stopped last, after the streams: the lease is revoked on the way out.
         let cluster_stop = CancellationToken::new();
+        let peer_server = listeners.peer.map(|l| {
+            if let Ok(a) = l.local_addr() {
+                tracing::info!(peer_addr = %a, "taking requests forwarded by peer servers");
+            }
+            tokio::spawn(peer::serve(shared.clone(), l, grpc_stop.clone()))
+        });
         let cluster = shared.cluster.clone().map(|c| {
             tracing::info!(etcd = ?c.settings.etcd.iter().map(|u| u.to_string()).collect::<Vec<_>>(), prefix = %c.settings.prefix, advertise = %c.settings.advertise, "cluster: membership and registry in etcd");
             tokio::spawn(cluster::run(shared.clone(), c, cluster_stop.clone()))
@@ -468,6 +489,13 @@ impl Server {
             _ => {}
         }
         let _ = reloader.await;
+        if let Some(p) = peer_server {
+            match tokio::time::timeout_at(last_call, p).await {
+                Ok(Ok(Err(e))) => tracing::warn!("peer server: {e:#}"),
+                Err(_) => tracing::warn!("peer server did not stop within {GRPC_STOP_TIMEOUT:?}"),
+                _ => {}
+            }
+        }
         cluster_stop.cancel();
         if let Some(c) = cluster {
             let _ = c.await;

@@ -39,6 +39,9 @@ pub enum ExchangeFailure {
     /// Nothing moved either way for this long after the head.
     #[error("idle for {0:?}: closed")]
     Idle(std::time::Duration),
+    /// A forwarded exchange's call to the peer server failed or ended early.
+    #[error("{0}")]
+    Forward(String),
 }
 
 /// The server's wait for a response head.
@@ -108,10 +111,23 @@ pub struct StreamStats {
     pub bytes_sent: AtomicU64,
 }
 
+/// An exchange this server only relays for a peer server (forwarding): its
+/// frames from the client go to the peer as they are, under the credit the
+/// peer grants end to end, so nothing of it is buffered here beyond that.
+struct Relay {
+    to_peer: mpsc::Sender<TunnelMessage>,
+    /// The client has ended its side (response end, error or cancel).
+    client_done: bool,
+    /// The peer has ended its side (request end).
+    peer_done: bool,
+}
+
 /// The exchanges in flight on one stream.
 pub struct Exchanges {
     // std Mutex: held only for map updates, never across an await.
     slots: Mutex<HashMap<String, Slot>>,
+    /// Server side: exchanges relayed for a peer server, by request id.
+    relays: Mutex<HashMap<String, Relay>>,
     in_flight: AtomicUsize,
     /// Of those, upgraded connections.
     upgraded: AtomicUsize,
@@ -131,6 +147,7 @@ impl Exchanges {
     pub fn new(out: Outbound, role: Role, client_id: String) -> Arc<Self> {
         Arc::new(Exchanges {
             slots: Mutex::new(HashMap::new()),
+            relays: Mutex::new(HashMap::new()),
             in_flight: AtomicUsize::new(0),
             upgraded: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
@@ -279,6 +296,110 @@ impl Exchanges {
         self.insert(request_id.to_string(), slot).then_some((io, head_rx))
     }
 
+    /// Server side: opens an exchange relayed for a peer server. The
+    /// client's frames for it go to `to_peer` as they are; the peer's reach
+    /// the client through `relay_to_client`. False when the stream has ended
+    /// or the id is in use.
+    pub fn open_relay(&self, request_id: &str, to_peer: mpsc::Sender<TunnelMessage>) -> bool {
+        // The slots' lock orders this against fail_all and stop_opening.
+        let slots = self.lock();
+        if self.closed.load(Ordering::Acquire)
+            || self.draining.load(Ordering::Acquire)
+            || slots.contains_key(request_id)
+        {
+            return false;
+        }
+        let mut relays = self.relays();
+        if relays.contains_key(request_id) {
+            return false;
+        }
+        relays.insert(request_id.to_string(), Relay { to_peer, client_done: false, peer_done: false });
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.stats.exchanges.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    fn relays(&self) -> std::sync::MutexGuard<'_, HashMap<String, Relay>> {
+        self.relays.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn end_relay(&self, request_id: &str) -> Option<Relay> {
+        let r = self.relays().remove(request_id);
+        if r.is_some() {
+            self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+        r
+    }
+
+    /// Server side: sends a peer's frame of a relayed exchange to the client,
+    /// waiting for room in the stream's queue (only the peer's call for this
+    /// exchange waits). False when the frame belongs to no open relay or the
+    /// stream is gone: the caller stops.
+    pub async fn relay_to_client(&self, mut msg: TunnelMessage) -> bool {
+        {
+            let mut relays = self.relays();
+            let Some(r) = relays.get_mut(&msg.request_id) else { return false };
+            let over = match &msg.payload {
+                Some(Payload::Cancel(_)) => true,
+                Some(Payload::End(_)) => {
+                    r.peer_done = true;
+                    r.client_done
+                }
+                _ => false,
+            };
+            drop(relays);
+            if over {
+                self.end_relay(&msg.request_id);
+            }
+        }
+        msg.client_id = self.client_id.clone();
+        match msg.payload {
+            // Credit goes ahead of queued data, as the peer's own would.
+            Some(Payload::WindowUpdate(_)) => self.out.priority_sender().send(Box::new(msg)).await.is_ok(),
+            _ => self.out.send_data(msg).await.is_ok(),
+        }
+    }
+
+    /// Server side: the peer's call for a relayed exchange ended early (the
+    /// peer server failed or gave up): the client is told to stop work on it.
+    pub fn abandon_relay(&self, request_id: &str, reason: &str) {
+        if let Some(r) = self.end_relay(request_id) {
+            if !(r.client_done && r.peer_done) {
+                let msg = self.message(request_id, Payload::Cancel(proto::Cancel { reason: reason.to_string() }));
+                self.send_ordered(msg);
+            }
+        }
+    }
+
+    /// A client frame of a relayed exchange, handed to its peer; None when
+    /// `msg` belongs to no relay. Never blocks: the peer's credit bounds
+    /// what can be queued, so a full queue is the client breaking it.
+    fn relay_to_peer(&self, msg: TunnelMessage) -> Option<Dispatched> {
+        let mut relays = self.relays();
+        let r = relays.get_mut(&msg.request_id)?;
+        let id = msg.request_id.clone();
+        let terminal = matches!(msg.payload, Some(Payload::Error(_)) | Some(Payload::Cancel(_)));
+        let ends = matches!(msg.payload, Some(Payload::End(_)));
+        let full = r.to_peer.try_send(msg).is_err();
+        if ends {
+            r.client_done = true;
+        }
+        let over = terminal || full || (r.client_done && r.peer_done);
+        drop(relays);
+        if over {
+            self.end_relay(&id);
+        }
+        if full {
+            tracing::warn!(request_id = %id, "relayed exchange: the client sent past its credit (or the peer is gone); reset");
+            let msg = self.message(
+                &id,
+                Payload::Error(proto::ExchangeError { kind: Kind::Protocol as i32, message: "credit exceeded".into() }),
+            );
+            self.send_ordered(msg);
+        }
+        Some(Dispatched::Done)
+    }
+
     /// Our body is fully sent (end or error frame queued).
     pub fn finish_outbound(&self, request_id: &str) {
         let mut slots = self.lock();
@@ -377,6 +498,21 @@ impl Exchanges {
             self.closed.store(true, Ordering::Release);
             slots.drain().map(|(_, s)| s).collect()
         };
+        let relays: Vec<(String, Relay)> = self.relays().drain().collect();
+        for (id, r) in relays {
+            self.in_flight.fetch_sub(1, Ordering::Relaxed);
+            // The peer answers its public client as a lost stream would.
+            let msg = frame::message(
+                &self.client_id,
+                &id,
+                Direction::ClientToServer,
+                Payload::Error(proto::ExchangeError {
+                    kind: Kind::UpstreamFailed as i32,
+                    message: format!("tunnel stream lost: {failure}"),
+                }),
+            );
+            let _ = r.to_peer.try_send(msg);
+        }
         for slot in drained {
             self.uncount(&slot);
             slot.cancel.cancel();
@@ -396,6 +532,15 @@ impl Exchanges {
 
     /// Routes one exchange frame from the peer. Never blocks.
     pub fn dispatch(self: &Arc<Self>, msg: TunnelMessage) -> Dispatched {
+        if self.role == Role::Server && !self.relays().is_empty() {
+            let relayed = self.relays().contains_key(&msg.request_id);
+            if relayed {
+                if let Some(d) = self.relay_to_peer(msg) {
+                    return d;
+                }
+                return Dispatched::Done;
+            }
+        }
         let id = msg.request_id;
         let Some(payload) = msg.payload else {
             return Dispatched::Done;

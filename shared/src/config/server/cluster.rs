@@ -7,6 +7,7 @@ use crate::config::source::{parse_url, ConfigError, Source};
 use crate::config::tls::tls_error;
 use crate::units::HumanDuration;
 use serde::Deserialize;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 use toml::Spanned;
@@ -24,6 +25,9 @@ pub(super) struct ClusterSection {
     prefix: Option<Spanned<String>>,
     advertise: Spanned<String>,
     admin_advertise: Option<Spanned<String>>,
+    peer_listen: Option<Spanned<SocketAddr>>,
+    peer_advertise: Option<Spanned<String>>,
+    peer_token: Option<Spanned<Secret>>,
     lease_ttl: Option<Spanned<HumanDuration>>,
     etcd_username: Option<Spanned<String>>,
     etcd_password: Option<Spanned<Secret>>,
@@ -43,6 +47,13 @@ pub struct ClusterSettings {
     pub advertise: http::Uri,
     /// The URL a console dials for this server's introspection, if it is reachable.
     pub admin_advertise: Option<http::Uri>,
+    /// Where peers forward requests to this server, and the URL they dial
+    /// for it; None: this server takes no forwarded requests.
+    pub peer_listen: Option<SocketAddr>,
+    pub peer_advertise: Option<http::Uri>,
+    /// Servers present it to each other on forwarded calls; required when
+    /// peer_listen is off loopback (the port would otherwise be an open relay).
+    pub peer_token: Option<Secret>,
     /// The etcd lease's TTL: a crashed server's entries vanish this long after it.
     pub lease_ttl: Duration,
     /// etcd user and password, when etcd has authentication on.
@@ -108,6 +119,7 @@ pub(super) fn check(src: &Source, c: &ClusterSection) -> Result<ClusterSettings,
         .as_ref()
         .map(|a| parse_url(a.get_ref(), &["http", "https"]).map_err(|m| src.at(a, "cluster.admin_advertise", m)))
         .transpose()?;
+    let (peer_listen, peer_advertise, peer_token) = check_peer(src, c)?;
     let lease_ttl = ranged::value(
         src,
         &c.lease_ttl,
@@ -127,7 +139,54 @@ pub(super) fn check(src: &Source, c: &ClusterSection) -> Result<ClusterSettings,
         (None, None) => None,
     };
     let etcd_tls = check_tls(src, c, tls_schemes[0])?;
-    Ok(ClusterSettings { etcd, prefix, advertise, admin_advertise, lease_ttl, etcd_auth, etcd_tls })
+    Ok(ClusterSettings {
+        etcd,
+        prefix,
+        advertise,
+        admin_advertise,
+        peer_listen,
+        peer_advertise,
+        peer_token,
+        lease_ttl,
+        etcd_auth,
+        etcd_tls,
+    })
+}
+
+/// Forwarding keys: listen and advertise together, and a token off loopback.
+#[allow(clippy::type_complexity)]
+fn check_peer(
+    src: &Source,
+    c: &ClusterSection,
+) -> Result<(Option<SocketAddr>, Option<http::Uri>, Option<Secret>), ConfigError> {
+    let advertise = c
+        .peer_advertise
+        .as_ref()
+        .map(|a| parse_url(a.get_ref(), &["http"]).map_err(|m| src.at(a, "cluster.peer_advertise", m)))
+        .transpose()?;
+    let listen = c.peer_listen.as_ref().map(|l| *l.get_ref());
+    match (&c.peer_listen, &c.peer_advertise) {
+        (Some(l), None) => {
+            return Err(src.at(l, "cluster.peer_listen", "needs cluster.peer_advertise, the URL peers dial for it"))
+        }
+        (None, Some(a)) => return Err(src.at(a, "cluster.peer_advertise", "needs cluster.peer_listen")),
+        _ => {}
+    }
+    let token = match &c.peer_token {
+        Some(t) if t.get_ref().expose().is_empty() => return Err(src.at(t, "cluster.peer_token", "is empty")),
+        Some(t) => Some(t.get_ref().clone()),
+        None => None,
+    };
+    if let (Some(l), None) = (&c.peer_listen, &token) {
+        if !l.get_ref().ip().is_loopback() {
+            return Err(src.at(
+                l,
+                "cluster.peer_listen",
+                format!("{} is not a loopback address: set cluster.peer_token (the same on every server), or anyone who reaches it can send requests into the tunnels", l.get_ref()),
+            ));
+        }
+    }
+    Ok((listen, advertise, token))
 }
 
 /// The etcd TLS keys: files that parse, cert with key, and only with https:// endpoints.
