@@ -8,7 +8,7 @@ mod common;
 
 use bytes::Bytes;
 use common::etcd::EtcdCluster;
-use common::fault::{client_of, OwnServer, FAULT_SERVER};
+use common::fault::{client_of, open_loop, OwnServer, FAULT_SERVER};
 use common::ws::{ws_config, WsUpstream};
 use common::*;
 use futures_util::{SinkExt, StreamExt};
@@ -425,4 +425,52 @@ async fn a_server_without_a_client_forwards_to_a_peer_that_has_one() {
         panic!("{} forwarded, not 26: {paths:?}", forwarded());
     }
     assert_eq!(e2.shared.metrics.forwarded_in.get_or_create(&vec![("group", "demo".into())]).get(), 26);
+}
+
+/// kill -9 of a server that a peer forwards to, under 200 req/s: only
+/// requests in flight to it or sent in the moment after fail (each at once,
+/// none hangs); the forwarding server moves to the other holder, and once
+/// the lease has expired nothing is forwarded to the dead server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_peer_costs_only_the_requests_in_flight_to_it() {
+    let Some(etcd) = EtcdCluster::start(1) else { return };
+    let prefix = prefix("kill");
+    let web = Upstream::start("web").await;
+    let edges: Vec<OwnServer> = (1..=3).map(|i| start_edge(&format!("edge-{i}"), &etcd, &prefix, "")).collect();
+    // edge-1 holds no client: everything it gets is forwarded to edge-2 or edge-3.
+    let _c2 = TestClient::start(&client_of(edges[1].grpc, "c2", &web, ""));
+    let _c3 = TestClient::start(&client_of(edges[2].grpc, "c3", &web, ""));
+    let expected = held(&[("c2", &["edge-2"]), ("c3", &["edge-3"])]);
+    eventually("edge-1 sees both clients", Duration::from_secs(5), || seen_by(&edges[0]).1 == expected).await;
+    let length = Duration::from_secs(7);
+    let deadline = Duration::from_secs(5);
+    let to_1 = tokio::spawn(open_loop(format!("http://{}/load", edges[0].http), 100, length, deadline));
+    let to_3 = tokio::spawn(open_loop(format!("http://{}/load", edges[2].http), 100, length, deadline));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut edges = edges.into_iter();
+    let (e1, e2, e3) = (edges.next().unwrap(), edges.next().unwrap(), edges.next().unwrap());
+    let killed_at = Instant::now();
+    e2.crash();
+    let gone = Duration::from_secs(2 + 1);
+    let forwarded_to_2 =
+        || e1.shared.metrics.forwarded.get_or_create(&vec![("group", "demo".into()), ("peer", "edge-2".into())]).get();
+    tokio::time::sleep(gone).await;
+    let after_lease = forwarded_to_2();
+    let (via_1, at_3) = (to_1.await.unwrap(), to_3.await.unwrap());
+    assert_eq!(forwarded_to_2(), after_lease, "forwarded to the dead server after lease_ttl + 1 s");
+    let failed: Vec<&common::fault::Outcome> = via_1.iter().filter(|o| !o.ok()).collect();
+    println!(
+        "{} of {} requests via edge-1 failed after edge-2's kill: {}",
+        failed.len(),
+        via_1.len(),
+        common::fault::summary(&via_1)
+    );
+    assert!(failed.len() <= 5, "only those in flight to edge-2 fail: {failed:?}");
+    for o in &failed {
+        assert!(o.took < Duration::from_secs(1), "a failed request hung: {o:?}");
+        let since_kill = o.sent.saturating_duration_since(killed_at);
+        assert!(since_kill < Duration::from_secs(1), "failed {since_kill:?} after the kill: {o:?}");
+    }
+    assert!(at_3.iter().all(|o| o.ok()), "edge-3 serves its own client throughout: {}", common::fault::summary(&at_3));
+    drop((e1, e3));
 }

@@ -44,6 +44,10 @@ const PING_INTERVAL: Duration = Duration::from_secs(10);
 const PING_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bound on connecting to a peer server.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// A peer whose call failed is passed over this long (if another holder of
+/// the group is there): a killed server refuses at once, while its lease
+/// would keep it in the view for the lease's TTL.
+const PEER_DOWN_FOR: Duration = Duration::from_secs(5);
 
 /// Serves `PeerService` on the peer listener until `stop` fires.
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener, stop: CancellationToken) -> anyhow::Result<()> {
@@ -202,9 +206,28 @@ fn bearer(md: &tonic::metadata::MetadataMap) -> &str {
 #[derive(Default)]
 pub struct Peers {
     channels: Mutex<HashMap<String, Channel>>,
+    /// server_id -> until when it is passed over after a failed call.
+    down: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 impl Peers {
+    fn mark_down(&self, server_id: &str) {
+        let until = std::time::Instant::now() + PEER_DOWN_FOR;
+        self.down.lock().unwrap_or_else(|e| e.into_inner()).insert(server_id.to_string(), until);
+    }
+
+    fn is_down(&self, server_id: &str) -> bool {
+        let mut down = self.down.lock().unwrap_or_else(|e| e.into_inner());
+        match down.get(server_id) {
+            Some(until) if *until > std::time::Instant::now() => true,
+            Some(_) => {
+                down.remove(server_id);
+                false
+            }
+            None => false,
+        }
+    }
+
     fn channel(&self, url: &str) -> Option<Channel> {
         let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = channels.get(url) {
@@ -239,10 +262,13 @@ pub fn forwarder(shared: &Arc<Shared>, group: &str) -> Option<(Arc<StreamHandle>
             .map(|(m, _)| (m.server_id.clone(), m.peer_advertise.clone()))
             .collect()
     });
-    if holders.is_empty() {
-        return None;
-    }
-    let (peer_id, url) = holders[fastrand::usize(..holders.len())].clone();
+    // Peers whose last call failed go last: tried only if no other holds the group.
+    let up: Vec<&(String, String)> = holders.iter().filter(|(id, _)| !shared.peers.is_down(id)).collect();
+    let (peer_id, url) = match (up.is_empty(), holders.is_empty()) {
+        (_, true) => return None,
+        (false, _) => up[fastrand::usize(..up.len())].clone(),
+        (true, false) => holders[fastrand::usize(..holders.len())].clone(),
+    };
     let channel = shared.peers.channel(&url)?;
     let cancel = shared.streams.child_token();
     let (out, out_stream) = Outbound::new(cancel.clone());
@@ -271,6 +297,7 @@ pub fn forwarder(shared: &Arc<Shared>, group: &str) -> Option<(Arc<StreamHandle>
         }
     }
     let peer = peer_id.clone();
+    let owner = shared.clone();
     // Owned by the exchange: ends when the peer ends the call (the exchange
     // is over), the call fails, or the server's streams close.
     shared.tasks.spawn(async move {
@@ -284,6 +311,9 @@ pub fn forwarder(shared: &Arc<Shared>, group: &str) -> Option<(Arc<StreamHandle>
                 Err(s) => {
                     let why = format!("forwarding to {peer} failed: {}", s.message());
                     tracing::info!(peer = %peer, "{why}");
+                    if s.code() == tonic::Code::Unavailable {
+                        owner.peers.mark_down(&peer);
+                    }
                     exchanges.fail_all(ExchangeFailure::Forward(why));
                     return;
                 }
@@ -303,6 +333,9 @@ pub fn forwarder(shared: &Arc<Shared>, group: &str) -> Option<(Arc<StreamHandle>
                 }
                 Ok(None) => break,
                 Err(s) => {
+                    if s.code() == tonic::Code::Unavailable {
+                        owner.peers.mark_down(&peer);
+                    }
                     exchanges.fail_all(ExchangeFailure::Forward(format!("forwarding to {peer}: {}", s.message())));
                     return;
                 }
