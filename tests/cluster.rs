@@ -474,3 +474,62 @@ async fn a_killed_peer_costs_only_the_requests_in_flight_to_it() {
     assert!(at_3.iter().all(|o| o.ok()), "edge-3 serves its own client throughout: {}", common::fault::summary(&at_3));
     drop((e1, e3));
 }
+
+/// `config push`: a new set of groups and rules stored in etcd is served by
+/// every server within 1 s, with the etcd revision as every group's version
+/// on every server and client; an invalid push is refused and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pushed_config_reaches_every_server_within_a_second() {
+    let Some(etcd) = EtcdCluster::start(1) else { return };
+    let prefix = prefix("push");
+    let web = Upstream::start("web").await;
+    let edges: Vec<OwnServer> = (1..=2).map(|i| start_edge(&format!("edge-{i}"), &etcd, &prefix, "")).collect();
+    let grpc: Vec<String> = edges.iter().map(|e| format!("\"http://{}\"", e.grpc)).collect();
+    let toml = client_of(edges[0].grpc, "c1", &web, "").replacen(
+        &format!("server = \"http://{}\"", edges[0].grpc),
+        &format!("servers = [{}]", grpc.join(", ")),
+        1,
+    );
+    let c1 = TestClient::start(&toml);
+    eventually("c1 on both servers", Duration::from_secs(5), || {
+        edges.iter().all(|e| e.shared.registry.clients().len() == 1)
+    })
+    .await;
+    let c = http_client();
+    let host_get = |e: &OwnServer, host: &str| {
+        Request::get(format!("http://{}/pushed", e.http)).header("host", host).body(empty()).unwrap()
+    };
+    for e in &edges {
+        assert_eq!(send(&c, host_get(e, "other.localhost")).await.status, 200, "the file's catch-all rule");
+    }
+
+    let settings = edges[0].shared.config().cluster.clone().unwrap();
+    let fleet =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/push/fleet.toml")).unwrap();
+    let only_new = fleet.replace("[[rules]]\ngroup = \"demo\"\nupstream = \"web\"\ntimeout = \"5s\"\n", "");
+    let pushed_at = Instant::now();
+    let revision = tunnel_daemon::server::cluster::push_config(&settings, &only_new, "fleet.toml").await.unwrap();
+    let version = format!("r{revision}");
+    eventually("both servers apply the push", Duration::from_secs(1), || {
+        edges.iter().all(|e| e.shared.group_version("demo").as_deref() == Some(version.as_str()))
+    })
+    .await;
+    println!("pushed config in force on both servers {:?} after the push", pushed_at.elapsed());
+    for e in &edges {
+        assert_eq!(send(&c, host_get(e, "new.localhost")).await.status, 200, "the pushed rule serves");
+        assert_eq!(send(&c, host_get(e, "other.localhost")).await.status, 404, "the file's rules are replaced");
+        assert_eq!(e.shared.cluster.as_ref().unwrap().info().config_revision, revision);
+    }
+    let mut status = c1.status.clone();
+    let applied = config_version(&mut status, |v| v == version).await;
+    assert_eq!(applied, version, "the client applies the fleet's version");
+
+    // Invalid: a rule for a group that does not exist. Refused before etcd; nothing changes.
+    let bad = only_new.replace("group = \"demo\"\nupstream", "group = \"nope\"\nupstream");
+    let err = tunnel_daemon::server::cluster::push_config(&settings, &bad, "bad.toml").await.unwrap_err();
+    assert!(format!("{err:#}").contains("bad.toml:"), "{err:#}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for e in &edges {
+        assert_eq!(e.shared.group_version("demo").as_deref(), Some(version.as_str()));
+    }
+}

@@ -73,3 +73,29 @@ fn missing_config_file_is_reported() {
     assert_eq!(code, 2);
     assert!(stderr.contains("/nonexistent/server.toml: cannot read"), "{stderr}");
 }
+
+/// `config push --check` accepts groups and rules, refuses a file with a
+/// server's own sections naming file, line and key, and a push without a
+/// clustered --config says what it needs; nothing reaches etcd in any of these.
+#[test]
+fn config_push_checks_first() {
+    let push = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_tunnel-server")).args(args).output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let fixture = |name: &str| root().join("tests/fixtures/push").join(name).display().to_string();
+    let (code, stdout, _) = push(&["config", "push", "--check", &fixture("fleet.toml")]);
+    assert_eq!(code, 0);
+    assert!(stdout.contains("fleet.toml: OK (1 groups, 2 rules)"), "{stdout}");
+    let (code, _, stderr) = push(&["config", "push", "--check", &fixture("with-server.toml")]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("with-server.toml:1: server: unknown field `server`"), "{stderr}");
+    let minimal = root().join("tests/fixtures/good/server-minimal.toml").display().to_string();
+    let (code, _, stderr) = push(&["--config", &minimal, "config", "push", &fixture("fleet.toml")]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("has no [cluster] section"), "{stderr}");
+}

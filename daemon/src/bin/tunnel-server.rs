@@ -1,6 +1,6 @@
 //! tunnel-server: public HTTP ingress and the gRPC endpoint tunnel clients dial.
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tunnel_daemon::server::{Listeners, Server};
@@ -15,7 +15,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(version, about = "Reverse HTTP tunnel server: public ingress, routed to tunnel clients over gRPC")]
 struct Args {
     /// Path to server.toml.
-    #[arg(long, short, required_unless_present = "demo")]
+    #[arg(long, short)]
     config: Option<PathBuf>,
     /// Validate the config, print the result and exit (0 valid, 2 invalid).
     #[arg(long)]
@@ -23,6 +23,29 @@ struct Args {
     /// Run server, client and a demo upstream on loopback with built-in defaults.
     #[arg(long, conflicts_with_all = ["config", "check"])]
     demo: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The fleet's shared config in etcd (servers with [cluster]).
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Check FILE ([[groups]] and [[rules]] only) and store it in etcd: every
+    /// server of the fleet applies it and pushes it to its clients. Reaches
+    /// etcd with the [cluster] section of the file given by --config.
+    Push {
+        /// The groups and rules to push.
+        file: PathBuf,
+        /// Only check FILE (0 valid, 2 invalid); store nothing.
+        #[arg(long)]
+        check: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -34,7 +57,11 @@ fn main() -> ExitCode {
                 .and_then(|rt| rt.block_on(tunnel_daemon::demo::run(tunnel_daemon::signal::shutdown()))),
         );
     }
+    if let Some(Command::Config(ConfigCommand::Push { file, check })) = &args.command {
+        return push(args.config.as_deref(), file, *check);
+    }
     let Some(path) = args.config else {
+        eprintln!("tunnel-server: --config server.toml is required (or --demo to try it on built-in defaults)");
         return ExitCode::from(2);
     };
     let config = match ServerConfig::from_file(&path) {
@@ -69,6 +96,61 @@ fn main() -> ExitCode {
         })
     });
     finish(result)
+}
+
+/// `config push`: exit 0 when stored (or valid, with --check), 2 when the
+/// file is invalid, 1 when etcd could not take it.
+fn push(server_toml: Option<&std::path::Path>, file: &std::path::Path, check_only: bool) -> ExitCode {
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("{}: cannot read: {e}", file.display());
+            return ExitCode::from(2);
+        }
+    };
+    let name = file.display().to_string();
+    match tunnel_lib::config::PushedConfig::from_str_named(&text, &name) {
+        Ok(p) => {
+            if check_only {
+                println!("{name}: OK ({} groups, {} rules)", p.groups.len(), p.rules.rules().len());
+                return ExitCode::SUCCESS;
+            }
+        }
+        Err(e) => {
+            eprintln!("invalid config: {e}");
+            return ExitCode::from(2);
+        }
+    }
+    let Some(server_toml) = server_toml else {
+        eprintln!("config push: --config server.toml is needed to find etcd (its [cluster] section)");
+        return ExitCode::from(2);
+    };
+    let cluster = match ServerConfig::from_file(server_toml) {
+        Ok(ServerConfig { cluster: Some(c), .. }) => c,
+        Ok(_) => {
+            eprintln!("config push: {} has no [cluster] section: nothing to push to", server_toml.display());
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            eprintln!("invalid config: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let pushed = tunnel_daemon::runtime::build(1)
+        .and_then(|rt| rt.block_on(tunnel_daemon::server::cluster::push_config(&cluster, &text, &name)));
+    match pushed {
+        Ok(revision) => {
+            println!(
+                "{name}: pushed to {}/config at etcd revision {revision} (config version r{revision})",
+                cluster.prefix
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("config push: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn finish(r: anyhow::Result<()>) -> ExitCode {

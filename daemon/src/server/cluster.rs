@@ -43,6 +43,9 @@ pub struct View {
     pub members_revision: i64,
     /// group -> client_id -> server_id -> holding.
     pub holdings: BTreeMap<String, BTreeMap<String, BTreeMap<String, Holding>>>,
+    /// The fleet's pushed config (`tunnel-server config push`): its etcd
+    /// revision and text; None until one is pushed.
+    pub config: Option<(i64, String)>,
 }
 
 impl View {
@@ -114,6 +117,8 @@ impl View {
                     tracing::warn!(key = %String::from_utf8_lossy(&kv.key), "undecodable holding record in etcd: {e}; ignored")
                 }
             },
+            Some(Key::Config) if deleted => self.config = None,
+            Some(Key::Config) => self.config = Some((kv.mod_revision, String::from_utf8_lossy(&kv.value).into_owned())),
             // Other keys under the prefix (a newer server's) are not ours to read.
             None => {}
         }
@@ -128,8 +133,14 @@ impl View {
 /// A key under the prefix that we understand.
 #[derive(Debug, PartialEq, Eq)]
 enum Key {
+    /// The fleet's pushed groups and rules.
+    Config,
     Member(String),
-    Holding { group: String, client: String, server: String },
+    Holding {
+        group: String,
+        client: String,
+        server: String,
+    },
 }
 
 /// Percent-encodes '%' and '/' so that a name is one key component.
@@ -145,6 +156,11 @@ fn member_key(prefix: &str, server: &str) -> String {
     format!("{prefix}/members/{}", enc(server))
 }
 
+/// Where `tunnel-server config push` stores the fleet's groups and rules.
+pub fn config_key(prefix: &str) -> String {
+    format!("{prefix}/config")
+}
+
 fn holding_key(prefix: &str, group: &str, client: &str, server: &str) -> String {
     format!("{prefix}/clients/{}/{}/{}", enc(group), enc(client), enc(server))
 }
@@ -154,6 +170,7 @@ fn parse_key(prefix: &str, key: &[u8]) -> Option<Key> {
     let rest = key.strip_prefix(prefix)?.strip_prefix('/')?;
     let parts: Vec<&str> = rest.split('/').collect();
     match parts.as_slice() {
+        ["config"] => Some(Key::Config),
         ["members", id] => Some(Key::Member(dec(id))),
         ["clients", g, c, s] => Some(Key::Holding { group: dec(g), client: dec(c), server: dec(s) }),
         _ => None,
@@ -173,6 +190,8 @@ pub struct Cluster {
     draining: AtomicBool,
     /// Registry writes (puts and deletes of holdings), since start.
     pub writes: AtomicI64,
+    /// The revision of the pushed config last applied (0: none yet).
+    config_revision: AtomicI64,
     /// Wakes the session when this server's member record must be rewritten.
     member_changed: tokio::sync::Notify,
 }
@@ -189,6 +208,7 @@ impl Cluster {
             outage: Mutex::new(Some((SystemTime::now(), "not connected yet".into()))),
             draining: AtomicBool::new(false),
             writes: AtomicI64::new(0),
+            config_revision: AtomicI64::new(0),
             member_changed: tokio::sync::Notify::new(),
         }
     }
@@ -251,6 +271,7 @@ impl Cluster {
                     })
                     .collect(),
                 holdings: v.holding_count() as u64,
+                config_revision: self.config_revision.load(Ordering::Relaxed),
             }
         })
     }
@@ -298,6 +319,20 @@ impl Cluster {
             last.push_str(why);
         }
     }
+}
+
+/// `tunnel-server config push`: checks `text` as a pushed config (groups
+/// and rules) and stores it for the fleet; the etcd revision it got, which
+/// becomes every group's config version on every server.
+pub async fn push_config(settings: &ClusterSettings, text: &str, file: &str) -> anyhow::Result<i64> {
+    use anyhow::Context as _;
+    tunnel_lib::config::PushedConfig::from_str_named(text, file)?;
+    let etcd = Etcd::connect(settings, 0).await.context("connecting to etcd")?;
+    let revision = etcd
+        .put(config_key(&settings.prefix).as_bytes(), text.as_bytes().to_vec(), 0)
+        .await
+        .context("storing the config in etcd")?;
+    Ok(revision)
 }
 
 /// Keeps this server's membership and holdings in etcd and the view current
@@ -412,6 +447,7 @@ async fn session(
         })
         .collect();
     *cluster.view.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+    follow_pushed_config(shared, cluster);
     let mut watch = etcd.watch_prefix(format!("{prefix}/").as_bytes(), revision + 1).await?;
     publish(shared, cluster, &etcd, lease, &mut state.published).await?;
     cluster.set_up(shared);
@@ -482,8 +518,20 @@ fn apply_watch(
     }
     if !resp.events.is_empty() {
         update_gauges(shared, cluster);
+        follow_pushed_config(shared, cluster);
     }
     Ok(())
+}
+
+/// Applies the fleet's pushed config when the view holds a newer one than
+/// the one in force (every revision once; a watch may replay).
+fn follow_pushed_config(shared: &Shared, cluster: &Cluster) {
+    let Some((revision, text)) = cluster.with_view(|v| v.config.clone()) else { return };
+    if cluster.config_revision.load(Ordering::Relaxed) >= revision {
+        return;
+    }
+    cluster.config_revision.store(revision, Ordering::Relaxed);
+    super::reload::apply_pushed(shared, &text, revision);
 }
 
 /// Writes the difference between the registry's holdings and what was

@@ -125,6 +125,8 @@ pub struct Shared {
     pub cluster: Option<Arc<cluster::Cluster>>,
     /// Connections to peer servers, for forwarded requests.
     pub peers: peer::Peers,
+    /// The fleet's groups and rules from etcd and their revision, once pushed.
+    pushed: std::sync::Mutex<Option<(tunnel_lib::config::PushedConfig, i64)>>,
     pub server_id: String,
     pub started: Instant,
     pub started_at: SystemTime,
@@ -160,6 +162,15 @@ impl Shared {
     fn set_config(&self, cfg: ServerConfig) {
         *self.versions.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(group_versions(&cfg));
         *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(cfg);
+    }
+
+    /// The fleet's pushed groups and rules in force, with their etcd revision.
+    pub fn pushed(&self) -> Option<(tunnel_lib::config::PushedConfig, i64)> {
+        self.pushed.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set_pushed(&self, pushed: tunnel_lib::config::PushedConfig, revision: i64) {
+        *self.pushed.lock().unwrap_or_else(|e| e.into_inner()) = Some((pushed, revision));
     }
 
     /// The tunnel link's TLS settings now; None when it is plaintext.
@@ -346,6 +357,7 @@ impl Server {
                 registry: Registry::new(),
                 cluster,
                 peers: peer::Peers::default(),
+                pushed: std::sync::Mutex::new(None),
                 server_id,
                 started: Instant::now(),
                 started_at: SystemTime::now(),

@@ -76,7 +76,12 @@ pub fn reload_from_file(shared: &Shared) -> Reload {
         return Reload::Unchanged;
     };
     let result = match ServerConfig::from_file(path) {
-        Ok(cfg) => apply(shared, cfg),
+        // A clustered server's groups and rules come from the fleet's push,
+        // if there is one: the file's own stand in only until then.
+        Ok(cfg) => match shared.pushed() {
+            Some((pushed, revision)) => apply(shared, cfg.with_pushed(&pushed, revision)),
+            None => apply(shared, cfg),
+        },
         Err(e) => {
             tracing::error!("config reload refused, old config keeps serving: {e}");
             Reload::Refused(e.to_string())
@@ -152,6 +157,30 @@ pub fn apply(shared: &Shared, new: ServerConfig) -> Reload {
         push_group(shared, group);
     }
     Reload::Applied(changed)
+}
+
+/// Puts the fleet's pushed groups and rules (etcd revision `revision`) in
+/// force, in place of the file's, and pushes them to clients as a reload
+/// would. An invalid push is refused: the config in force keeps serving.
+pub fn apply_pushed(shared: &Shared, text: &str, revision: i64) -> Reload {
+    let name = match &shared.cluster {
+        Some(c) => format!("etcd {}/config (revision {revision})", c.settings.prefix),
+        None => format!("pushed config (revision {revision})"),
+    };
+    let pushed = match tunnel_lib::config::PushedConfig::from_str_named(text, &name) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!("pushed config refused, the config in force keeps serving: {e}");
+            shared.metrics.reloads.get_or_create(&vec![("result", "failed".to_string())]).inc();
+            return Reload::Refused(e.to_string());
+        }
+    };
+    let new = shared.config().with_pushed(&pushed, revision);
+    shared.set_pushed(pushed, revision);
+    let result = apply(shared, new);
+    tracing::info!(revision, outcome = ?result, "fleet config from etcd applied");
+    shared.metrics.reloads.get_or_create(&vec![("result", "ok".to_string())]).inc();
+    result
 }
 
 /// Sends the group's current config to its connected clients' config streams.

@@ -26,7 +26,9 @@ pub use client::{ClientConfig, Transport, Upstream};
 pub use defaults::*;
 pub use log::{LogConfig, LogFormat};
 pub use secret::Secret;
-pub use server::{ClusterSettings, ConfigPush, EtcdTls, GroupSettings, IngressCert, ServerConfig, ServerSettings};
+pub use server::{
+    ClusterSettings, ConfigPush, EtcdTls, GroupSettings, IngressCert, PushedConfig, ServerConfig, ServerSettings,
+};
 pub use source::ConfigError;
 pub use tls::{ClientTls, LinkTls};
 pub use version::config_version;

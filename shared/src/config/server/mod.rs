@@ -49,6 +49,42 @@ pub struct ServerConfig {
     pub certificates: Vec<IngressCert>,
     /// Membership and registry in etcd; None = a standalone server.
     pub cluster: Option<ClusterSettings>,
+    /// The etcd revision of the groups and rules when they came from a
+    /// `config push` (then it is every group's config version, ordered
+    /// fleet-wide); None when they came from this file.
+    pub pushed_revision: Option<i64>,
+}
+
+/// What `tunnel-server config push` stores in etcd: groups and rules, the
+/// part of server.toml the whole fleet shares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushedConfig {
+    pub groups: Vec<GroupSettings>,
+    pub rules: RuleSet,
+}
+
+impl PushedConfig {
+    /// Checks a pushed file: only `[[groups]]` and `[[rules]]` (each
+    /// server's `[server]`, `[cluster]` and `[log]` stay in its own file),
+    /// checked as server.toml checks them; errors name file, line and key.
+    pub fn from_str_named(text: &str, file: &str) -> Result<Self, ConfigError> {
+        let src = Source { file, text };
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct PushFile {
+            #[serde(default)]
+            groups: Vec<groups::GroupSection>,
+            #[serde(default)]
+            rules: Vec<rules::RuleSection>,
+        }
+        let raw: PushFile = src.parse()?;
+        if raw.groups.is_empty() {
+            return Err(src.error(None, "groups", "a pushed config needs at least one [[groups]]"));
+        }
+        let groups = groups::check(&src, &raw.groups, None)?;
+        let rules = rules::check(&src, &raw.rules, &groups)?;
+        Ok(PushedConfig { groups, rules })
+    }
 }
 
 impl ServerConfig {
@@ -69,7 +105,18 @@ impl ServerConfig {
         let rules = rules::check(&src, &raw.rules, &groups)?;
         let cluster = raw.cluster.as_ref().map(|c| cluster::check(&src, c)).transpose()?;
         let log = merge_log(&src, raw.log, raw.server.log_level, raw.server.log_format, "server.")?;
-        Ok(ServerConfig { server, log, groups, rules, certificates, cluster })
+        Ok(ServerConfig { server, log, groups, rules, certificates, cluster, pushed_revision: None })
+    }
+
+    /// This config with the fleet's pushed groups and rules in place of the
+    /// file's, at etcd revision `revision`.
+    pub fn with_pushed(&self, pushed: &PushedConfig, revision: i64) -> ServerConfig {
+        ServerConfig {
+            groups: pushed.groups.clone(),
+            rules: pushed.rules.clone(),
+            pushed_revision: Some(revision),
+            ..self.clone()
+        }
     }
 
     /// The HTTPS ingress's rustls settings, read from the files now; None without https_listen.
@@ -87,9 +134,14 @@ impl ServerConfig {
         self.groups.iter().find(|g| g.name == name)
     }
 
-    /// What `ConfigSync` carries for a group, and its version (content hash).
+    /// What `ConfigSync` carries for a group, and its version: the content
+    /// hash, or with pushed config "r" and the etcd revision of the push.
     pub fn group_sync(&self, name: &str) -> Option<(String, proto::GroupConfig)> {
         let cfg = group_config(self.group(name)?, &self.rules);
-        Some((config_version(&cfg), cfg))
+        let version = match self.pushed_revision {
+            Some(r) => format!("r{r}"),
+            None => config_version(&cfg),
+        };
+        Some((version, cfg))
     }
 }
