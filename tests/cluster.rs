@@ -27,13 +27,27 @@ fn start_edge(id: &str, etcd: &EtcdCluster, prefix: &str, extra: &str) -> OwnSer
 
 /// `start_edge` with another server.toml than FAULT_SERVER.
 fn start_edge_of(base: &str, id: &str, etcd: &EtcdCluster, prefix: &str, extra: &str) -> OwnServer {
+    start_edge_with(base, id, etcd, prefix, extra, "").0
+}
+
+/// `start_edge_of` with `cluster_extra` keys in [cluster] (peer TLS keys
+/// make the peer URL https://); the server and its peer address.
+fn start_edge_with(
+    base: &str,
+    id: &str,
+    etcd: &EtcdCluster,
+    prefix: &str,
+    extra: &str,
+    cluster_extra: &str,
+) -> (OwnServer, std::net::SocketAddr) {
     let [http, grpc, admin, peer] = free_ports::<4>();
     let server = base.replacen("[server]\n", &format!("[server]\nserver_id = \"{id}\"\n{extra}\n"), 1);
+    let scheme = if cluster_extra.contains("peer_ca") { "https" } else { "http" };
     let toml = format!(
-        "{server}\n[cluster]\netcd = {}\nprefix = \"{prefix}\"\nadvertise = \"http://{grpc}\"\nadmin_advertise = \"http://{admin}\"\npeer_listen = \"{peer}\"\npeer_advertise = \"http://{peer}\"\nlease_ttl = \"2s\"\n",
+        "{server}\n[cluster]\netcd = {}\nprefix = \"{prefix}\"\nadvertise = \"http://{grpc}\"\nadmin_advertise = \"http://{admin}\"\npeer_listen = \"{peer}\"\npeer_advertise = \"{scheme}://{peer}\"\nlease_ttl = \"2s\"\n{cluster_extra}\n",
         etcd.toml_list()
     );
-    OwnServer::start(&toml, Some((http, grpc, admin)))
+    (OwnServer::start(&toml, Some((http, grpc, admin))), peer)
 }
 
 /// A prefix of its own per test: tests share no etcd, but a prefix per test
@@ -532,4 +546,53 @@ async fn a_pushed_config_reaches_every_server_within_a_second() {
     for e in &edges {
         assert_eq!(e.shared.group_version("demo").as_deref(), Some(version.as_str()));
     }
+}
+
+/// mTLS between servers: forwarding works with certificates the fleet's
+/// peer CA signed, and the peer port refuses a plaintext caller and one
+/// whose certificate another CA signed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_between_servers_can_require_mtls() {
+    use tunnel_lib::proto::peer_service_client::PeerServiceClient;
+    let Some(etcd) = EtcdCluster::start(1) else { return };
+    let prefix = prefix("mtls");
+    let dir = common::pki::TempDir::new("peers");
+    let (ca, rogue) = (common::pki::Ca::new(&dir.0, "peers"), common::pki::Ca::new(&dir.0, "rogue"));
+    let keys = |file: &str| {
+        let (cert, key) = ca.peer(file, &["127.0.0.1"]);
+        format!(
+            "peer_ca = \"{}\"\npeer_cert = \"{}\"\npeer_key = \"{}\"",
+            ca.cert_path().display(),
+            cert.display(),
+            key.display()
+        )
+    };
+    let web = Upstream::start("web").await;
+    let (e1, _) = start_edge_with(FAULT_SERVER, "edge-1", &etcd, &prefix, "", &keys("edge-1"));
+    let (e2, peer2) = start_edge_with(FAULT_SERVER, "edge-2", &etcd, &prefix, "", &keys("edge-2"));
+    let _c1 = TestClient::start(&client_of(e2.grpc, "c1", &web, ""));
+    eventually("edge-1 sees c1 on edge-2", Duration::from_secs(5), || seen_by(&e1).1 == held(&[("c1", &["edge-2"])]))
+        .await;
+    let got = get(&format!("http://{}/over-mtls", e1.http)).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert_eq!(e1.shared.requests.since(0).pop().unwrap().forwarded_to, "edge-2");
+
+    let call = |channel: tonic::transport::Channel| async move {
+        let (tx, rx) = tokio::sync::mpsc::channel::<tunnel_lib::proto::TunnelMessage>(1);
+        let r = PeerServiceClient::new(channel).forward(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
+        drop(tx);
+        r
+    };
+    let plain = tonic::transport::Endpoint::from_shared(format!("http://{peer2}")).unwrap().connect_lazy();
+    assert!(tokio::time::timeout(WAIT, call(plain)).await.unwrap().is_err(), "a plaintext caller is refused");
+    let (cert, key) = rogue.peer("rogue", &["127.0.0.1"]);
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(std::fs::read(ca.cert_path()).unwrap()))
+        .identity(tonic::transport::Identity::from_pem(std::fs::read(cert).unwrap(), std::fs::read(key).unwrap()))
+        .domain_name("127.0.0.1");
+    let ep = tonic::transport::Endpoint::from_shared(format!("https://{peer2}")).unwrap().tls_config(tls).unwrap();
+    assert!(
+        tokio::time::timeout(WAIT, call(ep.connect_lazy())).await.unwrap().is_err(),
+        "another CA's certificate is refused"
+    );
 }

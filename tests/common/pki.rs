@@ -34,9 +34,19 @@ impl Ca {
         usage: ExtendedKeyUsagePurpose,
         expired: bool,
     ) -> (PathBuf, PathBuf) {
+        self.issue_for(file, names, vec![usage], expired)
+    }
+
+    fn issue_for(
+        &self,
+        file: &str,
+        names: &[&str],
+        usages: Vec<ExtendedKeyUsagePurpose>,
+        expired: bool,
+    ) -> (PathBuf, PathBuf) {
         let mut params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
         params.distinguished_name.push(rcgen::DnType::CommonName, file);
-        params.extended_key_usages = vec![usage];
+        params.extended_key_usages = usages;
         if expired {
             params.not_before = rcgen::date_time_ymd(2020, 1, 1);
             params.not_after = rcgen::date_time_ymd(2021, 1, 1);
@@ -51,6 +61,12 @@ impl Ca {
 
     pub fn server(&self, file: &str, names: &[&str]) -> (PathBuf, PathBuf) {
         self.issue(file, names, ExtendedKeyUsagePurpose::ServerAuth, false)
+    }
+
+    /// A server's peer certificate: it serves and dials forwarded calls with it.
+    pub fn peer(&self, file: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+        let both = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        self.issue_for(file, names, both, false)
     }
 
     pub fn client(&self, file: &str) -> (PathBuf, PathBuf) {

@@ -24,8 +24,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt as _};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
 use tonic::{Request, Response, Status, Streaming};
+use tunnel_lib::config::PeerTls;
 use tunnel_lib::frame::{self, body_buffer_capacity};
 use tunnel_lib::proto::peer_service_client::PeerServiceClient;
 use tunnel_lib::proto::peer_service_server::{PeerService, PeerServiceServer};
@@ -62,7 +63,13 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, stop: Cancellatio
         }
         c
     });
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = shared.cluster.as_ref().and_then(|c| c.settings.peer_tls.as_ref()) {
+        // mTLS: only servers whose certificates the fleet's peer CA signed may forward here.
+        let (identity, ca) = (identity(tls)?, Certificate::from_pem(read(&tls.ca)?));
+        builder = builder.tls_config(ServerTlsConfig::new().identity(identity).client_ca_root(ca))?;
+    }
+    builder
         .http2_keepalive_interval(Some(PING_INTERVAL))
         .http2_keepalive_timeout(Some(PING_TIMEOUT))
         .http2_max_pending_accept_reset_streams(Some(s.h2_max_remote_resets))
@@ -73,6 +80,16 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, stop: Cancellatio
         .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
         .await?;
     Ok(())
+}
+
+/// A TLS file, bounded (a FIFO or device named by mistake fails).
+fn read(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    use anyhow::Context as _;
+    tunnel_lib::units::read_bounded(path, 1 << 20).with_context(|| format!("reading {}", path.display()))
+}
+
+fn identity(tls: &PeerTls) -> anyhow::Result<Identity> {
+    Ok(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?))
 }
 
 /// The called side: relays forwarded exchanges to this server's clients.
@@ -228,13 +245,32 @@ impl Peers {
         }
     }
 
-    fn channel(&self, url: &str) -> Option<Channel> {
+    fn channel(&self, url: &str, tls: Option<&PeerTls>) -> Option<Channel> {
         let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = channels.get(url) {
             return Some(c.clone());
         }
-        let ep = Endpoint::from_shared(url.to_string())
-            .ok()?
+        let mut ep = Endpoint::from_shared(url.to_string()).ok()?;
+        if let Some(tls) = tls {
+            let host = ep.uri().host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_string();
+            let config = match (identity(tls), read(&tls.ca)) {
+                (Ok(id), Ok(ca)) => {
+                    ClientTlsConfig::new().identity(id).ca_certificate(Certificate::from_pem(ca)).domain_name(host)
+                }
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::warn!("peer TLS files: {e:#}; not forwarding");
+                    return None;
+                }
+            };
+            ep = match ep.tls_config(config) {
+                Ok(ep) => ep,
+                Err(e) => {
+                    tracing::warn!("peer TLS settings: {e}; not forwarding");
+                    return None;
+                }
+            };
+        }
+        let ep = ep
             .connect_timeout(CONNECT_TIMEOUT)
             .http2_keep_alive_interval(PING_INTERVAL)
             .keep_alive_timeout(PING_TIMEOUT)
@@ -269,7 +305,7 @@ pub fn forwarder(shared: &Arc<Shared>, group: &str) -> Option<(Arc<StreamHandle>
         (false, _) => up[fastrand::usize(..up.len())].clone(),
         (true, false) => holders[fastrand::usize(..holders.len())].clone(),
     };
-    let channel = shared.peers.channel(&url)?;
+    let channel = shared.peers.channel(&url, cluster.settings.peer_tls.as_ref())?;
     let cancel = shared.streams.child_token();
     let (out, out_stream) = Outbound::new(cancel.clone());
     let exchanges = Exchanges::new(out, Role::Server, String::new());

@@ -27,7 +27,8 @@ pub use defaults::*;
 pub use log::{LogConfig, LogFormat};
 pub use secret::Secret;
 pub use server::{
-    ClusterSettings, ConfigPush, EtcdTls, GroupSettings, IngressCert, PushedConfig, ServerConfig, ServerSettings,
+    ClusterSettings, ConfigPush, EtcdTls, GroupSettings, IngressCert, PeerTls, PushedConfig, ServerConfig,
+    ServerSettings,
 };
 pub use source::ConfigError;
 pub use tls::{ClientTls, LinkTls};

@@ -28,6 +28,9 @@ pub(super) struct ClusterSection {
     peer_listen: Option<Spanned<SocketAddr>>,
     peer_advertise: Option<Spanned<String>>,
     peer_token: Option<Spanned<Secret>>,
+    peer_ca: Option<Spanned<PathBuf>>,
+    peer_cert: Option<Spanned<PathBuf>>,
+    peer_key: Option<Spanned<PathBuf>>,
     lease_ttl: Option<Spanned<HumanDuration>>,
     etcd_username: Option<Spanned<String>>,
     etcd_password: Option<Spanned<Secret>>,
@@ -51,15 +54,29 @@ pub struct ClusterSettings {
     /// for it; None: this server takes no forwarded requests.
     pub peer_listen: Option<SocketAddr>,
     pub peer_advertise: Option<http::Uri>,
-    /// Servers present it to each other on forwarded calls; required when
-    /// peer_listen is off loopback (the port would otherwise be an open relay).
+    /// Servers present it to each other on forwarded calls; off loopback,
+    /// this or `peer_tls` is required (the port would otherwise be an open relay).
     pub peer_token: Option<Secret>,
+    /// mTLS between servers: each presents its certificate and accepts only
+    /// peers whose certificates `ca` signed; peer URLs are then https://.
+    pub peer_tls: Option<PeerTls>,
     /// The etcd lease's TTL: a crashed server's entries vanish this long after it.
     pub lease_ttl: Duration,
     /// etcd user and password, when etcd has authentication on.
     pub etcd_auth: Option<(String, Secret)>,
     /// TLS towards etcd: the CA to trust, and our certificate for mTLS.
     pub etcd_tls: Option<EtcdTls>,
+}
+
+/// mTLS between the servers of a fleet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerTls {
+    /// Signs every server's peer certificate.
+    pub ca: PathBuf,
+    /// This server's certificate (for both the server and the client side of
+    /// a forwarded call) and its key.
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// TLS towards etcd (`https://` endpoints).
@@ -119,7 +136,7 @@ pub(super) fn check(src: &Source, c: &ClusterSection) -> Result<ClusterSettings,
         .as_ref()
         .map(|a| parse_url(a.get_ref(), &["http", "https"]).map_err(|m| src.at(a, "cluster.admin_advertise", m)))
         .transpose()?;
-    let (peer_listen, peer_advertise, peer_token) = check_peer(src, c)?;
+    let (peer_listen, peer_advertise, peer_token, peer_tls) = check_peer(src, c)?;
     let lease_ttl = ranged::value(
         src,
         &c.lease_ttl,
@@ -147,22 +164,41 @@ pub(super) fn check(src: &Source, c: &ClusterSection) -> Result<ClusterSettings,
         peer_listen,
         peer_advertise,
         peer_token,
+        peer_tls,
         lease_ttl,
         etcd_auth,
         etcd_tls,
     })
 }
 
-/// Forwarding keys: listen and advertise together, and a token off loopback.
-#[allow(clippy::type_complexity)]
-fn check_peer(
-    src: &Source,
-    c: &ClusterSection,
-) -> Result<(Option<SocketAddr>, Option<http::Uri>, Option<Secret>), ConfigError> {
+/// What the forwarding keys give: peer_listen, peer_advertise, peer_token, peer_tls.
+type PeerKeys = (Option<SocketAddr>, Option<http::Uri>, Option<Secret>, Option<PeerTls>);
+
+/// Forwarding keys: listen and advertise together, mTLS files together (and
+/// then an https:// URL), and a token or mTLS off loopback.
+fn check_peer(src: &Source, c: &ClusterSection) -> Result<PeerKeys, ConfigError> {
+    let tls = match (&c.peer_ca, &c.peer_cert, &c.peer_key) {
+        (Some(ca), Some(cert), Some(key)) => {
+            crate::tls::root_store(ca.get_ref()).map_err(|e| src.at(ca, "cluster.peer_ca", e.to_string()))?;
+            crate::tls::certified_key(cert.get_ref(), key.get_ref())
+                .map_err(|e| tls_error(src, e, (cert, "cluster.peer_cert"), (key, "cluster.peer_key")))?;
+            Some(PeerTls { ca: ca.get_ref().clone(), cert: cert.get_ref().clone(), key: key.get_ref().clone() })
+        }
+        (None, None, None) => None,
+        _ => {
+            let at = c.peer_ca.as_ref().or(c.peer_cert.as_ref()).or(c.peer_key.as_ref()).map(|p| p.span().start);
+            return Err(src.error(
+                at,
+                "cluster.peer_ca",
+                "peer_ca, peer_cert and peer_key go together (mTLS between servers)",
+            ));
+        }
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let advertise = c
         .peer_advertise
         .as_ref()
-        .map(|a| parse_url(a.get_ref(), &["http"]).map_err(|m| src.at(a, "cluster.peer_advertise", m)))
+        .map(|a| parse_url(a.get_ref(), &[scheme]).map_err(|m| src.at(a, "cluster.peer_advertise", m)))
         .transpose()?;
     let listen = c.peer_listen.as_ref().map(|l| *l.get_ref());
     match (&c.peer_listen, &c.peer_advertise) {
@@ -177,16 +213,16 @@ fn check_peer(
         Some(t) => Some(t.get_ref().clone()),
         None => None,
     };
-    if let (Some(l), None) = (&c.peer_listen, &token) {
+    if let (Some(l), None, None) = (&c.peer_listen, &token, &tls) {
         if !l.get_ref().ip().is_loopback() {
             return Err(src.at(
                 l,
                 "cluster.peer_listen",
-                format!("{} is not a loopback address: set cluster.peer_token (the same on every server), or anyone who reaches it can send requests into the tunnels", l.get_ref()),
+                format!("{} is not a loopback address: set cluster.peer_ca, peer_cert and peer_key (mTLS between servers) or cluster.peer_token, or anyone who reaches it can send requests into the tunnels", l.get_ref()),
             ));
         }
     }
-    Ok((listen, advertise, token))
+    Ok((listen, advertise, token, tls))
 }
 
 /// The etcd TLS keys: files that parse, cert with key, and only with https:// endpoints.

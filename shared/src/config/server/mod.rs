@@ -8,7 +8,7 @@ mod rules;
 mod settings;
 
 pub use certificates::IngressCert;
-pub use cluster::{ClusterSettings, EtcdTls};
+pub use cluster::{ClusterSettings, EtcdTls, PeerTls};
 pub use groups::GroupSettings;
 pub use settings::{ConfigPush, ServerSettings};
 
