@@ -2,12 +2,12 @@
 # Installs what tunnel-bench drives: nginx (the upstream), wrk and h2load
 # (load generators), curl (transfers), nftables and iproute2 (the lossy-link
 # cell's network namespace), haproxy (the load balancer in front of several
-# servers), and rathole (the race's anchor).
+# servers), etcd (the cluster bench's store), and rathole (the race's anchor).
 #   bench/setup.sh               everything
 #   bench/setup.sh --no-rathole  the Debian packages only (what CI needs for --quick)
 set -euo pipefail
 want=()
-for tool in nginx:nginx wrk:wrk h2load:nghttp2-client curl:curl nft:nftables ip:iproute2 haproxy:haproxy; do
+for tool in nginx:nginx wrk:wrk h2load:nghttp2-client curl:curl nft:nftables ip:iproute2 haproxy:haproxy etcd:etcd-server; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${tool%%:*}" ] || want+=("${tool#*:}")
 done
 if [ ${#want[@]} -gt 0 ]; then

@@ -439,6 +439,9 @@ async fn a_server_without_a_client_forwards_to_a_peer_that_has_one() {
         panic!("{} forwarded, not 26: {paths:?}", forwarded());
     }
     assert_eq!(e2.shared.metrics.forwarded_in.get_or_create(&vec![("group", "demo".into())]).get(), 26);
+    // Every relayed exchange ended with its request: none left counting against max_in_flight.
+    let in_flight = || e2.shared.registry.streams().iter().map(|s| s.in_flight).sum::<usize>();
+    eventually("no relayed exchange left in flight on edge-2", Duration::from_secs(3), || in_flight() == 0).await;
 }
 
 /// kill -9 of a server that a peer forwards to, under 200 req/s: only

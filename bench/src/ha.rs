@@ -10,6 +10,7 @@
 //! restarted server. A second table prices a session per server: client RSS
 //! and idle CPU with 1, 3 and 5 servers, and what each client costs a server.
 
+use crate::load::{open_loop, timed_get, Sent};
 use crate::procs::{self, free_port, signal, spawn, TempDir};
 use anyhow::{bail, Context as _};
 use std::ffi::OsStr;
@@ -68,52 +69,6 @@ impl Config {
 /// Where HAProxy is, or why the bench cannot run it.
 pub fn haproxy() -> Result<PathBuf, String> {
     procs::which("haproxy").ok_or_else(|| "haproxy not installed (apt-get install haproxy; bench/setup.sh does)".into())
-}
-
-/// One request of the load.
-#[derive(Debug, Clone)]
-struct Sent {
-    at: Instant,
-    took: Duration,
-    /// False: it failed (why in `error`).
-    ok: bool,
-    error: String,
-}
-
-/// One GET given `within`, timed.
-async fn timed_get(c: &crate::load::HttpClient, url: String, within: Duration) -> Sent {
-    let at = Instant::now();
-    let error = match tokio::time::timeout(within, crate::load::get_ok(c, url)).await {
-        Ok(Ok(())) => String::new(),
-        Ok(Err(e)) => e,
-        Err(_) => format!("no answer within {within:?}"),
-    };
-    Sent { at, took: at.elapsed(), ok: error.is_empty(), error }
-}
-
-/// Requests GET `url` at RATE per second until `stop` fires; every request.
-async fn load(url: String, stop: CancellationToken) -> Vec<Sent> {
-    let client = crate::load::client();
-    let mut tick = tokio::time::interval(Duration::from_secs(1) / RATE);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let mut tasks = JoinSet::new();
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            _ = tick.tick() => {}
-        }
-        let (c, url) = (client.clone(), url.clone());
-        tasks.spawn(async move { timed_get(&c, url, DEADLINE).await });
-    }
-    let mut out = Vec::new();
-    let bound = tokio::time::Instant::now() + DEADLINE + Duration::from_secs(2);
-    while let Ok(Some(r)) = tokio::time::timeout_at(bound, tasks.join_next()).await {
-        if let Ok(s) = r {
-            out.push(s);
-        }
-    }
-    tasks.abort_all();
-    out
 }
 
 /// One server process and its addresses.
@@ -336,7 +291,7 @@ impl Fleet {
     }
 
     fn load(&self, stop: &CancellationToken) -> tokio::task::JoinHandle<Vec<Sent>> {
-        tokio::spawn(load(format!("http://{}/slow?ms=20", self.balancer.front), stop.clone()))
+        tokio::spawn(open_loop(format!("http://{}/slow?ms=20", self.balancer.front), RATE, DEADLINE, stop.clone()))
     }
 }
 

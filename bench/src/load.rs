@@ -327,3 +327,55 @@ async fn slow(http: SocketAddr, cfg: &Config, deadline: Instant, parked_count: u
         secs: cfg.duration.as_secs_f64(),
     }
 }
+
+/// One request of an open-loop load.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    pub at: std::time::Instant,
+    pub took: Duration,
+    /// False: it failed (why in `error`).
+    pub ok: bool,
+    pub error: String,
+}
+
+/// One GET given `within`, timed.
+pub async fn timed_get(c: &HttpClient, url: String, within: Duration) -> Sent {
+    let at = std::time::Instant::now();
+    let error = match tokio::time::timeout(within, get_ok(c, url)).await {
+        Ok(Ok(())) => String::new(),
+        Ok(Err(e)) => e,
+        Err(_) => format!("no answer within {within:?}"),
+    };
+    Sent { at, took: at.elapsed(), ok: error.is_empty(), error }
+}
+
+/// GET `url` at `rate` per second, each sent on time whatever the others
+/// do (open loop) and given `deadline`, until `stop` fires; every request.
+pub async fn open_loop(
+    url: String,
+    rate: u32,
+    deadline: Duration,
+    stop: tokio_util::sync::CancellationToken,
+) -> Vec<Sent> {
+    let client = client();
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / rate);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let (c, url) = (client.clone(), url.clone());
+        tasks.spawn(async move { timed_get(&c, url, deadline).await });
+    }
+    let mut out = Vec::new();
+    let bound = tokio::time::Instant::now() + deadline + Duration::from_secs(2);
+    while let Ok(Some(r)) = tokio::time::timeout_at(bound, tasks.join_next()).await {
+        if let Ok(s) = r {
+            out.push(s);
+        }
+    }
+    tasks.abort_all();
+    out
+}

@@ -4,6 +4,7 @@
 //! against direct nginx and rathole, the memory of a large fleet, and
 //! several servers behind HAProxy under faults.
 
+mod cluster;
 mod fleet;
 mod ha;
 mod isolation;
@@ -73,6 +74,8 @@ enum Cmd {
     Ops,
     /// Three servers behind HAProxy at 200 req/s: kill -9, SIGSTOP, drain and a rolling restart of one.
     Ha,
+    /// A cluster in etcd: forwarded vs local requests, and a simulated fleet (20 servers, 2000 clients) with a server killed.
+    Cluster,
     /// Long mixed load with restarts and reloads, sampling RSS, fds and tasks (default 1 h; not in the all-commands run).
     Soak {
         /// Where the time series goes.
@@ -108,6 +111,7 @@ async fn main() -> anyhow::Result<()> {
             Cmd::Ws,
             Cmd::Ops,
             Cmd::Ha,
+            Cmd::Cluster,
         ],
     };
     for c in commands {
@@ -123,6 +127,7 @@ async fn main() -> anyhow::Result<()> {
             Cmd::Ws => ws::run(&bins, &ws::Config::new(args.quick)).await?,
             Cmd::Ops => ops::run(&bins, &ops::Config::new(args.quick)).await?,
             Cmd::Ha => ha::run(&bins, &ha::Config::new(args.quick)).await?,
+            Cmd::Cluster => cluster::run(&bins, &cluster::Config::new(args.quick)).await?,
             Cmd::Soak { csv } => soak::run(&bins, &soak::Config::new(args.quick, args.duration, csv)).await?,
         }
     }

@@ -214,3 +214,27 @@ fn servers_behind_haproxy_survive_kill_stop_drain_and_rolling_restart() {
     let failed: f64 = kill[2].split_whitespace().next().and_then(|n| n.parse().ok()).expect("a count first");
     assert!(failed < 200.0, "{kill:?}");
 }
+
+/// A cluster in etcd: forwarded requests are all answered, and the simulated
+/// fleet converges (every session in every server's view) and recovers from
+/// a killed server. Counts only, never timings.
+#[test]
+fn cluster_forwards_and_its_fleet_recovers_from_a_killed_server() {
+    let installed =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join("etcd").is_file())).unwrap_or(false);
+    if !installed {
+        assert!(std::env::var_os("CI").is_none(), "etcd is required under CI");
+        eprintln!("skipped: etcd not installed (bench/setup.sh installs it)");
+        return;
+    }
+    let stdout = bench(&["cluster"]);
+    let routes = rows(&stdout, &["local", "forwarded"]);
+    assert_eq!(routes.len(), 2, "{stdout}");
+    for r in &routes {
+        assert!(r[4].starts_with("0 of "), "no request failed at 1000 req/s: {r:?}");
+        assert!(num(r, 1) > 0.0 && r[5].contains("(0 failed)"), "{r:?}");
+    }
+    let fleet = rows(&stdout, &["every session", "sessions per server", "kill -9"]);
+    assert_eq!(fleet.len(), 3, "{stdout}");
+    assert!(fleet[2][1].contains("sessions back and agreed on by every server"), "{stdout}");
+}

@@ -341,7 +341,8 @@ impl Exchanges {
             let Some(r) = relays.get_mut(&msg.request_id) else { return false };
             let over = match &msg.payload {
                 Some(Payload::Cancel(_)) => true,
-                Some(Payload::End(_)) => {
+                // A head that ends the request has no End frame behind it.
+                Some(Payload::End(_)) | Some(Payload::HttpRequest(proto::HttpRequest { end_of_stream: true, .. })) => {
                     r.peer_done = true;
                     r.client_done
                 }
@@ -379,7 +380,11 @@ impl Exchanges {
         let r = relays.get_mut(&msg.request_id)?;
         let id = msg.request_id.clone();
         let terminal = matches!(msg.payload, Some(Payload::Error(_)) | Some(Payload::Cancel(_)));
-        let ends = matches!(msg.payload, Some(Payload::End(_)));
+        // A head that ends the response (HEAD, 204, 304) has no End frame behind it.
+        let ends = matches!(
+            msg.payload,
+            Some(Payload::End(_)) | Some(Payload::HttpResponse(proto::HttpResponse { end_of_stream: true, .. }))
+        );
         let full = r.to_peer.try_send(msg).is_err();
         if ends {
             r.client_done = true;
