@@ -361,26 +361,8 @@ async fn a_server_without_a_client_forwards_to_a_peer_that_has_one() {
     let c = http_client();
     let up = send(&c, Request::post(url("/upload-sha")).body(streamed(pattern_chunks(N).collect())).unwrap()).await;
     assert_eq!(up.text(), format!("{N} {}", sha256_of_pattern(N)));
-    let resp = tokio::time::timeout(
-        WAIT,
-        c.request(Request::get(url(&format!("/download?bytes={N}"))).body(empty()).unwrap()),
-    )
-    .await
-    .unwrap()
-    .unwrap();
-    let mut body = resp.into_body();
-    let (mut h, mut len) = (<sha2::Sha256 as sha2::Digest>::new(), 0);
-    tokio::time::timeout(Duration::from_secs(60), async {
-        while let Some(f) = body.frame().await {
-            if let Ok(d) = f.unwrap().into_data() {
-                len += d.len();
-                sha2::Digest::update(&mut h, &d);
-            }
-        }
-    })
-    .await
-    .unwrap();
-    assert_eq!((len, hex(&sha2::Digest::finalize(h))), (N, sha256_of_pattern(N)));
+    let (len, sha, _) = download_sha(&c, &url(&format!("/download?bytes={N}"))).await;
+    assert_eq!((len, sha), (N, sha256_of_pattern(N)));
 
     // Trailers both ways (gRPC's need), over h2c.
     let mut trailers = http::HeaderMap::new();

@@ -136,29 +136,10 @@ async fn hundred_mib_upload_and_download_are_intact() {
         send(&c, Request::post(server.url("/upload-sha")).body(streamed(pattern_chunks(N).collect())).unwrap()).await;
     assert_eq!(got.text(), format!("{N} {}", sha256_of_pattern(N)));
 
-    let resp = tokio::time::timeout(
-        WAIT,
-        c.request(Request::get(server.url(&format!("/download?bytes={N}"))).body(empty()).unwrap()),
-    )
-    .await
-    .unwrap()
-    .unwrap();
-    assert_eq!(resp.headers()["content-length"], N.to_string().as_str());
-    let mut body = resp.into_body();
-    let mut h = <sha2::Sha256 as sha2::Digest>::new();
-    let mut len = 0;
-    tokio::time::timeout(Duration::from_secs(60), async {
-        while let Some(f) = body.frame().await {
-            if let Ok(d) = f.unwrap().into_data() {
-                len += d.len();
-                sha2::Digest::update(&mut h, &d);
-            }
-        }
-    })
-    .await
-    .unwrap();
+    let (len, sha, length) = download_sha(&c, &server.url(&format!("/download?bytes={N}"))).await;
+    assert_eq!(length.as_deref(), Some(N.to_string().as_str()));
     assert_eq!(len, N);
-    assert_eq!(hex(&sha2::Digest::finalize(h)), sha256_of_pattern(N));
+    assert_eq!(sha, sha256_of_pattern(N));
     server.stop().await;
 }
 

@@ -93,14 +93,19 @@ impl Etcd {
 }
 
 async fn health(addr: SocketAddr) -> bool {
+    get_text(addr, "/health").await.is_some_and(|b| b.contains("\"health\":\"true\""))
+}
+
+/// The whole answer to one HTTP/1.1 GET (head and body), within 2 s.
+async fn get_text(addr: SocketAddr, path: &str) -> Option<String> {
     let io = async {
         let mut s = tokio::net::TcpStream::connect(addr).await?;
-        s.write_all(b"GET /health HTTP/1.1\r\nHost: etcd\r\nConnection: close\r\n\r\n").await?;
-        let mut body = String::new();
-        s.read_to_string(&mut body).await?;
-        anyhow::Ok(body)
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).await?;
+        anyhow::Ok(text)
     };
-    matches!(tokio::time::timeout(Duration::from_secs(2), io).await, Ok(Ok(b)) if b.contains("\"health\":\"true\""))
+    tokio::time::timeout(Duration::from_secs(2), io).await.ok()?.ok()
 }
 
 /// One clustered server process.
@@ -143,14 +148,7 @@ impl Edge {
 
 /// One value of the server's /metrics (the first sample named `name`).
 async fn metric(addr: SocketAddr, name: &str) -> Option<f64> {
-    let io = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n").await?;
-        let mut body = String::new();
-        s.read_to_string(&mut body).await?;
-        anyhow::Ok(body)
-    };
-    let text = tokio::time::timeout(Duration::from_secs(2), io).await.ok()?.ok()?;
+    let text = get_text(addr, "/metrics").await?;
     text.lines()
         .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())

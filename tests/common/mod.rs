@@ -583,6 +583,29 @@ pub async fn send(client: &HttpClient<HttpConnector, ReqBody>, req: Request<ReqB
     .expect("request finished in time")
 }
 
+/// GETs `url` and reads the body as it streams, within 60 s: its length and
+/// SHA-256, and the response's Content-Length header if it had one.
+pub async fn download_sha(client: &HttpClient<HttpConnector, ReqBody>, url: &str) -> (usize, String, Option<String>) {
+    let resp = tokio::time::timeout(WAIT, client.request(Request::get(url).body(empty()).unwrap()))
+        .await
+        .expect("response head in time")
+        .expect("response");
+    let length = resp.headers().get("content-length").and_then(|v| v.to_str().ok()).map(str::to_string);
+    let mut body = resp.into_body();
+    let (mut h, mut len) = (Sha256::new(), 0);
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(f) = body.frame().await {
+            if let Ok(d) = f.expect("body frame").into_data() {
+                len += d.len();
+                h.update(&d);
+            }
+        }
+    })
+    .await
+    .expect("body in time");
+    (len, hex(&h.finalize()), length)
+}
+
 pub async fn get(url: &str) -> Got {
     send(&http_client(), Request::get(url).body(empty()).unwrap()).await
 }

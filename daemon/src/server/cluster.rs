@@ -600,7 +600,9 @@ mod tests {
         assert_eq!(parse_key("/t", member_key("/t", "a/b").as_bytes()), Some(Key::Member("a/b".into())));
         // Another fleet's prefix that merely starts with ours is not ours.
         assert_eq!(parse_key("/t", b"/tx/members/a"), None);
-        assert_eq!(parse_key("/t", b"/t/config"), None);
+        assert_eq!(parse_key("/t", config_key("/t").as_bytes()), Some(Key::Config));
+        // A key a newer server may write is not ours to read.
+        assert_eq!(parse_key("/t", b"/t/something-new/x"), None);
     }
 
     #[test]
