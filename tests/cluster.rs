@@ -347,6 +347,8 @@ async fn a_server_without_a_client_forwards_to_a_peer_that_has_one() {
     eventually("edge-1 sees c1 on edge-2", Duration::from_secs(5), || seen_by(&e1).1 == held(&[("c1", &["edge-2"])]))
         .await;
     assert!(e1.shared.registry.clients().is_empty(), "edge-1 holds no client itself");
+    // Ready all the same: it serves through edge-2 (a balancer must keep it in rotation).
+    eventually("edge-1 ready by forwarding", Duration::from_secs(3), || e1.shared.readiness().is_ok()).await;
     let url = |path: &str| format!("http://{}{path}", e1.http);
 
     let got = get(&url("/hello?x=1")).await;

@@ -33,10 +33,14 @@ fn main() -> ExitCode {
     };
     if args.check {
         let servers: Vec<String> = config.servers.iter().map(tunnel_daemon::client::fleet::url_text).collect();
+        let (noun, sessions) = match (config.connections, servers.len()) {
+            (0, 1) => ("server", String::new()),
+            (0, _) => ("servers", String::new()),
+            (k, _) => ("seeds", format!(", sessions to {k} of the fleet's servers")),
+        };
         println!(
-            "{}: OK ({} {}, client {}, group {}, transport {}, {} upstreams)",
+            "{}: OK ({noun} {}{sessions}, client {}, group {}, transport {}, {} upstreams)",
             args.config.display(),
-            if servers.len() == 1 { "server" } else { "servers" },
             servers.join(", "),
             config.client_id,
             config.group,

@@ -72,8 +72,23 @@ fn main() -> ExitCode {
         }
     };
     if args.check {
+        let cluster = match &config.cluster {
+            None => String::new(),
+            Some(c) => format!(
+                "; cluster: {} etcd endpoint(s), prefix {}, advertise {}, {}",
+                c.etcd.len(),
+                c.prefix,
+                c.advertise,
+                match (&c.peer_listen, &c.peer_tls, &c.peer_token) {
+                    (None, ..) => "takes no forwarded requests".to_string(),
+                    (Some(l), Some(_), _) => format!("forwarded requests on {l} (mTLS)"),
+                    (Some(l), None, Some(_)) => format!("forwarded requests on {l} (peer_token)"),
+                    (Some(l), None, None) => format!("forwarded requests on {l} (loopback, no authentication)"),
+                }
+            ),
+        };
         println!(
-            "{}: OK ({} groups, {} rules, http {}, grpc {})",
+            "{}: OK ({} groups, {} rules, http {}, grpc {}{cluster})",
             path.display(),
             config.groups.len(),
             config.rules.rules().len(),

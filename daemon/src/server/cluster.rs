@@ -29,6 +29,8 @@ const COALESCE: Duration = Duration::from_millis(20);
 /// Reconnect delays after etcd fails: doubling from the first, capped.
 const RETRY_MIN: Duration = Duration::from_millis(250);
 const RETRY_MAX: Duration = Duration::from_secs(1);
+/// Why etcd counts as unreachable before the first connection.
+const NOT_YET: &str = "not connected yet";
 /// Bound on revoking the lease at exit.
 const REVOKE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -124,6 +126,15 @@ impl View {
         }
     }
 
+    /// Whether some other live, non-draining server that takes forwarded
+    /// requests holds a client of some group: this server can then serve
+    /// by forwarding even with no client of its own.
+    pub fn can_forward(&self, me: &str) -> bool {
+        self.holdings.values().flat_map(|c| c.values()).flat_map(|s| s.keys()).any(|server| {
+            server != me && self.members.get(server).is_some_and(|m| !m.draining && !m.peer_advertise.is_empty())
+        })
+    }
+
     /// Clients held, over all groups and servers.
     pub fn holding_count(&self) -> usize {
         self.holdings.values().flat_map(|c| c.values()).map(|s| s.len()).sum()
@@ -205,7 +216,7 @@ impl Cluster {
             started_unix_ms: tunnel_lib::frame::now_ms(),
             view: RwLock::new(View::default()),
             etcd_up: AtomicBool::new(false),
-            outage: Mutex::new(Some((SystemTime::now(), "not connected yet".into()))),
+            outage: Mutex::new(Some((SystemTime::now(), NOT_YET.into()))),
             draining: AtomicBool::new(false),
             writes: AtomicI64::new(0),
             config_revision: AtomicI64::new(0),
@@ -301,8 +312,14 @@ impl Cluster {
     fn set_up(&self, shared: &Shared) {
         if !self.etcd_up.swap(true, Ordering::Relaxed) {
             let was = self.outage.lock().unwrap_or_else(|e| e.into_inner()).take();
-            let down_for = was.and_then(|(since, _)| since.elapsed().ok()).unwrap_or_default();
-            tracing::info!(server_id = %self.server_id, down_for = ?down_for, "etcd reachable: membership and registry in sync");
+            let members = self.with_view(|v| v.members.len());
+            match was {
+                Some((since, why)) if why != NOT_YET => {
+                    let down_for = since.elapsed().unwrap_or_default();
+                    tracing::info!(server_id = %self.server_id, down_for = ?down_for, members, "etcd reachable again: membership and registry in sync");
+                }
+                _ => tracing::info!(server_id = %self.server_id, members, "joined the cluster in etcd"),
+            }
         }
         shared.metrics.cluster_etcd_up.set(1);
     }

@@ -294,8 +294,13 @@ impl Shared {
         if self.is_draining() {
             return Err("draining: the server is shutting down".into());
         }
-        if !self.registry.can_serve() {
-            return Err("no tunnel client registered".into());
+        // A clustered server serves what it cannot itself through its peers.
+        let forwards = self.cluster.as_ref().is_some_and(|c| c.with_view(|v| v.can_forward(&self.server_id)));
+        if !self.registry.can_serve() && !forwards {
+            return Err(match self.cluster {
+                Some(_) => "no tunnel client registered here or on a peer that takes forwarded requests".into(),
+                None => "no tunnel client registered".into(),
+            });
         }
         match self.cluster.as_ref().and_then(|c| c.outage()) {
             Some((since, why)) => {

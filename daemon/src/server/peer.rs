@@ -334,6 +334,7 @@ pub fn forwarder(shared: &Arc<Shared>, group: &str) -> Option<(Arc<StreamHandle>
     }
     let peer = peer_id.clone();
     let owner = shared.clone();
+    let url = url.clone();
     // Owned by the exchange: ends when the peer ends the call (the exchange
     // is over), the call fails, or the server's streams close.
     shared.tasks.spawn(async move {
@@ -345,7 +346,10 @@ pub fn forwarder(shared: &Arc<Shared>, group: &str) -> Option<(Arc<StreamHandle>
             r = client.forward(req) => match r {
                 Ok(r) => r.into_inner(),
                 Err(s) => {
-                    let why = format!("forwarding to {peer} failed: {}", s.message());
+                    let why = format!(
+                        "forwarding to {peer} ({url}) failed: {}; check that its peer_listen is reachable from here",
+                        s.message()
+                    );
                     tracing::info!(peer = %peer, "{why}");
                     if s.code() == tonic::Code::Unavailable {
                         owner.peers.mark_down(&peer);
