@@ -583,3 +583,62 @@ async fn forwarding_between_servers_can_require_mtls() {
         "another CA's certificate is refused"
     );
 }
+
+/// etcd as production runs it: with authentication on, a server joins with
+/// its user and password, and one with a wrong password says why it cannot;
+/// over mTLS, a server with the CA and a client certificate joins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_reach_etcd_with_a_password_and_over_mtls() {
+    use common::etcd::{etcdctl_available, EtcdTlsFiles};
+    let Some(etcd) = EtcdCluster::start(1) else { return };
+    if !etcdctl_available() {
+        return;
+    }
+    etcd.etcdctl(&["user", "add", "root:s3cret"], None);
+    etcd.etcdctl(&["auth", "enable"], None);
+    let prefix = prefix("auth");
+    let good = start_edge_with(
+        FAULT_SERVER,
+        "edge-1",
+        &etcd,
+        &prefix,
+        "",
+        "etcd_username = \"root\"\netcd_password = \"s3cret\"",
+    )
+    .0;
+    let bad = start_edge_with(
+        FAULT_SERVER,
+        "edge-2",
+        &etcd,
+        &prefix,
+        "",
+        "etcd_username = \"root\"\netcd_password = \"wrong\"",
+    )
+    .0;
+    eventually("edge-1 joins with its password", Duration::from_secs(5), || seen_by(&good).0 == names(&["edge-1"]))
+        .await;
+    let why = || bad.shared.cluster.as_ref().unwrap().outage().map(|(_, why)| why).unwrap_or_default();
+    eventually("edge-2 says why it cannot", Duration::from_secs(5), || why().contains("authenticate")).await;
+    assert!(why().contains("authentication failed"), "{}", why());
+    assert_eq!(seen_by(&good).0, names(&["edge-1"]), "a server that cannot authenticate writes nothing");
+
+    let dir = common::pki::TempDir::new("etcd");
+    let ca = common::pki::Ca::new(&dir.0, "etcd-ca");
+    let Some(secure) = EtcdCluster::start_tls(|ip| {
+        let (cert, key) = ca.server("etcd", &[ip]);
+        EtcdTlsFiles { ca: ca.cert_path(), cert, key }
+    }) else {
+        return;
+    };
+    let (cert, key) = ca.client("tunnel-server");
+    let keys = format!(
+        "etcd_ca = \"{}\"\netcd_cert = \"{}\"\netcd_key = \"{}\"",
+        ca.cert_path().display(),
+        cert.display(),
+        key.display()
+    );
+    let over_tls = start_edge_with(FAULT_SERVER, "edge-3", &secure, &prefix, "", &keys).0;
+    eventually("edge-3 joins over mTLS", Duration::from_secs(10), || seen_by(&over_tls).0 == names(&["edge-3"])).await;
+    let listed = secure.etcdctl(&["get", "--prefix", &prefix, "--keys-only"], Some((&cert, &key)));
+    assert!(listed.contains(&format!("{prefix}/members/edge-3")), "{listed}");
+}

@@ -6,7 +6,7 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -14,6 +14,28 @@ use std::time::{Duration, Instant};
 pub struct EtcdCluster {
     members: Vec<Member>,
     dir: PathBuf,
+    /// Client-side TLS: https:// endpoints, clients must present a certificate.
+    tls: Option<EtcdTlsFiles>,
+}
+
+/// etcd's certificate and key, and the CA its clients' certificates must be signed by.
+#[derive(Clone)]
+pub struct EtcdTlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Whether etcdctl (Debian's etcd-client) is installed; under CI its absence fails the test.
+pub fn etcdctl_available() -> bool {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join("etcdctl").is_file()))
+        .unwrap_or(false);
+    if !found {
+        assert!(std::env::var_os("CI").is_none(), "etcdctl is required under CI (.ci/run installs etcd-client)");
+        eprintln!("skipped: etcdctl not installed (apt-get install etcd-client)");
+    }
+    found
 }
 
 struct Member {
@@ -38,6 +60,16 @@ impl EtcdCluster {
     /// Starts `n` members and waits until the cluster answers; None (after
     /// saying so) when etcd is not installed.
     pub fn start(n: usize) -> Option<EtcdCluster> {
+        Self::start_with(n, |_| None)
+    }
+
+    /// One member serving clients over TLS with client certificates
+    /// required: `tls` makes the files for the member's address.
+    pub fn start_tls(tls: impl Fn(&str) -> EtcdTlsFiles) -> Option<EtcdCluster> {
+        Self::start_with(1, |ip| Some(tls(ip)))
+    }
+
+    fn start_with(n: usize, tls: impl Fn(&str) -> Option<EtcdTlsFiles>) -> Option<EtcdCluster> {
         if !etcd_available() {
             return None;
         }
@@ -67,7 +99,9 @@ impl EtcdCluster {
                 }
             })
             .collect();
-        let mut c = EtcdCluster { members, dir };
+        let first: Vec<Member> = members;
+        let tls = tls(&first[0].client.ip().to_string());
+        let mut c = EtcdCluster { members: first, dir, tls };
         for i in 0..n {
             c.start_member(i);
         }
@@ -75,19 +109,41 @@ impl EtcdCluster {
         Some(c)
     }
 
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
     fn start_member(&mut self, i: usize) {
         let initial: Vec<String> = self.members.iter().map(|m| format!("{}=http://{}", m.name, m.peer)).collect();
+        let scheme = self.scheme();
+        let mut tls_args: Vec<String> = Vec::new();
+        if let Some(t) = &self.tls {
+            tls_args = vec![
+                "--cert-file".into(),
+                t.cert.display().to_string(),
+                "--key-file".into(),
+                t.key.display().to_string(),
+                "--trusted-ca-file".into(),
+                t.ca.display().to_string(),
+                "--client-cert-auth".into(),
+            ];
+        }
         let m = &mut self.members[i];
         let data = self.dir.join(&m.name);
         let child = Command::new("etcd")
+            .args(&tls_args)
             .arg("--name")
             .arg(&m.name)
             .arg("--data-dir")
             .arg(&data)
             .arg("--listen-client-urls")
-            .arg(format!("http://{}", m.client))
+            .arg(format!("{scheme}://{}", m.client))
             .arg("--advertise-client-urls")
-            .arg(format!("http://{}", m.client))
+            .arg(format!("{scheme}://{}", m.client))
             .arg("--listen-peer-urls")
             .arg(format!("http://{}", m.peer))
             .arg("--initial-advertise-peer-urls")
@@ -116,7 +172,20 @@ impl EtcdCluster {
 
     /// The client URLs, as `[cluster] etcd = [...]` takes them.
     pub fn endpoints(&self) -> Vec<String> {
-        self.members.iter().map(|m| format!("http://{}", m.client)).collect()
+        self.members.iter().map(|m| format!("{}://{}", self.scheme(), m.client)).collect()
+    }
+
+    /// Runs etcdctl (API v3) against this cluster, with the client
+    /// certificate `as_client` when it has TLS; its stdout, or panics with its stderr.
+    pub fn etcdctl(&self, args: &[&str], as_client: Option<(&Path, &Path)>) -> String {
+        let mut cmd = Command::new("etcdctl");
+        cmd.env("ETCDCTL_API", "3").arg("--endpoints").arg(self.endpoints().join(","));
+        if let (Some(t), Some((cert, key))) = (&self.tls, as_client) {
+            cmd.arg("--cacert").arg(&t.ca).arg("--cert").arg(cert).arg("--key").arg(key);
+        }
+        let out = cmd.args(args).output().expect("etcdctl runs");
+        assert!(out.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// `etcd = [...]` for server.toml.
@@ -154,7 +223,16 @@ impl EtcdCluster {
                 continue;
             }
             loop {
-                if health(self.members[i].client) {
+                // Over TLS, a member that accepts connections is up (the servers under
+                // test then wait for it to answer, as they would for a real one).
+                let up = match self.tls {
+                    None => health(self.members[i].client),
+                    Some(_) => {
+                        std::net::TcpStream::connect_timeout(&self.members[i].client, Duration::from_millis(200))
+                            .is_ok()
+                    }
+                };
+                if up {
                     break;
                 }
                 let exited = self.members[i].child.as_mut().and_then(|c| c.try_wait().ok().flatten());
