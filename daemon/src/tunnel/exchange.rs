@@ -128,6 +128,9 @@ pub struct Exchanges {
     slots: Mutex<HashMap<String, Slot>>,
     /// Server side: exchanges relayed for a peer server, by request id.
     relays: Mutex<HashMap<String, Relay>>,
+    /// How many there are: a stream with none (nearly all) never takes
+    /// the relays' lock on its frames' path.
+    relaying: AtomicUsize,
     in_flight: AtomicUsize,
     /// Of those, upgraded connections.
     upgraded: AtomicUsize,
@@ -148,6 +151,7 @@ impl Exchanges {
         Arc::new(Exchanges {
             slots: Mutex::new(HashMap::new()),
             relays: Mutex::new(HashMap::new()),
+            relaying: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
             upgraded: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
@@ -314,6 +318,7 @@ impl Exchanges {
             return false;
         }
         relays.insert(request_id.to_string(), Relay { to_peer, client_done: false, peer_done: false });
+        self.relaying.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.stats.exchanges.fetch_add(1, Ordering::Relaxed);
         true
@@ -326,6 +331,7 @@ impl Exchanges {
     fn end_relay(&self, request_id: &str) -> Option<Relay> {
         let r = self.relays().remove(request_id);
         if r.is_some() {
+            self.relaying.fetch_sub(1, Ordering::Relaxed);
             self.in_flight.fetch_sub(1, Ordering::Relaxed);
         }
         r
@@ -505,6 +511,7 @@ impl Exchanges {
         };
         let relays: Vec<(String, Relay)> = self.relays().drain().collect();
         for (id, r) in relays {
+            self.relaying.fetch_sub(1, Ordering::Relaxed);
             self.in_flight.fetch_sub(1, Ordering::Relaxed);
             // The peer answers its public client as a lost stream would.
             let msg = frame::message(
@@ -537,14 +544,8 @@ impl Exchanges {
 
     /// Routes one exchange frame from the peer. Never blocks.
     pub fn dispatch(self: &Arc<Self>, msg: TunnelMessage) -> Dispatched {
-        if self.role == Role::Server && !self.relays().is_empty() {
-            let relayed = self.relays().contains_key(&msg.request_id);
-            if relayed {
-                if let Some(d) = self.relay_to_peer(msg) {
-                    return d;
-                }
-                return Dispatched::Done;
-            }
+        if self.relaying.load(Ordering::Relaxed) > 0 && self.relays().contains_key(&msg.request_id) {
+            return self.relay_to_peer(msg).unwrap_or(Dispatched::Done);
         }
         let id = msg.request_id;
         let Some(payload) = msg.payload else {
