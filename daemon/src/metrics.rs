@@ -117,7 +117,34 @@ pub struct ServerMetrics {
     pub cluster_revision: Gauge,
     /// `[cluster]`: registry entries this server wrote or deleted.
     pub cluster_registry_writes: Counter,
+    /// Access lines dropped because their writer fell behind.
+    pub access_log_dropped: Counter,
+    /// Each group's request metrics, looked up once per group rather than
+    /// by building label sets on every request.
+    groups: std::sync::RwLock<std::collections::HashMap<String, Arc<GroupMetrics>>>,
     process: ProcessGauges,
+}
+
+/// One group's per-request metrics, as handles into the families.
+pub struct GroupMetrics {
+    group: String,
+    /// By status class (index: status / 100), made on first use so that
+    /// only the classes seen are exported, as before.
+    classes: [std::sync::OnceLock<Counter>; 6],
+    pub duration: Histogram,
+    pub bytes_in: Counter,
+    pub bytes_out: Counter,
+    requests: Family<Labels, Counter>,
+}
+
+impl GroupMetrics {
+    /// The request counter of `status`'s class.
+    pub fn requests(&self, status: u32) -> &Counter {
+        let i = ((status / 100) as usize).min(self.classes.len() - 1);
+        self.classes[i].get_or_init(|| {
+            self.requests.get_or_create(&vec![("group", self.group.clone()), ("class", status_class(status))]).clone()
+        })
+    }
 }
 
 impl Default for ServerMetrics {
@@ -146,6 +173,8 @@ impl Default for ServerMetrics {
             cluster_holdings: Gauge::default(),
             cluster_revision: Gauge::default(),
             cluster_registry_writes: Counter::default(),
+            access_log_dropped: Counter::default(),
+            groups: Default::default(),
             process: ProcessGauges::default(),
             registry: Registry::default(),
         };
@@ -180,6 +209,11 @@ impl Default for ServerMetrics {
             m.cluster_registry_writes.clone(),
         );
         registry.register("requests", "Public requests by group and status class", m.requests.clone());
+        registry.register(
+            "access_log_dropped",
+            "Access lines dropped because the log's writer fell behind",
+            m.access_log_dropped.clone(),
+        );
         registry.register_with_unit(
             "request_duration",
             "Public request duration, head to end of response, by group",
@@ -211,6 +245,33 @@ impl Default for ServerMetrics {
 }
 
 impl ServerMetrics {
+    /// The per-request metrics of `group`.
+    pub fn group(&self, group: &str) -> Arc<GroupMetrics> {
+        if let Some(g) = self.groups.read().unwrap_or_else(|e| e.into_inner()).get(group) {
+            return g.clone();
+        }
+        let mut groups = self.groups.write().unwrap_or_else(|e| e.into_inner());
+        groups
+            .entry(group.to_string())
+            .or_insert_with(|| {
+                // One statement each: a family's guard lives to the end of
+                // its statement, and a second lookup in it would wait on it.
+                let label = |k: &'static str, v: &str| vec![("group", group.to_string()), (k, v.to_string())];
+                let duration = self.request_duration.get_or_create(&vec![("group", group.to_string())]).clone();
+                let bytes_in = self.bytes.get_or_create(&label("direction", "in")).clone();
+                let bytes_out = self.bytes.get_or_create(&label("direction", "out")).clone();
+                Arc::new(GroupMetrics {
+                    group: group.to_string(),
+                    classes: Default::default(),
+                    duration,
+                    bytes_in,
+                    bytes_out,
+                    requests: self.requests.clone(),
+                })
+            })
+            .clone()
+    }
+
     /// The text exposition.
     pub fn render(&self) -> String {
         self.process.refresh();

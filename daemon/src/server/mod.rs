@@ -2,6 +2,7 @@
 //! the registry of live streams, and config reloads pushed to clients.
 
 pub mod accept;
+pub mod access;
 pub mod budget;
 pub mod cluster;
 pub mod ingress;
@@ -112,6 +113,8 @@ pub struct Shared {
     versions: RwLock<Arc<BTreeMap<String, String>>>,
     /// Public requests: totals and the recent ones.
     pub requests: RequestLog,
+    /// Their access lines, written off the runtime thread.
+    pub access: access::AccessLog,
     /// Streams closed for an overdue heartbeat, since start.
     pub streams_reaped: AtomicU64,
     /// Exchanges closed because nothing moved for their rule's idle_timeout.
@@ -217,36 +220,16 @@ impl Shared {
     /// Records a finished public request: the console's log and the metrics.
     /// `took` is the precise duration; the record keeps whole milliseconds.
     pub fn record_request(&self, rec: tunnel_lib::introspection::RequestInfo, took: Duration) {
-        tracing::info!(
-            target: "access",
-            trace_id = %rec.trace_id,
-            request_id = %rec.request_id,
-            method = %rec.method,
-            host = %rec.host,
-            path = %rec.path,
-            status = rec.status,
-            duration_ms = rec.duration_ms,
-            bytes_in = rec.bytes_in,
-            bytes_out = rec.bytes_out,
-            group = %rec.group,
-            client = %rec.client_id,
-            stream = %rec.stream_id,
-            upgrade = %rec.upgrade,
-            error = %rec.error,
-            forwarded_to = %rec.forwarded_to,
-            "request"
-        );
+        self.access.record(rec.clone());
         let m = &self.metrics;
-        let group = rec.group.clone();
-        m.requests
-            .get_or_create(&vec![("group", group.clone()), ("class", crate::metrics::status_class(rec.status))])
-            .inc();
         if !rec.forwarded_to.is_empty() {
-            m.forwarded.get_or_create(&vec![("group", group.clone()), ("peer", rec.forwarded_to.clone())]).inc();
+            m.forwarded.get_or_create(&vec![("group", rec.group.clone()), ("peer", rec.forwarded_to.clone())]).inc();
         }
-        m.request_duration.get_or_create(&vec![("group", group.clone())]).observe(took.as_secs_f64());
-        m.bytes.get_or_create(&vec![("group", group.clone()), ("direction", "in".into())]).inc_by(rec.bytes_in);
-        m.bytes.get_or_create(&vec![("group", group), ("direction", "out".into())]).inc_by(rec.bytes_out);
+        let g = m.group(&rec.group);
+        g.requests(rec.status).inc();
+        g.duration.observe(took.as_secs_f64());
+        g.bytes_in.inc_by(rec.bytes_in);
+        g.bytes_out.inc_by(rec.bytes_out);
         self.requests.record(rec);
     }
 
@@ -350,11 +333,13 @@ impl Server {
     pub fn new(config: ServerConfig, config_path: Option<PathBuf>) -> Self {
         let server_id = config.server.server_id.clone();
         let cluster = config.cluster.clone().map(|c| Arc::new(cluster::Cluster::new(c, server_id.clone())));
+        let metrics = crate::metrics::ServerMetrics::default();
         Server {
             shared: Arc::new(Shared {
                 versions: RwLock::new(Arc::new(group_versions(&config))),
                 config: RwLock::new(Arc::new(config)),
                 requests: RequestLog::default(),
+                access: access::AccessLog::new(metrics.access_log_dropped.clone()),
                 streams_reaped: AtomicU64::new(0),
                 exchanges_idle_closed: AtomicU64::new(0),
                 addrs: OnceLock::new(),
@@ -371,7 +356,7 @@ impl Server {
                 draining: AtomicBool::new(false),
                 tls: RwLock::new(TlsSettings::default()),
                 tls_modes: OnceLock::new(),
-                metrics: crate::metrics::ServerMetrics::default(),
+                metrics,
                 metrics_render: std::sync::Mutex::new(()),
             }),
         }
@@ -517,6 +502,8 @@ impl Server {
         if let Some(c) = cluster {
             let _ = c.await;
         }
+        // Every request has ended: its line is written before the exit.
+        shared.access.close();
         tracing::info!("tunnel-server stopped");
         Ok(())
     }
