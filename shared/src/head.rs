@@ -73,6 +73,13 @@ pub fn check_host(version: Version, uri: &Uri, headers: &HeaderMap) -> Result<Pu
 
 /// Puts back the single Host header for `authority` (after hop-by-hop stripping).
 pub fn set_host(headers: &mut HeaderMap, authority: &str) {
+    // Usually the one Host header already says it.
+    let mut hosts = headers.get_all(header::HOST).iter();
+    if let (Some(h), None) = (hosts.next(), hosts.next()) {
+        if !authority.is_empty() && h.as_bytes() == authority.as_bytes() {
+            return;
+        }
+    }
     headers.remove(header::HOST);
     if authority.is_empty() {
         return;

@@ -575,6 +575,7 @@ async fn run_stream(
     };
     let first_rtt = match first.and_then(|m| m.payload) {
         Some(Payload::StreamOpenResponse(r)) if r.accepted => {
+            exchanges.set_inline_body(r.inline_body);
             session.link.update(|s| {
                 s.registered_streams += 1;
                 s.registrations += 1;

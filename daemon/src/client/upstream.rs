@@ -180,22 +180,42 @@ async fn forward(
         let io = ExchangeIo { request_id, credit, cancel, max_chunk, body: inbound };
         return switch(exchanges, &head.upstream, resp, io).await;
     }
-    let (parts, body) = resp.into_parts();
+    let (parts, mut body) = resp.into_parts();
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
-    let end_of_stream = hyper::body::Body::is_end_stream(&body);
+    let mut end_of_stream = hyper::body::Body::is_end_stream(&body);
+    let inline = if end_of_stream || !exchanges.inline_body() {
+        Inline::default()
+    } else {
+        take_inline(&mut body, &credit, max_chunk)
+    };
+    if let Some(e) = &inline.failed {
+        return Err(Failure(Kind::UpstreamFailed, format!("upstream response body failed: {e}")));
+    }
+    end_of_stream |= inline.ended && inline.trailers.is_none();
+    exchanges.count_sent(inline.data.len());
     let resp_head = proto::HttpResponse {
         status: u32::from(parts.status.as_u16()),
         headers: frame::headers_to_proto(&headers),
         end_of_stream,
         upgrade: String::new(),
+        body: inline.data,
     };
+    let closed = |_| Failure(Kind::ShuttingDown, "stream closed".into());
     exchanges
         .outbound()
         .send_data(exchanges.message(&request_id, Payload::HttpResponse(resp_head)))
         .await
-        .map_err(|_| Failure(Kind::ShuttingDown, "stream closed".into()))?;
+        .map_err(closed)?;
     if end_of_stream {
+        exchanges.finish_outbound(&request_id);
+        return Ok(());
+    }
+    if inline.ended {
+        // It ended with trailers: they go in the end frame.
+        let end =
+            proto::BodyEnd { trailers: inline.trailers.as_ref().map(frame::headers_to_proto).unwrap_or_default() };
+        exchanges.outbound().send_data(exchanges.message(&request_id, Payload::End(end))).await.map_err(closed)?;
         exchanges.finish_outbound(&request_id);
         return Ok(());
     }
@@ -206,6 +226,85 @@ async fn forward(
             Err(Failure(Kind::UpstreamFailed, format!("upstream response body failed: {e}")))
         }
     }
+}
+
+/// Response bytes sent in the head at most: a small response, the case
+/// where a message less per frame pays (issue 20).
+const INLINE_MAX: usize = 16 << 10;
+
+/// What a response body had ready at once, for its head.
+#[derive(Default)]
+struct Inline {
+    data: Bytes,
+    /// The body ended within it.
+    ended: bool,
+    trailers: Option<http::HeaderMap>,
+    failed: Option<hyper::Error>,
+}
+
+/// Takes the body bytes that are ready now (hyper usually read a small
+/// response's body with its head), up to INLINE_MAX and no more than the
+/// body's announced size, paying their credit as a body frame would. Stops
+/// at the first frame not ready: the rest goes as body frames.
+fn take_inline(body: &mut hyper::body::Incoming, credit: &tokio::sync::Semaphore, max_chunk: usize) -> Inline {
+    use hyper::body::Body as _;
+    let mut inline = Inline::default();
+    // Only a body known to fit: a frame taken can not be put back.
+    let limit = INLINE_MAX.min(max_chunk) as u64;
+    let upper = match body.size_hint().upper() {
+        Some(n) if n > 0 && n <= limit => n as usize,
+        _ => return inline,
+    };
+    // Credit for all of it first: a fresh exchange has its whole window.
+    let reserved = frame::frame_cost(upper);
+    match credit.try_acquire_many(reserved) {
+        Ok(p) => p.forget(),
+        Err(_) => return inline,
+    }
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let mut data = bytes::BytesMut::new();
+    let mut first: Option<Bytes> = None;
+    loop {
+        match std::pin::Pin::new(&mut *body).poll_frame(&mut cx) {
+            std::task::Poll::Ready(Some(Ok(f))) => match f.into_data() {
+                Ok(d) => {
+                    // One chunk (the usual case) is kept as it is, not copied.
+                    match first.take() {
+                        None if data.is_empty() => first = Some(d),
+                        prev => {
+                            if let Some(p) = prev {
+                                data.extend_from_slice(&p);
+                            }
+                            data.extend_from_slice(&d);
+                        }
+                    }
+                }
+                Err(f) => {
+                    inline.trailers = f.into_trailers().ok();
+                    inline.ended = true;
+                    break;
+                }
+            },
+            std::task::Poll::Ready(Some(Err(e))) => {
+                inline.failed = Some(e);
+                break;
+            }
+            std::task::Poll::Ready(None) => {
+                inline.ended = true;
+                break;
+            }
+            std::task::Poll::Pending => break,
+        }
+        if body.is_end_stream() {
+            inline.ended = true;
+            break;
+        }
+    }
+    inline.data = first.unwrap_or_else(|| data.freeze());
+    // What was not used goes back (all of it when nothing was ready).
+    let used = if inline.data.is_empty() { 0 } else { frame::frame_cost(inline.data.len()) };
+    credit.add_permits((reserved - used.min(reserved)) as usize);
+    inline
 }
 
 /// The upstream switched protocols: answer 101, then carry the upgraded
@@ -227,6 +326,7 @@ async fn switch(
         headers: frame::headers_to_proto(&headers),
         end_of_stream: false,
         upgrade: protocol.clone(),
+        body: Bytes::new(),
     };
     let request_id = io.request_id.clone();
     exchanges

@@ -11,7 +11,7 @@ use crate::tunnel::body::{send_body, SendError};
 use crate::tunnel::exchange::{ExchangeFailure, ExchangeGuard, ExchangeIo};
 use crate::tunnel::{next_request_id, upgrade};
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -103,6 +103,7 @@ pub async fn run(
         let _ = tcp.set_nodelay(true);
         let conn = Arc::new(Conn {
             peer,
+            peer_ip: HeaderValue::from_str(&peer.ip().to_string()).unwrap_or(HeaderValue::from_static("unknown")),
             scheme,
             _permit: permit,
             upgrades: upgrades.clone(),
@@ -150,6 +151,8 @@ struct Public {
 /// What the requests of one public connection share.
 struct Conn {
     peer: SocketAddr,
+    /// The peer's IP as X-Forwarded-For carries it.
+    peer_ip: HeaderValue,
     scheme: Scheme,
     /// The connection's place under max_connections, released when the last
     /// holder drops: an upgraded connection holds it until it closes.
@@ -328,19 +331,35 @@ fn trace_id(headers: &HeaderMap, request_id: &str) -> String {
     request_id.replace('-', "")
 }
 
-/// Sets X-Forwarded-For (appended), -Proto and -Host.
-fn set_forwarded(headers: &mut HeaderMap, peer: SocketAddr, scheme: Scheme, host: &str) {
-    let ip = peer.ip().to_string();
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip,
+/// Names set on every request, parsed once.
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Sets X-Forwarded-For (appended), -Proto and -Host. `peer_ip` is the
+/// connection's address as a header value, made once per connection.
+fn set_forwarded(headers: &mut HeaderMap, peer_ip: &HeaderValue, scheme: Scheme, host: &str) {
+    let xff = match headers.get(&X_FORWARDED_FOR).map(|v| v.as_bytes()) {
+        Some(prev) => {
+            let mut v = Vec::with_capacity(prev.len() + 2 + peer_ip.len());
+            v.extend_from_slice(prev);
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(peer_ip.as_bytes());
+            HeaderValue::from_maybe_shared(Bytes::from(v)).ok()
+        }
+        None => Some(peer_ip.clone()),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert("x-forwarded-for", v);
+    if let Some(v) = xff {
+        headers.insert(X_FORWARDED_FOR, v);
     }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static(scheme.as_str()));
-    if let Ok(v) = HeaderValue::from_str(host) {
-        headers.insert("x-forwarded-host", v);
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme.as_str()));
+    // The Host header set just before names the same host: its value is reused.
+    let value = match headers.get(header::HOST) {
+        Some(h) if h.as_bytes() == host.as_bytes() => Some(h.clone()),
+        _ => HeaderValue::from_str(host).ok(),
+    };
+    if let Some(v) = value {
+        headers.insert(X_FORWARDED_HOST, v);
     }
 }
 
@@ -503,7 +522,7 @@ async fn forward(
     // The host the request was routed by is the one its upstream is told,
     // whatever the Host header said or `Connection` asked to strip.
     head::set_host(&mut headers, &authority);
-    set_forwarded(&mut headers, conn.peer, conn.scheme, &authority);
+    set_forwarded(&mut headers, &conn.peer_ip, conn.scheme, &authority);
     let end_of_stream = upgrade.is_none() && hyper::body::Body::is_end_stream(&body);
     let head = proto::HttpRequest {
         method: parts.method.as_str().to_string(),
@@ -574,6 +593,8 @@ async fn forward(
         Ok(Ok(Ok(h))) => h,
     };
     let ends = resp_head.end_of_stream;
+    // Body bytes that came with the head (already in the body's buffer).
+    let inline_len = resp_head.body.len() as u64;
     let status = match u16::try_from(resp_head.status).ok().and_then(|s| StatusCode::from_u16(s).ok()) {
         Some(s) => s,
         None => {
@@ -622,7 +643,7 @@ async fn forward(
     }
     // HEAD, 204 and 304 responses have no body whatever their Content-Length says.
     let length = if ends {
-        Some(0)
+        Some(inline_len)
     } else {
         resp_headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
     };
@@ -753,7 +774,7 @@ mod tests {
     fn forwarded_headers_append() {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
-        set_forwarded(&mut h, "127.0.0.1:5".parse().expect("addr"), Scheme::Https, "app.localhost:8080");
+        set_forwarded(&mut h, &HeaderValue::from_static("127.0.0.1"), Scheme::Https, "app.localhost:8080");
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
         assert_eq!(h["x-forwarded-host"], "app.localhost:8080");
         assert_eq!(h["x-forwarded-proto"], "https");

@@ -207,6 +207,7 @@ fn ack(shared: &Shared, handle: &StreamHandle, open: &StreamOpenRequest) {
             config_version: version,
             fleet,
             fleet_version,
+            inline_body: true,
         })),
     };
     if !handle.outbound().try_priority(msg) {

@@ -138,6 +138,8 @@ pub struct Exchanges {
     closed: AtomicBool,
     /// Set when the peer drains the stream: no new exchange may open on it.
     draining: AtomicBool,
+    /// Client side: the server takes a response's first bytes in its head.
+    inline_body: AtomicBool,
     /// Totals, for introspection.
     pub stats: StreamStats,
     out: Outbound,
@@ -156,11 +158,23 @@ impl Exchanges {
             upgraded: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            inline_body: AtomicBool::new(false),
             stats: StreamStats::default(),
             out,
             role,
             client_id,
         })
+    }
+
+    /// Client side: the server announced that it takes a response's first
+    /// bytes in its head (`StreamOpenResponse.inline_body`).
+    pub fn set_inline_body(&self, on: bool) {
+        self.inline_body.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether responses may carry their first bytes in their head.
+    pub fn inline_body(&self) -> bool {
+        self.inline_body.load(Ordering::Relaxed)
     }
 
     /// Exchanges in flight.
@@ -391,7 +405,9 @@ impl Exchanges {
             msg.payload,
             Some(Payload::End(_)) | Some(Payload::HttpResponse(proto::HttpResponse { end_of_stream: true, .. }))
         );
-        let full = r.to_peer.try_send(msg).is_err();
+        // A peer server may predate heads that carry body bytes: those go
+        // on as the head, a body frame and (if it ended) an end frame.
+        let full = split_inline(msg).into_iter().any(|m| r.to_peer.try_send(m).is_err());
         if ends {
             r.client_done = true;
         }
@@ -589,6 +605,23 @@ impl Exchanges {
                 }
                 let ends = head.end_of_stream;
                 slot.last_activity = Instant::now();
+                // The body's first bytes, carried in the head: credit as a
+                // chunk. (The head keeps them too: their length is the
+                // body's when the head ends it.)
+                let inline = head.body.clone();
+                if !inline.is_empty() {
+                    let checked = if head.status == 101 {
+                        Err(FrameError::BadHead("body with a 101"))
+                    } else {
+                        slot.window.lock().unwrap_or_else(|e| e.into_inner()).on_chunk(inline.len())
+                    };
+                    if let Err(e) = checked {
+                        drop(slots);
+                        return self.protocol_error(&id, e);
+                    }
+                    // The buffer is empty yet: it has room.
+                    let _ = slot.body.try_send(BodyEvent::Data(inline));
+                }
                 if ends {
                     let _ = slot.body.try_send(BodyEvent::End(None));
                 }
@@ -726,6 +759,25 @@ impl Exchanges {
         self.send_ordered(msg);
         Dispatched::Done
     }
+}
+
+/// A response head carrying body bytes as the frames an older receiver
+/// understands: the head alone, a body frame, and an end frame if it ended.
+/// Any other message is returned as it is.
+fn split_inline(mut msg: TunnelMessage) -> Vec<TunnelMessage> {
+    let Some(Payload::HttpResponse(head)) = &mut msg.payload else { return vec![msg] };
+    if head.body.is_empty() {
+        return vec![msg];
+    }
+    let data = std::mem::take(&mut head.body);
+    let ends = std::mem::take(&mut head.end_of_stream);
+    let frame = |payload| TunnelMessage { payload: Some(payload), ..msg.clone() };
+    let mut out = vec![frame(Payload::Body(proto::BodyChunk { data }))];
+    if ends {
+        out.push(frame(Payload::End(proto::BodyEnd::default())));
+    }
+    out.insert(0, msg);
+    out
 }
 
 /// A payload's name, for logs.
