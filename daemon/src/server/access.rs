@@ -44,7 +44,7 @@ struct Inner {
 #[derive(Default)]
 struct Queue {
     /// Each with the time its request ended: the line's timestamp.
-    records: Vec<(SystemTime, RequestInfo)>,
+    records: Vec<(SystemTime, Arc<RequestInfo>)>,
     closed: bool,
 }
 
@@ -66,7 +66,7 @@ impl AccessLog {
     }
 
     /// Queues one request's line; never blocks on the writing.
-    pub fn record(&self, rec: RequestInfo) {
+    pub fn record(&self, rec: Arc<RequestInfo>) {
         // Filtered out (`access=off`): nothing to queue.
         if !tracing::enabled!(target: "access", tracing::Level::INFO) {
             return;
@@ -115,7 +115,7 @@ enum Push {
     /// The queue was full: counted in `dropped`.
     Dropped,
     /// The thread has stopped: the caller writes it.
-    Closed((SystemTime, RequestInfo)),
+    Closed((SystemTime, Arc<RequestInfo>)),
 }
 
 impl Inner {
@@ -123,7 +123,7 @@ impl Inner {
         Inner { queue: Mutex::default(), wake: Condvar::new(), dropped: AtomicU64::new(0), dropped_metric }
     }
 
-    fn push(&self, rec: (SystemTime, RequestInfo)) -> Push {
+    fn push(&self, rec: (SystemTime, Arc<RequestInfo>)) -> Push {
         let mut q = self.lock();
         if q.closed {
             return Push::Closed(rec);
@@ -292,7 +292,7 @@ mod tests {
     fn the_queue_is_bounded_and_close_writes_it_out() {
         // No thread: the queue alone.
         let inner = Inner::new(Counter::default());
-        let rec = || (SystemTime::now(), RequestInfo::default());
+        let rec = || (SystemTime::now(), Arc::new(RequestInfo::default()));
         assert!(matches!(inner.push(rec()), Push::Queued { first: true }));
         assert!(matches!(inner.push(rec()), Push::Queued { first: false }));
         inner.lock().records.resize(QUEUE_LIMIT, rec());

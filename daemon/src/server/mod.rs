@@ -220,7 +220,6 @@ impl Shared {
     /// Records a finished public request: the console's log and the metrics.
     /// `took` is the precise duration; the record keeps whole milliseconds.
     pub fn record_request(&self, rec: tunnel_lib::introspection::RequestInfo, took: Duration) {
-        self.access.record(rec.clone());
         let m = &self.metrics;
         if !rec.forwarded_to.is_empty() {
             m.forwarded.get_or_create(&vec![("group", rec.group.clone()), ("peer", rec.forwarded_to.clone())]).inc();
@@ -230,7 +229,7 @@ impl Shared {
         g.duration.observe(took.as_secs_f64());
         g.bytes_in.inc_by(rec.bytes_in);
         g.bytes_out.inc_by(rec.bytes_out);
-        self.requests.record(rec);
+        self.access.record(self.requests.record(rec));
     }
 
     /// One line for `systemctl status`: clients, streams, requests in flight, config versions.

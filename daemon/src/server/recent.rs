@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use tunnel_lib::introspection::RequestInfo;
 
 /// Requests kept for the console.
@@ -13,14 +13,15 @@ pub const RECENT_REQUESTS: usize = 256;
 #[derive(Default)]
 pub struct RequestLog {
     // std Mutex: held for a push or a copy, never across an await.
-    ring: Mutex<VecDeque<RequestInfo>>,
+    // Shared with the access log's queue: a record is made once.
+    ring: Mutex<VecDeque<Arc<RequestInfo>>>,
     seq: AtomicU64,
     errors: AtomicU64,
 }
 
 impl RequestLog {
     /// Records a finished request; assigns its sequence number.
-    pub fn record(&self, mut info: RequestInfo) {
+    pub fn record(&self, mut info: RequestInfo) -> Arc<RequestInfo> {
         if info.status >= 500 || !info.error.is_empty() {
             self.errors.fetch_add(1, Ordering::Relaxed);
         }
@@ -29,13 +30,15 @@ impl RequestLog {
         if ring.len() == RECENT_REQUESTS {
             ring.pop_front();
         }
-        ring.push_back(info);
+        let info = Arc::new(info);
+        ring.push_back(info.clone());
+        info
     }
 
     /// Requests recorded after sequence number `seq`, oldest first.
     pub fn since(&self, seq: u64) -> Vec<RequestInfo> {
         let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
-        ring.iter().filter(|r| r.seq > seq).cloned().collect()
+        ring.iter().filter(|r| r.seq > seq).map(|r| RequestInfo::clone(r)).collect()
     }
 
     /// Requests recorded since start.
@@ -58,7 +61,7 @@ mod tests {
     fn ring_is_bounded_and_incremental() {
         let log = RequestLog::default();
         for i in 0..(RECENT_REQUESTS + 10) {
-            log.record(RequestInfo { status: if i % 2 == 0 { 200 } else { 502 }, ..Default::default() });
+            let _ = log.record(RequestInfo { status: if i % 2 == 0 { 200 } else { 502 }, ..Default::default() });
         }
         assert_eq!(log.total(), (RECENT_REQUESTS + 10) as u64);
         assert_eq!(log.errors(), (RECENT_REQUESTS / 2 + 5) as u64);
