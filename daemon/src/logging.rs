@@ -57,8 +57,11 @@ thread_local! {
 /// Bytes a batch holds before they are written.
 const BATCH_LIMIT: usize = 1 << 20;
 
+/// Writes whole lines to the installed subscriber's writer.
+pub type LineSink = Arc<dyn Fn(&[u8]) + Send + Sync>;
+
 /// Where a finished batch is written: the installed subscriber's writer.
-static SINK: OnceLock<Arc<dyn Fn(&[u8]) + Send + Sync>> = OnceLock::new();
+static SINK: OnceLock<LineSink> = OnceLock::new();
 
 /// The installed format, when lines written without tracing (the access
 /// log's) can match it: plain text or JSON, not a terminal's colours.
@@ -66,7 +69,7 @@ static PLAIN_FORMAT: OnceLock<LogFormat> = OnceLock::new();
 
 /// The installed writer and its format, for a writer of whole lines that
 /// formats them itself; None without an installed subscriber or on a terminal.
-pub fn line_sink() -> Option<(LogFormat, &'static Arc<dyn Fn(&[u8]) + Send + Sync>)> {
+pub fn line_sink() -> Option<(LogFormat, &'static LineSink)> {
     Some((*PLAIN_FORMAT.get()?, SINK.get()?))
 }
 
