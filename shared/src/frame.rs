@@ -180,40 +180,35 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         headers.remove(n);
     }
     let te_trailers = headers.get_all(header::TE).iter().any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    for n in [
-        header::CONNECTION,
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-    ] {
+    for n in HOP_BY_HOP {
         headers.remove(n);
     }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
-    // The h2c upgrade's settings: meaningful on one connection only.
-    headers.remove("http2-settings");
+    for n in HOP_BY_HOP_EXTRA {
+        headers.remove(n);
+    }
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
 }
 
+/// Headers `strip_hop_by_hop` removes whatever `Connection` says.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    http::header::CONNECTION,
+    http::header::PROXY_AUTHENTICATE,
+    http::header::PROXY_AUTHORIZATION,
+    http::header::TE,
+    http::header::TRAILER,
+    http::header::TRANSFER_ENCODING,
+    http::header::UPGRADE,
+];
+
+/// The same, for names `http` has no constant for; `http2-settings` is the
+/// h2c upgrade's settings, meaningful on one connection only.
+const HOP_BY_HOP_EXTRA: [&str; 3] = ["keep-alive", "proxy-connection", "http2-settings"];
+
 /// A name `strip_hop_by_hop` removes whatever `Connection` says.
 fn is_hop_by_hop(name: &HeaderName) -> bool {
-    use http::header;
-    [
-        header::CONNECTION,
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-    ]
-    .contains(name)
-        || matches!(name.as_str(), "keep-alive" | "proxy-connection" | "http2-settings")
+    HOP_BY_HOP.contains(name) || HOP_BY_HOP_EXTRA.contains(&name.as_str())
 }
 
 /// Headers to their protobuf form, in order, repeated names kept.
