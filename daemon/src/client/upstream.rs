@@ -1,6 +1,7 @@
 //! Forwarding an exchange to a local upstream through a pooled HTTP client,
 //! and streaming the response back under the exchange's credit.
 
+use super::pool::{Lease, Pool, PoolError};
 use crate::metrics::ClientMetrics;
 use crate::tunnel::body::{send_body, InboundBody, SendError};
 use crate::tunnel::exchange::{ExchangeGuard, ExchangeIo, Exchanges, NewRequest};
@@ -12,7 +13,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tunnel_lib::config::{ClientConfig, Upstream};
 use tunnel_lib::frame::{self, strip_hop_by_hop, DEFAULT_EXCHANGE_WINDOW};
@@ -31,7 +32,10 @@ type UpstreamBody = Either<InboundBody, Empty<Bytes>>;
 pub struct Upstreams {
     targets: BTreeMap<String, Upstream>,
     metrics: Arc<ClientMetrics>,
-    http1: Client<HttpConnector, UpstreamBody>,
+    /// Each upstream's response-time histogram, looked up on its first
+    /// answer (so that only upstreams that answered are exported, as before).
+    durations: BTreeMap<String, OnceLock<prometheus_client::metrics::histogram::Histogram>>,
+    http1: Arc<Pool<UpstreamBody>>,
     /// One multiplexed HTTP/2 connection per upstream (gRPC services).
     h2c: Client<HttpConnector, UpstreamBody>,
 }
@@ -42,15 +46,12 @@ impl Upstreams {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(cfg.upstream_connect_timeout));
+        // hyper's read buffer grows to 400 KiB on a fast body and keeps it
+        // while the exchange waits for credit: 0.4 MiB per stalled
+        // download. Chunks cross the tunnel at 64 KiB at most anyway.
+        let http1 = Pool::new(cfg.upstream_connect_timeout, cfg.upstream_idle_timeout, UPSTREAM_READ_BUFFER);
         let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .pool_idle_timeout(cfg.upstream_idle_timeout)
-            .pool_timer(TokioTimer::new())
-            // hyper's read buffer grows to 400 KiB on a fast body and keeps
-            // it while the exchange waits for credit: 0.4 MiB per stalled
-            // download. Chunks cross the tunnel at 64 KiB at most anyway.
-            .http1_max_buf_size(UPSTREAM_READ_BUFFER);
-        let http1 = builder.build(connector.clone());
+        builder.pool_idle_timeout(cfg.upstream_idle_timeout).pool_timer(TokioTimer::new());
         let h2c = builder
             .http2_only(true)
             .timer(TokioTimer::new())
@@ -61,7 +62,8 @@ impl Upstreams {
             .http2_initial_stream_window_size(DEFAULT_EXCHANGE_WINDOW)
             .http2_initial_connection_window_size(4 * DEFAULT_EXCHANGE_WINDOW)
             .build(connector);
-        Arc::new(Upstreams { targets, metrics, http1, h2c })
+        let durations = targets.keys().map(|name| (name.clone(), OnceLock::new())).collect();
+        Arc::new(Upstreams { targets, metrics, durations, http1, h2c })
     }
 
     /// The names, for config sync.
@@ -113,12 +115,21 @@ async fn forward(
     let bad = |what: &str| Failure(Kind::Protocol, format!("invalid {what} in request head"));
     let method = Method::from_bytes(head.method.as_bytes()).map_err(|_| bad("method"))?;
     let base = &target.url;
-    let uri = Uri::builder()
-        .scheme(base.scheme_str().unwrap_or("http"))
-        .authority(base.authority().map_or("", |a| a.as_str()))
-        .path_and_query(head.path_and_query.as_str())
-        .build()
-        .map_err(|_| bad("path"))?;
+    let uri = if target.http2 {
+        Uri::builder()
+            .scheme(base.scheme_str().unwrap_or("http"))
+            .authority(base.authority().map_or("", |a| a.as_str()))
+            .path_and_query(head.path_and_query.as_str())
+            .build()
+            .ok()
+    } else {
+        // Our HTTP/1.1 pool sends the target as it is: origin-form.
+        Uri::try_from(head.path_and_query.as_str()).ok()
+    };
+    let uri = match uri {
+        Some(u) if u.scheme().is_some() || head.path_and_query.starts_with('/') || head.path_and_query == "*" => u,
+        _ => return Err(bad("path")),
+    };
     let mut headers = frame::headers_from_proto(head.headers).map_err(|e| Failure(Kind::Protocol, e.to_string()))?;
     strip_hop_by_hop(&mut headers);
     if target.http2 {
@@ -156,26 +167,41 @@ async fn forward(
     // ours, a little later, only frees the upstream request if the cancel is lost.
     let timeout = if head.timeout_ms == 0 { DEFAULT_TIMEOUT } else { Duration::from_millis(head.timeout_ms) };
     let timeout = timeout + TIMEOUT_BACKSTOP;
-    let pool = if target.http2 { &up.h2c } else { &up.http1 };
     let asked = std::time::Instant::now();
-    let answer = tokio::time::timeout(timeout, pool.request(req)).await;
-    if let Ok(Ok(_)) = &answer {
-        let labels = vec![("upstream", head.upstream.clone())];
-        up.metrics.upstream_duration.get_or_create(&labels).observe(asked.elapsed().as_secs_f64());
-    }
-    let resp = match answer {
+    let sent = async {
+        if target.http2 {
+            up.h2c.request(req).await.map(|r| (r, None)).map_err(|e| {
+                let why = source_chain(&e);
+                if e.is_connect() {
+                    Failure(Kind::UpstreamUnreachable, format!("cannot connect to {base}: {why}"))
+                } else {
+                    Failure(Kind::UpstreamFailed, why)
+                }
+            })
+        } else {
+            up.http1.send(base, req).await.map(|(r, lease)| (r, Some(lease))).map_err(|e| match e {
+                PoolError::Connect(why) => {
+                    Failure(Kind::UpstreamUnreachable, format!("cannot connect to {base}: {why}"))
+                }
+                PoolError::Request(e) => Failure(Kind::UpstreamFailed, source_chain(&e)),
+            })
+        }
+    };
+    let (resp, lease) = match tokio::time::timeout(timeout, sent).await {
         Err(_) => {
             return Err(Failure(
                 Kind::UpstreamTimeout,
                 format!("upstream {:?} did not answer within {timeout:?}", head.upstream),
             ))
         }
-        Ok(Err(e)) if e.is_connect() => {
-            return Err(Failure(Kind::UpstreamUnreachable, format!("cannot connect to {base}: {}", source_chain(&e))))
-        }
-        Ok(Err(e)) => return Err(Failure(Kind::UpstreamFailed, source_chain(&e))),
-        Ok(Ok(r)) => r,
+        Ok(r) => r?,
     };
+    if let Some(h) = up.durations.get(&head.upstream) {
+        let h = h.get_or_init(|| {
+            up.metrics.upstream_duration.get_or_create(&vec![("upstream", head.upstream.clone())]).clone()
+        });
+        h.observe(asked.elapsed().as_secs_f64());
+    }
     if let (Some(inbound), StatusCode::SWITCHING_PROTOCOLS) = (held, resp.status()) {
         let io = ExchangeIo { request_id, credit, cancel, max_chunk, body: inbound };
         return switch(exchanges, &head.upstream, resp, io).await;
@@ -209,6 +235,7 @@ async fn forward(
         .map_err(closed)?;
     if end_of_stream {
         exchanges.finish_outbound(&request_id);
+        give_back(up, lease);
         return Ok(());
     }
     if inline.ended {
@@ -217,10 +244,15 @@ async fn forward(
             proto::BodyEnd { trailers: inline.trailers.as_ref().map(frame::headers_to_proto).unwrap_or_default() };
         exchanges.outbound().send_data(exchanges.message(&request_id, Payload::End(end))).await.map_err(closed)?;
         exchanges.finish_outbound(&request_id);
+        give_back(up, lease);
         return Ok(());
     }
     match send_body(body, &request_id, &credit, &cancel, exchanges, max_chunk, None).await {
-        Ok(_) | Err(SendError::Cancelled) => Ok(()),
+        Ok(_) => {
+            give_back(up, lease);
+            Ok(())
+        }
+        Err(SendError::Cancelled) => Ok(()),
         // No limit is passed, so TooLarge cannot happen; treated as a failure all the same.
         Err(e @ (SendError::Body(_) | SendError::TooLarge(_))) => {
             Err(Failure(Kind::UpstreamFailed, format!("upstream response body failed: {e}")))
@@ -305,6 +337,13 @@ fn take_inline(body: &mut hyper::body::Incoming, credit: &tokio::sync::Semaphore
     let used = if inline.data.is_empty() { 0 } else { frame::frame_cost(inline.data.len()) };
     credit.add_permits((reserved - used.min(reserved)) as usize);
     inline
+}
+
+/// Keeps an HTTP/1.1 connection whose response was read to its end.
+fn give_back(up: &Upstreams, lease: Option<Lease<UpstreamBody>>) {
+    if let Some(l) = lease {
+        up.http1.give_back(l);
+    }
 }
 
 /// The upstream switched protocols: answer 101, then carry the upgraded

@@ -831,3 +831,62 @@ impl Drop for ExchangeGuard {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tunnel::outbound::Outbound;
+    use http_body_util::BodyExt;
+
+    fn response(body: &'static [u8], ends: bool) -> TunnelMessage {
+        let head = proto::HttpResponse {
+            status: 200,
+            end_of_stream: ends,
+            body: Bytes::from_static(body),
+            ..Default::default()
+        };
+        frame::message("c", "r1", Direction::ClientToServer, Payload::HttpResponse(head))
+    }
+
+    /// For a peer that may predate them, a head with body bytes becomes the
+    /// head, a body frame and an end frame, in that order; other messages pass.
+    #[test]
+    fn inline_bodies_split_into_the_frames_older_peers_know() {
+        let names = |msgs: Vec<TunnelMessage>| -> Vec<&'static str> {
+            msgs.iter().map(|m| payload_name(m.payload.as_ref().expect("payload"))).collect()
+        };
+        let split = split_inline(response(b"hello", true));
+        assert!(matches!(&split[0].payload, Some(Payload::HttpResponse(h)) if h.body.is_empty() && !h.end_of_stream));
+        assert!(matches!(&split[1].payload, Some(Payload::Body(b)) if &b.data[..] == b"hello"));
+        assert!(split.iter().all(|m| m.request_id == "r1"));
+        assert_eq!(names(split), ["http_response", "body", "end"]);
+        assert_eq!(names(split_inline(response(b"more follows", false))), ["http_response", "body"]);
+        assert_eq!(names(split_inline(response(b"", true))), ["http_response"]);
+    }
+
+    /// A head's body bytes reach the response body and pay credit: more
+    /// than the window is a protocol error for that exchange alone.
+    #[tokio::test]
+    async fn inline_body_bytes_are_delivered_and_bound_by_credit() {
+        let cancel = CancellationToken::new();
+        let (out, _stream) = Outbound::new(cancel.clone());
+        let exchanges = Exchanges::new(out, Role::Server, "c".into());
+        let (io, head) = exchanges.open("r1", 0, Duration::from_secs(60)).expect("open");
+        exchanges.dispatch(response(b"hello", true));
+        let head = head.await.expect("head").expect("no failure");
+        assert!(head.end_of_stream);
+        let body = tokio::time::timeout(Duration::from_secs(5), io.body.collect()).await.expect("in time");
+        assert_eq!(&body.expect("body").to_bytes()[..], b"hello");
+
+        let (io, head) = exchanges.open("r2", frame::MIN_EXCHANGE_WINDOW, Duration::from_secs(60)).expect("open");
+        let big = vec![7u8; frame::MIN_EXCHANGE_WINDOW as usize + 1];
+        let mut msg = response(b"", true);
+        msg.request_id = "r2".into();
+        if let Some(Payload::HttpResponse(h)) = &mut msg.payload {
+            h.body = Bytes::from(big);
+        }
+        exchanges.dispatch(msg);
+        assert!(matches!(head.await, Ok(Err(ExchangeFailure::Protocol(FrameError::CreditExceeded { .. })))));
+        drop(io);
+    }
+}
