@@ -2,7 +2,6 @@
 //! or as one JSON object per line. Public requests are logged one line each
 //! under the `access` target (filter it with e.g. `RUST_LOG=info,access=off`).
 
-use std::cell::RefCell;
 use std::io::Write;
 use std::sync::{Arc, OnceLock};
 use tracing_appender::non_blocking::WorkerGuard;
@@ -22,7 +21,10 @@ pub fn init(cfg: &LogConfig, binary: &str) -> anyhow::Result<Option<WorkerGuard>
             use std::io::IsTerminal;
             // Colour only on a terminal: journald and log files get plain text.
             let ansi = std::io::stderr().is_terminal();
-            install(filter, cfg.format, ansi, Batching::new(std::io::stderr, (!ansi).then_some(cfg.format)))?;
+            if !ansi {
+                set_line_sink(std::io::stderr, cfg.format);
+            }
+            install(filter, cfg.format, ansi, std::io::stderr)?;
             Ok(None)
         }
         Some(dir) => {
@@ -30,7 +32,8 @@ pub fn init(cfg: &LogConfig, binary: &str) -> anyhow::Result<Option<WorkerGuard>
             let prefix = cfg.file_prefix.clone().unwrap_or_else(|| binary.to_string());
             let appender = tracing_appender::rolling::daily(dir, format!("{prefix}.log"));
             let (writer, guard) = tracing_appender::non_blocking(appender);
-            install(filter, cfg.format, false, Batching::new(writer, Some(cfg.format)))?;
+            set_line_sink(writer.clone(), cfg.format);
+            install(filter, cfg.format, false, writer)?;
             Ok(Some(guard))
         }
     }
@@ -49,118 +52,29 @@ where
     done.map_err(|e| anyhow::anyhow!("{e}"))
 }
 
-thread_local! {
-    /// Output of the events this thread emits inside `batch`.
-    static BATCH: RefCell<Option<Vec<u8>>> = const { RefCell::new(None) };
-}
-
-/// Bytes a batch holds before they are written.
-const BATCH_LIMIT: usize = 1 << 20;
-
 /// Writes whole lines to the installed subscriber's writer.
 pub type LineSink = Arc<dyn Fn(&[u8]) + Send + Sync>;
 
-/// Where a finished batch is written: the installed subscriber's writer.
-static SINK: OnceLock<LineSink> = OnceLock::new();
-
-/// The installed format, when lines written without tracing (the access
-/// log's) can match it: plain text or JSON, not a terminal's colours.
-static PLAIN_FORMAT: OnceLock<LogFormat> = OnceLock::new();
+/// The installed writer and format, for lines formatted without tracing
+/// (the access log's): plain text or JSON, not a terminal's colours.
+static LINE_SINK: OnceLock<(LogFormat, LineSink)> = OnceLock::new();
 
 /// The installed writer and its format, for a writer of whole lines that
 /// formats them itself; None without an installed subscriber or on a terminal.
 pub fn line_sink() -> Option<(LogFormat, &'static LineSink)> {
-    Some((*PLAIN_FORMAT.get()?, SINK.get()?))
+    LINE_SINK.get().map(|(f, s)| (*f, s))
 }
 
-/// Runs `f`, writing the log lines it emits on this thread with one write
-/// at its end instead of one per line (the access log's thread uses it).
-/// Without an installed subscriber it just runs `f`.
-pub fn batch(f: impl FnOnce()) {
-    let Some(sink) = SINK.get() else {
-        f();
-        return;
-    };
-    BATCH.with(|b| *b.borrow_mut() = Some(Vec::with_capacity(64 << 10)));
-    f();
-    let out = BATCH.with(|b| b.borrow_mut().take()).unwrap_or_default();
-    if !out.is_empty() {
-        sink(&out);
-    }
-}
-
-/// A writer that, inside `batch`, appends to the thread's batch instead.
-struct Batching<M>(Arc<M>);
-
-impl<M> Batching<M>
+/// Makes `writer` (a handle to the subscriber's own) the line sink.
+fn set_line_sink<M>(writer: M, format: LogFormat)
 where
     M: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
-    fn new(inner: M, plain: Option<LogFormat>) -> Self {
-        if let Some(f) = plain {
-            let _ = PLAIN_FORMAT.set(f);
-        }
-        let inner = Arc::new(inner);
-        let sink = inner.clone();
-        // First installed wins; a process installs one subscriber.
-        let _ = SINK.set(Arc::new(move |bytes: &[u8]| {
-            let _ = sink.make_writer().write_all(bytes);
-        }));
-        Batching(inner)
-    }
-}
-
-enum BatchWriter<W> {
-    Direct(W),
-    Batched,
-}
-
-impl<'a, M: MakeWriter<'a>> MakeWriter<'a> for Batching<M> {
-    type Writer = BatchWriter<M::Writer>;
-
-    fn make_writer(&'a self) -> Self::Writer {
-        if BATCH.with(|b| b.borrow().is_some()) {
-            BatchWriter::Batched
-        } else {
-            BatchWriter::Direct(self.0.make_writer())
-        }
-    }
-}
-
-impl<W: Write> Write for BatchWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match self {
-            BatchWriter::Direct(w) => w.write(buf),
-            BatchWriter::Batched => {
-                BATCH.with(|b| {
-                    if let Some(v) = b.borrow_mut().as_mut() {
-                        v.extend_from_slice(buf);
-                        // A large batch goes out in parts: bounded memory.
-                        if v.len() >= BATCH_LIMIT {
-                            if let Some(sink) = SINK.get() {
-                                sink(v);
-                            }
-                            v.clear();
-                        }
-                    }
-                });
-                Ok(buf.len())
-            }
-        }
-    }
-
-    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
-        match self {
-            // One write per line, as the plain writer did.
-            BatchWriter::Direct(w) => w.write_all(buf),
-            BatchWriter::Batched => self.write(buf).map(|_| ()),
-        }
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        match self {
-            BatchWriter::Direct(w) => w.flush(),
-            BatchWriter::Batched => Ok(()),
-        }
-    }
+    // First installed wins; a process installs one subscriber.
+    let _ = LINE_SINK.set((
+        format,
+        Arc::new(move |bytes: &[u8]| {
+            let _ = writer.make_writer().write_all(bytes);
+        }),
+    ));
 }

@@ -165,12 +165,12 @@ fn write_batch(batch: &mut Vec<Entry>) {
             }
         }
         // No installed subscriber we can match (tests, a terminal's
-        // colours): tracing formats them.
-        None => crate::logging::batch(|| {
+        // colours): tracing formats and writes them, a line at a time.
+        None => {
             for (_, rec) in batch.drain(..) {
                 emit(&rec);
             }
-        }),
+        }
     }
 }
 
