@@ -81,6 +81,8 @@ fn open_msg(stream_id: &str, seq: u64) -> TunnelMessage {
             last_rtt_ms: -1,
             session_started_ms: 0,
             fleet_version: String::new(),
+            // As a client that predates header blocks.
+            header_block: false,
         })),
     }
 }
@@ -228,6 +230,52 @@ async fn malformed_messages_are_dropped() {
     let got = tokio::time::timeout(WAIT, pending).await.unwrap().unwrap();
     assert_eq!(got.status, StatusCode::BAD_GATEWAY);
     assert!(got.text().starts_with("tunnel protocol error: body frame before the exchange's head"), "{}", got.text());
+    server.stop().await;
+}
+
+/// A client that does not announce header blocks is sent its heads' headers
+/// listed; a block in a client's response head reaches the public client,
+/// and a block that does not parse fails that exchange alone with a 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_blocks_only_to_clients_that_read_them() {
+    let server = start_server(SERVER, None).await;
+    let mut raw = raw_stream(&server, "raw-stream", "t-demo").await.unwrap();
+    raw.next().await; // registration ack
+    let reply = |request_id: &str, block: &'static [u8]| TunnelMessage {
+        client_id: "raw".into(),
+        request_id: request_id.into(),
+        direction: Direction::ClientToServer as i32,
+        trace_id: String::new(),
+        payload: Some(Payload::HttpResponse(proto::HttpResponse {
+            status: 200,
+            end_of_stream: true,
+            header_block: bytes::Bytes::from_static(block),
+            ..Default::default()
+        })),
+    };
+    for (block, want) in
+        [(&b"x-from-block:yes\nx-two:a:b\n"[..], StatusCode::OK), (b"bad name:1\n", StatusCode::BAD_GATEWAY)]
+    {
+        let url = server.url("/echo");
+        let pending = tokio::spawn(async move { get(&url).await });
+        let (request_id, head) = loop {
+            let m = raw.next().await;
+            if let Some(Payload::HttpRequest(head)) = m.payload {
+                break (m.request_id, head);
+            }
+        };
+        assert!(head.header_block.is_empty(), "no block to a client that did not ask for one");
+        assert!(head.headers.iter().any(|h| h.name == "x-forwarded-for"), "{:?}", head.headers);
+        raw.tx.send(reply(&request_id, block)).await.unwrap();
+        let got = tokio::time::timeout(WAIT, pending).await.unwrap().unwrap();
+        assert_eq!(got.status, want, "{}", got.text());
+        if want == StatusCode::OK {
+            assert_eq!(got.headers["x-from-block"], "yes");
+            assert_eq!(got.headers["x-two"], "a:b");
+        } else {
+            assert!(got.text().contains("invalid header"), "{}", got.text());
+        }
+    }
     server.stop().await;
 }
 

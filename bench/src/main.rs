@@ -76,6 +76,18 @@ enum Cmd {
     Ha,
     /// A cluster in etcd: forwarded vs local requests, and a simulated fleet (20 servers, 2000 clients) with a server killed.
     Cluster,
+    /// Open-loop latency at a fixed rate against each URL in turn, repeated: p50, p99, p99.9 and max (a route against direct).
+    Paced {
+        /// URLs to GET, e.g. direct nginx and the same file through the tunnel.
+        #[arg(required = true)]
+        urls: Vec<String>,
+        /// Requests per second.
+        #[arg(long, default_value_t = 1000)]
+        rate: u32,
+        /// How many times each URL is probed, in turn.
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+    },
     /// Long mixed load with restarts and reloads, sampling RSS, fds and tasks (default 1 h; not in the all-commands run).
     Soak {
         /// Where the time series goes.
@@ -128,6 +140,9 @@ async fn main() -> anyhow::Result<()> {
             Cmd::Ops => ops::run(&bins, &ops::Config::new(args.quick)).await?,
             Cmd::Ha => ha::run(&bins, &ha::Config::new(args.quick)).await?,
             Cmd::Cluster => cluster::run(&bins, &cluster::Config::new(args.quick)).await?,
+            Cmd::Paced { urls, rate, rounds } => {
+                race::paced_command(&urls, rate, rounds, args.duration.unwrap_or(Duration::from_secs(8))).await?
+            }
             Cmd::Soak { csv } => soak::run(&bins, &soak::Config::new(args.quick, args.duration, csv)).await?,
         }
     }

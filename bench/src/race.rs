@@ -327,16 +327,35 @@ async fn output(cmd: &mut Command, what: &str, limit: Duration) -> anyhow::Resul
 /// the path is far from saturated, so the difference to direct is what the
 /// route itself adds to a request.
 async fn paced(route: &Route, cfg: &Config) -> Small {
+    let p = probe(&format!("http://{}/small.txt", route.h1), PACED_RATE, cfg.duration).await;
+    Small { rps: p.rps, p50_us: p.p50_us, p99_us: p.p99_us, errors: p.errors, cpu_us: 0.0 }
+}
+
+/// What an open-loop probe measured.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Probe {
+    /// Requests answered in full per second of the run.
+    pub rps: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub max_us: f64,
+    /// Failed, timed out (5 s) or unfinished requests.
+    pub errors: u64,
+}
+
+/// GETs `url` `rate` times a second for `duration`, each request on its own
+/// task and timed alone, and gives the latency distribution of those answered.
+pub async fn probe(url: &str, rate: u32, duration: Duration) -> Probe {
     let client = crate::load::client();
-    let url = format!("http://{}/small.txt", route.h1);
     let mut tasks = tokio::task::JoinSet::new();
     let start = tokio::time::Instant::now();
-    let deadline = start + cfg.duration;
-    let mut tick = tokio::time::interval(Duration::from_secs(1) / PACED_RATE);
+    let deadline = start + duration;
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / rate.max(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     while tokio::time::Instant::now() < deadline {
         tick.tick().await;
-        let (c, url) = (client.clone(), url.clone());
+        let (c, url) = (client.clone(), url.to_string());
         tasks.spawn(async move {
             let t = tokio::time::Instant::now();
             let req = http::Request::get(url).body(crate::load::empty()).ok()?;
@@ -347,23 +366,45 @@ async fn paced(route: &Route, cfg: &Config) -> Small {
         });
     }
     let mut lat = Vec::new();
-    let mut s = Small::default();
+    let mut p = Probe::default();
     let drain = async {
         while let Some(r) = tasks.join_next().await {
             match r {
                 Ok(Some(us)) => lat.push(us),
-                _ => s.errors += 1,
+                _ => p.errors += 1,
             }
         }
     };
     let _ = tokio::time::timeout(Duration::from_secs(10), drain).await;
-    s.errors += tasks.len() as u64;
+    p.errors += tasks.len() as u64;
     tasks.abort_all();
     lat.sort_unstable_by(f64::total_cmp);
-    let pct = |p: usize| lat.get((lat.len() * p / 100).min(lat.len().saturating_sub(1))).copied().unwrap_or(0.0);
-    (s.p50_us, s.p99_us) = (pct(50), pct(99));
-    s.rps = lat.len() as f64 / cfg.duration.as_secs_f64();
-    s
+    let pct = |per_mille: usize| {
+        lat.get((lat.len() * per_mille / 1000).min(lat.len().saturating_sub(1))).copied().unwrap_or(0.0)
+    };
+    (p.p50_us, p.p99_us, p.p999_us) = (pct(500), pct(990), pct(999));
+    p.max_us = lat.last().copied().unwrap_or(0.0);
+    p.rps = lat.len() as f64 / duration.as_secs_f64();
+    p
+}
+
+/// `tunnel-bench paced`: each URL probed in turn, `rounds` times over, so
+/// that a route and direct are compared minutes apart at most and the
+/// spread between rounds shows.
+pub async fn paced_command(urls: &[String], rate: u32, rounds: u32, duration: Duration) -> anyhow::Result<()> {
+    println!("\nOpen loop, {rate} req/s for {} s per run, HTTP/1.1 keep-alive; µs.\n", duration.as_secs_f64());
+    println!("| round | url | req/s | p50 | p99 | p99.9 | max | errors |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|");
+    for round in 1..=rounds {
+        for url in urls {
+            let p = probe(url, rate, duration).await;
+            println!(
+                "| {round} | {url} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} |",
+                p.rps, p.p50_us, p.p99_us, p.p999_us, p.max_us, p.errors
+            );
+        }
+    }
+    Ok(())
 }
 
 /// wrk, 2 threads, `connections` keep-alive connections, with its latency

@@ -493,6 +493,7 @@ fn open_message(session: &Session, stream_id: &str, kind: Kind, seq: u64, last_r
             config_version: settings.config_version.clone(),
             last_rtt_ms,
             fleet_version: session.link.status().fleet_version,
+            header_block: true,
         })),
     }
 }
@@ -576,6 +577,7 @@ async fn run_stream(
     let first_rtt = match first.and_then(|m| m.payload) {
         Some(Payload::StreamOpenResponse(r)) if r.accepted => {
             exchanges.set_inline_body(r.inline_body);
+            exchanges.set_header_block(r.header_block);
             session.link.update(|s| {
                 s.registered_streams += 1;
                 s.registrations += 1;
@@ -735,7 +737,11 @@ fn on_message(
                 // Owned by the exchange: ends when it completes or is cancelled
                 // (stream loss cancels every exchange on the stream).
                 let upstreams = session.link.upstreams.borrow().clone();
-                tokio::spawn(upstream::serve(upstreams, exchanges.clone(), *new));
+                // Boxed: the exchange's future is several KiB, and tokio
+                // moves a future it is given by value three or four times
+                // before first polling it (a fifth of the client's
+                // instructions per small request were those copies).
+                tokio::spawn(Box::pin(upstream::serve(upstreams, exchanges.clone(), *new)));
             }
         }
     }

@@ -130,7 +130,8 @@ async fn forward(
         Some(u) if u.scheme().is_some() || head.path_and_query.starts_with('/') || head.path_and_query == "*" => u,
         _ => return Err(bad("path")),
     };
-    let mut headers = frame::headers_from_proto(head.headers).map_err(|e| Failure(Kind::Protocol, e.to_string()))?;
+    let mut headers =
+        frame::head_headers(&head.header_block, head.headers).map_err(|e| Failure(Kind::Protocol, e.to_string()))?;
     strip_hop_by_hop(&mut headers);
     if target.http2 {
         // HTTP/2 carries the host as :authority, which is the upstream's own
@@ -220,12 +221,14 @@ async fn forward(
     }
     end_of_stream |= inline.ended && inline.trailers.is_none();
     exchanges.count_sent(inline.data.len());
+    let (header_block, headers) = exchanges.head_headers(&headers);
     let resp_head = proto::HttpResponse {
         status: u32::from(parts.status.as_u16()),
-        headers: frame::headers_to_proto(&headers),
+        headers,
         end_of_stream,
         upgrade: String::new(),
         body: inline.data,
+        header_block,
     };
     let closed = |_| Failure(Kind::ShuttingDown, "stream closed".into());
     exchanges
@@ -360,12 +363,14 @@ async fn switch(
     let protocol = resp.headers().get(header::UPGRADE).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
     let mut headers = resp.headers().clone();
     strip_hop_by_hop(&mut headers);
+    let (header_block, headers) = exchanges.head_headers(&headers);
     let head = proto::HttpResponse {
         status: u32::from(StatusCode::SWITCHING_PROTOCOLS.as_u16()),
-        headers: frame::headers_to_proto(&headers),
+        headers,
         end_of_stream: false,
         upgrade: protocol.clone(),
         body: Bytes::new(),
+        header_block,
     };
     let request_id = io.request_id.clone();
     exchanges

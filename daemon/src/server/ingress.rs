@@ -524,18 +524,20 @@ async fn forward(
     head::set_host(&mut headers, &authority);
     set_forwarded(&mut headers, &conn.peer_ip, conn.scheme, &authority);
     let end_of_stream = upgrade.is_none() && hyper::body::Body::is_end_stream(&body);
+    let (header_block, headers) = stream.exchanges.head_headers(&headers);
     let head = proto::HttpRequest {
         method: parts.method.as_str().to_string(),
         path_and_query: parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string(),
         authority: authority.clone(),
         scheme: conn.scheme.as_str().into(),
-        headers: frame::headers_to_proto(&headers),
+        headers,
         upstream: rule.upstream.clone(),
         timeout_ms: rule.timeout.as_millis() as u64,
         end_of_stream,
         version: format!("{:?}", parts.version),
         window,
         upgrade: upgrade.clone().unwrap_or_default(),
+        header_block,
     };
     let exchanges = stream.exchanges.clone();
     // From here, dropping the guard (public client gone, timeout) cancels the exchange at the client.
@@ -602,7 +604,7 @@ async fn forward(
             return reply(StatusCode::BAD_GATEWAY, "tunnel client sent an invalid status");
         }
     };
-    let mut resp_headers = match frame::headers_from_proto(resp_head.headers) {
+    let mut resp_headers = match frame::head_headers(&resp_head.header_block, resp_head.headers) {
         Ok(h) => h,
         Err(e) => {
             exchanges.abandon(&request_id, "invalid headers");

@@ -132,6 +132,7 @@ impl TunnelSvc {
         let cancel = self.shared.streams.child_token();
         let (out, outbound) = Outbound::new(cancel.clone());
         let exchanges = Exchanges::new(out, Role::Server, open.client_id.clone());
+        exchanges.set_header_block(open.header_block);
         let handle = Arc::new(StreamHandle::new(
             open.stream_id.clone(),
             open.client_id.clone(),
@@ -208,6 +209,7 @@ fn ack(shared: &Shared, handle: &StreamHandle, open: &StreamOpenRequest) {
             fleet,
             fleet_version,
             inline_body: true,
+            header_block: true,
         })),
     };
     if !handle.outbound().try_priority(msg) {

@@ -16,6 +16,10 @@ use tunnel_lib::frame::{
 };
 use tunnel_lib::proto::{self, exchange_error::Kind, tunnel_message::Payload, Direction, TunnelMessage};
 
+/// A table keyed by request id. The server draws ids at random and a peer
+/// only echoes them, so a fast seeded hash is enough.
+type Table<T> = HashMap<String, T, foldhash::fast::RandomState>;
+
 /// Window per chunk that may wait for an exchange's reader as a slice of
 /// the decoder's buffer; past that, chunks are copied out (see `dispatch`).
 /// At the default 1 MiB window, four; at a window under 256 KiB, none.
@@ -125,9 +129,9 @@ struct Relay {
 /// The exchanges in flight on one stream.
 pub struct Exchanges {
     // std Mutex: held only for map updates, never across an await.
-    slots: Mutex<HashMap<String, Slot>>,
+    slots: Mutex<Table<Slot>>,
     /// Server side: exchanges relayed for a peer server, by request id.
-    relays: Mutex<HashMap<String, Relay>>,
+    relays: Mutex<Table<Relay>>,
     /// How many there are: a stream with none (nearly all) never takes
     /// the relays' lock on its frames' path.
     relaying: AtomicUsize,
@@ -140,6 +144,8 @@ pub struct Exchanges {
     draining: AtomicBool,
     /// Client side: the server takes a response's first bytes in its head.
     inline_body: AtomicBool,
+    /// The peer reads a head's headers as one block (`header_block`).
+    header_block: AtomicBool,
     /// Totals, for introspection.
     pub stats: StreamStats,
     out: Outbound,
@@ -151,14 +157,15 @@ impl Exchanges {
     /// An empty table for a stream whose outbound queues are `out`.
     pub fn new(out: Outbound, role: Role, client_id: String) -> Arc<Self> {
         Arc::new(Exchanges {
-            slots: Mutex::new(HashMap::new()),
-            relays: Mutex::new(HashMap::new()),
+            slots: Mutex::new(Table::default()),
+            relays: Mutex::new(Table::default()),
             relaying: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
             upgraded: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             inline_body: AtomicBool::new(false),
+            header_block: AtomicBool::new(false),
             stats: StreamStats::default(),
             out,
             role,
@@ -175,6 +182,22 @@ impl Exchanges {
     /// Whether responses may carry their first bytes in their head.
     pub fn inline_body(&self) -> bool {
         self.inline_body.load(Ordering::Relaxed)
+    }
+
+    /// The peer announced that it reads heads' headers as one block
+    /// (`StreamOpenRequest.header_block` from a client,
+    /// `StreamOpenResponse.header_block` from a server).
+    pub fn set_header_block(&self, on: bool) {
+        self.header_block.store(on, Ordering::Relaxed);
+    }
+
+    /// Headers of a head for this stream's peer, in the form it reads.
+    pub fn head_headers(&self, headers: &http::HeaderMap) -> (bytes::Bytes, Vec<proto::Header>) {
+        if self.header_block.load(Ordering::Relaxed) {
+            (frame::headers_to_block(headers), Vec::new())
+        } else {
+            (bytes::Bytes::new(), frame::headers_to_proto(headers))
+        }
     }
 
     /// Exchanges in flight.
@@ -230,7 +253,7 @@ impl Exchanges {
         frame::message(&self.client_id, request_id, self.our_direction(), payload)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table<Slot>> {
         // A panic while holding this lock leaves a consistent map (every
         // update is a single insert or remove), so poisoning is ignored.
         self.slots.lock().unwrap_or_else(|e| e.into_inner())
@@ -338,7 +361,7 @@ impl Exchanges {
         true
     }
 
-    fn relays(&self) -> std::sync::MutexGuard<'_, HashMap<String, Relay>> {
+    fn relays(&self) -> std::sync::MutexGuard<'_, Table<Relay>> {
         self.relays.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -405,9 +428,9 @@ impl Exchanges {
             msg.payload,
             Some(Payload::End(_)) | Some(Payload::HttpResponse(proto::HttpResponse { end_of_stream: true, .. }))
         );
-        // A peer server may predate heads that carry body bytes: those go
-        // on as the head, a body frame and (if it ended) an end frame.
-        let full = split_inline(msg).into_iter().any(|m| r.to_peer.try_send(m).is_err());
+        // A peer server may predate heads that carry body bytes or a header
+        // block: those go on in the forms it reads.
+        let full = for_older_peer(msg).into_iter().any(|m| r.to_peer.try_send(m).is_err());
         if ends {
             r.client_done = true;
         }
@@ -761,11 +784,21 @@ impl Exchanges {
     }
 }
 
-/// A response head carrying body bytes as the frames an older receiver
-/// understands: the head alone, a body frame, and an end frame if it ended.
-/// Any other message is returned as it is.
-fn split_inline(mut msg: TunnelMessage) -> Vec<TunnelMessage> {
+/// A response head as the frames an older receiver understands: its header
+/// block as listed headers, and body bytes it carries as the head alone, a
+/// body frame, and an end frame if it ended. Any other message is returned
+/// as it is; a block that does not parse goes on as it is, for the peer to
+/// refuse as it would any bad head.
+fn for_older_peer(mut msg: TunnelMessage) -> Vec<TunnelMessage> {
     let Some(Payload::HttpResponse(head)) = &mut msg.payload else { return vec![msg] };
+    if !head.header_block.is_empty() {
+        if let Ok(headers) = frame::headers_from_block(&head.header_block) {
+            let listed = std::mem::take(&mut head.headers);
+            head.headers = frame::headers_to_proto(&headers);
+            head.headers.extend(listed);
+            head.header_block = Bytes::new();
+        }
+    }
     if head.body.is_empty() {
         return vec![msg];
     }
@@ -855,13 +888,33 @@ mod tests {
         let names = |msgs: Vec<TunnelMessage>| -> Vec<&'static str> {
             msgs.iter().map(|m| payload_name(m.payload.as_ref().expect("payload"))).collect()
         };
-        let split = split_inline(response(b"hello", true));
+        let split = for_older_peer(response(b"hello", true));
         assert!(matches!(&split[0].payload, Some(Payload::HttpResponse(h)) if h.body.is_empty() && !h.end_of_stream));
         assert!(matches!(&split[1].payload, Some(Payload::Body(b)) if &b.data[..] == b"hello"));
         assert!(split.iter().all(|m| m.request_id == "r1"));
         assert_eq!(names(split), ["http_response", "body", "end"]);
-        assert_eq!(names(split_inline(response(b"more follows", false))), ["http_response", "body"]);
-        assert_eq!(names(split_inline(response(b"", true))), ["http_response"]);
+        assert_eq!(names(for_older_peer(response(b"more follows", false))), ["http_response", "body"]);
+        assert_eq!(names(for_older_peer(response(b"", true))), ["http_response"]);
+    }
+
+    /// For a peer that may predate them, a header block becomes listed
+    /// headers, ahead of any listed already.
+    #[test]
+    fn header_blocks_become_listed_headers_for_older_peers() {
+        let mut h = http::HeaderMap::new();
+        h.append("content-type", http::HeaderValue::from_static("text/plain"));
+        h.append("x-a", http::HeaderValue::from_static("1"));
+        h.append("x-a", http::HeaderValue::from_static("2"));
+        let mut msg = response(b"", true);
+        if let Some(Payload::HttpResponse(head)) = &mut msg.payload {
+            head.header_block = frame::headers_to_block(&h);
+            head.headers = vec![proto::Header { name: "x-late".into(), value: Bytes::from_static(b"9") }];
+        }
+        let out = for_older_peer(msg);
+        let Some(Payload::HttpResponse(head)) = &out[0].payload else { panic!("a head") };
+        assert!(head.header_block.is_empty());
+        let listed: Vec<(&str, &[u8])> = head.headers.iter().map(|h| (h.name.as_str(), &h.value[..])).collect();
+        assert_eq!(listed, [("content-type", &b"text/plain"[..]), ("x-a", b"1"), ("x-a", b"2"), ("x-late", b"9")]);
     }
 
     /// A head's body bytes reach the response body and pay credit: more
