@@ -336,9 +336,13 @@ async fn paced(route: &Route, cfg: &Config) -> Small {
 pub struct Probe {
     /// Requests answered in full per second of the run.
     pub rps: f64,
+    /// Median latency of the answered requests, µs.
     pub p50_us: f64,
+    /// 99th percentile, µs.
     pub p99_us: f64,
+    /// 99.9th percentile, µs.
     pub p999_us: f64,
+    /// Slowest, µs.
     pub max_us: f64,
     /// Failed, timed out (5 s) or unfinished requests.
     pub errors: u64,
@@ -351,7 +355,9 @@ pub async fn probe(url: &str, rate: u32, duration: Duration) -> Probe {
     let mut tasks = tokio::task::JoinSet::new();
     let start = tokio::time::Instant::now();
     let deadline = start + duration;
-    let mut tick = tokio::time::interval(Duration::from_secs(1) / rate.max(1));
+    // A million a second is past any loopback route here, and keeps the
+    // tick above zero (interval refuses a zero period).
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / rate.clamp(1, 1_000_000));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     while tokio::time::Instant::now() < deadline {
         tick.tick().await;

@@ -163,6 +163,8 @@ impl Phase {
 /// allows, and gRPC servers rely on it to know the client takes trailers.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     use http::header;
+    // `TE: trailers` survives even when `Connection` lists TE, as RFC 9110
+    // asks a sender of TE to do: gRPC needs it end to end.
     // Nearly every head has none, and most of the rest only `Connection`
     // (nginx's `keep-alive`): one pass over the names finds those present,
     // and only those, with the names `Connection` lists, are removed
@@ -222,7 +224,7 @@ pub fn headers_to_proto(headers: &HeaderMap) -> Vec<proto::Header> {
 
 /// Headers from their protobuf form; a peer's invalid name or value is an error.
 pub fn headers_from_proto(headers: Vec<proto::Header>) -> Result<HeaderMap, FrameError> {
-    let mut map = HeaderMap::with_capacity(headers.len());
+    let mut map = HeaderMap::try_with_capacity(headers.len()).map_err(|_| TOO_MANY)?;
     append_listed(&mut map, headers)?;
     Ok(map)
 }
@@ -231,10 +233,14 @@ fn append_listed(map: &mut HeaderMap, headers: Vec<proto::Header>) -> Result<(),
     for h in headers {
         let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| FrameError::BadHeader(h.name.clone()))?;
         let value = HeaderValue::from_maybe_shared(h.value).map_err(|_| FrameError::BadHeader(h.name))?;
-        map.append(name, value);
+        map.try_append(name, value).map_err(|_| TOO_MANY)?;
     }
     Ok(())
 }
+
+/// More headers than a `HeaderMap` holds (its `append` would panic): a
+/// peer's message is refused instead.
+const TOO_MANY: FrameError = FrameError::BadHead("number of headers");
 
 /// Headers as one block of `name:value\n` lines, in order, repeated names
 /// kept: one protobuf field for a whole head instead of a message per
@@ -259,7 +265,7 @@ pub fn headers_to_block(headers: &HeaderMap) -> bytes::Bytes {
 /// link's read buffer it arrived in.
 pub fn headers_from_block(block: &[u8]) -> Result<HeaderMap, FrameError> {
     let block = bytes::Bytes::copy_from_slice(block);
-    let mut map = HeaderMap::with_capacity(memchr::memchr_iter(b'\n', &block).count());
+    let mut map = HeaderMap::try_with_capacity(memchr::memchr_iter(b'\n', &block).count()).map_err(|_| TOO_MANY)?;
     let mut at = 0;
     while at < block.len() {
         let line = &block[at..];
@@ -273,7 +279,7 @@ pub fn headers_from_block(block: &[u8]) -> Result<HeaderMap, FrameError> {
         };
         let value = HeaderValue::from_maybe_shared(block.slice(at + colon + 1..at + end))
             .map_err(|_| FrameError::BadHeader(name.as_str().to_string()))?;
-        map.append(name, value);
+        map.try_append(name, value).map_err(|_| TOO_MANY)?;
         at += end + 1;
     }
     Ok(map)
@@ -415,6 +421,10 @@ mod tests {
         h.insert("te", HeaderValue::from_static("trailers"));
         strip_hop_by_hop(&mut h);
         assert_eq!(h["te"], "trailers", "gRPC's te: trailers passes");
+        h.insert("connection", HeaderValue::from_static("te"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h["te"], "trailers", "also when Connection lists it");
+        assert!(!h.contains_key("connection"));
     }
 
     #[test]
@@ -448,6 +458,13 @@ mod tests {
         for bad in [&b"x-a:1"[..], b"no colon\n", b"bad name:1\n", b":1\n", b"x-a:1\rx\n", b"x-a:\x00\n"] {
             assert!(headers_from_block(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
         }
+        // More than a HeaderMap holds is an error, not a panic: 30000 empty
+        // lines (100 KiB, well inside a message) and 40000 distinct names.
+        assert_eq!(headers_from_block(&b"\n".repeat(30_000)), Err(TOO_MANY));
+        let names: String = (0..40_000).map(|i| format!("x-{i}:v\n")).collect();
+        assert_eq!(headers_from_block(names.as_bytes()), Err(TOO_MANY));
+        let listed = (0..40_000).map(|i| proto::Header { name: format!("x-{i}"), value: bytes::Bytes::new() });
+        assert_eq!(headers_from_proto(listed.collect()), Err(TOO_MANY));
         let listed = vec![proto::Header { name: "x-late".into(), value: bytes::Bytes::from_static(b"9") }];
         let both = head_headers(&block, listed).expect("valid");
         assert_eq!(both.len(), 8);

@@ -16,8 +16,11 @@ use tunnel_lib::frame::{
 };
 use tunnel_lib::proto::{self, exchange_error::Kind, tunnel_message::Payload, Direction, TunnelMessage};
 
-/// A table keyed by request id. The server draws ids at random and a peer
-/// only echoes them, so a fast seeded hash is enough.
+/// A table keyed by request id. The ids are drawn at random by the server
+/// that opened the exchange, the only party that inserts them (this server,
+/// a peer server forwarding to it, or a client's own server): all
+/// authenticated, and the hash is seeded per process, so a fast hash is
+/// enough.
 type Table<T> = HashMap<String, T, foldhash::fast::RandomState>;
 
 /// Window per chunk that may wait for an exchange's reader as a slice of
@@ -429,8 +432,11 @@ impl Exchanges {
             Some(Payload::End(_)) | Some(Payload::HttpResponse(proto::HttpResponse { end_of_stream: true, .. }))
         );
         // A peer server may predate heads that carry body bytes or a header
-        // block: those go on in the forms it reads.
-        let full = for_older_peer(msg).into_iter().any(|m| r.to_peer.try_send(m).is_err());
+        // block: those go on in the forms it reads. A block that does not
+        // parse cannot, and an older peer would drop it unread: the relay
+        // ends as if the client had broken its credit.
+        let sent = for_older_peer(msg).map(|frames| frames.into_iter().all(|m| r.to_peer.try_send(m).is_ok()));
+        let full = !matches!(sent, Ok(true));
         if ends {
             r.client_done = true;
         }
@@ -440,11 +446,13 @@ impl Exchanges {
             self.end_relay(&id);
         }
         if full {
-            tracing::warn!(request_id = %id, "relayed exchange: the client sent past its credit (or the peer is gone); reset");
-            let msg = self.message(
-                &id,
-                Payload::Error(proto::ExchangeError { kind: Kind::Protocol as i32, message: "credit exceeded".into() }),
-            );
+            let reason = match sent {
+                Err(e) => e.to_string(),
+                Ok(_) => "credit exceeded".to_string(),
+            };
+            tracing::warn!(request_id = %id, %reason, "relayed exchange: the client broke the protocol (or the peer is gone); reset");
+            let msg = self
+                .message(&id, Payload::Error(proto::ExchangeError { kind: Kind::Protocol as i32, message: reason }));
             self.send_ordered(msg);
         }
         Some(Dispatched::Done)
@@ -787,20 +795,18 @@ impl Exchanges {
 /// A response head as the frames an older receiver understands: its header
 /// block as listed headers, and body bytes it carries as the head alone, a
 /// body frame, and an end frame if it ended. Any other message is returned
-/// as it is; a block that does not parse goes on as it is, for the peer to
-/// refuse as it would any bad head.
-fn for_older_peer(mut msg: TunnelMessage) -> Vec<TunnelMessage> {
-    let Some(Payload::HttpResponse(head)) = &mut msg.payload else { return vec![msg] };
+/// as it is; a header block that does not parse is an error.
+fn for_older_peer(mut msg: TunnelMessage) -> Result<Vec<TunnelMessage>, FrameError> {
+    let Some(Payload::HttpResponse(head)) = &mut msg.payload else { return Ok(vec![msg]) };
     if !head.header_block.is_empty() {
-        if let Ok(headers) = frame::headers_from_block(&head.header_block) {
-            let listed = std::mem::take(&mut head.headers);
-            head.headers = frame::headers_to_proto(&headers);
-            head.headers.extend(listed);
-            head.header_block = Bytes::new();
-        }
+        let headers = frame::headers_from_block(&head.header_block)?;
+        let listed = std::mem::take(&mut head.headers);
+        head.headers = frame::headers_to_proto(&headers);
+        head.headers.extend(listed);
+        head.header_block = Bytes::new();
     }
     if head.body.is_empty() {
-        return vec![msg];
+        return Ok(vec![msg]);
     }
     let data = std::mem::take(&mut head.body);
     let ends = std::mem::take(&mut head.end_of_stream);
@@ -810,7 +816,7 @@ fn for_older_peer(mut msg: TunnelMessage) -> Vec<TunnelMessage> {
         out.push(frame(Payload::End(proto::BodyEnd::default())));
     }
     out.insert(0, msg);
-    out
+    Ok(out)
 }
 
 /// A payload's name, for logs.
@@ -888,13 +894,13 @@ mod tests {
         let names = |msgs: Vec<TunnelMessage>| -> Vec<&'static str> {
             msgs.iter().map(|m| payload_name(m.payload.as_ref().expect("payload"))).collect()
         };
-        let split = for_older_peer(response(b"hello", true));
+        let split = for_older_peer(response(b"hello", true)).expect("no block");
         assert!(matches!(&split[0].payload, Some(Payload::HttpResponse(h)) if h.body.is_empty() && !h.end_of_stream));
         assert!(matches!(&split[1].payload, Some(Payload::Body(b)) if &b.data[..] == b"hello"));
         assert!(split.iter().all(|m| m.request_id == "r1"));
         assert_eq!(names(split), ["http_response", "body", "end"]);
-        assert_eq!(names(for_older_peer(response(b"more follows", false))), ["http_response", "body"]);
-        assert_eq!(names(for_older_peer(response(b"", true))), ["http_response"]);
+        assert_eq!(names(for_older_peer(response(b"more follows", false)).expect("ok")), ["http_response", "body"]);
+        assert_eq!(names(for_older_peer(response(b"", true)).expect("ok")), ["http_response"]);
     }
 
     /// For a peer that may predate them, a header block becomes listed
@@ -910,7 +916,7 @@ mod tests {
             head.header_block = frame::headers_to_block(&h);
             head.headers = vec![proto::Header { name: "x-late".into(), value: Bytes::from_static(b"9") }];
         }
-        let out = for_older_peer(msg);
+        let out = for_older_peer(msg.clone()).expect("a valid block");
         let Some(Payload::HttpResponse(head)) = &out[0].payload else { panic!("a head") };
         assert!(head.header_block.is_empty());
         let listed: Vec<(&str, &[u8])> = head.headers.iter().map(|h| (h.name.as_str(), &h.value[..])).collect();
