@@ -163,8 +163,6 @@ impl Phase {
 /// allows, and gRPC servers rely on it to know the client takes trailers.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     use http::header;
-    // `TE: trailers` survives even when `Connection` lists TE, as RFC 9110
-    // asks a sender of TE to do: gRPC needs it end to end.
     // Nearly every head has none, and most of the rest only `Connection`
     // (nginx's `keep-alive`): one pass over the names finds those present,
     // and only those, with the names `Connection` lists, are removed
@@ -182,6 +180,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             .flat_map(|v| v.split(','))
             .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok()),
     );
+    // `TE: trailers` survives even when `Connection` lists TE, as RFC 9110
+    // asks a sender of TE to do: gRPC needs it end to end.
     let te_trailers = headers.get_all(header::TE).iter().any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     for n in present {
         headers.remove(n);

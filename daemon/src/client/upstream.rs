@@ -169,21 +169,19 @@ async fn forward(
     let timeout = if head.timeout_ms == 0 { DEFAULT_TIMEOUT } else { Duration::from_millis(head.timeout_ms) };
     let timeout = timeout + TIMEOUT_BACKSTOP;
     let asked = std::time::Instant::now();
+    let unreachable = |why: String| Failure(Kind::UpstreamUnreachable, format!("cannot connect to {base}: {why}"));
     let sent = async {
         if target.http2 {
             up.h2c.request(req).await.map(|r| (r, None)).map_err(|e| {
-                let why = source_chain(&e);
                 if e.is_connect() {
-                    Failure(Kind::UpstreamUnreachable, format!("cannot connect to {base}: {why}"))
+                    unreachable(source_chain(&e))
                 } else {
-                    Failure(Kind::UpstreamFailed, why)
+                    Failure(Kind::UpstreamFailed, source_chain(&e))
                 }
             })
         } else {
             up.http1.send(base, req).await.map(|(r, lease)| (r, Some(lease))).map_err(|e| match e {
-                PoolError::Connect(why) => {
-                    Failure(Kind::UpstreamUnreachable, format!("cannot connect to {base}: {why}"))
-                }
+                PoolError::Connect(why) => unreachable(why),
                 PoolError::Request(e) => Failure(Kind::UpstreamFailed, source_chain(&e)),
             })
         }
@@ -221,7 +219,7 @@ async fn forward(
     }
     end_of_stream |= inline.ended && inline.trailers.is_none();
     exchanges.count_sent(inline.data.len());
-    let (header_block, headers) = exchanges.head_headers(&headers);
+    let (header_block, headers) = exchanges.headers_for_peer(&headers);
     let resp_head = proto::HttpResponse {
         status: u32::from(parts.status.as_u16()),
         headers,
@@ -363,7 +361,7 @@ async fn switch(
     let protocol = resp.headers().get(header::UPGRADE).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
     let mut headers = resp.headers().clone();
     strip_hop_by_hop(&mut headers);
-    let (header_block, headers) = exchanges.head_headers(&headers);
+    let (header_block, headers) = exchanges.headers_for_peer(&headers);
     let head = proto::HttpResponse {
         status: u32::from(StatusCode::SWITCHING_PROTOCOLS.as_u16()),
         headers,

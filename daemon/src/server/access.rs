@@ -12,7 +12,6 @@
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use prometheus_client::metrics::counter::Counter;
 use std::io::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
@@ -43,19 +42,16 @@ enum Msg {
 pub struct AccessLog {
     tx: Sender<Msg>,
     thread: Mutex<Option<JoinHandle<()>>>,
-    /// Records dropped because the queue was full, since start (the
-    /// thread warns of them).
-    dropped: Arc<AtomicU64>,
-    /// The same, as the `tunnel_access_log_dropped` metric.
-    dropped_metric: Counter,
+    /// Records dropped because the queue was full, since start: the
+    /// `tunnel_access_log_dropped` metric (the thread warns of them too).
+    dropped: Counter,
 }
 
 impl AccessLog {
     /// An empty log and its writer thread; lines dropped are counted in `dropped`.
     pub fn new(dropped: Counter) -> Self {
         let (tx, rx) = crossbeam_channel::bounded(QUEUE_LIMIT);
-        let counted = Arc::new(AtomicU64::new(0));
-        let seen = counted.clone();
+        let seen = dropped.clone();
         let thread = std::thread::Builder::new().name("access-log".into()).spawn(move || run(rx, &seen));
         let thread = match thread {
             Ok(t) => Some(t),
@@ -66,7 +62,7 @@ impl AccessLog {
                 None
             }
         };
-        AccessLog { tx, thread: Mutex::new(thread), dropped: counted, dropped_metric: dropped }
+        AccessLog { tx, thread: Mutex::new(thread), dropped }
     }
 
     /// Queues one request's line; never blocks on the writing.
@@ -78,8 +74,7 @@ impl AccessLog {
         match self.tx.try_send(Msg::Line((SystemTime::now(), rec))) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-                self.dropped_metric.inc();
+                self.dropped.inc();
             }
             // The thread has stopped (shutdown): written here.
             Err(TrySendError::Disconnected(Msg::Line((_, rec)))) => emit(&rec),
@@ -89,7 +84,7 @@ impl AccessLog {
 
     /// Lines dropped because the writer fell behind, since start.
     pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.dropped.get()
     }
 
     /// Writes what is queued and stops the thread; later records are written
@@ -112,7 +107,7 @@ impl Drop for AccessLog {
 }
 
 /// The log's thread: sleeps until a record comes, lets a batch gather, writes it.
-fn run(rx: Receiver<Msg>, dropped: &AtomicU64) {
+fn run(rx: Receiver<Msg>, dropped: &Counter) {
     let mut batch: Vec<Entry> = Vec::new();
     let mut reported = 0;
     loop {
@@ -135,7 +130,7 @@ fn run(rx: Receiver<Msg>, dropped: &AtomicU64) {
             }
         }
         write_batch(&mut batch);
-        let now = dropped.load(Ordering::Relaxed);
+        let now = dropped.get();
         if now > reported {
             tracing::warn!(dropped = now - reported, "access log fell behind: lines dropped");
             reported = now;
@@ -277,17 +272,12 @@ mod tests {
         let _on = tracing::subscriber::set_default(tracing_subscriber::fmt().with_writer(std::io::sink).finish());
         // A log whose thread never reads: the queue alone.
         let (tx, _rx) = crossbeam_channel::bounded(QUEUE_LIMIT);
-        let log = AccessLog {
-            tx,
-            thread: Mutex::new(None),
-            dropped: Arc::new(AtomicU64::new(0)),
-            dropped_metric: Counter::default(),
-        };
+        let log = AccessLog { tx, thread: Mutex::new(None), dropped: Counter::default() };
         for _ in 0..QUEUE_LIMIT + 5 {
             log.record(Arc::new(RequestInfo::default()));
         }
         assert_eq!(log.dropped(), 5);
-        assert_eq!(log.dropped_metric.get(), 5);
+        assert_eq!(log.dropped.get(), 5);
 
         let log = AccessLog::new(Counter::default());
         for _ in 0..100 {

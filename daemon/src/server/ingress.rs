@@ -524,7 +524,7 @@ async fn forward(
     head::set_host(&mut headers, &authority);
     set_forwarded(&mut headers, &conn.peer_ip, conn.scheme, &authority);
     let end_of_stream = upgrade.is_none() && hyper::body::Body::is_end_stream(&body);
-    let (header_block, headers) = stream.exchanges.head_headers(&headers);
+    let (header_block, headers) = stream.exchanges.headers_for_peer(&headers);
     let head = proto::HttpRequest {
         method: parts.method.as_str().to_string(),
         path_and_query: parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string(),

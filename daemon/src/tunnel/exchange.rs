@@ -195,7 +195,7 @@ impl Exchanges {
     }
 
     /// Headers of a head for this stream's peer, in the form it reads.
-    pub fn head_headers(&self, headers: &http::HeaderMap) -> (bytes::Bytes, Vec<proto::Header>) {
+    pub fn headers_for_peer(&self, headers: &http::HeaderMap) -> (bytes::Bytes, Vec<proto::Header>) {
         if self.header_block.load(Ordering::Relaxed) {
             (frame::headers_to_block(headers), Vec::new())
         } else {
@@ -436,16 +436,16 @@ impl Exchanges {
         // parse cannot, and an older peer would drop it unread: the relay
         // ends as if the client had broken its credit.
         let sent = for_older_peer(msg).map(|frames| frames.into_iter().all(|m| r.to_peer.try_send(m).is_ok()));
-        let full = !matches!(sent, Ok(true));
+        let broken = !matches!(sent, Ok(true));
         if ends {
             r.client_done = true;
         }
-        let over = terminal || full || (r.client_done && r.peer_done);
+        let over = terminal || broken || (r.client_done && r.peer_done);
         drop(relays);
         if over {
             self.end_relay(&id);
         }
-        if full {
+        if broken {
             let reason = match sent {
                 Err(e) => e.to_string(),
                 Ok(_) => "credit exceeded".to_string(),
