@@ -9,6 +9,7 @@ pub mod frame;
 pub mod head;
 pub mod rules;
 pub mod tls;
+pub mod traffic;
 pub mod units;
 
 /// Code generated from `proto/`, nested as the proto packages are, so that

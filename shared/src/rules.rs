@@ -104,6 +104,12 @@ impl Rule {
         path.starts_with(self.path_prefix.as_str()) && self.host.matches(host)
     }
 
+    /// How the console and the traffic series name the rule: its host
+    /// pattern and path prefix, "app.example.com/api" or "*/".
+    pub fn label(&self) -> String {
+        format!("{}{}", self.host, self.path_prefix)
+    }
+
     /// Whether every request this rule's `later` serves would be taken by `self` first.
     pub fn shadows(&self, later: &Rule) -> bool {
         self.host.covers(&later.host) && later.path_prefix.starts_with(self.path_prefix.as_str())

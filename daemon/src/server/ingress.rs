@@ -446,6 +446,7 @@ async fn forward(
         return reply(StatusCode::NOT_FOUND, format!("no route for host {host:?} path {path:?}"));
     };
     rec.group = rule.group.clone();
+    rec.rule = rule.label();
     if let Some(max) = rule.max_body {
         let length = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         if length.is_some_and(|n| n > max) {

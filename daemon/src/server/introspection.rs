@@ -251,17 +251,21 @@ async fn watch(shared: Arc<Shared>, rate: u32, tx: mpsc::Sender<Result<WatchUpda
     let mut sent_streams = HashMap::new();
     let mut last_seq = 0u64;
     let mut last_sent: Option<Instant> = None;
+    // The open second of the series at the last update sent.
+    let mut traffic_head: Option<i64> = None;
     loop {
         let (clients, streams) = current(&shared);
         let requests = shared.requests.since(last_seq);
         let full = last_sent.is_none();
+        let (traffic, head) = shared.traffic.export(traffic_head);
         let (changed_clients, removed_clients) = diff(&sent_clients, &clients);
         let (changed_streams, removed_streams) = diff(&sent_streams, &streams);
         let quiet = changed_clients.is_empty()
             && removed_clients.is_empty()
             && changed_streams.is_empty()
             && removed_streams.is_empty()
-            && requests.is_empty();
+            && requests.is_empty()
+            && traffic_head == Some(head);
         if full || !quiet || last_sent.is_some_and(|t| t.elapsed() >= KEEPALIVE) {
             if let Some(r) = requests.last() {
                 last_seq = r.seq;
@@ -274,6 +278,8 @@ async fn watch(shared: Arc<Shared>, rate: u32, tx: mpsc::Sender<Result<WatchUpda
                 streams: if full { streams.values().cloned().collect() } else { changed_streams },
                 removed_streams,
                 requests,
+                traffic,
+                traffic_head_unix_ms: head,
             };
             // Waiting here is what coalesces updates for a slow watcher: the
             // next diff is taken against what it was actually sent.
@@ -283,6 +289,7 @@ async fn watch(shared: Arc<Shared>, rate: u32, tx: mpsc::Sender<Result<WatchUpda
             }
             sent_clients = clients;
             sent_streams = streams;
+            traffic_head = Some(head);
             last_sent = Some(Instant::now());
         }
         tokio::select! {

@@ -13,6 +13,7 @@ pub mod recent;
 pub mod registry;
 pub mod reload;
 pub mod service;
+pub mod traffic;
 
 use anyhow::Context as _;
 use recent::RequestLog;
@@ -115,6 +116,8 @@ pub struct Shared {
     pub requests: RequestLog,
     /// Their access lines, written off the runtime thread.
     pub access: access::AccessLog,
+    /// Their counts over time, per server, group, client and rule.
+    pub traffic: traffic::Traffic,
     /// Streams closed for an overdue heartbeat, since start.
     pub streams_reaped: AtomicU64,
     /// Exchanges closed because nothing moved for their rule's idle_timeout.
@@ -229,6 +232,18 @@ impl Shared {
         g.duration.observe(took.as_secs_f64());
         g.bytes_in.inc_by(rec.bytes_in);
         g.bytes_out.inc_by(rec.bytes_out);
+        let sample = traffic::Sample {
+            group: &rec.group,
+            client: &rec.client_id,
+            rule: &rec.rule,
+            status: rec.status,
+            // A 4xx the tunnel answered itself (no route, too large) is a 4xx.
+            errored: rec.status >= 500 || (rec.status < 400 && !rec.error.is_empty()),
+            took,
+            bytes_in: rec.bytes_in,
+            bytes_out: rec.bytes_out,
+        };
+        self.traffic.record(rec.unix_ms + took.as_millis() as i64, &sample);
         self.access.record(self.requests.record(rec));
     }
 
@@ -339,6 +354,7 @@ impl Server {
                 config: RwLock::new(Arc::new(config)),
                 requests: RequestLog::default(),
                 access: access::AccessLog::new(metrics.access_log_dropped.clone()),
+                traffic: traffic::Traffic::default(),
                 streams_reaped: AtomicU64::new(0),
                 exchanges_idle_closed: AtomicU64::new(0),
                 addrs: OnceLock::new(),
@@ -400,6 +416,7 @@ impl Server {
         let secure_ingress =
             https.map(|l| tokio::spawn(ingress::run(shared.clone(), l, ingress::Scheme::Https, ingress_stop.clone())));
         let reaper = tokio::spawn(reap(shared.clone(), background.clone()));
+        let series = tokio::spawn(traffic::run(shared.clone(), background.clone()));
         let metrics = match (listeners.metrics, cfg.server.metrics_listen) {
             (Some(l), Some(_)) => {
                 tracing::info!(metrics_addr = %l.local_addr()?, "serving Prometheus metrics at /metrics and readiness at /ready");
@@ -480,6 +497,7 @@ impl Server {
             _ => {}
         }
         let _ = reaper.await;
+        let _ = series.await;
         let _ = keepalive.await;
         if let Some(m) = metrics {
             let _ = m.await;
