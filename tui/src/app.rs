@@ -3,26 +3,33 @@
 //! [`Steer`] (if any) for the network task of the server that owns the row.
 
 use crate::model::{ConnState, Fleet};
+use crate::traffic::{subject_name, summary, Key, Series};
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 use std::cmp::Reverse;
-use tunnel_lib::introspection::{ClientInfo, RequestInfo, StreamInfo, WatchUpdate};
+use tunnel_lib::introspection::{ClientInfo, RequestInfo, StreamInfo, TrafficSubject, WatchUpdate};
 
-/// The three views.
+/// Seconds the tables' "now" figures (req/s, error shares, p99) cover.
+pub const SUMMARY_SPAN: usize = 10;
+
+/// The views, in Tab order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum View {
     Streams,
     Clients,
     Requests,
+    /// Traffic over time: the server, groups, clients and rules, and charts of the selected one.
+    Traffic,
 }
 
 impl View {
-    pub const ALL: [View; 3] = [View::Streams, View::Clients, View::Requests];
+    pub const ALL: [View; 4] = [View::Streams, View::Clients, View::Requests, View::Traffic];
 
     pub fn title(self) -> &'static str {
         match self {
             View::Streams => "Streams",
             View::Clients => "Clients",
             View::Requests => "Requests",
+            View::Traffic => "Traffic",
         }
     }
 
@@ -30,23 +37,30 @@ impl View {
         match self {
             View::Streams => View::Clients,
             View::Clients => View::Requests,
-            View::Requests => View::Streams,
+            View::Requests => View::Traffic,
+            View::Traffic => View::Streams,
         }
     }
 
     fn prev(self) -> View {
-        self.next().next()
+        match self {
+            View::Streams => View::Traffic,
+            View::Clients => View::Streams,
+            View::Requests => View::Clients,
+            View::Traffic => View::Requests,
+        }
     }
 }
 
 /// Orders of the rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sort {
-    /// Streams and clients by client id; requests newest first.
+    /// Streams and clients by client id; requests newest first; traffic by subject.
     Natural,
-    /// Oldest heartbeat first (streams); slowest first (requests).
+    /// Oldest heartbeat first (streams); slowest first (requests, traffic's p99).
     Age,
-    /// Deepest queue first (streams); by group (clients); by status (requests).
+    /// Deepest queue first (streams); by group (clients); by status
+    /// (requests); busiest first (traffic).
     Load,
 }
 
@@ -70,6 +84,9 @@ impl Sort {
             (View::Streams, Sort::Load) => "queue",
             (View::Clients, Sort::Load) => "group",
             (View::Requests, Sort::Load) => "status",
+            (View::Traffic, Sort::Natural) => "subject",
+            (View::Traffic, Sort::Age) => "p99",
+            (View::Traffic, Sort::Load) => "req/s",
         }
     }
 }
@@ -160,6 +177,8 @@ pub struct App {
     pub notice: Option<(Result<String, String>, i64)>,
     /// Local unix ms: the injected clock every age is computed from.
     pub now_ms: i64,
+    /// Charts and sparklines in ASCII (`--ascii`, or a locale that is not UTF-8).
+    pub ascii: bool,
     pub quit: bool,
 }
 
@@ -168,13 +187,15 @@ pub enum RowRef<'a> {
     Stream(usize, &'a StreamInfo),
     Client(usize, &'a ClientInfo),
     Request(usize, &'a RequestInfo),
+    /// A subject of the Traffic view and its per-second series.
+    Subject(usize, &'a Key, &'a Series),
 }
 
 impl RowRef<'_> {
     /// The fleet index of the server the row came from.
     pub fn server(&self) -> usize {
         match self {
-            RowRef::Stream(i, _) | RowRef::Client(i, _) | RowRef::Request(i, _) => *i,
+            RowRef::Stream(i, _) | RowRef::Client(i, _) | RowRef::Request(i, _) | RowRef::Subject(i, _, _) => *i,
         }
     }
 
@@ -184,6 +205,7 @@ impl RowRef<'_> {
             RowRef::Stream(_, s) => s.stream_id.clone(),
             RowRef::Client(_, c) => c.client_id.clone(),
             RowRef::Request(_, r) => r.seq.to_string(),
+            RowRef::Subject(_, (subject, name), _) => format!("{}:{name}", subject_name(*subject)),
         };
         RowKey { server: self.server(), id }
     }
@@ -193,6 +215,8 @@ impl RowRef<'_> {
             RowRef::Stream(_, s) => &s.client_id,
             RowRef::Client(_, c) => &c.client_id,
             RowRef::Request(_, r) => &r.client_id,
+            RowRef::Subject(_, (TrafficSubject::Client, name), _) => name,
+            RowRef::Subject(..) => "",
         }
     }
 }
@@ -212,6 +236,7 @@ impl App {
             confirm: None,
             notice: None,
             now_ms,
+            ascii: false,
             quit: false,
         }
     }
@@ -290,6 +315,24 @@ impl App {
                     Sort::Load => v.sort_by(|(i, a), (j, b)| (b.status, b.seq, j).cmp(&(a.status, a.seq, i))),
                 }
                 v.into_iter().map(|(i, r)| RowRef::Request(i, r)).collect()
+            }
+            View::Traffic => {
+                let mut v: Vec<(usize, &Key, &Series)> = servers()
+                    .flat_map(|(i, w)| w.model.traffic.seconds.iter().map(move |(k, s)| (i, k, s)))
+                    .filter(|(i, (subject, name), _)| self.matches(*i, &[subject_name(*subject), name]))
+                    .collect();
+                let now = |s: &Series| summary(s, SUMMARY_SPAN, 1.0);
+                match self.sort {
+                    // Server, groups, clients, rules (the enum's order), then by name.
+                    Sort::Natural => {
+                        v.sort_by(|(i, a, _), (j, b, _)| (a.0 as i32, &a.1, i).cmp(&(b.0 as i32, &b.1, j)))
+                    }
+                    Sort::Age => v.sort_by_key(|(_, _, s)| Reverse(now(s).p99_us)),
+                    Sort::Load => {
+                        v.sort_by(|(_, _, a), (_, _, b)| now(b).requests_per_s.total_cmp(&now(a).requests_per_s))
+                    }
+                }
+                v.into_iter().map(|(i, k, s)| RowRef::Subject(i, k, s)).collect()
             }
         }
     }

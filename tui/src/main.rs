@@ -33,6 +33,9 @@ struct Args {
     /// Watch only the servers given, not the other members of their cluster.
     #[arg(long)]
     no_discover: bool,
+    /// Draw charts and trends in plain ASCII (the default when the locale is not UTF-8).
+    #[arg(long)]
+    ascii: bool,
     /// Write the console's own logs to this file (the screen is the terminal's).
     #[arg(long)]
     log_file: Option<std::path::PathBuf>,
@@ -74,7 +77,8 @@ fn main() -> ExitCode {
     if args.once {
         return rt.block_on(print_once(addrs, &targets, args.json));
     }
-    match rt.block_on(interactive(addrs, targets)) {
+    let ascii = args.ascii || !tunnel_tui::locale_is_utf8(|k| std::env::var(k).ok());
+    match rt.block_on(interactive(addrs, targets, ascii)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("tunnel-tui: {e:#}");
@@ -125,7 +129,7 @@ impl Drop for TerminalGuard {
     }
 }
 
-async fn interactive(addrs: Vec<String>, targets: Vec<net::Target>) -> anyhow::Result<()> {
+async fn interactive(addrs: Vec<String>, targets: Vec<net::Target>, ascii: bool) -> anyhow::Result<()> {
     let mut terminal = ratatui::try_init().context("setting up the terminal")?;
     let _guard = TerminalGuard;
     let stop = CancellationToken::new();
@@ -142,6 +146,7 @@ async fn interactive(addrs: Vec<String>, targets: Vec<net::Target>) -> anyhow::R
     drop(events_tx);
     let mut keys = EventStream::new();
     let mut app = App::new(addrs, now_ms());
+    app.ascii = ascii;
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut dirty = true;

@@ -18,6 +18,8 @@ pub struct Model {
     pub requests: VecDeque<RequestInfo>,
     /// Server clock minus ours at the last update, ms: ages use the server's clock.
     pub clock_offset_ms: i64,
+    /// Traffic over time, per subject.
+    pub traffic: crate::traffic::Traffic,
 }
 
 /// The link to one server.
@@ -139,6 +141,7 @@ impl Model {
             }
             self.requests.push_back(r);
         }
+        self.traffic.apply(u.full, u.traffic, u.traffic_head_unix_ms);
     }
 
     /// The server's clock now, given ours.

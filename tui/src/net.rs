@@ -89,6 +89,9 @@ impl Target {
     }
 }
 
+/// The largest Watch update read: a full snapshot of 2000 busy clients' series with room to spare.
+const MAX_SNAPSHOT: usize = 64 << 20;
+
 /// Connects to the admin listener.
 pub async fn connect(target: &Target) -> Result<IntrospectionClient<Channel>, String> {
     let ep = Endpoint::from_shared(target.url.clone())
@@ -101,7 +104,9 @@ pub async fn connect(target: &Target) -> Result<IntrospectionClient<Channel>, St
         .await
         .map_err(|_| format!("no answer from {} within {CONNECT_TIMEOUT:?}", target.url))?
         .map_err(|e| format!("cannot reach {}: {}", target.url, root_cause(&e)))?;
-    Ok(IntrospectionClient::new(channel))
+    // A full snapshot carries five minutes of series for every busy client:
+    // about 5 KiB each, past tonic's 4 MiB default with a large fleet.
+    Ok(IntrospectionClient::new(channel).max_decoding_message_size(MAX_SNAPSHOT))
 }
 
 fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {

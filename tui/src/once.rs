@@ -195,5 +195,65 @@ fn model_json(m: &Model, now_ms: i64) -> Value {
             })
         })
         .collect();
-    json!({ "server": server, "clients": clients, "streams": streams })
+    let requests: Vec<Value> = m
+        .requests
+        .iter()
+        .map(|r| {
+            json!({
+                "seq": r.seq,
+                "unix_ms": r.unix_ms,
+                "method": r.method,
+                "host": r.host,
+                "path": r.path,
+                "status": r.status,
+                "duration_ms": r.duration_ms,
+                "bytes_in": r.bytes_in,
+                "bytes_out": r.bytes_out,
+                "group": r.group,
+                "rule": r.rule,
+                "client_id": r.client_id,
+                "stream_id": r.stream_id,
+                "request_id": r.request_id,
+                "trace_id": r.trace_id,
+                "upgrade": r.upgrade,
+                "forwarded_to": r.forwarded_to,
+                "error": r.error,
+            })
+        })
+        .collect();
+    json!({
+        "server": server,
+        "clients": clients,
+        "streams": streams,
+        "requests": requests,
+        "traffic": traffic_json(&m.traffic),
+    })
+}
+
+/// The series as columns, a point per step, oldest first: the same shape
+/// as `TrafficSeries` in introspection.proto.
+fn traffic_json(t: &crate::traffic::Traffic) -> Vec<Value> {
+    let steps = [(tunnel_lib::traffic::SECOND_MS, &t.seconds), (tunnel_lib::traffic::MINUTE_MS, &t.minutes)];
+    steps
+        .into_iter()
+        .flat_map(|(step, map)| map.iter().map(move |(k, s)| (step, k, s)))
+        .map(|(step, (subject, name), s)| {
+            let col32 = |f: fn(&tunnel_lib::traffic::Point) -> u32| s.points.iter().map(f).collect::<Vec<u32>>();
+            let col64 = |f: fn(&tunnel_lib::traffic::Point) -> u64| s.points.iter().map(f).collect::<Vec<u64>>();
+            json!({
+                "subject": crate::traffic::subject_name(*subject),
+                "name": name,
+                "step_ms": step,
+                "start_unix_ms": s.start_ms,
+                "requests": col32(|p| p.requests),
+                "status_4xx": col32(|p| p.status_4xx),
+                "errors": col32(|p| p.errors),
+                "p50_us": col32(|p| p.p50_us),
+                "p99_us": col32(|p| p.p99_us),
+                "bytes_in": col64(|p| p.bytes_in),
+                "bytes_out": col64(|p| p.bytes_out),
+                "in_flight": col32(|p| p.in_flight),
+            })
+        })
+        .collect()
 }

@@ -33,7 +33,7 @@ async fn tui(args: &[&str]) -> std::process::Output {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn once_prints_a_snapshot_or_a_reason() {
     let listeners = Listeners::ephemeral().await.unwrap();
-    let (_, grpc, admin) = listeners.addrs().unwrap();
+    let (http, grpc, admin) = listeners.addrs().unwrap();
     let server = Server::new(ServerConfig::from_str_named(SERVER, "test").unwrap(), None);
     let shared = server.shared();
     let stop = CancellationToken::new();
@@ -74,6 +74,41 @@ async fn once_prints_a_snapshot_or_a_reason() {
     assert_eq!(v["clients"][0]["client_id"], "edge-1");
     assert_eq!(v["server"]["groups"][0]["config_version"], version.as_str());
 
+    // One public request (its upstream refuses: 502), then a console that
+    // connects afterwards still gets it in the series and the request log.
+    let resp = get(http).await;
+    assert!(resp.starts_with("HTTP/1.1 502"), "{resp}");
+    let start = Instant::now();
+    let v = loop {
+        let out = tui(&["--server", &admin, "--token", "adm", "--once", "--json"]).await;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let server_seconds =
+            v["traffic"].as_array().unwrap().iter().find(|s| s["subject"] == "server" && s["step_ms"] == 1000).cloned();
+        let sum = |s: &serde_json::Value, col: &str| {
+            s[col].as_array().unwrap().iter().map(|n| n.as_u64().unwrap()).sum::<u64>()
+        };
+        if server_seconds.as_ref().is_some_and(|s| sum(s, "requests") == 1) {
+            assert_eq!(sum(server_seconds.as_ref().unwrap(), "errors"), 1, "{v}");
+            break v;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "the request shows in the series: {v}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let traffic = v["traffic"].as_array().unwrap();
+    for (subject, name) in [("group", "demo"), ("client", "edge-1"), ("rule", "*/")] {
+        assert!(
+            traffic.iter().any(|s| s["subject"] == subject && s["name"] == name && s["step_ms"] == 1000),
+            "{subject} {name}: {v}"
+        );
+    }
+    assert!(traffic.iter().any(|s| s["subject"] == "server" && s["step_ms"] == 60_000), "the hour: {v}");
+    let r = &v["requests"][0];
+    assert_eq!(
+        (r["status"].as_u64(), r["rule"].as_str(), r["client_id"].as_str()),
+        (Some(502), Some("*/"), Some("edge-1")),
+        "{v}"
+    );
+
     let out = tui(&["--server", &admin, "--token", "wrong", "--once"]).await;
     assert!(!out.status.success());
     let err = String::from_utf8(out.stderr).unwrap();
@@ -89,6 +124,19 @@ async fn once_prints_a_snapshot_or_a_reason() {
     let err = String::from_utf8(out.stderr).unwrap();
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("cannot reach"), "{err}");
+}
+
+/// GET / on the public listener at `addr`: the response's head and body.
+async fn get(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: app.example.com\r\nConnection: close\r\n\r\n").await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    };
+    tokio::time::timeout(Duration::from_secs(10), exchange).await.expect("the public request is answered")
 }
 
 /// A server named `id` (servers on one host must not share the host name) on ephemeral ports.

@@ -5,8 +5,11 @@
 
 use ratatui::backend::TestBackend;
 use ratatui::Terminal;
-use tunnel_lib::introspection::{ClientInfo, GroupInfo, RequestInfo, ServerInfo, StreamInfo, WatchUpdate};
+use tunnel_lib::introspection::{
+    ClientInfo, GroupInfo, RequestInfo, ServerInfo, StreamInfo, TrafficSeries, TrafficSubject, WatchUpdate,
+};
 use tunnel_lib::proto::StreamType;
+use tunnel_lib::traffic::{series, Point, MINUTE_MS, SECOND_MS};
 use tunnel_tui::app::{update, Action, App};
 use tunnel_tui::model::ConnState;
 use tunnel_tui::ui;
@@ -127,9 +130,85 @@ fn snapshot(server_id: &str, mark: Option<char>) -> WatchUpdate {
             group: "demo".into(),
             request_id: format!("{i:032x}"),
             forwarded_to: String::new(),
+            rule: "app.example.com/".into(),
         })
         .collect();
-    WatchUpdate { full: true, server: Some(server), clients, streams, requests, ..Default::default() }
+    WatchUpdate {
+        full: true,
+        server: Some(server),
+        clients,
+        streams,
+        requests,
+        traffic: traffic(),
+        traffic_head_unix_ms: NOW,
+        ..Default::default()
+    }
+}
+
+/// Second `i` of the last five minutes for one client: 100 req/s, 250 in
+/// the last 100 s; edge-2 answers 10% 502s in the last 20 s.
+fn client_point(client: &str, i: usize) -> Point {
+    let requests = if i >= 200 { 250 } else { 100 } + (i % 7) as u32;
+    let errors = if client == "edge-2" && i >= 280 { requests / 10 } else { 0 };
+    Point {
+        requests,
+        status_4xx: requests / 50,
+        errors,
+        p50_us: 900 + (i % 5) as u32 * 50,
+        p99_us: if errors > 0 { 48_000 } else { 4_000 + (i % 11) as u32 * 300 },
+        in_flight: 3 + (i % 4) as u32,
+        bytes_in: 200 * u64::from(requests),
+        bytes_out: 3000 * u64::from(requests),
+    }
+}
+
+/// Adds two points as the server would count their requests together.
+fn sum(a: Point, b: Point) -> Point {
+    Point {
+        requests: a.requests + b.requests,
+        status_4xx: a.status_4xx + b.status_4xx,
+        errors: a.errors + b.errors,
+        p50_us: a.p50_us.max(b.p50_us),
+        p99_us: a.p99_us.max(b.p99_us),
+        in_flight: a.in_flight + b.in_flight,
+        bytes_in: a.bytes_in + b.bytes_in,
+        bytes_out: a.bytes_out + b.bytes_out,
+    }
+}
+
+/// Fixed series ending at NOW: each client's, and the server's, the
+/// group's and the rule's as their sum; an hour of minutes for the latter three.
+fn traffic() -> Vec<TrafficSeries> {
+    let seconds = |f: &dyn Fn(usize) -> Point| (0..300).map(f).collect::<Vec<Point>>();
+    let edge1 = seconds(&|i| client_point("edge-1", i));
+    let edge2 = seconds(&|i| client_point("edge-2", i));
+    let all: Vec<Point> = edge1.iter().zip(&edge2).map(|(a, b)| sum(*a, *b)).collect();
+    // An hour: quiet, a busy half hour, then today's rate.
+    let minutes: Vec<Point> = (0..60)
+        .map(|m| {
+            let per_s = if m < 20 {
+                50
+            } else if m < 50 {
+                400
+            } else {
+                200
+            };
+            Point { requests: per_s * 60, errors: if m == 45 { 600 } else { 0 }, p99_us: 5_000, ..Default::default() }
+        })
+        .collect();
+    let start_s = NOW - 300_000;
+    let start_m = NOW - 3_600_000;
+    let mut out = vec![
+        series(TrafficSubject::Client, "edge-1", SECOND_MS, start_s, edge1.iter()),
+        series(TrafficSubject::Client, "edge-2", SECOND_MS, start_s, edge2.iter()),
+    ];
+    for (subject, name) in
+        [(TrafficSubject::Server, ""), (TrafficSubject::Group, "demo"), (TrafficSubject::Rule, "app.example.com/")]
+    {
+        out.push(series(subject, name, SECOND_MS, start_s, all.iter()));
+        out.push(series(subject, name, MINUTE_MS, start_m, minutes.iter()));
+    }
+    out
 }
 
 fn screen(app: &App, w: u16, h: u16) -> TestBackend {
@@ -150,6 +229,36 @@ fn views_at_both_sizes() {
         insta::assert_snapshot!(format!("{name}_160x40"), screen(&app, 160, 40));
         app = fixture();
     }
+}
+
+/// The Traffic view at 80x24 and 200x50 (the last hour added), with a
+/// client selected, and in ASCII.
+#[test]
+fn traffic_view() {
+    let mut app = fixture();
+    for _ in 0..3 {
+        update(&mut app, Action::NextView);
+    }
+    let s = screen(&app, 80, 24);
+    let text = lines(&s);
+    assert!(text[1].contains(" Traffic "), "{text:#?}");
+    let edge2 = text.iter().find(|l| row_text(l).starts_with("client  edge-2")).expect("edge-2's row");
+    // A tenth of its requests (rounded down) were 502s over the last 10 s; its p99 48 ms.
+    assert!(edge2.contains(" 9.9% ") && edge2.contains("48.0ms"), "{edge2}");
+    assert!(text.iter().any(|l| l.contains("server edge-eu-1 · last 5 minutes")), "{text:#?}");
+    insta::assert_snapshot!("traffic_80x24", s);
+    insta::assert_snapshot!("traffic_200x50", screen(&app, 200, 50));
+    // edge-2 is the third row: server, group, then the clients.
+    for _ in 0..3 {
+        update(&mut app, Action::Down);
+    }
+    let s = screen(&app, 80, 24);
+    assert!(lines(&s).iter().any(|l| l.contains("client edge-2 · last 5 minutes")), "{:#?}", lines(&s));
+    insta::assert_snapshot!("traffic_client_80x24", s);
+    app.ascii = true;
+    let s = screen(&app, 80, 24);
+    assert!(lines(&s).iter().skip(3).all(|l| !l.contains('█') && !l.contains('▁')), "{:#?}", lines(&s));
+    insta::assert_snapshot!("traffic_ascii_80x24", s);
 }
 
 /// Disconnected: a banner says so, the last data stays.

@@ -12,13 +12,18 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Cell, Clear, Paragraph, Row, Table, TableState, Wrap};
 use ratatui::Frame;
 use std::collections::BTreeSet;
-use tunnel_lib::introspection::{ClientInfo, RequestInfo, StreamInfo};
+use tunnel_lib::introspection::{ClientInfo, RequestInfo, StreamInfo, TrafficSubject};
 use tunnel_lib::proto::StreamType;
+
+mod traffic;
+pub use traffic::{short_rate, short_us};
 
 /// Width from which tables show their extra columns.
 const WIDE: u16 = 140;
 /// How long a command's outcome stays in the footer.
 const NOTICE_MS: i64 = 5_000;
+/// The Clients view's trend column, narrow and wide.
+const CLIENT_TREND: (u16, u16) = (12, 20);
 /// Narrowest the SERVER column gets, and widest on narrow and on wide terminals.
 const SERVER_COL: (u16, u16, u16) = (6, 12, 24);
 
@@ -75,7 +80,7 @@ fn server_cell(fleet: &Fleet, i: usize) -> Cell<'static> {
 
 /// Whether server `i`'s rows are from before: it is down, and there are
 /// others to tell them from (alone, the banner already says so).
-fn is_stale(fleet: &Fleet, i: usize) -> bool {
+pub(crate) fn is_stale(fleet: &Fleet, i: usize) -> bool {
     fleet.is_fleet() && !fleet.get(i).is_some_and(Watched::is_up)
 }
 
@@ -107,6 +112,19 @@ pub fn render(app: &App, f: &mut Frame) {
     render_tabs(app, f, tabs);
     if !live {
         render_banner(app, f, banner_area);
+    }
+    if app.view == View::Traffic {
+        // The charts are this view's detail: always there, for the selected row.
+        let rows = app.rows().len() as u16;
+        let [t, c] = Layout::vertical([Constraint::Length((rows + 2).clamp(4, main.height / 3)), Constraint::Min(6)])
+            .areas(main);
+        render_table(app, f, t);
+        traffic::render_charts(app, app.selected_row(), f, c);
+        render_footer(app, f, footer);
+        if app.help {
+            render_help(app, f);
+        }
+        return;
     }
     let (table_area, detail_area) = if app.detail {
         let [t, d] = Layout::vertical([Constraint::Min(3), Constraint::Length(10)]).areas(main);
@@ -293,7 +311,7 @@ fn render_banner(app: &App, f: &mut Frame, area: Rect) {
 
 /// The optional columns a table shows at its width.
 #[derive(Clone, Copy)]
-struct Cols {
+pub(crate) struct Cols {
     /// Peer, round trip, counts, trace...: from `WIDE` columns (plus room for SERVER).
     wide: bool,
     /// The SERVER column's width, with several servers.
@@ -369,12 +387,14 @@ fn render_table(app: &App, f: &mut Frame, area: Rect) {
         View::Clients => {
             cols.extend([("CLIENT", Min(10)), ("GROUP", L(10))]);
             // The peer is in the detail pane.
-            if !c.crowded() {
+            if c.wide {
                 cols.push(("PEER", L(21)));
             }
-            cols.extend([("CONNECTED", L(9)), ("VERSION", L(8)), ("STREAMS", L(7)), ("CONFIG", L(8))]);
+            cols.extend([("CONNECTED", L(9)), ("VERSION", L(8)), ("STREAMS", L(7)), ("CONFIG", L(8)), ("REQ/S", L(6))]);
             if c.wide {
-                cols.extend([("CURRENT", L(12)), ("SESSION", L(36))]);
+                cols.extend([("P99", L(7)), ("TREND (5 min)", L(CLIENT_TREND.1)), ("SESSION", L(36))]);
+            } else if !c.crowded() {
+                cols.push(("TREND", L(CLIENT_TREND.0)));
             }
             rows.iter()
                 .filter_map(|r| if let RowRef::Client(i, cl) = r { Some(client_row(app, *i, cl, c)) } else { None })
@@ -401,6 +421,11 @@ fn render_table(app: &App, f: &mut Frame, area: Rect) {
                 .filter_map(|r| if let RowRef::Request(i, q) = r { Some(request_row(app, *i, q, c)) } else { None })
                 .collect()
         }
+        View::Traffic => {
+            let (more, body) = traffic::table(app, &rows, c, area.width);
+            cols.extend(more);
+            body
+        }
     };
     let header = Row::new(cols.iter().map(|(name, _)| Cell::from(*name)))
         .style(Style::new().add_modifier(Modifier::BOLD).fg(Color::Cyan));
@@ -417,7 +442,11 @@ fn render_table(app: &App, f: &mut Frame, area: Rect) {
     let mut state = TableState::default().with_selected(if empty { None } else { Some(selected) });
     f.render_stateful_widget(table, area, &mut state);
     if empty {
-        let msg = if app.filter.is_empty() { "nothing here yet" } else { "no rows match the filter" };
+        let msg = match (app.filter.is_empty(), app.view) {
+            (false, _) => "no rows match the filter",
+            (true, View::Traffic) => "no traffic yet",
+            (true, _) => "nothing here yet",
+        };
         let inner = Rect { y: area.y + 2, height: 1, ..area };
         if area.height > 2 {
             f.render_widget(Paragraph::new(format!("  {msg}")).style(Style::new().fg(Color::DarkGray)), inner);
@@ -427,7 +456,7 @@ fn render_table(app: &App, f: &mut Frame, area: Rect) {
 
 /// The row's cells with the SERVER cell in front when there is one, greyed
 /// as a whole when its server is down (`dim` too: a draining stream).
-fn finish_row(app: &App, server: usize, c: Cols, cells: Vec<Cell<'static>>, dim: bool) -> Row<'static> {
+pub(crate) fn finish_row(app: &App, server: usize, c: Cols, cells: Vec<Cell<'static>>, dim: bool) -> Row<'static> {
     let mut all = Vec::with_capacity(cells.len() + 1);
     if c.server.is_some() {
         all.push(server_cell(&app.fleet, server));
@@ -489,18 +518,28 @@ fn client_row(app: &App, server: usize, cl: &ClientInfo, c: Cols) -> Row<'static
     let Some(m) = app.fleet.get(server).map(|w| &w.model) else { return Row::default() };
     let since = m.server_now(app.now_ms) - cl.connected_unix_ms;
     let mut cells = vec![Cell::from(cl.client_id.clone()), Cell::from(cl.group.clone())];
-    if !c.crowded() {
+    if c.wide {
         cells.push(Cell::from(cl.peer.clone()));
     }
+    let series = m.traffic.seconds_of(TrafficSubject::Client, &cl.client_id);
+    let now = series.map(|s| crate::traffic::summary(s, crate::app::SUMMARY_SPAN, 1.0)).unwrap_or_default();
     cells.extend([
         Cell::from(short_duration(since)),
         Cell::from(cl.version.clone()),
         Cell::from(cl.streams.to_string()),
         config_cell(m, &cl.client_id, is_stale(&app.fleet, server)),
+        Cell::from(short_rate(now.requests_per_s)),
     ]);
+    let trend = |w: u16| {
+        let text = series.map_or_else(|| " ".repeat(usize::from(w)), |s| traffic::trend_cell(s, w, app.ascii));
+        Cell::from(text).style(Style::new().fg(Color::Cyan))
+    };
     if c.wide {
-        cells.push(Cell::from(cl.config_version_current.clone()));
+        cells.push(Cell::from(if now.p99_us > 0 { short_us(u64::from(now.p99_us)) } else { "-".into() }));
+        cells.push(trend(CLIENT_TREND.1));
         cells.push(Cell::from(cl.session_id.clone()));
+    } else if !c.crowded() {
+        cells.push(trend(CLIENT_TREND.0));
     }
     finish_row(app, server, c, cells, false)
 }
@@ -611,6 +650,8 @@ fn render_detail(app: &App, f: &mut Frame, area: Rect) {
             kv("config", format!("acked {}, current {}", c.config_version_acked, c.config_version_current)),
             kv("session", c.session_id.clone()),
         ],
+        // The Traffic view draws charts instead.
+        Some(RowRef::Subject(..)) => Vec::new(),
         Some(RowRef::Request(_, r)) => vec![
             kv("request", format!("{} {}{}", r.method, r.host, r.path)),
             kv("status", format!("{} in {}", r.status, short_duration(r.duration_ms as i64))),
@@ -645,11 +686,15 @@ fn render_footer(app: &App, f: &mut Frame, area: Rect) {
     } else {
         // (key, meaning, priority): on a narrow terminal the least important go first.
         let mut keys: Vec<(&str, &str, u8)> =
-            vec![("↑↓", "move", 3), ("Tab", "view", 4), ("/", "filter", 1), ("s", "sort", 0), ("⏎", "detail", 2)];
+            vec![("↑↓", "move", 3), ("Tab", "view", 4), ("/", "filter", 1), ("s", "sort", 0)];
+        // The Traffic view's charts are always there: no detail pane to open.
+        if app.view != View::Traffic {
+            keys.push(("⏎", "detail", 2));
+        }
         match app.view {
             View::Streams => keys.extend([("r", "resync", 5), ("x", "close", 5), ("X", "close client", 5)]),
             View::Clients => keys.extend([("r", "resync", 5), ("R", "group", 5), ("X", "close", 5)]),
-            View::Requests => {}
+            View::Requests | View::Traffic => {}
         }
         keys.extend([("?", "help", 9), ("q", "quit", 9)]);
         let width = |keys: &[(&str, &str, u8)]| -> usize {
@@ -700,7 +745,7 @@ fn render_confirm(app: &App, c: &Confirm, f: &mut Frame) {
 pub const HELP: &[(&str, &str)] = &[
     ("↑ ↓  j k", "move the selection"),
     ("g G", "first / last row"),
-    ("Tab ← →", "switch view: Streams, Clients, Requests"),
+    ("Tab ← →", "switch view: Streams, Clients, Requests, Traffic"),
     ("/", "filter rows (Enter keeps, Esc clears)"),
     ("s", "cycle the sort order"),
     ("Enter", "show / hide the detail pane"),
