@@ -6,7 +6,7 @@ use crate::model::{ConnState, Fleet};
 use crate::traffic::{subject_name, summary, Key, Series};
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 use std::cmp::Reverse;
-use tunnel_lib::introspection::{ClientInfo, RequestInfo, StreamInfo, TrafficSubject, WatchUpdate};
+use tunnel_lib::introspection::{ClientInfo, Event, EventKind, RequestInfo, StreamInfo, TrafficSubject, WatchUpdate};
 
 /// Seconds the tables' "now" figures (req/s, error shares, p99) cover.
 pub const SUMMARY_SPAN: usize = 10;
@@ -19,10 +19,12 @@ pub enum View {
     Requests,
     /// Traffic over time: the server, groups, clients and rules, and charts of the selected one.
     Traffic,
+    /// The timeline: connections, reaps, config pushes and acks, reloads, drains.
+    Events,
 }
 
 impl View {
-    pub const ALL: [View; 4] = [View::Streams, View::Clients, View::Requests, View::Traffic];
+    pub const ALL: [View; 5] = [View::Streams, View::Clients, View::Requests, View::Traffic, View::Events];
 
     pub fn title(self) -> &'static str {
         match self {
@@ -30,25 +32,18 @@ impl View {
             View::Clients => "Clients",
             View::Requests => "Requests",
             View::Traffic => "Traffic",
+            View::Events => "Events",
         }
     }
 
     fn next(self) -> View {
-        match self {
-            View::Streams => View::Clients,
-            View::Clients => View::Requests,
-            View::Requests => View::Traffic,
-            View::Traffic => View::Streams,
-        }
+        let i = View::ALL.iter().position(|v| *v == self).unwrap_or(0);
+        View::ALL[(i + 1) % View::ALL.len()]
     }
 
     fn prev(self) -> View {
-        match self {
-            View::Streams => View::Traffic,
-            View::Clients => View::Streams,
-            View::Requests => View::Clients,
-            View::Traffic => View::Requests,
-        }
+        let i = View::ALL.iter().position(|v| *v == self).unwrap_or(0);
+        View::ALL[(i + View::ALL.len() - 1) % View::ALL.len()]
     }
 }
 
@@ -87,6 +82,9 @@ impl Sort {
             (View::Traffic, Sort::Natural) => "subject",
             (View::Traffic, Sort::Age) => "p99",
             (View::Traffic, Sort::Load) => "req/s",
+            (View::Events, Sort::Natural) => "newest",
+            (View::Events, Sort::Age) => "client",
+            (View::Events, Sort::Load) => "kind",
         }
     }
 }
@@ -179,6 +177,10 @@ pub struct App {
     pub now_ms: i64,
     /// Charts and sparklines in ASCII (`--ascii`, or a locale that is not UTF-8).
     pub ascii: bool,
+    /// Clock times in UTC; otherwise in the local zone (what `tunnel-tui`
+    /// shows unless given `--utc`). UTC from [`App::new`], so that screens
+    /// drawn in tests are the same on every machine.
+    pub utc: bool,
     pub quit: bool,
 }
 
@@ -189,13 +191,18 @@ pub enum RowRef<'a> {
     Request(usize, &'a RequestInfo),
     /// A subject of the Traffic view and its per-second series.
     Subject(usize, &'a Key, &'a Series),
+    Event(usize, &'a Event),
 }
 
 impl RowRef<'_> {
     /// The fleet index of the server the row came from.
     pub fn server(&self) -> usize {
         match self {
-            RowRef::Stream(i, _) | RowRef::Client(i, _) | RowRef::Request(i, _) | RowRef::Subject(i, _, _) => *i,
+            RowRef::Stream(i, _)
+            | RowRef::Client(i, _)
+            | RowRef::Request(i, _)
+            | RowRef::Subject(i, _, _)
+            | RowRef::Event(i, _) => *i,
         }
     }
 
@@ -206,6 +213,7 @@ impl RowRef<'_> {
             RowRef::Client(_, c) => c.client_id.clone(),
             RowRef::Request(_, r) => r.seq.to_string(),
             RowRef::Subject(_, (subject, name), _) => format!("{}:{name}", subject_name(*subject)),
+            RowRef::Event(_, e) => e.seq.to_string(),
         };
         RowKey { server: self.server(), id }
     }
@@ -217,6 +225,7 @@ impl RowRef<'_> {
             RowRef::Request(_, r) => &r.client_id,
             RowRef::Subject(_, (TrafficSubject::Client, name), _) => name,
             RowRef::Subject(..) => "",
+            RowRef::Event(_, e) => &e.client_id,
         }
     }
 }
@@ -237,6 +246,7 @@ impl App {
             notice: None,
             now_ms,
             ascii: false,
+            utc: true,
             quit: false,
         }
     }
@@ -334,6 +344,23 @@ impl App {
                 }
                 v.into_iter().map(|(i, k, s)| RowRef::Subject(i, k, s)).collect()
             }
+            View::Events => {
+                let mut v: Vec<(usize, &Event)> = servers()
+                    .flat_map(|(i, w)| w.model.events.iter().map(move |e| (i, e)))
+                    .filter(|(i, e)| {
+                        self.matches(*i, &[event_kind_name(e.kind), &e.client_id, &e.group, &e.stream_id, &e.detail])
+                    })
+                    .collect();
+                match self.sort {
+                    // Across servers only the clock orders them; on one, its own order.
+                    Sort::Natural => v.sort_by_key(|(i, e)| (Reverse(e.unix_ms), Reverse(e.seq), *i)),
+                    Sort::Age => v.sort_by(|(i, a), (j, b)| {
+                        (&a.client_id, Reverse(a.unix_ms), i).cmp(&(&b.client_id, Reverse(b.unix_ms), j))
+                    }),
+                    Sort::Load => v.sort_by_key(|(i, e)| (e.kind, Reverse(e.unix_ms), *i)),
+                }
+                v.into_iter().map(|(i, e)| RowRef::Event(i, e)).collect()
+            }
         }
     }
 
@@ -374,6 +401,25 @@ impl App {
         let why = format!("not connected to {}: its rows are from before", self.fleet.label(server));
         self.notice = Some((Err(why), self.now_ms));
         None
+    }
+}
+
+/// How the Events view names an event's kind.
+pub fn event_kind_name(kind: i32) -> &'static str {
+    match EventKind::try_from(kind) {
+        Ok(EventKind::Connected) => "connected",
+        Ok(EventKind::Reconnected) => "reconnected",
+        Ok(EventKind::Disconnected) => "disconnected",
+        Ok(EventKind::Reaped) => "reaped",
+        Ok(EventKind::ConfigPushed) => "config pushed",
+        Ok(EventKind::ConfigAcked) => "config acked",
+        Ok(EventKind::Reloaded) => "reloaded",
+        Ok(EventKind::ReloadRefused) => "reload refused",
+        Ok(EventKind::Draining) => "draining",
+        Ok(EventKind::ClosedFromConsole) => "closed (console)",
+        Ok(EventKind::ResyncFromConsole) => "resync (console)",
+        Ok(EventKind::Revoked) => "revoked",
+        _ => "?",
     }
 }
 

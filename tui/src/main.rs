@@ -30,6 +30,13 @@ struct Args {
     /// With --once: print the snapshot as JSON (several servers: keyed by address).
     #[arg(long, requires = "once")]
     json: bool,
+    /// With --once: print the events timeline (connections, reaps, config
+    /// pushes and acks, reloads, drains) instead of the streams.
+    #[arg(long, requires = "once", conflicts_with = "json")]
+    events: bool,
+    /// Show clock times in UTC (the default is the local zone).
+    #[arg(long)]
+    utc: bool,
     /// Watch only the servers given, not the other members of their cluster.
     #[arg(long)]
     no_discover: bool,
@@ -75,10 +82,11 @@ fn main() -> ExitCode {
     }
     let targets: Vec<net::Target> = addrs.iter().map(|a| net::Target::new(a, args.token.clone())).collect();
     if args.once {
-        return rt.block_on(print_once(addrs, &targets, args.json));
+        let how = once::Options { json: args.json, events: args.events, utc: args.utc };
+        return rt.block_on(print_once(addrs, &targets, how));
     }
     let ascii = args.ascii || !tunnel_tui::locale_is_utf8(|k| std::env::var(k).ok());
-    match rt.block_on(interactive(addrs, targets, ascii)) {
+    match rt.block_on(interactive(addrs, targets, ascii, args.utc)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("tunnel-tui: {e:#}");
@@ -87,7 +95,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn print_once(addrs: Vec<String>, targets: &[net::Target], as_json: bool) -> ExitCode {
+async fn print_once(addrs: Vec<String>, targets: &[net::Target], how: once::Options) -> ExitCode {
     let results = net::first_snapshots(targets).await;
     let now = now_ms();
     let mut fleet = Fleet::new(addrs);
@@ -111,8 +119,10 @@ async fn print_once(addrs: Vec<String>, targets: &[net::Target], as_json: bool) 
         }
         return ExitCode::FAILURE;
     }
-    if as_json {
+    if how.json {
         println!("{}", once::json(&fleet, now));
+    } else if how.events {
+        print!("{}", once::events_text(&fleet, how.utc));
     } else {
         print!("{}", once::text(&fleet, now));
     }
@@ -129,7 +139,7 @@ impl Drop for TerminalGuard {
     }
 }
 
-async fn interactive(addrs: Vec<String>, targets: Vec<net::Target>, ascii: bool) -> anyhow::Result<()> {
+async fn interactive(addrs: Vec<String>, targets: Vec<net::Target>, ascii: bool, utc: bool) -> anyhow::Result<()> {
     let mut terminal = ratatui::try_init().context("setting up the terminal")?;
     let _guard = TerminalGuard;
     let stop = CancellationToken::new();
@@ -147,6 +157,7 @@ async fn interactive(addrs: Vec<String>, targets: Vec<net::Target>, ascii: bool)
     let mut keys = EventStream::new();
     let mut app = App::new(addrs, now_ms());
     app.ascii = ascii;
+    app.utc = utc;
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut dirty = true;

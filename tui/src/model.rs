@@ -3,10 +3,12 @@
 //! views show (ages, health, sync).
 
 use std::collections::{BTreeMap, VecDeque};
-use tunnel_lib::introspection::{ClientInfo, GroupInfo, RequestInfo, ServerInfo, StreamInfo, WatchUpdate};
+use tunnel_lib::introspection::{ClientInfo, Event, GroupInfo, RequestInfo, ServerInfo, StreamInfo, WatchUpdate};
 
 /// Recent requests the console keeps.
 pub const MAX_REQUESTS: usize = 500;
+/// Events the console keeps (the server keeps 1000).
+pub const MAX_EVENTS: usize = 1000;
 
 /// The server's state as the console last heard it.
 #[derive(Debug, Clone, Default)]
@@ -20,6 +22,8 @@ pub struct Model {
     pub clock_offset_ms: i64,
     /// Traffic over time, per subject.
     pub traffic: crate::traffic::Traffic,
+    /// What happened to clients, streams and config, oldest first.
+    pub events: VecDeque<Event>,
 }
 
 /// The link to one server.
@@ -118,6 +122,10 @@ impl Model {
         if u.full {
             self.clients.clear();
             self.streams.clear();
+            // The snapshot carries the server's whole rings again: kept, a
+            // reconnection would list every request and event twice.
+            self.requests.clear();
+            self.events.clear();
         }
         if let Some(s) = u.server {
             self.clock_offset_ms = s.now_unix_ms - local_ms;
@@ -142,6 +150,12 @@ impl Model {
             self.requests.push_back(r);
         }
         self.traffic.apply(u.full, u.traffic, u.traffic_head_unix_ms);
+        for e in u.events {
+            if self.events.len() == MAX_EVENTS {
+                self.events.pop_front();
+            }
+            self.events.push_back(e);
+        }
     }
 
     /// The server's clock now, given ours.

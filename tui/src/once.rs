@@ -7,6 +7,55 @@ use crate::ui::stream_type_name;
 use serde_json::{json, Map, Value};
 use tunnel_lib::introspection::ServerInfo;
 
+/// What `--once` prints.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// JSON instead of text.
+    pub json: bool,
+    /// The events timeline instead of the streams (text).
+    pub events: bool,
+    /// Times in UTC rather than the local zone.
+    pub utc: bool,
+}
+
+/// The events timeline as text, oldest first: a header naming the zone,
+/// then a line per event (with several servers, a SERVER column and the
+/// servers' events merged by time).
+pub fn events_text(fleet: &Fleet, utc: bool) -> String {
+    let mut events: Vec<(usize, &tunnel_lib::introspection::Event)> =
+        fleet.servers.iter().enumerate().flat_map(|(i, w)| w.model.events.iter().map(move |e| (i, e))).collect();
+    events.sort_by_key(|(i, e)| (e.unix_ms, *i, e.seq));
+    let zone = crate::ui::zone(utc, events.last().map_or(0, |(_, e)| e.unix_ms));
+    let server = fleet.is_fleet();
+    let width = (0..fleet.servers.len()).map(|i| fleet.label(i).chars().count()).max().unwrap_or(0).max(6);
+    let mut out = String::new();
+    if server {
+        out.push_str(&format!("{:<width$}  ", "SERVER"));
+    }
+    out.push_str(&format!(
+        "{:<23}  {:<16}  {:<16}  {:<10}  WHAT HAPPENED\n",
+        format!("TIME ({zone})"),
+        "KIND",
+        "CLIENT",
+        "GROUP"
+    ));
+    for (i, e) in events {
+        if server {
+            out.push_str(&format!("{:<width$}  ", fleet.label(i)));
+        }
+        let dash = |s: &str| if s.is_empty() { "-".to_string() } else { s.to_string() };
+        out.push_str(&format!(
+            "{:<23}  {:<16}  {:<16}  {:<10}  {}\n",
+            crate::ui::timestamp(utc, e.unix_ms),
+            crate::app::event_kind_name(e.kind),
+            dash(&e.client_id),
+            dash(&e.group),
+            e.detail
+        ));
+    }
+    out
+}
+
 /// The snapshot as text: with one server, a header line then one line per
 /// stream; with several, a count of servers up, a line per server (the
 /// reason for one that did not answer) and the streams of all with a SERVER
@@ -221,12 +270,28 @@ fn model_json(m: &Model, now_ms: i64) -> Value {
             })
         })
         .collect();
+    let events: Vec<Value> = m
+        .events
+        .iter()
+        .map(|e| {
+            json!({
+                "seq": e.seq,
+                "unix_ms": e.unix_ms,
+                "kind": crate::app::event_kind_name(e.kind),
+                "client_id": e.client_id,
+                "group": e.group,
+                "stream_id": e.stream_id,
+                "detail": e.detail,
+            })
+        })
+        .collect();
     json!({
         "server": server,
         "clients": clients,
         "streams": streams,
         "requests": requests,
         "traffic": traffic_json(&m.traffic),
+        "events": events,
     })
 }
 

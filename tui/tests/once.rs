@@ -264,3 +264,92 @@ async fn once_finds_every_member_of_a_cluster() {
         let _ = tokio::time::timeout(Duration::from_secs(10), s.task).await;
     }
 }
+
+/// `--once --events`: the timeline a real server kept of a client that
+/// connected, a reload that pushed it a new config it acknowledged, a reload refused, the client closed
+/// from the console and its reconnection, oldest first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_prints_the_events_timeline() {
+    let dir = std::env::temp_dir().join(format!("tui-events-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("server.toml");
+    std::fs::write(&path, SERVER).unwrap();
+    let listeners = Listeners::ephemeral().await.unwrap();
+    let (_, grpc, admin) = listeners.addrs().unwrap();
+    let server = Server::new(ServerConfig::from_file(&path).unwrap(), Some(path.clone()));
+    let shared = server.shared();
+    let stop = CancellationToken::new();
+    let server_task = tokio::spawn(server.run(listeners, stop.clone().cancelled_owned()));
+    let cfg = format!("server = \"http://{grpc}\"\nclient_id = \"edge-1\"\ngroup = \"demo\"\ntoken = \"t\"\n[upstreams]\nweb = \"http://127.0.0.1:9\"\n");
+    let client = tokio::spawn(
+        Client::new(ClientConfig::from_str_named(&cfg, "test").unwrap()).run(stop.clone().cancelled_owned()),
+    );
+    let acked = |shared: &tunnel_daemon::server::Shared, version: &str| {
+        shared.registry.clients().first().is_some_and(|c| c.config_version == version)
+    };
+    let start = Instant::now();
+    while !acked(&shared, &shared.group_version("demo").unwrap()) {
+        assert!(start.elapsed() < Duration::from_secs(15), "client registered and applied the config");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A new heartbeat interval for the group: pushed, applied, acknowledged.
+    let changed = SERVER.replace("token = \"t\"\n", "token = \"t\"\nheartbeat_interval = \"1s\"\n");
+    assert_ne!(changed, SERVER);
+    std::fs::write(&path, &changed).unwrap();
+    let applied = tunnel_daemon::server::reload::reload_from_file(&shared);
+    assert!(matches!(applied, tunnel_daemon::server::reload::Reload::Applied(ref g) if g == &["demo"]), "{applied:?}");
+    let start = Instant::now();
+    while !acked(&shared, &shared.group_version("demo").unwrap()) {
+        assert!(start.elapsed() < Duration::from_secs(40), "the client acknowledged the pushed config");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    std::fs::write(&path, "[server\nbroken").unwrap();
+    let refused = tunnel_daemon::server::reload::reload_from_file(&shared);
+    assert!(matches!(refused, tunnel_daemon::server::reload::Reload::Refused(_)), "{refused:?}");
+
+    let mut console =
+        tunnel_tui::net::connect(&tunnel_tui::net::Target::new(&admin.to_string(), Some("adm".into()))).await.unwrap();
+    let mut req = tonic::Request::new(tunnel_lib::introspection::CloseClientRequest { client_id: "edge-1".into() });
+    req.metadata_mut().insert("authorization", "Bearer adm".parse().unwrap());
+    console.close_client(req).await.unwrap();
+    let start = Instant::now();
+    while shared.registry.streams().len() < 3 {
+        assert!(start.elapsed() < Duration::from_secs(15), "the client reconnected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let admin = admin.to_string();
+    let out = tui(&["--server", &admin, "--token", "adm", "--once", "--events", "--utc"]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("TIME (UTC)") && lines[0].contains("WHAT HAPPENED"), "{text}");
+    // Each kind in the order it happened (others, such as config pushes, may come between).
+    let mut at = 0;
+    for (kind, words) in [
+        ("connected", "version"),
+        // The push is part of the reload, recorded as it goes out.
+        ("config pushed", "sent to 1 of 1 clients"),
+        ("reloaded", "config changed for demo"),
+        ("config acked", "the group's current version"),
+        ("reload refused", "server.toml"),
+        ("closed (console)", "every stream closed"),
+        ("reconnected", "back after its control stream ended"),
+    ] {
+        let found = lines[at..].iter().position(|l| l.contains(&format!(" {kind} ")) && l.contains(words));
+        let Some(i) = found else { panic!("no {kind:?} event after line {at}:\n{text}") };
+        let about_the_server = ["reload refused", "reloaded", "config pushed"].contains(&kind);
+        assert!(lines[at + i].contains("edge-1") || about_the_server, "{}", lines[at + i]);
+        at += i + 1;
+    }
+
+    let out = tui(&["--server", &admin, "--token", "adm", "--once", "--json"]).await;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let kinds: Vec<&str> = v["events"].as_array().unwrap().iter().filter_map(|e| e["kind"].as_str()).collect();
+    assert!(kinds.contains(&"reload refused") && kinds.contains(&"reconnected"), "{v}");
+
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), client).await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), server_task).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

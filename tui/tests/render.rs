@@ -6,7 +6,8 @@
 use ratatui::backend::TestBackend;
 use ratatui::Terminal;
 use tunnel_lib::introspection::{
-    ClientInfo, GroupInfo, RequestInfo, ServerInfo, StreamInfo, TrafficSeries, TrafficSubject, WatchUpdate,
+    ClientInfo, Event, EventKind, GroupInfo, RequestInfo, ServerInfo, StreamInfo, TrafficSeries, TrafficSubject,
+    WatchUpdate,
 };
 use tunnel_lib::proto::StreamType;
 use tunnel_lib::traffic::{series, Point, MINUTE_MS, SECOND_MS};
@@ -141,8 +142,39 @@ fn snapshot(server_id: &str, mark: Option<char>) -> WatchUpdate {
         requests,
         traffic: traffic(),
         traffic_head_unix_ms: NOW,
+        events: events(),
         ..Default::default()
     }
+}
+
+/// A morning's timeline: two clients connect, a config goes out and is
+/// acknowledged, a reload is refused, a stream is reaped and its client comes back.
+fn events() -> Vec<Event> {
+    let ev = |seq: u64, ago_s: i64, kind: EventKind, client: &str, detail: &str| Event {
+        seq,
+        unix_ms: NOW - ago_s * 1000,
+        kind: kind as i32,
+        client_id: client.into(),
+        group: if client.is_empty() { String::new() } else { "demo".into() },
+        stream_id: if client.is_empty() { String::new() } else { "4e5f6071-0000-4000-8000-000000000005".into() },
+        detail: detail.into(),
+    };
+    vec![
+        ev(1, 3720, EventKind::Connected, "edge-1", "version 0.1.0 from 10.1.0.11:51234, session 5e551"),
+        ev(2, 3719, EventKind::Connected, "edge-2", "version 0.1.0 from 10.1.0.12:51234, session 5e552"),
+        ev(3, 600, EventKind::ConfigPushed, "", "version a1b2c3d4e5f6 sent to 2 of 2 clients"),
+        ev(4, 600, EventKind::Reloaded, "", "/etc/tunnel/server.toml (SIGHUP): applied; config changed for demo"),
+        ev(5, 599, EventKind::ConfigAcked, "edge-1", "applies a1b2c3d4e5f6, the group's current version"),
+        ev(
+            6,
+            300,
+            EventKind::ReloadRefused,
+            "",
+            "/etc/tunnel/server.toml (file changed): line 12: unknown key \"tokn\"",
+        ),
+        ev(7, 90, EventKind::Reaped, "edge-2", "no heartbeat for 91.2s (timeout 90s): data stream closed"),
+        ev(8, 88, EventKind::Reconnected, "edge-2", "back after its control stream ended; version 0.1.0"),
+    ]
 }
 
 /// Second `i` of the last five minutes for one client: 100 req/s, 250 in
@@ -259,6 +291,26 @@ fn traffic_view() {
     let s = screen(&app, 80, 24);
     assert!(lines(&s).iter().skip(3).all(|l| !l.contains('█') && !l.contains('▁')), "{:#?}", lines(&s));
     insta::assert_snapshot!("traffic_ascii_80x24", s);
+}
+
+/// The Events view, newest first, at both sizes, and an event's detail.
+#[test]
+fn events_view() {
+    let mut app = fixture();
+    for _ in 0..4 {
+        update(&mut app, Action::NextView);
+    }
+    let s = screen(&app, 80, 24);
+    let text = lines(&s);
+    assert!(text[2].contains(" Events (8) · times UTC "), "{text:#?}");
+    assert!(row_text(&text[4]).starts_with("09:58:32 reconnected"), "newest first: {text:#?}");
+    insta::assert_snapshot!("events_80x24", s);
+    insta::assert_snapshot!("events_160x40", screen(&app, 160, 40));
+    update(&mut app, Action::Down);
+    update(&mut app, Action::ToggleDetail);
+    let s = screen(&app, 80, 24);
+    assert!(lines(&s).iter().any(|l| l.contains("time: 2026-11-25 09:58:30.000 UTC")), "{:#?}", lines(&s));
+    insta::assert_snapshot!("events_detail_80x24", s);
 }
 
 /// Disconnected: a banner says so, the last data stays.

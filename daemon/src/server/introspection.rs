@@ -2,6 +2,7 @@
 //! steers the server with, gRPC health and reflection for standard tools, and
 //! `GET /ready` (HTTP/1.1 or HTTP/2) for load balancers.
 
+use super::events::About;
 use super::reload;
 use super::Shared;
 use std::collections::HashMap;
@@ -17,8 +18,8 @@ use tonic::{Request, Response, Status};
 use tunnel_lib::frame::now_ms;
 use tunnel_lib::introspection::introspection_server::{Introspection, IntrospectionServer};
 use tunnel_lib::introspection::{
-    ClientInfo, CloseClientRequest, CloseClientResponse, CloseStreamRequest, CloseStreamResponse, ForceResyncRequest,
-    ForceResyncResponse, GroupInfo, ServerInfo, StreamInfo, WatchRequest, WatchUpdate,
+    ClientInfo, CloseClientRequest, CloseClientResponse, CloseStreamRequest, CloseStreamResponse, EventKind,
+    ForceResyncRequest, ForceResyncResponse, GroupInfo, ServerInfo, StreamInfo, WatchRequest, WatchUpdate,
 };
 
 /// Update rate when the watcher asks for none, and the most it may ask for.
@@ -250,12 +251,14 @@ async fn watch(shared: Arc<Shared>, rate: u32, tx: mpsc::Sender<Result<WatchUpda
     let mut sent_clients = HashMap::new();
     let mut sent_streams = HashMap::new();
     let mut last_seq = 0u64;
+    let mut last_event = 0u64;
     let mut last_sent: Option<Instant> = None;
     // The open second of the series at the last update sent.
     let mut traffic_head: Option<i64> = None;
     loop {
         let (clients, streams) = current(&shared);
         let requests = shared.requests.since(last_seq);
+        let events = shared.events.since(last_event);
         let full = last_sent.is_none();
         let (traffic, head) = shared.traffic.export(traffic_head);
         let (changed_clients, removed_clients) = diff(&sent_clients, &clients);
@@ -265,10 +268,14 @@ async fn watch(shared: Arc<Shared>, rate: u32, tx: mpsc::Sender<Result<WatchUpda
             && changed_streams.is_empty()
             && removed_streams.is_empty()
             && requests.is_empty()
+            && events.is_empty()
             && traffic_head == Some(head);
         if full || !quiet || last_sent.is_some_and(|t| t.elapsed() >= KEEPALIVE) {
             if let Some(r) = requests.last() {
                 last_seq = r.seq;
+            }
+            if let Some(e) = events.last() {
+                last_event = e.seq;
             }
             let update = WatchUpdate {
                 full,
@@ -280,6 +287,7 @@ async fn watch(shared: Arc<Shared>, rate: u32, tx: mpsc::Sender<Result<WatchUpda
                 requests,
                 traffic,
                 traffic_head_unix_ms: head,
+                events,
             };
             // Waiting here is what coalesces updates for a slow watcher: the
             // next diff is taken against what it was actually sent.
@@ -331,6 +339,9 @@ impl Introspection for Introspect {
             _ => return Err(Status::invalid_argument("give exactly one of client_id and group")),
         };
         tracing::info!(client = %r.client_id, group = %r.group, version = %pushed.0, clients = pushed.1, "resync forced from the console");
+        let about = About { client_id: &r.client_id, group: &r.group, ..Default::default() };
+        let detail = format!("version {} sent to {} clients", pushed.0, pushed.1);
+        self.shared.events.record(EventKind::ResyncFromConsole, about, detail);
         Ok(Response::new(ForceResyncResponse { config_version: pushed.0, clients: pushed.1 as u32 }))
     }
 
@@ -339,6 +350,8 @@ impl Introspection for Introspect {
         let id = req.into_inner().stream_id;
         let handle = self.shared.registry.remove(&id).ok_or_else(|| Status::not_found(format!("no stream {id:?}")))?;
         tracing::info!(stream = %id, client = %handle.client_id, "stream closed from the console");
+        let about = About { client_id: &handle.client_id, group: &handle.group, stream_id: &id };
+        self.shared.events.record(EventKind::ClosedFromConsole, about, "stream closed; the client opens a replacement");
         handle.cancel.cancel();
         Ok(Response::new(CloseStreamResponse {}))
     }
@@ -355,6 +368,10 @@ impl Introspection for Introspect {
             s.cancel.cancel();
         }
         tracing::info!(client = %id, streams = streams.len(), "client closed from the console");
+        let group = streams.first().map(|s| s.group.as_str()).unwrap_or_default();
+        let about = About { client_id: &id, group, ..Default::default() };
+        let detail = format!("every stream closed ({}); the client reconnects", streams.len());
+        self.shared.events.record(EventKind::ClosedFromConsole, about, detail);
         Ok(Response::new(CloseClientResponse { streams_closed: streams.len() as u32 }))
     }
 }

@@ -5,6 +5,7 @@ pub mod accept;
 pub mod access;
 pub mod budget;
 pub mod cluster;
+pub mod events;
 pub mod ingress;
 pub mod introspection;
 pub mod keepalive;
@@ -118,6 +119,8 @@ pub struct Shared {
     pub access: access::AccessLog,
     /// Their counts over time, per server, group, client and rule.
     pub traffic: traffic::Traffic,
+    /// What happened to clients, streams and config, for the console's timeline.
+    pub events: events::Events,
     /// Streams closed for an overdue heartbeat, since start.
     pub streams_reaped: AtomicU64,
     /// Exchanges closed because nothing moved for their rule's idle_timeout.
@@ -355,6 +358,7 @@ impl Server {
                 requests: RequestLog::default(),
                 access: access::AccessLog::new(metrics.access_log_dropped.clone()),
                 traffic: traffic::Traffic::default(),
+                events: events::Events::default(),
                 streams_reaped: AtomicU64::new(0),
                 exchanges_idle_closed: AtomicU64::new(0),
                 addrs: OnceLock::new(),
@@ -450,6 +454,14 @@ impl Server {
         shutdown.await;
         shared.start_draining();
         let drain_delay = shared.config().server.drain_delay;
+        shared.events.record(
+            tunnel_lib::introspection::EventKind::Draining,
+            events::About::default(),
+            format!(
+                "server {} shutting down: /ready answers 503, public listeners close in {drain_delay:?}",
+                shared.server_id
+            ),
+        );
         // The whole stop: the delay, the grace, the bound after it, a margin.
         let whole_stop =
             drain_delay + shared.config().server.shutdown_grace + GRPC_STOP_TIMEOUT + Duration::from_secs(1);
@@ -540,6 +552,14 @@ async fn reap(shared: Arc<Shared>, stop: CancellationToken) {
         for (h, age) in shared.registry.reap(timeout_of) {
             shared.streams_reaped.fetch_add(1, Ordering::Relaxed);
             shared.metrics.streams_reaped.inc();
+            let about = events::About { client_id: &h.client_id, group: &h.group, stream_id: &h.stream_id };
+            let kind = if h.stream_type == tunnel_lib::proto::StreamType::Control { "control" } else { "data" };
+            let detail = format!(
+                "no heartbeat for {:.1}s (timeout {:?}): {kind} stream closed",
+                age.as_secs_f64(),
+                timeout_of(&h.group)
+            );
+            shared.events.record(tunnel_lib::introspection::EventKind::Reaped, about, detail);
             tracing::warn!(stream = %h.stream_id, client = %h.client_id, group = %h.group, silent = ?age, "no heartbeat within the timeout: stream closed");
             h.cancel.cancel();
         }

@@ -305,7 +305,8 @@ impl Registry {
         Ok(stale)
     }
 
-    /// Records a heartbeat of `stream_id`; false if the stream is unknown.
+    /// Records a heartbeat of `stream_id`, and the config version its client
+    /// says it applies; true if that version is not the one it said before.
     pub fn heartbeat(&self, stream_id: &str, delay_ms: i64, rtt_ms: i64, config_version: &str) -> bool {
         let mut inner = self.write();
         let Some(s) = inner.streams.get_mut(stream_id) else {
@@ -321,18 +322,24 @@ impl Registry {
         }
         s.heartbeats += 1;
         let client_id = s.handle.client_id.clone();
-        if let Some(c) = inner.clients.get_mut(&client_id) {
-            if !config_version.is_empty() {
+        match inner.clients.get_mut(&client_id) {
+            Some(c) if !config_version.is_empty() && c.config_version != config_version => {
                 c.config_version = config_version.to_string();
+                true
             }
+            _ => false,
         }
-        true
     }
 
-    /// Records the config version a client says it holds.
-    pub fn set_config_version(&self, client_id: &str, version: &str) {
-        if let Some(c) = self.write().clients.get_mut(client_id) {
-            c.config_version = version.to_string();
+    /// Records the config version a client says it holds; true if it is not
+    /// the one it said before.
+    pub fn set_config_version(&self, client_id: &str, version: &str) -> bool {
+        match self.write().clients.get_mut(client_id) {
+            Some(c) if c.config_version != version => {
+                c.config_version = version.to_string();
+                true
+            }
+            _ => false,
         }
     }
 

@@ -2,12 +2,14 @@
 //! file is refused (the old config keeps serving); a valid one is applied and
 //! pushed to the connected clients of every group whose config changed.
 
+use super::events::About;
 use super::registry::StreamHandle;
 use super::Shared;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
 use tunnel_lib::config::{ConfigPush, ServerConfig};
+use tunnel_lib::introspection::EventKind;
 use tunnel_lib::proto::{tunnel_message::Payload, ConfigSyncResponse};
 
 /// How often the file is checked for changes. Polling (rather than inotify)
@@ -65,13 +67,18 @@ pub async fn watch(shared: Arc<Shared>, stop: CancellationToken) {
         };
         tracing::info!(path = %path.display(), trigger = why, "reloading config");
         crate::systemd::reloading();
-        reload_from_file(&shared);
+        reload_because(&shared, why);
         crate::systemd::ready(&shared.status_line());
     }
 }
 
 /// Re-reads the config file and applies it.
 pub fn reload_from_file(shared: &Shared) -> Reload {
+    reload_because(shared, "requested")
+}
+
+/// Re-reads the config file and applies it; `why` names the trigger in the event.
+fn reload_because(shared: &Shared, why: &str) -> Reload {
     let Some(path) = &shared.config_path else {
         return Reload::Unchanged;
     };
@@ -89,7 +96,23 @@ pub fn reload_from_file(shared: &Shared) -> Reload {
     };
     let outcome = if matches!(result, Reload::Refused(_)) { "failed" } else { "ok" };
     shared.metrics.reloads.get_or_create(&vec![("result", outcome.to_string())]).inc();
+    reload_event(shared, &result, &format!("{} ({why})", path.display()));
     result
+}
+
+/// The event a reload leaves in the console's timeline.
+fn reload_event(shared: &Shared, result: &Reload, source: &str) {
+    let (kind, detail) = match result {
+        Reload::Applied(groups) if groups.is_empty() => {
+            (EventKind::Reloaded, format!("{source}: applied; no group's config changed"))
+        }
+        Reload::Applied(groups) => {
+            (EventKind::Reloaded, format!("{source}: applied; config changed for {}", groups.join(", ")))
+        }
+        Reload::Unchanged => (EventKind::Reloaded, format!("{source}: nothing changed")),
+        Reload::Refused(e) => (EventKind::ReloadRefused, format!("{source}: {e}")),
+    };
+    shared.events.record(kind, About::default(), detail);
 }
 
 /// Applies a new config and pushes changed group configs to their clients.
@@ -143,6 +166,8 @@ pub fn apply(shared: &Shared, new: ServerConfig) -> Reload {
     };
     for s in shared.registry.all_streams().into_iter().filter(|s| revoked(&s.group)) {
         tracing::info!(stream = %s.stream_id, client = %s.client_id, group = %s.group, "group removed or its token changed: stream closed");
+        let about = About { client_id: &s.client_id, group: &s.group, stream_id: &s.stream_id };
+        shared.events.record(EventKind::Revoked, about, "group removed or its token changed: stream closed");
         shared.registry.remove(&s.stream_id);
         s.cancel.cancel();
     }
@@ -172,12 +197,15 @@ pub fn apply_pushed(shared: &Shared, text: &str, revision: i64) -> Reload {
         Err(e) => {
             tracing::error!("pushed config refused, the config in force keeps serving: {e}");
             shared.metrics.reloads.get_or_create(&vec![("result", "failed".to_string())]).inc();
-            return Reload::Refused(e.to_string());
+            let result = Reload::Refused(e.to_string());
+            reload_event(shared, &result, &name);
+            return result;
         }
     };
     let new = shared.config().with_pushed(&pushed, revision);
     shared.set_pushed(pushed, revision);
     let result = apply(shared, new);
+    reload_event(shared, &result, &name);
     tracing::info!(revision, outcome = ?result, "fleet config from etcd applied");
     shared.metrics.reloads.get_or_create(&vec![("result", "ok".to_string())]).inc();
     result
@@ -221,5 +249,13 @@ fn push(shared: &Shared, group: &str, streams: Vec<Arc<StreamHandle>>) -> Option
             tracing::warn!(stream = %s.stream_id, "priority queue full: config push dropped (the next heartbeat acknowledgement names the new version)");
         }
     }
+    let about = About { group, ..Default::default() };
+    let detail = format!("version {version} sent to {} of {} clients", reached.len(), client_count(&streams));
+    shared.events.record(EventKind::ConfigPushed, about, detail);
     Some((version, reached.len()))
+}
+
+/// Distinct clients of `streams`.
+fn client_count(streams: &[Arc<StreamHandle>]) -> usize {
+    streams.iter().map(|s| s.client_id.as_str()).collect::<std::collections::BTreeSet<_>>().len()
 }

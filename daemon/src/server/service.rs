@@ -1,6 +1,7 @@
 //! The gRPC side of the server: authentication, stream registration,
 //! heartbeats, config sync, and the reader task of every stream.
 
+use super::events::About;
 use super::registry::{RegisterError, Registry, StreamHandle};
 use super::Shared;
 use crate::tunnel::exchange::{payload_name, ExchangeFailure, Exchanges, Role};
@@ -14,6 +15,7 @@ use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 use tunnel_lib::config::ConfigPush;
 use tunnel_lib::frame::now_ms;
+use tunnel_lib::introspection::EventKind;
 use tunnel_lib::proto::tunnel_service_server::{TunnelService, TunnelServiceServer};
 use tunnel_lib::proto::{
     tunnel_message::Payload, ConfigSyncRequest, ConfigSyncResponse, Direction, Drain, StreamOpenRequest,
@@ -154,9 +156,25 @@ impl TunnelSvc {
                     _ => Status::already_exists(e.to_string()),
                 }
             })?;
+        let replaced = stale.len();
         for old in stale {
             tracing::info!(stream = %old.stream_id, client = %old.client_id, "closing a stream the client left behind");
             old.cancel.cancel();
+        }
+        if stream_type == StreamType::Control {
+            let about = About { client_id: &open.client_id, group: &group, stream_id: &open.stream_id };
+            let from = peer.map_or_else(|| "?".to_string(), |p| p.to_string());
+            let who = format!("version {} from {from}, session {}", open.version, open.session_id);
+            let events = &self.shared.events;
+            if replaced > 0 {
+                let detail = format!("a new session replaced the previous one ({replaced} streams closed); {who}");
+                events.record(EventKind::Reconnected, about, detail);
+                events.seen_before(&open.client_id);
+            } else if events.seen_before(&open.client_id) {
+                events.record(EventKind::Reconnected, about, format!("back after its control stream ended; {who}"));
+            } else {
+                events.record(EventKind::Connected, about, who);
+            }
         }
         tracing::info!(stream = %open.stream_id, client = %open.client_id, group = %group, r#type = ?stream_type, peer = ?peer, "stream registered");
         self.ack(&handle, &open);
@@ -245,15 +263,38 @@ async fn read_stream(shared: Arc<Shared>, handle: Arc<StreamHandle>, mut inbound
             Ok(Some(m)) => on_message(&svc, &handle, m),
             Ok(None) => {
                 tracing::info!(stream = %handle.stream_id, client = %handle.client_id, "stream ended by client");
+                disconnected(&shared, &handle, "the client ended its control stream".into());
                 break;
             }
             Err(status) => {
                 // A peer hanging up is routine.
                 tracing::info!(stream = %handle.stream_id, client = %handle.client_id, error = %status.message(), "stream lost");
+                disconnected(&shared, &handle, format!("control stream lost: {}", status.message()));
                 break;
             }
         }
     }
+}
+
+/// An event for a control stream that ended from the client's side (the
+/// server's own closes, reaps and console closes, have events of their own).
+fn disconnected(shared: &Shared, handle: &StreamHandle, why: String) {
+    if handle.stream_type == StreamType::Control {
+        let about = About { client_id: &handle.client_id, group: &handle.group, stream_id: &handle.stream_id };
+        shared.events.record(EventKind::Disconnected, about, why);
+    }
+}
+
+/// An event when a client says it applies a config version it did not before.
+fn acked(shared: &Shared, handle: &StreamHandle, version: &str) {
+    let current = shared.group_version(&handle.group).unwrap_or_default();
+    let detail = if version == current {
+        format!("applies {version}, the group's current version")
+    } else {
+        format!("applies {version}; the group's current version is {current}")
+    };
+    let about = About { client_id: &handle.client_id, group: &handle.group, stream_id: &handle.stream_id };
+    shared.events.record(EventKind::ConfigAcked, about, detail);
 }
 
 fn on_message(svc: &TunnelSvc, handle: &Arc<StreamHandle>, m: TunnelMessage) {
@@ -273,7 +314,9 @@ fn on_message(svc: &TunnelSvc, handle: &Arc<StreamHandle>, m: TunnelMessage) {
             }
             let delay = now_ms().saturating_sub(open.timestamp_ms);
             svc.shared.metrics.heartbeat_delay.observe(delay.max(0) as f64 / 1000.0);
-            svc.shared.registry.heartbeat(&handle.stream_id, delay, open.last_rtt_ms, &open.config_version);
+            if svc.shared.registry.heartbeat(&handle.stream_id, delay, open.last_rtt_ms, &open.config_version) {
+                acked(&svc.shared, handle, &open.config_version);
+            }
             if delay > 1000 {
                 tracing::warn!(stream = %handle.stream_id, client = %handle.client_id, delay_ms = delay, "late heartbeat");
             }
@@ -281,7 +324,11 @@ fn on_message(svc: &TunnelSvc, handle: &Arc<StreamHandle>, m: TunnelMessage) {
         }
         Payload::ConfigSync(req) => {
             handle.set_syncs_config();
-            svc.shared.registry.set_config_version(&handle.client_id, &req.config_version);
+            if svc.shared.registry.set_config_version(&handle.client_id, &req.config_version)
+                && !req.config_version.is_empty()
+            {
+                acked(&svc.shared, handle, &req.config_version);
+            }
             match svc.sync_response(&handle.client_id, &handle.group, req, true) {
                 Ok(resp) => {
                     let msg = handle.exchanges.message(&m.request_id, Payload::ConfigSyncResponse(resp));
@@ -297,6 +344,8 @@ fn on_message(svc: &TunnelSvc, handle: &Arc<StreamHandle>, m: TunnelMessage) {
         Payload::Drain(d) => {
             tracing::info!(stream = %handle.stream_id, client = %handle.client_id, reason = %d.reason, "client draining: no new requests to it");
             if handle.stream_type == StreamType::Control {
+                let about = About { client_id: &handle.client_id, group: &handle.group, stream_id: &handle.stream_id };
+                svc.shared.events.record(EventKind::Draining, about, format!("client draining: {}", d.reason));
                 svc.shared.registry.drain_client(&handle.client_id);
             } else {
                 svc.shared.registry.drain_stream(handle);

@@ -4,7 +4,7 @@
 //! the header counts servers up, tables gain a SERVER column and a down
 //! server's rows stay, greyed, under a banner.
 
-use crate::app::{App, Confirm, RowRef, View};
+use crate::app::{event_kind_name, App, Confirm, RowRef, View};
 use crate::model::{short_age, short_bytes, short_duration, short_id, ConnState, Fleet, Freshness, Model, Watched};
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Color, Modifier, Style};
@@ -12,7 +12,7 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Cell, Clear, Paragraph, Row, Table, TableState, Wrap};
 use ratatui::Frame;
 use std::collections::BTreeSet;
-use tunnel_lib::introspection::{ClientInfo, RequestInfo, StreamInfo, TrafficSubject};
+use tunnel_lib::introspection::{ClientInfo, Event, EventKind, RequestInfo, StreamInfo, TrafficSubject};
 use tunnel_lib::proto::StreamType;
 
 mod traffic;
@@ -91,9 +91,34 @@ fn queue_text(depth: u32, cap: u32) -> String {
     format!("{depth}/{cap} {}{}", "▮".repeat(filled), "▯".repeat(BAR - filled))
 }
 
-fn clock(unix_ms: i64) -> String {
-    let s = (unix_ms / 1000).rem_euclid(86_400);
-    format!("{:02}:{:02}:{:02}", s / 3600, (s / 60) % 60, s % 60)
+/// A clock time, "10:00:00", in UTC or the local zone.
+pub fn clock(utc: bool, unix_ms: i64) -> String {
+    stamp(utc, unix_ms, "%H:%M:%S")
+}
+
+/// A date and time to the millisecond, "2026-12-07 10:00:00.123", in UTC or the local zone.
+pub fn timestamp(utc: bool, unix_ms: i64) -> String {
+    stamp(utc, unix_ms, "%Y-%m-%d %H:%M:%S%.3f")
+}
+
+/// `unix_ms` formatted with `fmt` in UTC or the local zone.
+fn stamp(utc: bool, unix_ms: i64, fmt: &str) -> String {
+    match chrono::DateTime::from_timestamp_millis(unix_ms) {
+        Some(t) if utc => t.format(fmt).to_string(),
+        Some(t) => t.with_timezone(&chrono::Local).format(fmt).to_string(),
+        None => "--:--:--".into(),
+    }
+}
+
+/// The zone clock times are shown in: "UTC", or the local offset, "UTC+01:00".
+pub fn zone(utc: bool, unix_ms: i64) -> String {
+    if utc {
+        return "UTC".into();
+    }
+    match chrono::DateTime::from_timestamp_millis(unix_ms) {
+        Some(t) => t.with_timezone(&chrono::Local).format("UTC%:z").to_string(),
+        None => "local time".into(),
+    }
 }
 
 /// Draws the whole console.
@@ -229,6 +254,12 @@ fn render_header(app: &App, f: &mut Frame, area: Rect) {
                 ));
             }
         }
+    }
+    // The time and the zone the console's times are in, where there is room.
+    let now = format!("{} {}", clock(app.utc, app.now_ms), zone(app.utc, app.now_ms));
+    let used: usize = spans.iter().map(|s| s.width()).sum();
+    if used + 3 + now.chars().count() < usize::from(area.width) {
+        spans.extend([sep(), Span::styled(now, dim)]);
     }
     f.render_widget(Paragraph::new(Line::from(spans)), area);
 }
@@ -426,11 +457,27 @@ fn render_table(app: &App, f: &mut Frame, area: Rect) {
             cols.extend(more);
             body
         }
+        View::Events => {
+            cols.extend([("TIME", L(8)), ("KIND", L(16)), ("CLIENT", L(14))]);
+            // On a narrow terminal what happened gets the room; the rest is in the detail pane.
+            if c.wide {
+                cols.extend([("GROUP", L(10)), ("STREAM", L(8))]);
+            }
+            cols.push(("WHAT HAPPENED", Min(20)));
+            rows.iter()
+                .filter_map(|r| if let RowRef::Event(i, e) = r { Some(event_row(app, *i, e, c)) } else { None })
+                .collect()
+        }
     };
     let header = Row::new(cols.iter().map(|(name, _)| Cell::from(*name)))
         .style(Style::new().add_modifier(Modifier::BOLD).fg(Color::Cyan));
     let widths: Vec<Constraint> = cols.iter().map(|(_, w)| *w).collect();
-    let title = format!(" {} ({}) ", app.view.title(), rows.len());
+    let title = match app.view {
+        View::Requests | View::Events => {
+            format!(" {} ({}) · times {} ", app.view.title(), rows.len(), zone(app.utc, app.now_ms))
+        }
+        _ => format!(" {} ({}) ", app.view.title(), rows.len()),
+    };
     let empty = body.is_empty();
     let table = Table::new(body, widths)
         .header(header)
@@ -551,7 +598,7 @@ fn request_row(app: &App, server: usize, r: &RequestInfo, c: Cols) -> Row<'stati
         _ => Style::new().fg(Color::Green),
     };
     let mut cells = vec![
-        Cell::from(clock(r.unix_ms)),
+        Cell::from(clock(app.utc, r.unix_ms)),
         Cell::from(r.method.clone()),
         Cell::from(r.host.clone()),
         Cell::from(if r.upgrade.is_empty() { r.path.clone() } else { format!("{} [{}]", r.path, r.upgrade) }),
@@ -566,6 +613,28 @@ fn request_row(app: &App, server: usize, r: &RequestInfo, c: Cols) -> Row<'stati
         cells.push(Cell::from(r.trace_id.clone()));
         cells.push(Cell::from(r.error.clone()));
     }
+    finish_row(app, server, c, cells, false)
+}
+
+fn event_row(app: &App, server: usize, e: &Event, c: Cols) -> Row<'static> {
+    let style = match EventKind::try_from(e.kind) {
+        Ok(EventKind::Reaped | EventKind::ReloadRefused | EventKind::Revoked) => Style::new().fg(Color::Red),
+        Ok(EventKind::Disconnected | EventKind::Draining | EventKind::ClosedFromConsole) => {
+            Style::new().fg(Color::Yellow)
+        }
+        Ok(EventKind::Connected | EventKind::Reconnected) => Style::new().fg(Color::Green),
+        _ => Style::new(),
+    };
+    let mut cells = vec![
+        Cell::from(clock(app.utc, e.unix_ms)),
+        tint(Cell::from(event_kind_name(e.kind)), style, is_stale(&app.fleet, server)),
+        Cell::from(e.client_id.clone()),
+    ];
+    if c.wide {
+        cells.push(Cell::from(e.group.clone()));
+        cells.push(Cell::from(short_id(&e.stream_id).to_string()));
+    }
+    cells.push(Cell::from(e.detail.clone()));
     finish_row(app, server, c, cells, false)
 }
 
@@ -652,6 +721,14 @@ fn render_detail(app: &App, f: &mut Frame, area: Rect) {
         ],
         // The Traffic view draws charts instead.
         Some(RowRef::Subject(..)) => Vec::new(),
+        Some(RowRef::Event(_, e)) => vec![
+            kv("time", format!("{} {}", timestamp(app.utc, e.unix_ms), zone(app.utc, e.unix_ms))),
+            kv("event", event_kind_name(e.kind)),
+            kv("client", if e.client_id.is_empty() { "-".into() } else { e.client_id.clone() }),
+            kv("group", if e.group.is_empty() { "-".into() } else { e.group.clone() }),
+            kv("stream", if e.stream_id.is_empty() { "-".into() } else { e.stream_id.clone() }),
+            kv("detail", e.detail.clone()),
+        ],
         Some(RowRef::Request(_, r)) => vec![
             kv("request", format!("{} {}{}", r.method, r.host, r.path)),
             kv("status", format!("{} in {}", r.status, short_duration(r.duration_ms as i64))),
@@ -694,7 +771,7 @@ fn render_footer(app: &App, f: &mut Frame, area: Rect) {
         match app.view {
             View::Streams => keys.extend([("r", "resync", 5), ("x", "close", 5), ("X", "close client", 5)]),
             View::Clients => keys.extend([("r", "resync", 5), ("R", "group", 5), ("X", "close", 5)]),
-            View::Requests | View::Traffic => {}
+            View::Requests | View::Traffic | View::Events => {}
         }
         keys.extend([("?", "help", 9), ("q", "quit", 9)]);
         let width = |keys: &[(&str, &str, u8)]| -> usize {
@@ -745,7 +822,7 @@ fn render_confirm(app: &App, c: &Confirm, f: &mut Frame) {
 pub const HELP: &[(&str, &str)] = &[
     ("↑ ↓  j k", "move the selection"),
     ("g G", "first / last row"),
-    ("Tab ← →", "switch view: Streams, Clients, Requests, Traffic"),
+    ("Tab ← →", "next / previous view (Streams ... Events)"),
     ("/", "filter rows (Enter keeps, Esc clears)"),
     ("s", "cycle the sort order"),
     ("Enter", "show / hide the detail pane"),
