@@ -8,11 +8,15 @@ use http::{header, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use prometheus_client::collector::Collector;
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -75,6 +79,77 @@ impl ProcessGauges {
     }
 }
 
+/// The server's state as one scrape reads it.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ServerState {
+    pub clients: i64,
+    /// Streams by type ("control", "data"); types with none are left out.
+    pub streams: Vec<(&'static str, i64)>,
+    pub in_flight: i64,
+    pub upgraded: i64,
+    pub queue_depth: i64,
+    /// Each group's current config version.
+    pub config: Vec<(String, String)>,
+    /// Traffic series kept, by subject ("group", "client", "rule").
+    pub traffic_series: Vec<(&'static str, i64)>,
+}
+
+/// Reads the server's state for a scrape.
+pub type StateSource = Box<dyn Fn() -> ServerState + Send + Sync>;
+
+/// The gauges of the state now, made from it at each scrape rather than
+/// kept: nothing to clear and refill, no lock between two scrapes, and
+/// nothing that can drift from the registry.
+#[derive(Default, Clone)]
+struct StateCollector(Arc<std::sync::OnceLock<StateSource>>);
+
+impl std::fmt::Debug for StateCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StateCollector")
+    }
+}
+
+fn const_gauge(e: &mut DescriptorEncoder<'_>, name: &str, help: &str, v: i64) -> std::fmt::Result {
+    let g = ConstGauge::new(v);
+    g.encode(e.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+fn gauge_family<L: EncodeLabelSet>(
+    e: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    series: &[(L, i64)],
+) -> std::fmt::Result {
+    let mut family = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, v) in series {
+        ConstGauge::new(*v).encode(family.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for StateCollector {
+    fn encode(&self, mut e: DescriptorEncoder<'_>) -> std::fmt::Result {
+        let Some(source) = self.0.get() else { return Ok(()) };
+        let s = source();
+        const_gauge(&mut e, "clients", "Connected tunnel clients", s.clients)?;
+        let streams: Vec<_> = s.streams.iter().map(|(t, n)| ([("type", *t)], *n)).collect();
+        gauge_family(&mut e, "streams", "Registered streams by type", &streams)?;
+        const_gauge(&mut e, "in_flight_requests", "Exchanges in flight", s.in_flight)?;
+        const_gauge(&mut e, "upgraded_connections", "Upgraded connections open", s.upgraded)?;
+        const_gauge(&mut e, "outbound_queue_depth", "Frames waiting in streams' outbound queues", s.queue_depth)?;
+        let config: Vec<_> =
+            s.config.iter().map(|(g, v)| ([("group", g.as_str()), ("version", v.as_str())], 1)).collect();
+        gauge_family(&mut e, "config_info", "Current config version of each group (value 1)", &config)?;
+        let series: Vec<_> = s.traffic_series.iter().map(|(k, n)| ([("subject", *k)], *n)).collect();
+        gauge_family(
+            &mut e,
+            "traffic_series",
+            "Traffic series the console's charts are drawn from, by subject",
+            &series,
+        )
+    }
+}
+
 /// The server's metrics.
 pub struct ServerMetrics {
     registry: Registry,
@@ -91,14 +166,8 @@ pub struct ServerMetrics {
     pub reloads: Family<Labels, Counter>,
     /// Registrations refused for an unknown group or a wrong token.
     pub auth_failures: Counter,
-    /// Scrape-time state.
-    pub clients: Gauge,
-    pub streams: Family<Labels, Gauge>,
-    pub in_flight: Gauge,
-    pub upgraded: Gauge,
-    pub queue_depth: Gauge,
-    /// 1 for each group's current config version.
-    pub config_info: Family<Labels, Gauge>,
+    /// Gauges of the state now (clients, streams, config versions...), read at each scrape.
+    state: StateCollector,
     /// 1, labelled with this server's server_id and version.
     pub server_info: Family<Labels, Gauge>,
     /// 1 while draining (SIGTERM received): /ready answers 503.
@@ -158,12 +227,7 @@ impl Default for ServerMetrics {
             streams_reaped: Counter::default(),
             reloads: Family::default(),
             auth_failures: Counter::default(),
-            clients: Gauge::default(),
-            streams: Family::default(),
-            in_flight: Gauge::default(),
-            upgraded: Gauge::default(),
-            queue_depth: Gauge::default(),
-            config_info: Family::default(),
+            state: StateCollector::default(),
             server_info: Family::default(),
             draining: Gauge::default(),
             forwarded: Family::default(),
@@ -234,17 +298,18 @@ impl Default for ServerMetrics {
             "Registrations refused: unknown group or wrong token",
             m.auth_failures.clone(),
         );
-        registry.register("clients", "Connected tunnel clients", m.clients.clone());
-        registry.register("streams", "Registered streams by type", m.streams.clone());
-        registry.register("in_flight_requests", "Exchanges in flight", m.in_flight.clone());
-        registry.register("upgraded_connections", "Upgraded connections open", m.upgraded.clone());
-        registry.register("outbound_queue_depth", "Frames waiting in streams' outbound queues", m.queue_depth.clone());
-        registry.register("config_info", "Current config version of each group (value 1)", m.config_info.clone());
+        registry.register_collector(Box::new(m.state.clone()));
         ServerMetrics { registry, ..m }
     }
 }
 
 impl ServerMetrics {
+    /// Where scrapes read the server's state from (set once, when the server
+    /// is built; until then those gauges are not exported).
+    pub fn set_state_source(&self, source: StateSource) {
+        let _ = self.state.0.set(source);
+    }
+
     /// The per-request metrics of `group`.
     pub fn group(&self, group: &str) -> Arc<GroupMetrics> {
         if let Some(g) = self.groups.read().unwrap_or_else(|e| e.into_inner()).get(group) {

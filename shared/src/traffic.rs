@@ -23,7 +23,8 @@ pub struct Point {
     /// Latency of the step's requests, µs (0 when there were none).
     pub p50_us: u32,
     pub p99_us: u32,
-    /// Most requests in flight at once (sampled each second).
+    /// Requests in flight: the most of a sample taken each second and of
+    /// the step's mean (its requests' durations added up over its length).
     pub in_flight: u32,
     /// Body bytes from public clients, and to them.
     pub bytes_in: u64,

@@ -373,3 +373,168 @@ async fn console_watches_two_servers_and_steers_the_owner() {
     }
     tarpit.abort();
 }
+
+const TRAFFIC_SERVER: &str = r#"
+[server]
+shutdown_grace = "1s"
+[[groups]]
+name = "demo"
+token = "t"
+data_streams = 2
+[[rules]]
+group = "demo"
+upstream = "web"
+"#;
+
+/// An upstream answering `200 ok`, or `502` to every `fail_every`th request
+/// (0: never), until `stop` fires.
+async fn upstream(fail_every: u64, stop: CancellationToken) -> std::net::SocketAddr {
+    use hyper::service::service_fn;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(AtomicU64::new(0));
+    tokio::spawn(async move {
+        loop {
+            let (sock, _) = tokio::select! {
+                _ = stop.cancelled() => return,
+                a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
+            };
+            let seen = seen.clone();
+            let svc = service_fn(move |_req: hyper::Request<hyper::body::Incoming>| {
+                let n = seen.fetch_add(1, Ordering::Relaxed) + 1;
+                let status = if fail_every > 0 && n.is_multiple_of(fail_every) { 502 } else { 200 };
+                let mut resp = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(b"ok")));
+                *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+                async move { Ok::<_, std::convert::Infallible>(resp) }
+            });
+            let conn =
+                hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(sock), svc);
+            tokio::spawn(conn);
+        }
+    });
+    addr
+}
+
+/// Sends GETs to `url` at `rate` a second, open loop, until `stop` fires or
+/// `limit` passes, at most 64 in flight; returns how many were answered.
+async fn load(url: String, rate: u32, limit: Duration, stop: CancellationToken) -> u64 {
+    use hyper_util::client::legacy::Client as HttpClient;
+    let client: HttpClient<_, http_body_util::Empty<bytes::Bytes>> =
+        HttpClient::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(64));
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let Ok(permit) = gate.clone().try_acquire_owned() else { continue };
+        let (client, url, answered) = (client.clone(), url.clone(), answered.clone());
+        tokio::spawn(async move {
+            let req =
+                hyper::Request::get(url.as_str()).header("host", "app.example.com").body(http_body_util::Empty::new());
+            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(5), client.request(req.unwrap())).await {
+                answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            drop(permit);
+        });
+    }
+    answered.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// A Traffic view row: (subject, name, req/s, error share in %) of each
+/// row; ASCII trend last.
+fn traffic_rows(screen: &str) -> Vec<(String, String, f64, f64, String)> {
+    screen
+        .lines()
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.trim_start_matches(['›', ' ']).split_whitespace().collect();
+            if cols.len() < 7 || !["server", "group", "client", "rule"].contains(&cols[0]) {
+                return None;
+            }
+            let rate = cols[2].parse().ok()?;
+            let err = if cols[4] == "-" { 0.0 } else { cols[4].strip_suffix('%')?.parse().ok()? };
+            // The trend is what follows the P99 column, spaces and all.
+            let trend = l.get(l.find(cols[5])? + cols[5].len()..)?.trim_start_matches(' ').to_string();
+            Some((cols[0].to_string(), cols[1].to_string(), rate, err, trend))
+        })
+        .collect()
+}
+
+/// The Traffic view against real daemons and real load, one client's
+/// upstream answering a tenth of its requests with 502: at 200 req/s the
+/// server's row says about 200; at 500 req/s it says about 500, that
+/// client's error share reads about 10%, the other's 0, and the trend steps up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_view_follows_the_load() {
+    if !have_tmux() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let stop = CancellationToken::new();
+    let good = upstream(0, stop.clone()).await;
+    let flaky = upstream(10, stop.clone()).await;
+    let listeners = Listeners::ephemeral().await.unwrap();
+    let (http, grpc, admin) = listeners.addrs().unwrap();
+    let server = Server::new(ServerConfig::from_str_named(TRAFFIC_SERVER, "test").unwrap(), None);
+    let shared = server.shared();
+    let server_task = tokio::spawn(server.run(listeners, stop.clone().cancelled_owned()));
+    let mut clients = Vec::new();
+    for (id, up) in [("edge-ok", good), ("edge-bad", flaky)] {
+        let cfg = format!(
+            "server = \"http://{grpc}\"\nclient_id = \"{id}\"\ngroup = \"demo\"\ntoken = \"t\"\nshutdown_grace = \"1s\"\n[upstreams]\nweb = \"http://{up}\"\n"
+        );
+        let client = Client::new(ClientConfig::from_str_named(&cfg, "test").unwrap());
+        clients.push(tokio::spawn(client.run(stop.clone().cancelled_owned())));
+    }
+    let start = Instant::now();
+    while shared.registry.streams().len() < 6 {
+        assert!(start.elapsed() < Duration::from_secs(15), "clients registered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let url = format!("http://{http}/");
+    let tui = Tmux::start(&format!("{} --ascii --server {admin}", env!("CARGO_BIN_EXE_tunnel-tui")));
+    tui.wait("the console", Duration::from_secs(10), |s| s.contains("Streams (6)")).await;
+    tui.keys(&["Tab", "Tab", "Tab"]);
+    tui.wait("the Traffic view", Duration::from_secs(5), |s| s.contains("Traffic (")).await;
+
+    let phase = CancellationToken::new();
+    let slow = tokio::spawn(load(url.clone(), 200, Duration::from_secs(30), phase.clone()));
+    let server_row = |s: &str| traffic_rows(s).into_iter().find(|r| r.0 == "server");
+    let screen = tui
+        .wait("about 200 req/s", Duration::from_secs(20), |s| {
+            server_row(s).is_some_and(|r| (150.0..=250.0).contains(&r.2))
+        })
+        .await;
+    let before = server_row(&screen).unwrap().4;
+    phase.cancel();
+    let sent_slow = slow.await.unwrap();
+
+    let fast = tokio::spawn(load(url, 500, Duration::from_secs(40), stop.clone()));
+    let screen = tui
+        .wait("about 500 req/s and 10% errors for edge-bad", Duration::from_secs(30), |s| {
+            let rows = traffic_rows(s);
+            let of = |name: &str| rows.iter().find(|r| r.0 == "client" && r.1 == name).cloned();
+            server_row(s).is_some_and(|r| r.2 >= 400.0)
+                && of("edge-bad").is_some_and(|r| (6.0..=14.0).contains(&r.3))
+                && of("edge-ok").is_some_and(|r| r.3 == 0.0)
+        })
+        .await;
+    let after = server_row(&screen).unwrap().4;
+    // The trend's newest end is the tallest bar; what came before is lower now.
+    assert!(after.ends_with('@'), "{after:?}\n{screen}");
+    assert!(after.chars().any(|c| ":-=+*".contains(c)), "before {before:?}, after {after:?}\n{screen}");
+    assert_ne!(before, after);
+    println!("Traffic view at 200 then 500 req/s ({sent_slow} answered in the first phase):\n{screen}");
+
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), fast).await;
+    for c in clients {
+        let _ = tokio::time::timeout(Duration::from_secs(10), c).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(10), server_task).await;
+}

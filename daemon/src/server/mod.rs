@@ -152,7 +152,6 @@ pub struct Shared {
     tls_modes: OnceLock<(bool, bool)>,
     /// Prometheus metrics.
     pub metrics: crate::metrics::ServerMetrics,
-    metrics_render: std::sync::Mutex<()>,
 }
 
 /// The TLS settings in force.
@@ -260,29 +259,32 @@ impl Shared {
         format!("{} clients, {} streams, {in_flight} in flight, config {}", clients, streams.len(), config.join(" "))
     }
 
-    /// The metrics text, with the state gauges read from the registry now.
+    /// The metrics text.
     pub fn render_metrics(&self) -> String {
-        // Scrapes in parallel would clear and refill the same gauges over each other.
-        let _one_at_a_time = self.metrics_render.lock().unwrap_or_else(|e| e.into_inner());
-        let m = &self.metrics;
+        self.metrics.render()
+    }
+
+    /// The state the scrape-time gauges show, read from the registry now.
+    fn scrape_state(&self) -> crate::metrics::ServerState {
         let streams = self.registry.streams();
-        m.clients.set(distinct_clients(&streams) as i64);
-        m.streams.clear();
-        for s in &streams {
-            let kind = match s.stream_type {
-                tunnel_lib::proto::StreamType::Control => "control",
-                _ => "data",
-            };
-            m.streams.get_or_create(&vec![("type", kind.to_string())]).inc();
+        let control = streams.iter().filter(|s| s.stream_type == tunnel_lib::proto::StreamType::Control).count();
+        let by_type = [("control", control as i64), ("data", (streams.len() - control) as i64)];
+        let (groups, clients, rules) = self.traffic.subjects();
+        crate::metrics::ServerState {
+            clients: distinct_clients(&streams) as i64,
+            streams: by_type.into_iter().filter(|(_, n)| *n > 0).collect(),
+            in_flight: streams.iter().map(|s| s.in_flight as i64).sum(),
+            upgraded: streams.iter().map(|s| s.upgraded as i64).sum(),
+            queue_depth: streams.iter().map(|s| s.queue_depth as i64).sum(),
+            config: self
+                .versions
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .map(|(g, v)| (g.clone(), v.clone()))
+                .collect(),
+            traffic_series: vec![("group", groups as i64), ("client", clients as i64), ("rule", rules as i64)],
         }
-        m.in_flight.set(streams.iter().map(|s| s.in_flight as i64).sum());
-        m.upgraded.set(streams.iter().map(|s| s.upgraded as i64).sum());
-        m.queue_depth.set(streams.iter().map(|s| s.queue_depth as i64).sum());
-        m.config_info.clear();
-        for (group, version) in self.versions.read().unwrap_or_else(|e| e.into_inner()).iter() {
-            m.config_info.get_or_create(&vec![("group", group.clone()), ("version", version.clone())]).set(1);
-        }
-        m.render()
     }
 
     /// Whether a load balancer should send public traffic here (`GET /ready`):
@@ -351,34 +353,37 @@ impl Server {
         let server_id = config.server.server_id.clone();
         let cluster = config.cluster.clone().map(|c| Arc::new(cluster::Cluster::new(c, server_id.clone())));
         let metrics = crate::metrics::ServerMetrics::default();
-        Server {
-            shared: Arc::new(Shared {
-                versions: RwLock::new(Arc::new(group_versions(&config))),
-                config: RwLock::new(Arc::new(config)),
-                requests: RequestLog::default(),
-                access: access::AccessLog::new(metrics.access_log_dropped.clone()),
-                traffic: traffic::Traffic::default(),
-                events: events::Events::default(),
-                streams_reaped: AtomicU64::new(0),
-                exchanges_idle_closed: AtomicU64::new(0),
-                addrs: OnceLock::new(),
-                config_path,
-                registry: Registry::new(),
-                cluster,
-                peers: peer::Peers::default(),
-                pushed: std::sync::Mutex::new(None),
-                server_id,
-                started: Instant::now(),
-                started_at: SystemTime::now(),
-                streams: CancellationToken::new(),
-                tasks: TaskTracker::new(),
-                draining: AtomicBool::new(false),
-                tls: RwLock::new(TlsSettings::default()),
-                tls_modes: OnceLock::new(),
-                metrics,
-                metrics_render: std::sync::Mutex::new(()),
-            }),
-        }
+        let shared = Arc::new(Shared {
+            versions: RwLock::new(Arc::new(group_versions(&config))),
+            config: RwLock::new(Arc::new(config)),
+            requests: RequestLog::default(),
+            access: access::AccessLog::new(metrics.access_log_dropped.clone()),
+            traffic: traffic::Traffic::default(),
+            events: events::Events::default(),
+            streams_reaped: AtomicU64::new(0),
+            exchanges_idle_closed: AtomicU64::new(0),
+            addrs: OnceLock::new(),
+            config_path,
+            registry: Registry::new(),
+            cluster,
+            peers: peer::Peers::default(),
+            pushed: std::sync::Mutex::new(None),
+            server_id,
+            started: Instant::now(),
+            started_at: SystemTime::now(),
+            streams: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            draining: AtomicBool::new(false),
+            tls: RwLock::new(TlsSettings::default()),
+            tls_modes: OnceLock::new(),
+            metrics,
+        });
+        // Weak: the metrics live inside what they read.
+        let state = Arc::downgrade(&shared);
+        shared
+            .metrics
+            .set_state_source(Box::new(move || state.upgrade().map(|s| s.scrape_state()).unwrap_or_default()));
+        Server { shared }
     }
 
     /// The shared state (registry, config), for tests and the console.

@@ -44,6 +44,8 @@ pub struct Sample<'a> {
 struct Acc {
     point: Point,
     latency: Latency,
+    /// The step's requests' durations added up, µs.
+    busy_us: u64,
 }
 
 impl Acc {
@@ -58,11 +60,18 @@ impl Acc {
         p.bytes_in = p.bytes_in.saturating_add(s.bytes_in);
         p.bytes_out = p.bytes_out.saturating_add(s.bytes_out);
         self.latency.add(us);
+        self.busy_us = self.busy_us.saturating_add(u64::from(us));
     }
 
-    /// The finished step's point; the accumulator starts over.
-    fn close(&mut self) -> Point {
+    /// The finished step's point; the accumulator starts over. Requests
+    /// in flight are the most of the samples taken and of the mean the
+    /// step's own requests make (their durations added up over the step's
+    /// length): a sample a second misses short requests at any rate.
+    fn close(&mut self, step_us: u64) -> Point {
         let mut p = std::mem::take(&mut self.point);
+        let mean = self.busy_us.div_ceil(step_us);
+        p.in_flight = p.in_flight.max(u32::try_from(mean).unwrap_or(u32::MAX));
+        self.busy_us = 0;
         if !self.latency.is_empty() {
             p.p50_us = self.latency.quantile(0.5);
             p.p99_us = self.latency.quantile(0.99);
@@ -117,10 +126,10 @@ impl Rings {
     /// Closes the open second and pads `gap - 1` empty ones after it; with
     /// `minutes` > 0, closes the open minute and pads `minutes - 1` more.
     fn close(&mut self, gap: i64, minutes: i64) {
-        let p = self.acc.close();
+        let p = self.acc.close(1_000_000);
         push(&mut self.seconds, p, gap, SECONDS);
         if let (Some(h), true) = (&mut self.hour, minutes > 0) {
-            let mut m = h.acc.close();
+            let mut m = h.acc.close(60_000_000);
             // The minute's requests were added as they came; its in-flight
             // peak is the most of its seconds'.
             m.in_flight = m.in_flight.max(p.in_flight);
@@ -379,6 +388,8 @@ mod tests {
         // p50 of 2, 4, 8 ms is 4 ms; p99 8 ms (within the buckets' 1/16).
         assert!((3750..=4250).contains(&p[0].p50_us), "{}", p[0].p50_us);
         assert!((7500..=8500).contains(&p[0].p99_us), "{}", p[0].p99_us);
+        // 14 ms of requests in a second: one in flight on average, rounded up.
+        assert_eq!(p[0].in_flight, 1);
         let a = points(find(&all, TrafficSubject::Client, "a", SECOND_MS).expect("client a"));
         assert_eq!(a.iter().map(|p| p.requests).collect::<Vec<_>>(), [2, 0, 1]);
         assert!(find(&all, TrafficSubject::Client, "a", MINUTE_MS).is_none(), "clients keep no hour");
@@ -433,6 +444,16 @@ mod tests {
         let m = points(find(&all, TrafficSubject::Group, "g", MINUTE_MS).expect("group hour"));
         assert_eq!(m.len(), 1);
         assert_eq!(m[0].in_flight, 3);
+
+        // Ten requests of 500 ms ending in one second: five in flight on
+        // average, though no sample saw any.
+        let t = Traffic::new(0);
+        for _ in 0..10 {
+            t.record(500, &sample("a", 200, 500));
+        }
+        t.tick(1_000, 0, [], []);
+        let (all, _) = t.export(None);
+        assert_eq!(points(find(&all, TrafficSubject::Rule, "*/", SECOND_MS).expect("rule"))[0].in_flight, 5);
         assert!(find(&all, TrafficSubject::Client, "idle", SECOND_MS).is_none());
     }
 

@@ -264,6 +264,11 @@ fn render_header(app: &App, f: &mut Frame, area: Rect) {
     f.render_widget(Paragraph::new(Line::from(spans)), area);
 }
 
+/// The width of `spans` on screen.
+fn used_by(spans: &[Span]) -> usize {
+    spans.iter().map(|s| s.width()).sum()
+}
+
 fn render_tabs(app: &App, f: &mut Frame, area: Rect) {
     let mut spans = vec![Span::raw(" ")];
     for v in View::ALL {
@@ -275,10 +280,9 @@ fn render_tabs(app: &App, f: &mut Frame, area: Rect) {
         spans.push(Span::styled(format!(" {} ", v.title()), style));
         spans.push(Span::raw(" "));
     }
-    spans.push(Span::styled(format!(" sort: {}", app.sort.label(app.view)), Style::new().fg(Color::DarkGray)));
-    if !app.filter.is_empty() {
-        spans.push(Span::styled(format!("  filter: {}", app.filter), Style::new().fg(Color::Magenta)));
-    }
+    let sort = Span::styled(format!(" sort: {}", app.sort.label(app.view)), Style::new().fg(Color::DarkGray));
+    let filter = (!app.filter.is_empty())
+        .then(|| Span::styled(format!("  filter: {}", app.filter), Style::new().fg(Color::Magenta)));
     let fleet = &app.fleet;
     let (right, style) = match fleet.servers.as_slice() {
         [one] => {
@@ -287,7 +291,16 @@ fn render_tabs(app: &App, f: &mut Frame, area: Rect) {
                 ConnState::Connecting => ("○ connecting", Style::new().fg(Color::Yellow)),
                 ConnState::Lost(_) => ("✗ lost", Style::new().fg(Color::Red)),
             };
-            (format!("  {dot} {} ", one.addr), style)
+            // The address goes first when the line is short of room: the
+            // filter in force matters more, and the banner names a lost server.
+            let (sort_w, filter_w) = (sort.width(), filter.as_ref().map_or(0, |f| f.width()));
+            let full = format!("  {dot} {} ", one.addr);
+            let room = usize::from(area.width).saturating_sub(used_by(&spans));
+            if room >= full.chars().count() + sort_w + filter_w {
+                (full, style)
+            } else {
+                (format!("  {dot} "), style)
+            }
         }
         servers => {
             let n = servers.len();
@@ -301,6 +314,17 @@ fn render_tabs(app: &App, f: &mut Frame, area: Rect) {
             }
         }
     };
+    // The filter, then the sort, where they fit whole: a cut "sor" helps nobody.
+    let sort_fits = used_by(&spans) + sort.width() + filter.as_ref().map_or(0, |f| f.width()) + right.chars().count()
+        <= usize::from(area.width);
+    if sort_fits {
+        spans.push(sort);
+    }
+    if let Some(extra) = filter {
+        if used_by(&spans) + extra.width() + right.chars().count() <= usize::from(area.width) {
+            spans.push(extra);
+        }
+    }
     let [left_area, right_area] =
         Layout::horizontal([Constraint::Min(0), Constraint::Length(right.chars().count() as u16)]).areas(area);
     f.render_widget(Paragraph::new(Line::from(spans)), left_area);

@@ -126,7 +126,7 @@ fn subject_row(
     if c.wide {
         cells.push(Cell::from(format!("{}/s", short_bytes(now.bytes_in_per_s as u64))));
         cells.push(Cell::from(format!("{}/s", short_bytes(now.bytes_out_per_s as u64))));
-        cells.push(Cell::from(if subject == TrafficSubject::Rule { "-".into() } else { now.in_flight.to_string() }));
+        cells.push(Cell::from(now.in_flight.to_string()));
     }
     cells.push(Cell::from(trend_cell(s, trend, app.ascii)).style(Style::new().fg(Color::Cyan)));
     finish_row(app, server, c, cells, false)
@@ -238,8 +238,7 @@ pub fn render_charts(app: &App, row: Option<RowRef<'_>>, f: &mut Frame, area: Re
     };
     // Two panels a row where there is room, one a row on a narrow terminal.
     let per_row = if now_area.width >= 70 { 2 } else { 1 };
-    let panels: Vec<&Panel> =
-        PANELS.iter().filter(|p| subject != TrafficSubject::Rule || p.traces[0].metric != Metric::InFlight).collect();
+    let panels: Vec<&Panel> = PANELS.iter().collect();
     let rows = panels.len().div_ceil(per_row);
     let row_areas = Layout::vertical(vec![Constraint::Fill(1); rows]).split(now_area);
     for (r, chunk) in panels.chunks(per_row).enumerate() {
