@@ -10,7 +10,8 @@ use tonic::transport::Channel;
 use tonic::Request;
 use tunnel_lib::introspection::introspection_client::IntrospectionClient;
 use tunnel_lib::introspection::{
-    CloseClientRequest, CloseStreamRequest, ForceResyncRequest, WatchRequest, WatchUpdate,
+    CloseClientRequest, CloseStreamRequest, ForceResyncRequest, GetCaptureRequest, ReplayRequest, WatchRequest,
+    WatchUpdate,
 };
 use tunnel_lib::proto::StreamType;
 
@@ -120,7 +121,7 @@ async fn watch_shows_streams_clients_and_requests() {
     let _client = TestClient::start(&client_toml(&server, "edge-1", "demo", "t-demo", "", &[("web", up.url())]));
     server.wait_streams(3).await;
     let mut c = admin(&server).await;
-    let mut s = c.watch(WatchRequest { max_updates_per_second: 10 }).await.unwrap().into_inner();
+    let mut s = c.watch(WatchRequest { max_updates_per_second: 10, heads: true }).await.unwrap().into_inner();
     let mut view = View::default();
     watch_until(&mut s, &mut view, "three streams", |v| v.streams.len() == 3).await;
     let control = view.streams.values().filter(|s| s.stream_type == StreamType::Control as i32).count();
@@ -138,6 +139,32 @@ async fn watch_shows_streams_clients_and_requests() {
     assert_eq!((r.method.as_str(), r.status, r.client_id.as_str()), ("GET", 200, "edge-1"));
     assert!(view.streams.contains_key(&r.stream_id));
     assert!(!r.trace_id.is_empty());
+    // Its head came with it: the URI as received, the headers in order, timings.
+    let head = r.head.clone().expect("heads asked for");
+    assert_eq!((head.uri.as_str(), head.scheme.as_str()), ("/echo?from-test", "http"));
+    assert!(head.request_headers.iter().any(|h| h.name == "host"), "{head:?}");
+    assert!(!head.response_headers.is_empty() && !head.bodies, "{head:?}");
+    assert!(0 < head.routed_us && head.routed_us <= head.sent_us && head.sent_us <= head.response_us, "{head:?}");
+
+    // GetCapture has it by id; Replay sends it again (GET: no confirmation
+    // needed) and answers with the new request, which names the old.
+    let cap = c.get_capture(GetCaptureRequest { request_id: r.request_id.clone() }).await.unwrap().into_inner();
+    assert_eq!(cap.request.as_ref().map(|q| q.path.as_str()), Some("/echo"));
+    let again = c.replay(ReplayRequest { request_id: r.request_id.clone(), force: false }).await.unwrap().into_inner();
+    let new = again.request.expect("the replay's record");
+    assert_eq!((new.status, new.replay_of.as_str()), (200, r.request_id.as_str()));
+    assert_ne!(new.request_id, r.request_id);
+    assert_eq!(new.head.map(|h| h.uri), Some("/echo?from-test".to_string()));
+    // A POST whose rule keeps no bodies: refused without force, with the reason.
+    let post = http::Request::post(server.url("/echo")).body(body("payload")).unwrap();
+    assert_eq!(send(&http_client(), post).await.status, http::StatusCode::OK);
+    watch_until(&mut s, &mut view, "the POST recorded", |v| v.requests.iter().any(|r| r.method == "POST")).await;
+    let posted = view.requests.iter().find(|r| r.method == "POST").unwrap().request_id.clone();
+    let refused = c.replay(ReplayRequest { request_id: posted, force: false }).await.expect_err("needs confirming");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(refused.message().contains("not idempotent"), "{}", refused.message());
+    let missing = c.get_capture(GetCaptureRequest { request_id: "nope".into() }).await.expect_err("unknown id");
+    assert_eq!(missing.code(), tonic::Code::NotFound);
     watch_until(&mut s, &mut view, "heartbeats advance", |v| {
         v.streams.values().map(|s| s.heartbeats).sum::<u64>() >= first_beats + 3
     })

@@ -24,6 +24,7 @@ fuzz_target!(|data: &[u8]| {
             timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(1),
             max_body: None,
+            capture_bodies: None,
         });
     }
     let set = RuleSet::new(rules);

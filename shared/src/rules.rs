@@ -96,6 +96,9 @@ pub struct Rule {
     /// A request body larger than this gets 413; None = no limit (memory
     /// stays bounded by the exchange window whatever the size).
     pub max_body: Option<u64>,
+    /// Keep the first this-many bytes of each request and response body for
+    /// the console's inspector; None = no bodies kept (they are private).
+    pub capture_bodies: Option<u64>,
 }
 
 impl Rule {
@@ -177,6 +180,7 @@ mod tests {
             timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(300),
             max_body: None,
+            capture_bodies: None,
         }
     }
 

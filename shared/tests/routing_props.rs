@@ -42,6 +42,7 @@ fn rules(patterns: &[String]) -> RuleSet {
             timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(1),
             max_body: None,
+            capture_bodies: None,
         })
         .collect();
     RuleSet::new(rules)

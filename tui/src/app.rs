@@ -2,11 +2,15 @@
 //! here: keys become [`Action`]s, [`update`] applies them and returns the
 //! [`Steer`] (if any) for the network task of the server that owns the row.
 
+use crate::inspect::RequestFilter;
 use crate::model::{ConnState, Fleet};
 use crate::traffic::{subject_name, summary, Key, Series};
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 use std::cmp::Reverse;
-use tunnel_lib::introspection::{ClientInfo, Event, EventKind, RequestInfo, StreamInfo, TrafficSubject, WatchUpdate};
+use std::collections::VecDeque;
+use tunnel_lib::introspection::{
+    Capture, ClientInfo, Event, EventKind, RequestInfo, StreamInfo, TrafficSubject, WatchUpdate,
+};
 
 /// Seconds the tables' "now" figures (req/s, error shares, p99) cover.
 pub const SUMMARY_SPAN: usize = 10;
@@ -103,7 +107,46 @@ pub enum Command {
     ResyncGroup(String),
     CloseStream(String),
     CloseClient(String),
+    /// A request's capture (its bodies), by request id.
+    Capture(String),
+    /// Send a captured request again; `force` past the refusal of a
+    /// request that is not idempotent or whose body was cut.
+    Replay {
+        request_id: String,
+        force: bool,
+    },
 }
+
+impl Command {
+    /// The action that reports this command failing with `why`.
+    pub fn failed(&self, server: usize, why: String) -> Action {
+        match self {
+            Command::Capture(id) => Action::Captured(server, id.clone(), Err(why)),
+            Command::Replay { request_id, .. } => Action::Replayed(server, request_id.clone(), Err(why)),
+            _ => Action::CommandDone(server, Err(why)),
+        }
+    }
+}
+
+/// A capture the console asked for: on its way, here, or refused.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fetched {
+    Pending,
+    Got(Box<Capture>),
+    Failed(String),
+}
+
+/// A replay from the console and how it went.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplayState {
+    /// The server's fleet index and the replayed request's id.
+    pub server: usize,
+    pub request_id: String,
+    pub outcome: Fetched,
+}
+
+/// Captures kept by the console (the selected request's, and a few before).
+const KEPT_CAPTURES: usize = 32;
 
 /// A command and the server (fleet index) it goes to: the one that owns the selected row.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,12 +180,22 @@ pub enum Action {
     ConfirmYes,
     ConfirmNo,
     ToggleHelp,
+    /// Replay the selected request (`true`: even when it needs confirming).
+    Replay(bool),
+    /// A curl line for the selected request: shown, and copied (OSC 52).
+    CopyCurl,
+    /// Scroll the detail pane by lines (negative: up).
+    Scroll(i32),
     Back,
     Quit,
     /// From the network task of the server at this fleet index.
     Update(usize, Box<WatchUpdate>),
     Conn(usize, ConnState),
     CommandDone(usize, Result<String, String>),
+    /// A capture asked for, by request id.
+    Captured(usize, String, Result<Box<Capture>, String>),
+    /// A replay's new request, by the replayed request's id.
+    Replayed(usize, String, Result<Box<Capture>, String>),
     /// The clock moved (local unix ms).
     Tick(i64),
 }
@@ -177,6 +230,16 @@ pub struct App {
     pub now_ms: i64,
     /// Charts and sparklines in ASCII (`--ascii`, or a locale that is not UTF-8).
     pub ascii: bool,
+    /// Captures fetched, by (server, request id), oldest first.
+    pub captures: VecDeque<((usize, String), Fetched)>,
+    /// The last replay, shown in the detail pane of the request it replayed.
+    pub replay: Option<ReplayState>,
+    /// The last curl line made with `y`, for the detail pane.
+    pub curl: Option<String>,
+    /// Text for the terminal's clipboard (OSC 52), taken by the drawing loop.
+    pub clipboard: Option<String>,
+    /// Lines the detail pane is scrolled down.
+    pub scroll: u16,
     /// Clock times in UTC; otherwise in the local zone (what `tunnel-tui`
     /// shows unless given `--utc`). UTC from [`App::new`], so that screens
     /// drawn in tests are the same on every machine.
@@ -246,6 +309,11 @@ impl App {
             notice: None,
             now_ms,
             ascii: false,
+            captures: VecDeque::new(),
+            replay: None,
+            curl: None,
+            clipboard: None,
+            scroll: 0,
             utc: true,
             quit: false,
         }
@@ -307,10 +375,13 @@ impl App {
                 v.into_iter().map(|(i, c)| RowRef::Client(i, c)).collect()
             }
             View::Requests => {
+                let filter = RequestFilter::parse(&self.filter);
+                let fleet = self.fleet.is_fleet();
                 let mut v: Vec<(usize, &RequestInfo)> = servers()
                     .flat_map(|(i, w)| w.model.requests.iter().map(move |r| (i, r)))
                     .filter(|(i, r)| {
-                        self.matches(*i, &[&r.method, &r.host, &r.path, &r.client_id, &r.trace_id, &r.error])
+                        let label = if fleet { self.fleet.label(*i) } else { "" };
+                        filter.matches(r, &[label])
                     })
                     .collect();
                 match self.sort {
@@ -389,6 +460,53 @@ impl App {
         self.selected = key;
     }
 
+    /// The capture fetched for request `id` of server `server`.
+    pub fn capture(&self, server: usize, id: &str) -> Option<&Fetched> {
+        self.captures.iter().rev().find(|((s, i), _)| *s == server && i == id).map(|(_, f)| f)
+    }
+
+    fn set_capture(&mut self, server: usize, id: String, f: Fetched) {
+        self.captures.retain(|((s, i), _)| !(*s == server && *i == id));
+        if self.captures.len() == KEPT_CAPTURES {
+            self.captures.pop_front();
+        }
+        self.captures.push_back(((server, id), f));
+    }
+
+    /// The selected request, with its server, when the Requests view shows one.
+    pub fn selected_request(&self) -> Option<(usize, RequestInfo)> {
+        match self.selected_row()? {
+            RowRef::Request(i, r) => Some((i, r.clone())),
+            _ => None,
+        }
+    }
+
+    /// Asks for the bodies of the request in the open detail pane, once,
+    /// when its rule keeps them and its server is up.
+    fn want_capture(&mut self) -> Option<Steer> {
+        if !self.detail || self.view != View::Requests {
+            return None;
+        }
+        let (server, r) = self.selected_request()?;
+        let bodies = r.head.as_ref().is_some_and(|h| h.bodies);
+        if !bodies || self.capture(server, &r.request_id).is_some() || !self.fleet.get(server)?.is_up() {
+            return None;
+        }
+        self.set_capture(server, r.request_id.clone(), Fetched::Pending);
+        Some(Steer { server, command: Command::Capture(r.request_id) })
+    }
+
+    /// The curl line for the selected request, with its kept body.
+    fn curl_line(&self) -> Result<String, String> {
+        let (server, r) = self.selected_request().ok_or("select a request in the Requests view")?;
+        let head = r.head.as_ref().ok_or("this request's head was not kept (the server keeps the last 256)")?;
+        let body = match self.capture(server, &r.request_id) {
+            Some(Fetched::Got(c)) => Some((c.request_body.as_ref(), c.request_body_size)),
+            _ => None,
+        };
+        Ok(crate::inspect::curl(&r, head, body))
+    }
+
     /// The selected row's server, if its link is up; otherwise says why in the footer.
     fn live_server_of_selection(&mut self) -> Option<(usize, String)> {
         let (server, client) = {
@@ -465,6 +583,11 @@ pub fn on_key(app: &App, key: KeyEvent) -> Option<Action> {
         KeyCode::Char('x') => Action::AskCloseStream,
         KeyCode::Char('X') => Action::AskCloseClient,
         KeyCode::Char('?') => Action::ToggleHelp,
+        KeyCode::Char('p') => Action::Replay(false),
+        KeyCode::Char('P') => Action::Replay(true),
+        KeyCode::Char('y') => Action::CopyCurl,
+        KeyCode::PageDown => Action::Scroll(10),
+        KeyCode::PageUp => Action::Scroll(-10),
         KeyCode::Esc => Action::Back,
         KeyCode::Char('q') => Action::Quit,
         _ => return None,
@@ -473,6 +596,33 @@ pub fn on_key(app: &App, key: KeyEvent) -> Option<Action> {
 
 /// Applies an action; returns what to ask which server, if anything.
 pub fn update(app: &mut App, action: Action) -> Option<Steer> {
+    let moved = matches!(
+        action,
+        Action::Up
+            | Action::Down
+            | Action::Top
+            | Action::Bottom
+            | Action::NextView
+            | Action::PrevView
+            | Action::ToggleDetail
+    );
+    if moved {
+        app.scroll = 0;
+        app.curl = None;
+    }
+    let arrived = matches!(action, Action::Update(..));
+    let steer = apply(app, action);
+    if app.detail && app.selected.is_none() {
+        // The pane stays on its row while new ones arrive above it.
+        app.selected = app.selected_row().map(|r| r.key());
+    }
+    if moved || arrived {
+        return steer.or_else(|| app.want_capture());
+    }
+    steer
+}
+
+fn apply(app: &mut App, action: Action) -> Option<Steer> {
     match action {
         Action::Up => app.move_selection(|i, _| i.saturating_sub(1)),
         Action::Down => app.move_selection(|i, _| i + 1),
@@ -574,6 +724,45 @@ pub fn update(app: &mut App, action: Action) -> Option<Steer> {
             app.notice = Some((r, app.now_ms));
         }
         Action::Tick(now) => app.now_ms = now,
+        Action::Scroll(by) => {
+            app.scroll = u16::try_from((i32::from(app.scroll) + by).max(0)).unwrap_or(u16::MAX);
+        }
+        Action::Replay(force) => {
+            let Some((server, r)) = app.selected_request() else {
+                app.notice = Some((Err("select a request in the Requests view to replay it".into()), app.now_ms));
+                return None;
+            };
+            app.live_server_of_selection()?;
+            app.detail = true;
+            app.scroll = 0;
+            app.replay = Some(ReplayState { server, request_id: r.request_id.clone(), outcome: Fetched::Pending });
+            return Some(Steer { server, command: Command::Replay { request_id: r.request_id, force } });
+        }
+        Action::CopyCurl => match app.curl_line() {
+            Ok(line) => {
+                app.clipboard = Some(line.clone());
+                app.curl = Some(line);
+                app.detail = true;
+                app.scroll = 0;
+                app.notice = Some((Ok("curl line copied (OSC 52) and shown in the detail pane".into()), app.now_ms));
+            }
+            Err(why) => app.notice = Some((Err(why.to_string()), app.now_ms)),
+        },
+        Action::Captured(server, id, r) => {
+            let f = match r {
+                Ok(c) => Fetched::Got(c),
+                Err(e) => Fetched::Failed(e),
+            };
+            app.set_capture(server, id, f);
+        }
+        Action::Replayed(server, id, r) => {
+            if let Some(rs) = app.replay.as_mut().filter(|rs| rs.server == server && rs.request_id == id) {
+                rs.outcome = match r {
+                    Ok(c) => Fetched::Got(c),
+                    Err(e) => Fetched::Failed(e),
+                };
+            }
+        }
     }
     None
 }

@@ -4,6 +4,7 @@
 //! `traffic` holds the series over time and the figures drawn from them.
 
 pub mod app;
+pub mod inspect;
 pub mod model;
 pub mod net;
 pub mod once;

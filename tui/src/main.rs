@@ -129,6 +129,17 @@ async fn print_once(addrs: Vec<String>, targets: &[net::Target], how: once::Opti
     ExitCode::SUCCESS
 }
 
+/// Puts `text` on the terminal's clipboard with OSC 52: the terminal the
+/// operator sits at does it, over SSH and tmux too (where it allows it).
+fn copy_to_clipboard(text: &str) {
+    use base64::Engine as _;
+    use std::io::Write as _;
+    let seq = format!("\x1b]52;c;{}\x07", base64::engine::general_purpose::STANDARD.encode(text));
+    let mut out = std::io::stdout();
+    // A terminal without OSC 52 ignores it; the line is in the detail pane either way.
+    let _ = out.write_all(seq.as_bytes()).and_then(|()| out.flush());
+}
+
 /// Restores the terminal when dropped, on every way out (ratatui's init also
 /// restores it first thing on a panic).
 struct TerminalGuard;
@@ -205,7 +216,11 @@ async fn interactive(addrs: Vec<String>, targets: Vec<net::Target>, ascii: bool,
             _ = tick.tick() => Some(Action::Tick(now_ms())),
         };
         if let Some(a) = action {
-            if let Some(steer) = app::update(&mut app, a) {
+            let steer = app::update(&mut app, a);
+            if let Some(text) = app.clipboard.take() {
+                copy_to_clipboard(&text);
+            }
+            if let Some(steer) = steer {
                 let sent = commands.get(steer.server).is_some_and(|tx| tx.try_send(steer.command).is_ok());
                 if !sent {
                     app::update(&mut app, Action::CommandDone(steer.server, Err("busy: try again".into())));

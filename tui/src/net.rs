@@ -13,7 +13,8 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::Request;
 use tunnel_lib::introspection::introspection_client::IntrospectionClient;
 use tunnel_lib::introspection::{
-    CloseClientRequest, CloseStreamRequest, ForceResyncRequest, WatchRequest, WatchUpdate,
+    CloseClientRequest, CloseStreamRequest, ForceResyncRequest, GetCaptureRequest, ReplayRequest, WatchRequest,
+    WatchUpdate,
 };
 
 /// Bound on connecting (TCP and HTTP/2 handshake).
@@ -22,6 +23,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const SILENCE: Duration = Duration::from_secs(6);
 /// Bound on one command.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on a replay: the request's whole answer (the server bounds it by its rule's timeout).
+const REPLAY_TIMEOUT: Duration = Duration::from_secs(90);
 /// Pause between reconnect attempts.
 const RETRY: Duration = Duration::from_secs(1);
 /// Updates per second asked of the server.
@@ -123,7 +126,8 @@ async fn open_watch(
     client: &mut IntrospectionClient<Channel>,
     target: &Target,
 ) -> Result<tonic::Streaming<WatchUpdate>, String> {
-    let req = target.request(WatchRequest { max_updates_per_second: RATE })?;
+    // Heads too: the Requests view's inspector shows them.
+    let req = target.request(WatchRequest { max_updates_per_second: RATE, heads: true })?;
     match tokio::time::timeout(SILENCE, client.watch(req)).await {
         Ok(Ok(resp)) => Ok(resp.into_inner()),
         Ok(Err(s)) => Err(s.message().to_string()),
@@ -168,9 +172,33 @@ pub async fn first_snapshots(targets: &[Target]) -> Vec<Result<WatchUpdate, Stri
     out
 }
 
-async fn execute(client: &mut IntrospectionClient<Channel>, target: &Target, cmd: Command) -> Result<String, String> {
+/// Runs one command; the action that reports how it went.
+async fn execute(client: &mut IntrospectionClient<Channel>, target: &Target, server: usize, cmd: Command) -> Action {
     let fail = |s: tonic::Status| s.message().to_string();
     match cmd {
+        Command::Capture(id) => {
+            let r = match target.request(GetCaptureRequest { request_id: id.clone() }) {
+                Ok(req) => client.get_capture(req).await.map(|r| Box::new(r.into_inner())).map_err(fail),
+                Err(e) => Err(e),
+            };
+            Action::Captured(server, id, r)
+        }
+        Command::Replay { request_id, force } => {
+            let r = match target.request(ReplayRequest { request_id: request_id.clone(), force }) {
+                Ok(req) => client.replay(req).await.map(|r| Box::new(r.into_inner())).map_err(fail),
+                Err(e) => Err(e),
+            };
+            Action::Replayed(server, request_id, r)
+        }
+        other => Action::CommandDone(server, steer(client, target, other).await),
+    }
+}
+
+/// A command that answers with a line for the footer.
+async fn steer(client: &mut IntrospectionClient<Channel>, target: &Target, cmd: Command) -> Result<String, String> {
+    let fail = |s: tonic::Status| s.message().to_string();
+    match cmd {
+        Command::Capture(_) | Command::Replay { .. } => Err("not a steering command".into()),
         Command::ResyncClient(c) => {
             let req = ForceResyncRequest { client_id: c.clone(), group: String::new() };
             let r = client.force_resync(target.request(req)?).await.map_err(fail)?.into_inner();
@@ -225,8 +253,8 @@ pub async fn run(
                 _ = stop.cancelled() => return,
                 _ = &mut retry => break,
                 Some(_) = running.join_next() => {}
-                Some(_) = commands.recv() => {
-                    let _ = events.send(Action::CommandDone(server, Err("not connected to the server".into()))).await;
+                Some(cmd) = commands.recv() => {
+                    let _ = events.send(cmd.failed(server, "not connected to the server".into())).await;
                 }
             }
         }
@@ -258,10 +286,11 @@ async fn follow(
                 let (mut c, t, ev) = (client.clone(), target.clone(), events.clone());
                 // Bounded by COMMAND_TIMEOUT; the update stream keeps flowing meanwhile.
                 running.spawn(async move {
-                    let r = tokio::time::timeout(COMMAND_TIMEOUT, execute(&mut c, &t, cmd))
-                        .await
-                        .unwrap_or_else(|_| Err("the server did not answer in time".into()));
-                    let _ = ev.send(Action::CommandDone(server, r)).await;
+                    let late = cmd.failed(server, "the server did not answer in time".into());
+                    // A replay waits for its request's whole answer, bounded by the rule's timeout on the server.
+                    let limit = if matches!(cmd, Command::Replay { .. }) { REPLAY_TIMEOUT } else { COMMAND_TIMEOUT };
+                    let done = tokio::time::timeout(limit, execute(&mut c, &t, server, cmd)).await.unwrap_or(late);
+                    let _ = ev.send(done).await;
                 });
             }
             m = tokio::time::timeout(SILENCE, stream.message()) => match m {

@@ -266,7 +266,9 @@ fn model_json(m: &Model, now_ms: i64) -> Value {
                 "trace_id": r.trace_id,
                 "upgrade": r.upgrade,
                 "forwarded_to": r.forwarded_to,
+                "replay_of": r.replay_of,
                 "error": r.error,
+                "head": r.head.as_ref().map(head_json),
             })
         })
         .collect();
@@ -292,6 +294,22 @@ fn model_json(m: &Model, now_ms: i64) -> Value {
         "requests": requests,
         "traffic": traffic_json(&m.traffic),
         "events": events,
+    })
+}
+
+/// A request's heads and timings; headers as [name, value] pairs in order,
+/// secrets masked by the server.
+fn head_json(h: &tunnel_lib::introspection::RequestHead) -> Value {
+    let pairs =
+        |hs: &[tunnel_lib::introspection::Header]| hs.iter().map(|h| json!([h.name, h.value])).collect::<Vec<_>>();
+    json!({
+        "scheme": h.scheme,
+        "uri": h.uri,
+        "version": h.version,
+        "request_headers": pairs(&h.request_headers),
+        "response_headers": pairs(&h.response_headers),
+        "timings_us": { "routed": h.routed_us, "sent": h.sent_us, "response": h.response_us, "end": h.end_us },
+        "bodies_kept": h.bodies,
     })
 }
 

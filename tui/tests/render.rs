@@ -6,8 +6,8 @@
 use ratatui::backend::TestBackend;
 use ratatui::Terminal;
 use tunnel_lib::introspection::{
-    ClientInfo, Event, EventKind, GroupInfo, RequestInfo, ServerInfo, StreamInfo, TrafficSeries, TrafficSubject,
-    WatchUpdate,
+    Capture, ClientInfo, Event, EventKind, GroupInfo, Header, RequestHead, RequestInfo, ServerInfo, StreamInfo,
+    TrafficSeries, TrafficSubject, WatchUpdate,
 };
 use tunnel_lib::proto::StreamType;
 use tunnel_lib::traffic::{series, Point, MINUTE_MS, SECOND_MS};
@@ -132,6 +132,8 @@ fn snapshot(server_id: &str, mark: Option<char>) -> WatchUpdate {
             request_id: format!("{i:032x}"),
             forwarded_to: String::new(),
             rule: "app.example.com/".into(),
+            head: Some(head(i)),
+            replay_of: String::new(),
         })
         .collect();
     WatchUpdate {
@@ -175,6 +177,37 @@ fn events() -> Vec<Event> {
         ev(7, 90, EventKind::Reaped, "edge-2", "no heartbeat for 91.2s (timeout 90s): data stream closed"),
         ev(8, 88, EventKind::Reconnected, "edge-2", "back after its control stream ended; version 0.1.0"),
     ]
+}
+
+/// Request `i`'s head: a browser's GET, or the POST (i = 2) with its body kept.
+fn head(i: u64) -> RequestHead {
+    let h = |name: &str, value: &str, masked: bool| Header { name: name.into(), value: value.into(), masked };
+    let mut request_headers = vec![
+        h("host", "app.example.com", false),
+        h("user-agent", "curl/8.5.0", false),
+        h("accept", "*/*", false),
+        h("authorization", "Bearer ••• (masked, 47 bytes)", true),
+    ];
+    if i == 2 {
+        request_headers.push(h("content-type", "application/json", false));
+        request_headers.push(h("content-length", "27", false));
+    }
+    RequestHead {
+        scheme: "https".into(),
+        uri: if i == 1 { "/ws/chat".into() } else { format!("/api/items/{i}?page=2") },
+        version: "HTTP/1.1".into(),
+        request_headers,
+        response_headers: vec![
+            h("content-type", "application/json", false),
+            h("content-length", &(1024 * (i + 1)).to_string(), false),
+            h("set-cookie", "••• (masked, 32 bytes)", true),
+        ],
+        routed_us: 41,
+        sent_us: 120,
+        response_us: 2_800,
+        end_us: 3_100 + i as i64 * 40_000,
+        bodies: i == 2,
+    }
 }
 
 /// Second `i` of the last five minutes for one client: 100 req/s, 250 in
@@ -291,6 +324,68 @@ fn traffic_view() {
     let s = screen(&app, 80, 24);
     assert!(lines(&s).iter().skip(3).all(|l| !l.contains('█') && !l.contains('▁')), "{:#?}", lines(&s));
     insta::assert_snapshot!("traffic_ascii_80x24", s);
+}
+
+/// The request inspector: heads with secrets masked, timings, the kept
+/// body pretty-printed, a replay's outcome beside the original with the
+/// heads' diff, the curl line; the filter's terms narrow the rows.
+#[test]
+fn request_inspector() {
+    let mut app = fixture();
+    for _ in 0..2 {
+        update(&mut app, Action::NextView);
+    }
+    // Newest first: the POST is the third row.
+    update(&mut app, Action::Down);
+    update(&mut app, Action::Down);
+    let steer = update(&mut app, Action::ToggleDetail);
+    let (server, post) = app.selected_request().expect("a request");
+    assert_eq!(post.method, "POST");
+    // Its rule keeps bodies: the console asks for them.
+    assert_eq!(steer.map(|s| s.command), Some(tunnel_tui::app::Command::Capture(post.request_id.clone())));
+    insta::assert_snapshot!("inspector_80x24", screen(&app, 80, 24));
+    let body = br#"{"name":"widget","count":3}"#;
+    let cap = Capture {
+        request: Some(post.clone()),
+        request_body: body.to_vec().into(),
+        request_body_size: 27,
+        response_body: b"upstream error".to_vec().into(),
+        response_body_size: 14,
+    };
+    update(&mut app, Action::Captured(server, post.request_id.clone(), Ok(Box::new(cap))));
+    update(&mut app, Action::Scroll(10));
+    let s = screen(&app, 80, 24);
+    assert!(lines(&s).iter().any(|l| l.trim() == "\"count\": 3,"), "{:#?}", lines(&s));
+    insta::assert_snapshot!("inspector_body_80x24", s);
+    // A replay that now succeeds, and the curl line.
+    update(&mut app, Action::Replay(true));
+    let mut new = post.clone();
+    new.status = 200;
+    new.request_id = "f".repeat(32);
+    new.replay_of = post.request_id.clone();
+    if let Some(h) = new.head.as_mut() {
+        h.response_headers.retain(|h| h.name != "set-cookie");
+        h.response_headers.push(Header { name: "location".into(), value: "/api/items/9".into(), masked: false });
+    }
+    let replayed = Capture { request: Some(new), ..Default::default() };
+    update(&mut app, Action::Replayed(server, post.request_id.clone(), Ok(Box::new(replayed))));
+    update(&mut app, Action::CopyCurl);
+    assert!(
+        app.clipboard
+            .as_deref()
+            .is_some_and(|c| c.starts_with("curl -X POST 'https://app.example.com/api/items/2?page=2'")),
+        "{:?}",
+        app.clipboard
+    );
+    insta::assert_snapshot!("inspector_replay_160x40", screen(&app, 160, 40));
+    // Filter terms: only 4xx and 5xx, only those slower than 100 ms.
+    update(&mut app, Action::ToggleDetail);
+    for c in "status:5xx".chars() {
+        update(&mut app, Action::FilterChar(c));
+    }
+    assert_eq!(app.rows().len(), 1);
+    app.filter = ">100ms".into();
+    assert_eq!(app.rows().len(), 2);
 }
 
 /// The Events view, newest first, at both sizes, and an event's detail.

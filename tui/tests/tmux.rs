@@ -538,3 +538,168 @@ async fn traffic_view_follows_the_load() {
     }
     let _ = tokio::time::timeout(Duration::from_secs(10), server_task).await;
 }
+
+const CAPTURE_SERVER: &str = r#"
+[server]
+shutdown_grace = "1s"
+[[groups]]
+name = "demo"
+token = "t"
+[[rules]]
+group = "demo"
+upstream = "web"
+capture_bodies = "16KiB"
+"#;
+
+/// What an upstream saw of one request.
+#[derive(Debug, Clone, PartialEq)]
+struct Seen {
+    method: String,
+    uri: String,
+    authorization: Option<String>,
+    body: Vec<u8>,
+}
+
+/// An upstream that notes every request and answers 200 with a small JSON body.
+async fn noting_upstream(
+    stop: CancellationToken,
+) -> (std::net::SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<Seen>>>) {
+    use http_body_util::BodyExt;
+    use hyper::service::service_fn;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let (sock, _) = tokio::select! {
+                _ = stop.cancelled() => return,
+                a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
+            };
+            let log = log.clone();
+            let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let log = log.clone();
+                async move {
+                    let (parts, body) = req.into_parts();
+                    let body = body.collect().await.map(|b| b.to_bytes().to_vec()).unwrap_or_default();
+                    log.lock().unwrap().push(Seen {
+                        method: parts.method.to_string(),
+                        uri: parts.uri.to_string(),
+                        authorization: parts.headers.get("authorization").map(|v| v.to_str().unwrap().to_string()),
+                        body,
+                    });
+                    let mut resp =
+                        hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(b"{\"ok\":true}")));
+                    resp.headers_mut().insert("content-type", "application/json".parse().unwrap());
+                    Ok::<_, std::convert::Infallible>(resp)
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(sock), svc),
+            );
+        }
+    });
+    (addr, seen)
+}
+
+/// The request inspector against real daemons: a PUT with a JSON body on a
+/// rule that keeps bodies shows its heads with Authorization masked and its
+/// body pretty-printed; `p` replays it and the upstream sees the same
+/// request again (its real Authorization included); `y` puts a curl line on
+/// the clipboard (tmux's buffer, through OSC 52) that, run in a shell, gets
+/// the same status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspector_shows_replays_and_copies_a_request() {
+    if !have_tmux() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let stop = CancellationToken::new();
+    let (up, seen) = noting_upstream(stop.clone()).await;
+    let listeners = Listeners::ephemeral().await.unwrap();
+    let (http, grpc, admin) = listeners.addrs().unwrap();
+    let server = Server::new(ServerConfig::from_str_named(CAPTURE_SERVER, "test").unwrap(), None);
+    let shared = server.shared();
+    let server_task = tokio::spawn(server.run(listeners, stop.clone().cancelled_owned()));
+    let cfg = format!(
+        "server = \"http://{grpc}\"\nclient_id = \"edge-1\"\ngroup = \"demo\"\ntoken = \"t\"\nshutdown_grace = \"1s\"\n[upstreams]\nweb = \"http://{up}\"\n"
+    );
+    let client = tokio::spawn(
+        Client::new(ClientConfig::from_str_named(&cfg, "test").unwrap()).run(stop.clone().cancelled_owned()),
+    );
+    let start = Instant::now();
+    while shared.registry.streams().len() < 3 {
+        assert!(start.elapsed() < Duration::from_secs(15), "client registered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let body = r#"{"name":"widget","count":3,"tags":["a","b"]}"#;
+    let url = format!("http://{http}/api/items/7?x=1");
+    let put = hyper::Request::put(url.as_str())
+        .header("authorization", "Bearer s3cret-token-value")
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .unwrap();
+    let http_client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let resp = tokio::time::timeout(Duration::from_secs(10), http_client.request(put)).await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+
+    let tui = Tmux::start(&format!("{} --server {admin}", env!("CARGO_BIN_EXE_tunnel-tui")));
+    // tmux takes an application's OSC 52 into its paste buffer with this on.
+    let _ = Command::new("tmux").args(["set-option", "-g", "set-clipboard", "on"]).status();
+    tui.wait("the console", Duration::from_secs(10), |s| s.contains("Streams (3)")).await;
+    tui.keys(&["Tab", "Tab"]);
+    tui.wait("the request", Duration::from_secs(5), |s| s.contains("Requests (1)") && s.contains("PUT")).await;
+    tui.keys(&["Enter"]);
+    let screen = tui.wait("the heads", Duration::from_secs(10), |s| s.contains("request headers")).await;
+    assert!(screen.contains("authorization: Bearer ••• (masked"), "{screen}");
+    assert!(screen.contains("content-type: application/json"), "{screen}");
+    assert!(!screen.contains("s3cret"), "the token never reaches the console:\n{screen}");
+    // The body is further down the pane.
+    tui.keys(&["PageDown"]);
+    let screen = tui.wait("the body", Duration::from_secs(10), |s| s.contains("\"name\": \"widget\"")).await;
+    // Pretty-printed: a key a line.
+    assert!(screen.lines().any(|l| l.trim() == "\"count\": 3,"), "{screen}");
+
+    tui.keys(&["p"]);
+    let screen = tui.wait("the replay's outcome", Duration::from_secs(15), |s| s.contains("status 200 → 200")).await;
+    let requests = seen.lock().unwrap().clone();
+    assert_eq!(requests.len(), 2, "{requests:#?}\n{screen}");
+    assert_eq!(requests[0], requests[1], "the upstream saw the same request again");
+    assert_eq!(requests[1].authorization.as_deref(), Some("Bearer s3cret-token-value"));
+    assert_eq!((requests[1].method.as_str(), requests[1].uri.as_str()), ("PUT", "/api/items/7?x=1"));
+
+    let _ = Command::new("tmux").args(["delete-buffer"]).status();
+    tui.keys(&["y"]);
+    tui.wait("the curl line", Duration::from_secs(5), |s| s.contains("curl (y)")).await;
+    let start = Instant::now();
+    let line = loop {
+        let out = Command::new("tmux").args(["show-buffer"]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        if text.starts_with("curl ") {
+            break text;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "no curl line in tmux's buffer: {text:?}\n{}", tui.screen());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(line.contains("$AUTHORIZATION") && !line.contains("s3cret"), "{line}");
+    let run = format!("{line} -s -o /dev/null -w '%{{http_code}}'");
+    let out = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::process::Command::new("sh")
+            .args(["-c", &run])
+            .env("AUTHORIZATION", "Bearer s3cret-token-value")
+            .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200", "{line}\n{}", String::from_utf8_lossy(&out.stderr));
+    let requests = seen.lock().unwrap().clone();
+    assert_eq!(requests.len(), 3);
+    assert_eq!(requests[2], requests[0], "curl sent the same request");
+
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), client).await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), server_task).await;
+}

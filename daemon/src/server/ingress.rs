@@ -4,10 +4,11 @@
 
 use super::accept::{next_connection, MaybeTls};
 use super::budget::WindowBudget;
+use super::capture::Head;
 use super::keepalive::{Activity, Counted, Verdict};
 use super::registry::NoStream;
 use super::Shared;
-use crate::tunnel::body::{send_body, SendError};
+use crate::tunnel::body::{send_body, SendError, Tap, Tapped};
 use crate::tunnel::exchange::{ExchangeFailure, ExchangeGuard, ExchangeIo};
 use crate::tunnel::{next_request_id, upgrade};
 use bytes::Bytes;
@@ -293,7 +294,7 @@ fn record_refused_head(shared: &Shared, status: StatusCode, e: &(dyn std::error:
         error: e.to_string(),
         ..Default::default()
     };
-    shared.record_request(rec, Duration::ZERO);
+    shared.record_request(rec, Duration::ZERO, None);
 }
 
 /// Why the tunnel answered a request itself (kept with the response for the request log).
@@ -366,7 +367,7 @@ fn set_forwarded(headers: &mut HeaderMap, peer_ip: &HeaderValue, scheme: Scheme,
 async fn handle(
     shared: Arc<Shared>,
     conn: Arc<Conn>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
     let mut rec = RequestInfo {
@@ -376,7 +377,14 @@ async fn handle(
         ..Default::default()
     };
     let uploaded = Arc::new(AtomicU64::new(0));
-    let resp = forward(&shared, &conn, req, &mut rec, &uploaded).await;
+    // A replay from the console says so, in a header that goes no further.
+    let replay = shared.replays.claim(req.headers_mut());
+    let mut head = Head::of(&req, conn.scheme.as_str(), started);
+    let resp = forward(&shared, &conn, req, &mut rec, &uploaded, &mut head).await;
+    if let Some((original, tx)) = replay {
+        rec.replay_of = original;
+        let _ = tx.send(rec.request_id.clone());
+    }
     rec.status = u32::from(resp.status().as_u16());
     let (mut parts, body) = resp.into_parts();
     let body = match body {
@@ -388,7 +396,7 @@ async fn handle(
                 let took = started.elapsed();
                 rec.duration_ms = took.as_millis() as u64;
                 rec.error = error.unwrap_or_default();
-                shared.record_request(rec, took);
+                shared.record_request(rec, took, Some(head));
             });
             Either::Left(tunnel.on_finish(hook))
         }
@@ -398,7 +406,7 @@ async fn handle(
             rec.duration_ms = took.as_millis() as u64;
             rec.bytes_in = uploaded.load(Ordering::Relaxed);
             rec.error = parts.extensions.remove::<LocalReason>().map(|r| r.0).unwrap_or_default();
-            shared.record_request(rec, took);
+            shared.record_request(rec, took, Some(head));
             Either::Right(local)
         }
     };
@@ -411,6 +419,7 @@ async fn forward(
     mut req: Request<Incoming>,
     rec: &mut RequestInfo,
     uploaded: &Arc<AtomicU64>,
+    capture: &mut Head,
 ) -> Response<ProxyBody> {
     // Named before anything can fail, so that every access log line has both.
     let request_id = next_request_id();
@@ -447,6 +456,13 @@ async fn forward(
     };
     rec.group = rule.group.clone();
     rec.rule = rule.label();
+    capture.routed();
+    // The inspector's copies of the bodies' first bytes, with capture_bodies.
+    let taps = rule.capture_bodies.map(|n| {
+        let n = usize::try_from(n).unwrap_or(usize::MAX);
+        (Tap::new(n), Tap::new(n))
+    });
+    capture.bodies = taps.clone();
     if let Some(max) = rule.max_body {
         let length = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         if length.is_some_and(|n| n > max) {
@@ -553,6 +569,7 @@ async fn forward(
         Ok(Err(_)) => return reply(StatusCode::BAD_GATEWAY, "tunnel client disconnected"),
         Err(_) => return timeout_reply(&host, &path, rule.timeout),
     }
+    capture.sent();
     let too_large = Arc::new(AtomicBool::new(false));
     if end_of_stream {
         exchanges.finish_outbound(&request_id);
@@ -564,10 +581,15 @@ async fn forward(
             (exchanges.clone(), request_id.clone(), io.credit.clone(), io.cancel.clone(), io.max_chunk);
         let uploaded = uploaded.clone();
         let (limit, flag) = (rule.max_body, too_large.clone());
+        let tap = taps.as_ref().map(|(request, _)| request.clone());
         // Owned by the exchange: it ends when the body is sent or the exchange is cancelled.
         tokio::spawn(async move {
             let _lease = lease;
-            match send_body(body, &id, &credit, &cancel, &ex, max_chunk, limit).await {
+            let sent = match tap {
+                Some(t) => send_body(Tapped::new(body, t), &id, &credit, &cancel, &ex, max_chunk, limit).await,
+                None => send_body(body, &id, &credit, &cancel, &ex, max_chunk, limit).await,
+            };
+            match sent {
                 Ok(n) => uploaded.store(n, Ordering::Relaxed),
                 Err(SendError::TooLarge(_)) => {
                     // Chunked bodies have no length to check up front: caught as they stream.
@@ -612,6 +634,11 @@ async fn forward(
             return reply(StatusCode::BAD_GATEWAY, format!("tunnel client sent {e}"));
         }
     };
+    capture.answered(if resp_head.header_block.is_empty() {
+        frame::headers_to_block(&resp_headers)
+    } else {
+        resp_head.header_block.clone()
+    });
     strip_hop_by_hop(&mut resp_headers);
     match (on_upgrade, status) {
         (Some(on_upgrade), StatusCode::SWITCHING_PROTOCOLS) => {
@@ -619,7 +646,14 @@ async fn forward(
             upgrade::restore_headers(&mut resp_headers, &protocol);
             rec.status = u32::from(status.as_u16());
             rec.upgrade = protocol;
-            let carried = Upgrading { shared: shared.clone(), conn: conn.clone(), rec: rec.clone(), io, guard };
+            let carried = Upgrading {
+                shared: shared.clone(),
+                conn: conn.clone(),
+                rec: rec.clone(),
+                head: capture.clone(),
+                io,
+                guard,
+            };
             conn.upgrades.spawn(carried.run(on_upgrade));
             let mut resp = Response::new(Either::Right(Full::new(Bytes::new())));
             *resp.status_mut() = status;
@@ -650,7 +684,11 @@ async fn forward(
     } else {
         resp_headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
     };
-    let mut resp = Response::new(Either::Left(io.body.guard(guard).expect_len(length)));
+    let mut body = io.body.guard(guard).expect_len(length);
+    if let Some((_, response)) = taps {
+        body = body.tap(response);
+    }
+    let mut resp = Response::new(Either::Left(body));
     *resp.status_mut() = status;
     *resp.headers_mut() = resp_headers;
     resp
@@ -662,6 +700,7 @@ struct Upgrading {
     /// Holds the connection's place under max_connections while it is open.
     conn: Arc<Conn>,
     rec: RequestInfo,
+    head: Head,
     io: ExchangeIo,
     guard: ExchangeGuard,
 }
@@ -671,7 +710,7 @@ impl Upgrading {
     /// carries it until both sides close it or shutdown's grace runs out,
     /// then logs and records it.
     async fn run(self, on_upgrade: hyper::upgrade::OnUpgrade) {
-        let Upgrading { shared, conn, mut rec, io, guard } = self;
+        let Upgrading { shared, conn, mut rec, head, io, guard } = self;
         let exchanges = guard.exchanges().clone();
         let request_id = io.request_id.clone();
         let outcome = tokio::select! {
@@ -713,7 +752,7 @@ impl Upgrading {
         }
         rec.duration_ms = u64::try_from(now_ms() - rec.unix_ms).unwrap_or(0);
         let took = Duration::from_millis(rec.duration_ms);
-        shared.record_request(rec, took);
+        shared.record_request(rec, took, Some(head));
         drop(conn);
     }
 }

@@ -4,6 +4,7 @@
 
 use super::events::About;
 use super::reload;
+use super::replay::{self, ReplayError};
 use super::Shared;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,8 +19,9 @@ use tonic::{Request, Response, Status};
 use tunnel_lib::frame::now_ms;
 use tunnel_lib::introspection::introspection_server::{Introspection, IntrospectionServer};
 use tunnel_lib::introspection::{
-    ClientInfo, CloseClientRequest, CloseClientResponse, CloseStreamRequest, CloseStreamResponse, EventKind,
-    ForceResyncRequest, ForceResyncResponse, GroupInfo, ServerInfo, StreamInfo, WatchRequest, WatchUpdate,
+    Capture, ClientInfo, CloseClientRequest, CloseClientResponse, CloseStreamRequest, CloseStreamResponse, EventKind,
+    ForceResyncRequest, ForceResyncResponse, GetCaptureRequest, GroupInfo, ReplayRequest, ServerInfo, StreamInfo,
+    WatchRequest, WatchUpdate,
 };
 
 /// Update rate when the watcher asks for none, and the most it may ask for.
@@ -246,7 +248,13 @@ fn diff<T: Clone + PartialEq>(old: &HashMap<String, T>, new: &HashMap<String, T>
 }
 
 /// Feeds one watcher until it goes away or the server stops.
-async fn watch(shared: Arc<Shared>, rate: u32, tx: mpsc::Sender<Result<WatchUpdate, Status>>, stop: CancellationToken) {
+async fn watch(
+    shared: Arc<Shared>,
+    rate: u32,
+    heads: bool,
+    tx: mpsc::Sender<Result<WatchUpdate, Status>>,
+    stop: CancellationToken,
+) {
     let period = Duration::from_millis(1000 / u64::from(rate));
     let mut sent_clients = HashMap::new();
     let mut sent_streams = HashMap::new();
@@ -257,7 +265,7 @@ async fn watch(shared: Arc<Shared>, rate: u32, tx: mpsc::Sender<Result<WatchUpda
     let mut traffic_head: Option<i64> = None;
     loop {
         let (clients, streams) = current(&shared);
-        let requests = shared.requests.since(last_seq);
+        let requests = shared.requests.recorded_since(last_seq);
         let events = shared.events.since(last_event);
         let full = last_sent.is_none();
         let (traffic, head) = shared.traffic.export(traffic_head);
@@ -272,8 +280,11 @@ async fn watch(shared: Arc<Shared>, rate: u32, tx: mpsc::Sender<Result<WatchUpda
             && traffic_head == Some(head);
         if full || !quiet || last_sent.is_some_and(|t| t.elapsed() >= KEEPALIVE) {
             if let Some(r) = requests.last() {
-                last_seq = r.seq;
+                last_seq = r.info.seq;
             }
+            let secrets = if heads { shared.secrets() } else { Vec::new() };
+            let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
+            let requests = requests.iter().map(|r| r.info(heads, &secrets)).collect();
             if let Some(e) = events.last() {
                 last_event = e.seq;
             }
@@ -314,13 +325,14 @@ impl Introspection for Introspect {
 
     async fn watch(&self, req: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
         self.authorize(req.metadata())?;
-        let rate = match req.into_inner().max_updates_per_second {
+        let ask = req.into_inner();
+        let rate = match ask.max_updates_per_second {
             0 => DEFAULT_RATE,
             r => r.min(MAX_RATE),
         };
         let (tx, rx) = mpsc::channel(WATCH_QUEUE);
         // Owned by the watcher: ends when it hangs up or the server stops.
-        tokio::spawn(watch(self.shared.clone(), rate, tx, self.stop.clone()));
+        tokio::spawn(watch(self.shared.clone(), rate, ask.heads, tx, self.stop.clone()));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -354,6 +366,32 @@ impl Introspection for Introspect {
         self.shared.events.record(EventKind::ClosedFromConsole, about, "stream closed; the client opens a replacement");
         handle.cancel.cancel();
         Ok(Response::new(CloseStreamResponse {}))
+    }
+
+    async fn get_capture(&self, req: Request<GetCaptureRequest>) -> Result<Response<Capture>, Status> {
+        self.authorize(req.metadata())?;
+        let id = req.into_inner().request_id;
+        let r = self.shared.capture_of(&id).ok_or_else(|| Status::not_found(ReplayError::NotFound(id).to_string()))?;
+        let secrets = self.shared.secrets();
+        Ok(Response::new(r.capture(&secrets.iter().map(String::as_str).collect::<Vec<_>>())))
+    }
+
+    async fn replay(&self, req: Request<ReplayRequest>) -> Result<Response<Capture>, Status> {
+        self.authorize(req.metadata())?;
+        let ask = req.into_inner();
+        let original = self
+            .shared
+            .capture_of(&ask.request_id)
+            .ok_or_else(|| Status::not_found(ReplayError::NotFound(ask.request_id.clone()).to_string()))?;
+        let new = replay::replay(&self.shared, &original, ask.force).await.map_err(|e| match e {
+            ReplayError::NotFound(_) => Status::not_found(e.to_string()),
+            ReplayError::Unsafe(_) => Status::failed_precondition(e.to_string()),
+            ReplayError::Busy => Status::resource_exhausted(e.to_string()),
+            ReplayError::Failed(_) => Status::unavailable(e.to_string()),
+        })?;
+        tracing::info!(request_id = %ask.request_id, replay = %new.info.request_id, status = new.info.status, "request replayed from the console");
+        let secrets = self.shared.secrets();
+        Ok(Response::new(new.capture(&secrets.iter().map(String::as_str).collect::<Vec<_>>())))
     }
 
     async fn close_client(&self, req: Request<CloseClientRequest>) -> Result<Response<CloseClientResponse>, Status> {

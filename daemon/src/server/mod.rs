@@ -4,6 +4,7 @@
 pub mod accept;
 pub mod access;
 pub mod budget;
+pub mod capture;
 pub mod cluster;
 pub mod events;
 pub mod ingress;
@@ -13,6 +14,7 @@ pub mod peer;
 pub mod recent;
 pub mod registry;
 pub mod reload;
+pub mod replay;
 pub mod service;
 pub mod traffic;
 
@@ -121,6 +123,10 @@ pub struct Shared {
     pub traffic: traffic::Traffic,
     /// What happened to clients, streams and config, for the console's timeline.
     pub events: events::Events,
+    /// Requests whose bodies are kept for the console's inspector.
+    pub captures: capture::Captures,
+    /// Replays from the console on their way through the ingress.
+    pub replays: replay::Replays,
     /// Streams closed for an overdue heartbeat, since start.
     pub streams_reaped: AtomicU64,
     /// Exchanges closed because nothing moved for their rule's idle_timeout.
@@ -224,7 +230,13 @@ impl Shared {
 
     /// Records a finished public request: the console's log and the metrics.
     /// `took` is the precise duration; the record keeps whole milliseconds.
-    pub fn record_request(&self, rec: tunnel_lib::introspection::RequestInfo, took: Duration) {
+    /// `head` is what the inspector shows of it.
+    pub fn record_request(
+        &self,
+        rec: tunnel_lib::introspection::RequestInfo,
+        took: Duration,
+        mut head: Option<capture::Head>,
+    ) {
         let m = &self.metrics;
         if !rec.forwarded_to.is_empty() {
             m.forwarded.get_or_create(&vec![("group", rec.group.clone()), ("peer", rec.forwarded_to.clone())]).inc();
@@ -246,7 +258,15 @@ impl Shared {
             bytes_out: rec.bytes_out,
         };
         self.traffic.record(rec.unix_ms + took.as_millis() as i64, &sample);
-        self.access.record(self.requests.record(rec));
+        if let Some(h) = &mut head {
+            h.ended();
+        }
+        let bodies = head.as_ref().is_some_and(|h| h.bodies.is_some());
+        let recorded = self.requests.record(rec, head);
+        if bodies {
+            self.captures.keep(recorded.clone(), self.config().server.capture_limit);
+        }
+        self.access.record(recorded);
     }
 
     /// One line for `systemctl status`: clients, streams, requests in flight, config versions.
@@ -327,6 +347,17 @@ impl Shared {
         self.draining.load(Ordering::Relaxed)
     }
 
+    /// A request's record with its head, by request_id: a recent one, or
+    /// one whose bodies are still kept.
+    pub fn capture_of(&self, request_id: &str) -> Option<Arc<capture::Recorded>> {
+        self.requests.find(request_id).or_else(|| self.captures.find(request_id))
+    }
+
+    /// Values masked wherever they appear in a captured head: the group tokens.
+    pub fn secrets(&self) -> Vec<String> {
+        self.config().groups.iter().map(|g| g.token.expose().to_string()).collect()
+    }
+
     /// The current config version of `group`.
     pub fn group_version(&self, group: &str) -> Option<String> {
         self.versions.read().unwrap_or_else(|e| e.into_inner()).get(group).cloned()
@@ -360,6 +391,8 @@ impl Server {
             access: access::AccessLog::new(metrics.access_log_dropped.clone()),
             traffic: traffic::Traffic::default(),
             events: events::Events::default(),
+            captures: capture::Captures::default(),
+            replays: replay::Replays::default(),
             streams_reaped: AtomicU64::new(0),
             exchanges_idle_closed: AtomicU64::new(0),
             addrs: OnceLock::new(),

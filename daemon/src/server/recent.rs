@@ -1,6 +1,7 @@
 //! The record of public requests: totals, and a bounded ring of the most
 //! recent ones for the console.
 
+use super::capture::Recorded;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,14 +15,14 @@ pub const RECENT_REQUESTS: usize = 256;
 pub struct RequestLog {
     // std Mutex: held for a push or a copy, never across an await.
     // Shared with the access log's queue: a record is made once.
-    ring: Mutex<VecDeque<Arc<RequestInfo>>>,
+    ring: Mutex<VecDeque<Arc<Recorded>>>,
     seq: AtomicU64,
     errors: AtomicU64,
 }
 
 impl RequestLog {
     /// Records a finished request; assigns its sequence number.
-    pub fn record(&self, mut info: RequestInfo) -> Arc<RequestInfo> {
+    pub fn record(&self, mut info: RequestInfo, head: Option<super::capture::Head>) -> Arc<Recorded> {
         if info.status >= 500 || !info.error.is_empty() {
             self.errors.fetch_add(1, Ordering::Relaxed);
         }
@@ -30,15 +31,26 @@ impl RequestLog {
         if ring.len() == RECENT_REQUESTS {
             ring.pop_front();
         }
-        let info = Arc::new(info);
-        ring.push_back(info.clone());
-        info
+        let rec = Arc::new(Recorded { info, head });
+        ring.push_back(rec.clone());
+        rec
     }
 
-    /// Requests recorded after sequence number `seq`, oldest first.
+    /// The records of requests recorded after sequence number `seq`, oldest first.
     pub fn since(&self, seq: u64) -> Vec<RequestInfo> {
+        self.recorded_since(seq).iter().map(|r| r.info.clone()).collect()
+    }
+
+    /// Requests recorded after sequence number `seq`, with their heads, oldest first.
+    pub fn recorded_since(&self, seq: u64) -> Vec<Arc<Recorded>> {
         let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
-        ring.iter().filter(|r| r.seq > seq).map(|r| RequestInfo::clone(r)).collect()
+        ring.iter().filter(|r| r.info.seq > seq).cloned().collect()
+    }
+
+    /// The recent request with `request_id`.
+    pub fn find(&self, request_id: &str) -> Option<Arc<Recorded>> {
+        let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        ring.iter().rev().find(|r| r.info.request_id == request_id).cloned()
     }
 
     /// Requests recorded since start.
@@ -61,7 +73,7 @@ mod tests {
     fn ring_is_bounded_and_incremental() {
         let log = RequestLog::default();
         for i in 0..(RECENT_REQUESTS + 10) {
-            let _ = log.record(RequestInfo { status: if i % 2 == 0 { 200 } else { 502 }, ..Default::default() });
+            let _ = log.record(RequestInfo { status: if i % 2 == 0 { 200 } else { 502 }, ..Default::default() }, None);
         }
         assert_eq!(log.total(), (RECENT_REQUESTS + 10) as u64);
         assert_eq!(log.errors(), (RECENT_REQUESTS / 2 + 5) as u64);

@@ -43,6 +43,8 @@ pub struct InboundBody {
     /// The Content-Length the peer announced, if any.
     expected: Option<u64>,
     on_finish: Option<FinishHook>,
+    /// Keeps the body's first bytes for the console's inspector.
+    tap: Option<Tap>,
     /// Whatever must live exactly as long as the body (a window lease).
     _held: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
@@ -67,8 +69,15 @@ impl InboundBody {
             delivered: 0,
             expected: None,
             on_finish: None,
+            tap: None,
             _held: None,
         }
+    }
+
+    /// Copies the body's first bytes into `tap` as they pass.
+    pub fn tap(mut self, tap: Tap) -> Self {
+        self.tap = Some(tap);
+        self
     }
 
     /// Keeps `value` until this body is dropped, wherever it goes (a
@@ -144,6 +153,9 @@ impl Body for InboundBody {
         match this.rx.poll_recv(cx) {
             Poll::Ready(Some(BodyEvent::Data(b))) => {
                 this.delivered += b.len() as u64;
+                if let Some(t) = &this.tap {
+                    t.take(&b);
+                }
                 this.exchanges.count_received(b.len());
                 let granted = this.window.lock().unwrap_or_else(|e| e.into_inner()).on_consumed(b.len());
                 if let Some(g) = granted {
@@ -201,6 +213,81 @@ impl Drop for InboundBody {
         } else {
             self.finish(Some("reader went away before the end".into()));
         }
+    }
+}
+
+/// The first bytes of a body and its whole length so far, kept for the
+/// console's inspector (a rule's `capture_bodies`); shared by the body
+/// that passes the bytes and the record that shows them.
+#[derive(Clone)]
+pub struct Tap(Arc<Mutex<TapState>>);
+
+struct TapState {
+    data: Vec<u8>,
+    limit: usize,
+    total: u64,
+}
+
+impl Tap {
+    /// A tap keeping at most `limit` bytes.
+    pub fn new(limit: usize) -> Tap {
+        Tap(Arc::new(Mutex::new(TapState { data: Vec::new(), limit, total: 0 })))
+    }
+
+    /// Counts `b` and keeps what fits.
+    pub fn take(&self, b: &[u8]) {
+        let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        s.total += b.len() as u64;
+        let room = s.limit.saturating_sub(s.data.len());
+        s.data.extend_from_slice(&b[..room.min(b.len())]);
+    }
+
+    /// Bytes kept.
+    pub fn kept_len(&self) -> usize {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).data.len()
+    }
+
+    /// What was kept, and the body's length so far (more than the bytes
+    /// kept when the body was cut short for the inspector).
+    pub fn kept(&self) -> (Bytes, u64) {
+        let s = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        (Bytes::copy_from_slice(&s.data), s.total)
+    }
+}
+
+/// A body whose data frames also go through a [`Tap`].
+pub struct Tapped<B> {
+    inner: B,
+    tap: Tap,
+}
+
+impl<B> Tapped<B> {
+    /// `inner`, tapped.
+    pub fn new(inner: B, tap: Tap) -> Self {
+        Tapped { inner, tap }
+    }
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Body for Tapped<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &polled {
+            if let Some(d) = f.data_ref() {
+                self.tap.take(d);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -44,6 +44,12 @@ pub const DEFAULT_MAX_HEADERS: usize = 100;
 pub const MAX_MAX_HEADERS: usize = 1000;
 /// Default cap on a public request's URI.
 pub const DEFAULT_MAX_URI_BYTES: u64 = 8 * 1024;
+/// The request captures' memory, in all: 16 MiB.
+pub const DEFAULT_CAPTURE_LIMIT: u64 = 16 << 20;
+/// At most 1 GiB: a typo must not let captures take the machine's memory.
+pub const MAX_CAPTURE_LIMIT: u64 = 1 << 30;
+/// A rule's `capture_bodies` keeps at most this much of each body.
+pub const MAX_CAPTURE_BODIES: u64 = 1 << 20;
 /// Default cap on requests in flight to one client of a group.
 pub const DEFAULT_MAX_IN_FLIGHT: u32 = 1000;
 /// Default bound on a link connection's TLS handshake, or on its first plaintext byte.

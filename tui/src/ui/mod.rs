@@ -15,6 +15,7 @@ use std::collections::BTreeSet;
 use tunnel_lib::introspection::{ClientInfo, Event, EventKind, RequestInfo, StreamInfo, TrafficSubject};
 use tunnel_lib::proto::StreamType;
 
+mod inspect;
 mod traffic;
 pub use traffic::{short_rate, short_us};
 
@@ -115,8 +116,9 @@ pub fn zone(utc: bool, unix_ms: i64) -> String {
     if utc {
         return "UTC".into();
     }
-    match chrono::DateTime::from_timestamp_millis(unix_ms) {
-        Some(t) => t.with_timezone(&chrono::Local).format("UTC%:z").to_string(),
+    match chrono::DateTime::from_timestamp_millis(unix_ms).map(|t| t.with_timezone(&chrono::Local)) {
+        Some(t) if chrono::Offset::fix(t.offset()).local_minus_utc() == 0 => "UTC".into(),
+        Some(t) => t.format("UTC%:z").to_string(),
         None => "local time".into(),
     }
 }
@@ -152,7 +154,9 @@ pub fn render(app: &App, f: &mut Frame) {
         return;
     }
     let (table_area, detail_area) = if app.detail {
-        let [t, d] = Layout::vertical([Constraint::Min(3), Constraint::Length(10)]).areas(main);
+        // The inspector has heads and bodies to show: it takes most of the room.
+        let pane = if app.view == View::Requests { Constraint::Percentage(65) } else { Constraint::Length(10) };
+        let [t, d] = Layout::vertical([Constraint::Min(3), pane]).areas(main);
         (t, Some(d))
     } else {
         (main, None)
@@ -753,21 +757,18 @@ fn render_detail(app: &App, f: &mut Frame, area: Rect) {
             kv("stream", if e.stream_id.is_empty() { "-".into() } else { e.stream_id.clone() }),
             kv("detail", e.detail.clone()),
         ],
-        Some(RowRef::Request(_, r)) => vec![
-            kv("request", format!("{} {}{}", r.method, r.host, r.path)),
-            kv("status", format!("{} in {}", r.status, short_duration(r.duration_ms as i64))),
-            kv("upgrade", if r.upgrade.is_empty() { "-".into() } else { format!("{} (connection closed)", r.upgrade) }),
-            kv("bytes", format!("{} in, {} out", short_bytes(r.bytes_in), short_bytes(r.bytes_out))),
-            kv("via", format!("client {} stream {}", r.client_id, r.stream_id)),
-            kv("trace", r.trace_id.clone()),
-            kv("error", if r.error.is_empty() { "-".into() } else { r.error.clone() }),
-        ],
+        Some(RowRef::Request(i, r)) => inspect::request_lines(app, i, r),
     };
     if let Some(r) = app.selected_row().filter(|_| app.fleet.is_fleet()) {
         lines.insert(0, server_line(&app.fleet, r.server()));
     }
-    let block = Block::new().borders(Borders::TOP).title(" Detail (Enter/Esc to close) ");
-    f.render_widget(Paragraph::new(lines).block(block).wrap(Wrap { trim: false }), area);
+    let title = if app.view == View::Requests {
+        " Request (Enter/Esc close · PgUp/PgDn scroll · p replay · y curl) "
+    } else {
+        " Detail (Enter/Esc to close) "
+    };
+    let block = Block::new().borders(Borders::TOP).title(title);
+    f.render_widget(Paragraph::new(lines).block(block).wrap(Wrap { trim: false }).scroll((app.scroll, 0)), area);
 }
 
 fn render_footer(app: &App, f: &mut Frame, area: Rect) {
@@ -795,7 +796,8 @@ fn render_footer(app: &App, f: &mut Frame, area: Rect) {
         match app.view {
             View::Streams => keys.extend([("r", "resync", 5), ("x", "close", 5), ("X", "close client", 5)]),
             View::Clients => keys.extend([("r", "resync", 5), ("R", "group", 5), ("X", "close", 5)]),
-            View::Requests | View::Traffic | View::Events => {}
+            View::Requests => keys.extend([("p", "replay", 5), ("y", "curl", 5)]),
+            View::Traffic | View::Events => {}
         }
         keys.extend([("?", "help", 9), ("q", "quit", 9)]);
         let width = |keys: &[(&str, &str, u8)]| -> usize {
@@ -847,13 +849,17 @@ pub const HELP: &[(&str, &str)] = &[
     ("↑ ↓  j k", "move the selection"),
     ("g G", "first / last row"),
     ("Tab ← →", "next / previous view (Streams ... Events)"),
-    ("/", "filter rows (Enter keeps, Esc clears)"),
+    ("/", "filter rows (Enter keeps, Esc clears); requests also by"),
+    ("", "status:5xx host: path: client: slower:250ms"),
     ("s", "cycle the sort order"),
     ("Enter", "show / hide the detail pane"),
     ("r", "force a config resync of the selected client"),
     ("R", "force a resync of its whole group"),
     ("x", "close the selected stream (asks y/n)"),
     ("X", "close every stream of the client (asks y/n)"),
+    ("p / P", "replay the request (P: even if not idempotent)"),
+    ("y", "copy a curl line for the request (OSC 52)"),
+    ("PgUp PgDn", "scroll the detail pane"),
     ("Esc", "close the detail pane, clear the filter"),
     ("q  Ctrl-C", "quit"),
 ];

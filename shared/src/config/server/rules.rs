@@ -1,7 +1,7 @@
 //! `[[rules]]`: which group and upstream serve a request, by host and path.
 
 use super::groups::GroupSettings;
-use crate::config::defaults::{DEFAULT_IDLE_TIMEOUT, DEFAULT_RULE_TIMEOUT};
+use crate::config::defaults::{DEFAULT_IDLE_TIMEOUT, DEFAULT_RULE_TIMEOUT, MAX_CAPTURE_BODIES};
 use crate::config::source::{join, ConfigError, Source};
 use crate::rules::{HostPattern, Rule, RuleProblem, RuleSet};
 use crate::units::{ByteSize, HumanDuration};
@@ -20,6 +20,7 @@ pub(super) struct RuleSection {
     timeout: Option<HumanDuration>,
     idle_timeout: Option<HumanDuration>,
     max_body: Option<Spanned<ByteSize>>,
+    capture_bodies: Option<Spanned<ByteSize>>,
 }
 
 /// Checks each rule, that it names one of `groups`, and that none is a
@@ -53,6 +54,14 @@ pub(super) fn check(src: &Source, raw: &[RuleSection], groups: &[GroupSettings])
         if upstream.is_empty() {
             return Err(src.at(&r.upstream, key("upstream"), "upstream name is empty"));
         }
+        let capture_bodies = match &r.capture_bodies {
+            Some(c) if c.get_ref().0 == 0 || c.get_ref().0 > MAX_CAPTURE_BODIES => {
+                let why =
+                    format!("must be between 1 byte and {} KiB (omit it to keep no bodies)", MAX_CAPTURE_BODIES >> 10);
+                return Err(src.at(c, key("capture_bodies"), why));
+            }
+            c => c.as_ref().map(|c| c.get_ref().0),
+        };
         rules.push(Rule {
             host,
             path_prefix,
@@ -61,6 +70,7 @@ pub(super) fn check(src: &Source, raw: &[RuleSection], groups: &[GroupSettings])
             timeout: r.timeout.map_or(DEFAULT_RULE_TIMEOUT, |d| d.0),
             idle_timeout: r.idle_timeout.map_or(DEFAULT_IDLE_TIMEOUT, |d| d.0),
             max_body: r.max_body.as_ref().map(|b| b.get_ref().0),
+            capture_bodies,
         });
         rule_lines.push(r.group.span().start);
     }

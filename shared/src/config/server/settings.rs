@@ -35,6 +35,7 @@ pub(super) struct ServerSection {
     max_header_bytes: Option<Spanned<ByteSize>>,
     max_headers: Option<Spanned<usize>>,
     max_uri_bytes: Option<Spanned<ByteSize>>,
+    capture_limit: Option<Spanned<ByteSize>>,
     pub(super) https_listen: Option<Spanned<SocketAddr>>,
     metrics_listen: Option<SocketAddr>,
     tls: Option<LinkTlsSection>,
@@ -105,6 +106,9 @@ pub struct ServerSettings {
     pub max_headers: usize,
     /// A public request whose URI is longer than this gets 414.
     pub max_uri_bytes: u64,
+    /// Bytes the console's request captures (heads, and bodies of rules
+    /// with `capture_bodies`) may hold in all; the oldest go first.
+    pub capture_limit: u64,
     /// Public HTTPS listener (`[[certificates]]` chosen by SNI).
     pub https_listen: Option<SocketAddr>,
     /// Prometheus `/metrics`; None = off.
@@ -187,6 +191,13 @@ pub(super) fn check(src: &Source, s: &ServerSection) -> Result<ServerSettings, C
             Range(1, MAX_MAX_HEADERS),
         )?,
         max_uri_bytes: ranged::value(src, &s.max_uri_bytes, "server.max_uri_bytes", DEFAULT_MAX_URI_BYTES, Min(256))?,
+        capture_limit: ranged::value(
+            src,
+            &s.capture_limit,
+            "server.capture_limit",
+            DEFAULT_CAPTURE_LIMIT,
+            Range(64 * 1024, MAX_CAPTURE_LIMIT),
+        )?,
         https_listen: s.https_listen.as_ref().map(|a| *a.get_ref()),
         metrics_listen: s.metrics_listen,
         tls: s.tls.as_ref().map(|t| check_link_tls(src, t)).transpose()?,
