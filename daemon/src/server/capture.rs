@@ -9,7 +9,7 @@
 //! response's. Secrets are masked when a head leaves the server
 //! (introspection), never in what is kept: a replay needs them.
 
-use crate::tunnel::body::Tap;
+use crate::tunnel::body::{Tap, TapBudget};
 use bytes::Bytes;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -181,6 +181,8 @@ fn mask(name: &str, value: &str) -> String {
 pub struct Captures {
     // std Mutex: held for a push or a search, never across an await.
     inner: Mutex<Ring>,
+    /// Body bytes every tap holds, kept or in flight.
+    budget: TapBudget,
 }
 
 #[derive(Default)]
@@ -190,6 +192,14 @@ struct Ring {
 }
 
 impl Captures {
+    /// Taps for a request's bodies, each keeping at most `each` bytes, all
+    /// of them together at most `limit`.
+    pub fn taps(&self, each: u64, limit: u64) -> (Tap, Tap) {
+        let each = usize::try_from(each).unwrap_or(usize::MAX);
+        let most = usize::try_from(limit).unwrap_or(usize::MAX);
+        (Tap::new(each, self.budget.clone(), most), Tap::new(each, self.budget.clone(), most))
+    }
+
     /// Keeps `r` (a request with bodies), dropping the oldest past `limit` bytes.
     pub fn keep(&self, r: Arc<Recorded>, limit: u64) {
         let size = r.head.as_ref().map_or(0, |h| h.body_bytes() + h.request.len() + h.response.len() + h.uri.len());
@@ -209,10 +219,10 @@ impl Captures {
         ring.records.iter().rev().find(|(r, _)| r.info.request_id == request_id).map(|(r, _)| r.clone())
     }
 
-    /// Requests and bytes kept.
-    pub fn usage(&self) -> (usize, usize) {
+    /// Requests and bytes kept, and body bytes held by every tap alive.
+    pub fn usage(&self) -> (usize, usize, usize) {
         let ring = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        (ring.records.len(), ring.bytes)
+        (ring.records.len(), ring.bytes, self.budget.held())
     }
 }
 
@@ -237,10 +247,10 @@ mod tests {
         assert_eq!((h[4].value.as_str(), h[5].value.as_str()), ("1", "2"));
     }
 
-    fn recorded(id: &str, body: usize) -> Arc<Recorded> {
+    fn recorded(c: &Captures, id: &str, body: usize) -> Arc<Recorded> {
         let req = http::Request::builder().uri("/x?y=1").header("a", "b").body(()).expect("request");
         let mut head = Head::of(&req, "http", Instant::now());
-        let (q, r) = (Tap::new(body), Tap::new(body));
+        let (q, r) = c.taps(body as u64, 1 << 20);
         q.take(&vec![b'q'; body]);
         r.take(&vec![b'r'; body * 2]);
         head.bodies = Some((q, r));
@@ -252,10 +262,12 @@ mod tests {
     fn ring_is_bounded_in_bytes() {
         let c = Captures::default();
         for i in 0..10 {
-            c.keep(recorded(&format!("r{i}"), 1000), 5000);
+            c.keep(recorded(&c, &format!("r{i}"), 1000), 5000);
         }
-        let (n, bytes) = c.usage();
+        let (n, bytes, held) = c.usage();
         assert!(bytes <= 5000 && n == 2, "{n} requests, {bytes} bytes");
+        // The dropped ones' bodies were freed.
+        assert_eq!(held, 4000);
         assert!(c.find("r0").is_none());
         let got = c.find("r9").expect("newest kept").capture(&[]);
         assert_eq!((got.request_body.len(), got.request_body_size), (1000, 1000));
@@ -263,5 +275,20 @@ mod tests {
         let head = got.request.and_then(|r| r.head).expect("head");
         assert_eq!((head.uri.as_str(), head.bodies), ("/x?y=1", true));
         assert_eq!(head.request_headers[0].name, "a");
+    }
+
+    /// Taps together hold no more than the limit, in flight or kept.
+    #[test]
+    fn taps_share_the_limit() {
+        let c = Captures::default();
+        let (a, b) = c.taps(1000, 1500);
+        a.take(&[1; 1000]);
+        b.take(&[2; 1000]);
+        assert_eq!((a.kept().0.len(), b.kept().0.len()), (1000, 500));
+        assert_eq!(b.kept().1, 1000, "the whole length is still counted");
+        drop(a);
+        let (c2, _) = c.taps(1000, 1500);
+        c2.take(&[3; 1000]);
+        assert_eq!(c2.kept().0.len(), 1000, "a's bytes went back when it went");
     }
 }

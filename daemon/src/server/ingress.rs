@@ -8,7 +8,7 @@ use super::capture::Head;
 use super::keepalive::{Activity, Counted, Verdict};
 use super::registry::NoStream;
 use super::Shared;
-use crate::tunnel::body::{send_body, SendError, Tap, Tapped};
+use crate::tunnel::body::{send_body, SendError, Tapped};
 use crate::tunnel::exchange::{ExchangeFailure, ExchangeGuard, ExchangeIo};
 use crate::tunnel::{next_request_id, upgrade};
 use bytes::Bytes;
@@ -458,10 +458,7 @@ async fn forward(
     rec.rule = rule.label();
     capture.routed();
     // The inspector's copies of the bodies' first bytes, with capture_bodies.
-    let taps = rule.capture_bodies.map(|n| {
-        let n = usize::try_from(n).unwrap_or(usize::MAX);
-        (Tap::new(n), Tap::new(n))
-    });
+    let taps = rule.capture_bodies.map(|n| shared.captures.taps(n, cfg.server.capture_limit));
     capture.bodies = taps.clone();
     if let Some(max) = rule.max_body {
         let length = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());

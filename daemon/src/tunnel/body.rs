@@ -222,24 +222,58 @@ impl Drop for InboundBody {
 #[derive(Clone)]
 pub struct Tap(Arc<Mutex<TapState>>);
 
+/// Bytes held by every tap alive, against the most they may hold in all
+/// (`capture_limit`): requests in flight count too, not only kept ones.
+#[derive(Clone, Default)]
+pub struct TapBudget {
+    held: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl TapBudget {
+    /// Bytes held now.
+    pub fn held(&self) -> usize {
+        self.held.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 struct TapState {
     data: Vec<u8>,
     limit: usize,
     total: u64,
+    budget: TapBudget,
+    /// The most all taps may hold.
+    most: usize,
+}
+
+impl Drop for TapState {
+    fn drop(&mut self) {
+        self.budget.held.fetch_sub(self.data.len(), std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl Tap {
-    /// A tap keeping at most `limit` bytes.
-    pub fn new(limit: usize) -> Tap {
-        Tap(Arc::new(Mutex::new(TapState { data: Vec::new(), limit, total: 0 })))
+    /// A tap keeping at most `limit` bytes, and nothing that would take
+    /// `budget` past `most`.
+    pub fn new(limit: usize, budget: TapBudget, most: usize) -> Tap {
+        Tap(Arc::new(Mutex::new(TapState { data: Vec::new(), limit, total: 0, budget, most })))
     }
 
     /// Counts `b` and keeps what fits.
     pub fn take(&self, b: &[u8]) {
+        use std::sync::atomic::Ordering::Relaxed;
         let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
         s.total += b.len() as u64;
-        let room = s.limit.saturating_sub(s.data.len());
-        s.data.extend_from_slice(&b[..room.min(b.len())]);
+        let want = s.limit.saturating_sub(s.data.len()).min(b.len());
+        if want == 0 {
+            return;
+        }
+        let most = s.most;
+        let granted = s
+            .budget
+            .held
+            .fetch_update(Relaxed, Relaxed, |held| Some(held + want.min(most.saturating_sub(held))))
+            .map_or(0, |before| want.min(most.saturating_sub(before)));
+        s.data.extend_from_slice(&b[..granted]);
     }
 
     /// Bytes kept.
