@@ -186,6 +186,10 @@ pub enum Action {
     CopyCurl,
     /// Scroll the detail pane by lines (negative: up).
     Scroll(i32),
+    /// A tab clicked.
+    ShowView(View),
+    /// A row clicked: its index in `App::rows`.
+    Select(usize),
     Back,
     Quit,
     /// From the network task of the server at this fleet index.
@@ -230,6 +234,8 @@ pub struct App {
     pub now_ms: i64,
     /// Charts and sparklines in ASCII (`--ascii`, or a locale that is not UTF-8).
     pub ascii: bool,
+    /// No colours (`NO_COLOR` set): bold, reverse video and the marker stay.
+    pub no_color: bool,
     /// Captures fetched, by (server, request id), oldest first.
     pub captures: VecDeque<((usize, String), Fetched)>,
     /// The last replay, shown in the detail pane of the request it replayed.
@@ -309,6 +315,7 @@ impl App {
             notice: None,
             now_ms,
             ascii: false,
+            no_color: false,
             captures: VecDeque::new(),
             replay: None,
             curl: None,
@@ -605,6 +612,8 @@ pub fn update(app: &mut App, action: Action) -> Option<Steer> {
             | Action::NextView
             | Action::PrevView
             | Action::ToggleDetail
+            | Action::ShowView(_)
+            | Action::Select(_)
     );
     if moved {
         app.scroll = 0;
@@ -724,6 +733,14 @@ fn apply(app: &mut App, action: Action) -> Option<Steer> {
             app.notice = Some((r, app.now_ms));
         }
         Action::Tick(now) => app.now_ms = now,
+        Action::ShowView(v) => {
+            if app.view != v {
+                app.view = v;
+                app.selected = None;
+                app.detail = false;
+            }
+        }
+        Action::Select(i) => app.move_selection(|_, _| i),
         Action::Scroll(by) => {
             app.scroll = u16::try_from((i32::from(app.scroll) + by).max(0)).unwrap_or(u16::MAX);
         }

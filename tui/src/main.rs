@@ -146,6 +146,7 @@ struct TerminalGuard;
 
 impl Drop for TerminalGuard {
     fn drop(&mut self) {
+        let _ = crossterm::execute!(std::io::stdout(), crossterm::event::DisableMouseCapture);
         ratatui::restore();
     }
 }
@@ -153,6 +154,8 @@ impl Drop for TerminalGuard {
 async fn interactive(addrs: Vec<String>, targets: Vec<net::Target>, ascii: bool, utc: bool) -> anyhow::Result<()> {
     let mut terminal = ratatui::try_init().context("setting up the terminal")?;
     let _guard = TerminalGuard;
+    // Clicks and the wheel; the guard turns it off again.
+    let _ = crossterm::execute!(std::io::stdout(), crossterm::event::EnableMouseCapture);
     let stop = CancellationToken::new();
     let (events_tx, mut events) = mpsc::channel(64);
     // One link per server, each with its own command queue: a server that is
@@ -168,6 +171,8 @@ async fn interactive(addrs: Vec<String>, targets: Vec<net::Target>, ascii: bool,
     let mut keys = EventStream::new();
     let mut app = App::new(addrs, now_ms());
     app.ascii = ascii;
+    // https://no-color.org: set and not empty.
+    app.no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
     app.utc = utc;
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -197,6 +202,7 @@ async fn interactive(addrs: Vec<String>, targets: Vec<net::Target>, ascii: bool,
             _ = signalled => Some(Action::Quit),
             ev = keys.next() => match ev {
                 Some(Ok(Event::Key(k))) if k.kind != KeyEventKind::Release => app::on_key(&app, k),
+                Some(Ok(Event::Mouse(m))) => terminal.size().ok().and_then(|s| ui::on_mouse(&app, m, s.into())),
                 Some(Ok(Event::Resize(_, _))) => {
                     dirty = true;
                     None

@@ -45,6 +45,7 @@ fn stream(id: &str, client: &str, ty: StreamType, hb_age_ms: i64, depth: u32, in
         rtt_max_ms: 11,
         // The busiest stream carries a WebSocket.
         upgraded: u32::from(in_flight >= 3),
+        delay_history_ms: vec![1, 1, 2, 1, 9, 1, 1, 3, 1, 2],
     }
 }
 
@@ -573,4 +574,50 @@ fn fleet_server_down_keeps_the_others_live() {
         assert_eq!(config == ratatui::style::Color::DarkGray, down, "row {y}: {line}");
     }
     insta::assert_snapshot!("fleet_down_80x24", s);
+}
+
+fn mouse(kind: crossterm::event::MouseEventKind, column: u16, row: u16) -> crossterm::event::MouseEvent {
+    crossterm::event::MouseEvent { kind, column, row, modifiers: crossterm::event::KeyModifiers::NONE }
+}
+
+/// Clicks land where the screen shows things: a tab shows its view, a row
+/// is selected; the wheel moves the selection, or scrolls the pane under it.
+#[test]
+fn mouse_clicks_and_wheel() {
+    use crossterm::event::{MouseButton, MouseEventKind};
+    use tunnel_tui::app::View;
+    let mut app = fixture();
+    let area = ratatui::layout::Rect::new(0, 0, 80, 24);
+    let text = lines(&screen(&app, 80, 24));
+    let click = MouseEventKind::Down(MouseButton::Left);
+    // Each tab where its title is drawn.
+    for v in View::ALL {
+        let x = text[1].find(&format!(" {} ", v.title())).expect("tab drawn");
+        let x = text[1][..x].chars().count() as u16 + 2;
+        assert_eq!(ui::on_mouse(&app, mouse(click, x, 1), area), Some(Action::ShowView(v)), "{}", v.title());
+    }
+    // The third stream row (screen line 6) is the third of the rows.
+    let a = ui::on_mouse(&app, mouse(click, 20, 6), area).expect("a row");
+    update(&mut app, a);
+    let rows = app.rows();
+    assert_eq!(app.selected_index(&rows), 2);
+    assert!(text[6].contains(&app.selected.as_ref().unwrap().id[..8]), "{}", text[6]);
+    assert_eq!(ui::on_mouse(&app, mouse(click, 20, 20), area), None, "below the last row");
+    assert_eq!(ui::on_mouse(&app, mouse(MouseEventKind::ScrollDown, 20, 6), area), Some(Action::Down));
+    update(&mut app, Action::ToggleDetail);
+    assert_eq!(ui::on_mouse(&app, mouse(MouseEventKind::ScrollDown, 20, 20), area), Some(Action::Scroll(3)));
+    update(&mut app, Action::ShowView(View::Events));
+    assert_eq!(app.view, View::Events);
+}
+
+/// NO_COLOR: not a cell keeps a colour; the selection keeps reverse video.
+#[test]
+fn no_color() {
+    let mut app = fixture();
+    app.no_color = true;
+    let s = screen(&app, 80, 24);
+    for cell in s.buffer().content.iter() {
+        assert_eq!((cell.fg, cell.bg), (ratatui::style::Color::Reset, ratatui::style::Color::Reset), "{cell:?}");
+    }
+    assert!(s.buffer()[(5, 4)].modifier.contains(ratatui::style::Modifier::REVERSED), "the selected row");
 }

@@ -214,6 +214,7 @@ fn current(shared: &Shared) -> (HashMap<String, ClientInfo>, HashMap<String, Str
                 rtt_p50_ms: s.rtt.p50,
                 rtt_p99_ms: s.rtt.p99,
                 rtt_max_ms: s.rtt.max,
+                delay_history_ms: s.delay_history,
             };
             (s.stream_id, info)
         })

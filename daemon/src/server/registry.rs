@@ -93,6 +93,9 @@ struct StreamState {
 
 /// Heartbeats kept per stream for delay statistics.
 pub const HEARTBEAT_WINDOW: usize = 128;
+/// Heartbeat delays the console is sent per stream, for its history line:
+/// fewer than kept, since a stream is resent on every heartbeat.
+pub const DELAY_HISTORY: usize = 64;
 
 /// p50, p99 and max of a window of samples (ms); all -1 when it is empty.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,6 +161,8 @@ pub struct StreamView {
     pub heartbeats: u64,
     /// One-way heartbeat delay over the last HEARTBEAT_WINDOW heartbeats.
     pub delay: Percentiles,
+    /// The last `DELAY_HISTORY` of those delays, oldest first, ms.
+    pub delay_history: Vec<i64>,
     /// Client-measured round trip over the same window.
     pub rtt: Percentiles,
     pub in_flight: usize,
@@ -542,6 +547,12 @@ impl Registry {
                     last_rtt_ms: s.last_rtt_ms,
                     heartbeats: s.heartbeats,
                     delay: Percentiles::of(&s.delays),
+                    delay_history: s
+                        .delays
+                        .iter()
+                        .skip(s.delays.len().saturating_sub(DELAY_HISTORY))
+                        .map(|&d| i64::from(d))
+                        .collect(),
                     rtt: Percentiles::of(&s.rtts),
                     in_flight: h.exchanges.in_flight(),
                     upgraded: h.exchanges.upgraded(),

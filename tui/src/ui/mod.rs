@@ -4,8 +4,9 @@
 //! the header counts servers up, tables gain a SERVER column and a down
 //! server's rows stay, greyed, under a banner.
 
-use crate::app::{event_kind_name, App, Confirm, RowRef, View};
+use crate::app::{event_kind_name, Action, App, Confirm, RowRef, View};
 use crate::model::{short_age, short_bytes, short_duration, short_id, ConnState, Fleet, Freshness, Model, Watched};
+use crossterm::event::{MouseButton, MouseEvent, MouseEventKind};
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Color, Modifier, Style};
 use ratatui::text::{Line, Span};
@@ -123,8 +124,19 @@ pub fn zone(utc: bool, unix_ms: i64) -> String {
     }
 }
 
-/// Draws the whole console.
-pub fn render(app: &App, f: &mut Frame) {
+/// Where each part of the screen goes: one computation for drawing and for
+/// telling what a mouse click landed on.
+struct Areas {
+    header: Rect,
+    tabs: Rect,
+    banner: Option<Rect>,
+    table: Rect,
+    /// The detail pane, or the Traffic view's charts.
+    below: Option<Rect>,
+    footer: Rect,
+}
+
+fn areas(app: &App, area: Rect) -> Areas {
     let live = app.fleet.up() == app.fleet.servers.len();
     let banner = if live { 0 } else { 1 };
     let [header, tabs, banner_area, main, footer] = Layout::vertical([
@@ -134,26 +146,14 @@ pub fn render(app: &App, f: &mut Frame) {
         Constraint::Min(3),
         Constraint::Length(1),
     ])
-    .areas(f.area());
-    render_header(app, f, header);
-    render_tabs(app, f, tabs);
-    if !live {
-        render_banner(app, f, banner_area);
-    }
-    if app.view == View::Traffic {
+    .areas(area);
+    let (table, below) = if app.view == View::Traffic {
         // The charts are this view's detail: always there, for the selected row.
         let rows = app.rows().len() as u16;
         let [t, c] = Layout::vertical([Constraint::Length((rows + 2).clamp(4, main.height / 3)), Constraint::Min(6)])
             .areas(main);
-        render_table(app, f, t);
-        traffic::render_charts(app, app.selected_row(), f, c);
-        render_footer(app, f, footer);
-        if app.help {
-            render_help(app, f);
-        }
-        return;
-    }
-    let (table_area, detail_area) = if app.detail {
+        (t, Some(c))
+    } else if app.detail {
         // The inspector has heads and bodies to show: it takes most of the room.
         let pane = if app.view == View::Requests { Constraint::Percentage(65) } else { Constraint::Length(10) };
         let [t, d] = Layout::vertical([Constraint::Min(3), pane]).areas(main);
@@ -161,16 +161,95 @@ pub fn render(app: &App, f: &mut Frame) {
     } else {
         (main, None)
     };
-    render_table(app, f, table_area);
-    if let Some(d) = detail_area {
-        render_detail(app, f, d);
+    Areas { header, tabs, banner: (!live).then_some(banner_area), table, below, footer }
+}
+
+/// What a click at (`column`, `row`) on a screen of `area` landed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hit {
+    Tab(View),
+    /// The table's row with this index in `App::rows`.
+    Row(usize),
+    /// The detail pane (or the charts).
+    Below,
+}
+
+/// What is at (`column`, `row`), as drawn now.
+pub fn hit(app: &App, area: Rect, column: u16, row: u16) -> Option<Hit> {
+    let a = areas(app, area);
+    if row == a.tabs.y {
+        // The tabs as render_tabs lays them out: a space, then " Title " and a space each.
+        let mut x = a.tabs.x + 1;
+        for v in View::ALL {
+            let w = v.title().chars().count() as u16 + 2;
+            if (x..x + w).contains(&column) {
+                return Some(Hit::Tab(v));
+            }
+            x += w + 1;
+        }
+        return None;
     }
-    render_footer(app, f, footer);
-    if let Some(c) = &app.confirm {
+    if a.below.is_some_and(|b| b.contains(ratatui::layout::Position { x: column, y: row })) {
+        return Some(Hit::Below);
+    }
+    // The table: its title line, its header line, then rows; scrolled as
+    // ratatui scrolls it, just far enough to show the selection.
+    let first = a.table.y + 2;
+    let shown = a.table.height.saturating_sub(2);
+    if row < first || row >= first + shown {
+        return None;
+    }
+    let rows = app.rows();
+    let offset = (app.selected_index(&rows) + 1).saturating_sub(usize::from(shown));
+    let i = offset + usize::from(row - first);
+    (i < rows.len()).then_some(Hit::Row(i))
+}
+
+/// Maps a mouse event to an action: a click on a tab shows its view, on a
+/// row selects it; the wheel moves the selection, or scrolls the detail pane under it.
+pub fn on_mouse(app: &App, m: MouseEvent, area: ratatui::layout::Rect) -> Option<Action> {
+    if app.confirm.is_some() || app.help || app.editing_filter {
+        return None;
+    }
+    let hit = hit(app, area, m.column, m.row);
+    match (m.kind, hit) {
+        (MouseEventKind::Down(MouseButton::Left), Some(Hit::Tab(v))) => Some(Action::ShowView(v)),
+        (MouseEventKind::Down(MouseButton::Left), Some(Hit::Row(i))) => Some(Action::Select(i)),
+        (MouseEventKind::ScrollDown, Some(Hit::Below)) if app.detail => Some(Action::Scroll(3)),
+        (MouseEventKind::ScrollUp, Some(Hit::Below)) if app.detail => Some(Action::Scroll(-3)),
+        (MouseEventKind::ScrollDown, _) => Some(Action::Down),
+        (MouseEventKind::ScrollUp, _) => Some(Action::Up),
+        _ => None,
+    }
+}
+
+/// Draws the whole console.
+pub fn render(app: &App, f: &mut Frame) {
+    let a = areas(app, f.area());
+    render_header(app, f, a.header);
+    render_tabs(app, f, a.tabs);
+    if let Some(b) = a.banner {
+        render_banner(app, f, b);
+    }
+    render_table(app, f, a.table);
+    match (app.view, a.below) {
+        (View::Traffic, Some(c)) => traffic::render_charts(app, app.selected_row(), f, c),
+        (_, Some(d)) => render_detail(app, f, d),
+        _ => {}
+    }
+    render_footer(app, f, a.footer);
+    if let Some(c) = app.confirm.as_ref().filter(|_| app.view != View::Traffic) {
         render_confirm(app, c, f);
     }
     if app.help {
         render_help(app, f);
+    }
+    if app.no_color {
+        // NO_COLOR: every colour goes; bold, reverse video and the marker stay.
+        for cell in f.buffer_mut().content.iter_mut() {
+            cell.set_fg(Color::Reset);
+            cell.set_bg(Color::Reset);
+        }
     }
 }
 
@@ -682,6 +761,17 @@ fn server_line(fleet: &Fleet, i: usize) -> Line<'static> {
     kv("server", format!("{}{at}{state}", fleet.label(i)))
 }
 
+/// "▁▁▂▁█▁ last 6, newest right (max 12ms)": the stream's last heartbeats' delays.
+fn delay_history(s: &StreamInfo, ascii: bool) -> String {
+    let h = &s.delay_history_ms;
+    if h.is_empty() {
+        return "none yet".into();
+    }
+    let values: Vec<u64> = h.iter().map(|&d| d.max(0) as u64).collect();
+    let max = h.iter().copied().max().unwrap_or(0);
+    format!("{} last {}, newest right (max {max}ms)", crate::traffic::sparkline_text(&values, ascii), h.len())
+}
+
 fn render_detail(app: &App, f: &mut Frame, area: Rect) {
     let row = app.selected_row();
     let Some(m) = app.fleet.get(row.as_ref().map_or(0, |r| r.server())).map(|w| &w.model) else { return };
@@ -704,6 +794,7 @@ fn render_detail(app: &App, f: &mut Frame, area: Rect) {
                         g.map_or("?".into(), |g| short_duration(g.heartbeat_timeout_ms as i64)),
                     ),
                 ),
+                kv("hb delays", delay_history(s, app.ascii)),
                 kv(
                     "hb window",
                     format!(
