@@ -151,11 +151,27 @@ pub async fn get_status(addr: SocketAddr, path: &str) -> anyhow::Result<u16> {
     Ok(code)
 }
 
+/// POSTs `n` bytes to `path` at `addr`; the response's status.
+pub async fn post_status(addr: SocketAddr, path: &str, n: usize) -> anyhow::Result<u16> {
+    let io = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        let head = format!("POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n");
+        s.write_all(head.as_bytes()).await?;
+        s.write_all(&vec![b'p'; n]).await?;
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).await?;
+        anyhow::Ok(head)
+    };
+    let head = tokio::time::timeout(Duration::from_secs(5), io).await??;
+    Ok(std::str::from_utf8(&head[9..12])?.parse()?)
+}
+
 /// The server's current state, through its introspection service.
 pub async fn snapshot(admin: SocketAddr) -> anyhow::Result<tunnel_lib::introspection::WatchUpdate> {
     use tunnel_lib::introspection::{introspection_client::IntrospectionClient, WatchRequest};
     let call = async {
-        let mut c = IntrospectionClient::connect(format!("http://{admin}")).await?;
+        // A busy fleet's first update carries every client's series: past tonic's 4 MiB default.
+        let mut c = IntrospectionClient::connect(format!("http://{admin}")).await?.max_decoding_message_size(64 << 20);
         let mut s = c.watch(WatchRequest::default()).await?.into_inner();
         s.message().await?.context("watch closed")
     };

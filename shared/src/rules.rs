@@ -99,18 +99,16 @@ pub struct Rule {
     /// Keep the first this-many bytes of each request and response body for
     /// the console's inspector; None = no bodies kept (they are private).
     pub capture_bodies: Option<u64>,
+    /// How the console and the traffic series name the rule: its host
+    /// pattern and path prefix, "app.example.com/api" or "*/". Set by
+    /// [`RuleSet::new`], made once rather than per request.
+    pub label: String,
 }
 
 impl Rule {
     /// Whether this rule serves `host` (normalized) and `path`.
     pub fn matches(&self, host: &str, path: &str) -> bool {
         path.starts_with(self.path_prefix.as_str()) && self.host.matches(host)
-    }
-
-    /// How the console and the traffic series name the rule: its host
-    /// pattern and path prefix, "app.example.com/api" or "*/".
-    pub fn label(&self) -> String {
-        format!("{}{}", self.host, self.path_prefix)
     }
 
     /// Whether every request this rule's `later` serves would be taken by `self` first.
@@ -135,8 +133,11 @@ pub struct RuleSet {
 }
 
 impl RuleSet {
-    /// Wraps rules in their order.
-    pub fn new(rules: Vec<Rule>) -> Self {
+    /// Wraps rules in their order, naming each.
+    pub fn new(mut rules: Vec<Rule>) -> Self {
+        for r in &mut rules {
+            r.label = format!("{}{}", r.host, r.path_prefix);
+        }
         RuleSet { rules }
     }
 
@@ -181,6 +182,7 @@ mod tests {
             idle_timeout: Duration::from_secs(300),
             max_body: None,
             capture_bodies: None,
+            label: String::new(),
         }
     }
 

@@ -496,7 +496,9 @@ impl App {
         }
         let (server, r) = self.selected_request()?;
         let bodies = r.head.as_ref().is_some_and(|h| h.bodies);
-        if !bodies || self.capture(server, &r.request_id).is_some() || !self.fleet.get(server)?.is_up() {
+        // Asked again after a failure, when the operator comes back to it.
+        let asked = matches!(self.capture(server, &r.request_id), Some(Fetched::Pending | Fetched::Got(_)));
+        if !bodies || asked || !self.fleet.get(server)?.is_up() {
             return None;
         }
         self.set_capture(server, r.request_id.clone(), Fetched::Pending);

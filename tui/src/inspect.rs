@@ -65,14 +65,16 @@ fn env_name(header: &str) -> String {
 /// was kept whole as text.
 pub fn curl(r: &RequestInfo, head: &RequestHead, body: Option<(&[u8], u64)>) -> String {
     let host = header(&head.request_headers, "host").unwrap_or(&r.host);
-    let mut cmd = format!("curl -X {} {}", r.method, quote(&format!("{}://{host}{}", head.scheme, head.uri)));
+    // Everything from the request is quoted: a method, a header or a path
+    // is whatever a public client sent, and this line is pasted into a shell.
+    let mut cmd = format!("curl -X {} {}", quote(&r.method), quote(&format!("{}://{host}{}", head.scheme, head.uri)));
     for h in &head.request_headers {
         // curl sets these itself from the URL and the body.
         if ["host", "content-length", "transfer-encoding", "connection"].contains(&h.name.as_str()) {
             continue;
         }
         if h.masked {
-            cmd.push_str(&format!(" -H \"{}: ${}\"", h.name, env_name(&h.name)));
+            cmd.push_str(&format!(" -H {}\"${}\"", quote(&format!("{}: ", h.name)), env_name(&h.name)));
         } else {
             cmd.push_str(&format!(" -H {}", quote(&format!("{}: {}", h.name, h.value))));
         }
@@ -237,9 +239,15 @@ mod tests {
         let line = curl(&r, &head, Some((b"{\"a\":1}", 7)));
         assert_eq!(
             line,
-            r#"curl -X POST 'http://127.0.0.1:8080/api/items?x=1' -H "authorization: $AUTHORIZATION" -H 'content-type: application/json' -H 'x-note: it'\''s' --data-binary '{"a":1}'"#
+            r#"curl -X 'POST' 'http://127.0.0.1:8080/api/items?x=1' -H 'authorization: '"$AUTHORIZATION" -H 'content-type: application/json' -H 'x-note: it'\''s' --data-binary '{"a":1}'"#
         );
         assert!(curl(&r, &head, None).ends_with("# its 7 B body was not kept whole"));
+        // A hostile method or header stays one word.
+        let evil = RequestInfo { method: "GET`touch${IFS}x`".into(), ..r.clone() };
+        let head = RequestHead { request_headers: vec![h("x-$(id)", "`id`", false), h("a\"b", "v", true)], ..head };
+        let line = curl(&evil, &head, None);
+        assert!(line.starts_with("curl -X 'GET`touch${IFS}x`' "), "{line}");
+        assert!(line.contains(" -H 'x-$(id): `id`'") && line.contains(r#" -H 'a"b: '"$A_B""#), "{line}");
     }
 
     #[test]

@@ -227,9 +227,14 @@ async fn interactive(addrs: Vec<String>, targets: Vec<net::Target>, ascii: bool,
                 copy_to_clipboard(&text);
             }
             if let Some(steer) = steer {
-                let sent = commands.get(steer.server).is_some_and(|tx| tx.try_send(steer.command).is_ok());
-                if !sent {
-                    app::update(&mut app, Action::CommandDone(steer.server, Err("busy: try again".into())));
+                // A full queue answers the command as failed, so that a
+                // capture or a replay does not wait on screen for ever.
+                let refused = match commands.get(steer.server) {
+                    Some(tx) => tx.try_send(steer.command).err().map(|e| e.into_inner()),
+                    None => Some(steer.command),
+                };
+                if let Some(cmd) = refused {
+                    app::update(&mut app, cmd.failed(steer.server, "busy: try again".into()));
                 }
             }
             dirty = true;

@@ -43,17 +43,23 @@ pub fn events_text(fleet: &Fleet, utc: bool) -> String {
         if server {
             out.push_str(&format!("{:<width$}  ", fleet.label(i)));
         }
-        let dash = |s: &str| if s.is_empty() { "-".to_string() } else { s.to_string() };
+        let dash = |s: &str| if s.is_empty() { "-".to_string() } else { printable(s) };
         out.push_str(&format!(
             "{:<23}  {:<16}  {:<16}  {:<10}  {}\n",
             crate::ui::timestamp(utc, e.unix_ms),
             crate::app::event_kind_name(e.kind),
             dash(&e.client_id),
             dash(&e.group),
-            e.detail
+            printable(&e.detail)
         ));
     }
     out
+}
+
+/// `s` with control characters shown as `\u{..}` escapes: what a client
+/// sent (a drain reason, an id) must not drive the operator's terminal.
+fn printable(s: &str) -> String {
+    s.chars().map(|c| if c.is_control() { c.escape_unicode().to_string() } else { c.to_string() }).collect()
 }
 
 /// The snapshot as text: with one server, a header line then one line per

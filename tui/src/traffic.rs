@@ -176,7 +176,8 @@ pub fn summary(s: &Series, span: usize, step_s: f64) -> Summary {
 /// What a chart plots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Metric {
-    /// Requests a second.
+    /// Requests a second, in thousandths (a request every ten seconds is
+    /// 100, not a rounded 0: a quiet subject's trend still shows).
     Requests,
     /// 4xx answers, per mille of the requests.
     Ratio4xx,
@@ -185,7 +186,7 @@ pub enum Metric {
     /// µs; the highest of the steps a column covers.
     P50,
     P99,
-    /// Bytes a second.
+    /// Bytes a second, in thousandths.
     BytesIn,
     BytesOut,
     /// The most in flight in the steps a column covers.
@@ -196,7 +197,7 @@ impl Metric {
     fn of(self, pts: &[Point], step_s: f64) -> u64 {
         let sum = |f: fn(&Point) -> u64| pts.iter().map(f).sum::<u64>();
         let max = |f: fn(&Point) -> u64| pts.iter().map(f).max().unwrap_or(0);
-        let per_s = |total: u64| (total as f64 / (pts.len().max(1) as f64 * step_s)).round() as u64;
+        let per_s = |total: u64| (total as f64 * 1000.0 / (pts.len().max(1) as f64 * step_s)).round() as u64;
         let ratio = |part: u64| (part * 1000).checked_div(sum(|p| u64::from(p.requests))).unwrap_or(0);
         match self {
             Metric::Requests => per_s(sum(|p| u64::from(p.requests))),
@@ -314,10 +315,13 @@ mod tests {
     #[test]
     fn columns_fit_the_width() {
         let mut s = Series { start_ms: 0, points: pts(&[1, 2, 3, 4, 5, 6]).into() };
-        assert_eq!(columns(&s, 6, 3, Metric::Requests, 1.0), [6, 4, 2]); // (6+5)/2 rounds to 6
-        assert_eq!(columns(&s, 6, 10, Metric::Requests, 1.0), [6, 5, 4, 3, 2, 1]);
+        assert_eq!(columns(&s, 6, 3, Metric::Requests, 1.0), [5500, 3500, 1500]);
+        assert_eq!(columns(&s, 6, 10, Metric::Requests, 1.0), [6000, 5000, 4000, 3000, 2000, 1000]);
         // A window longer than the series: the older columns are zero.
-        assert_eq!(columns(&s, 10, 5, Metric::Requests, 1.0), [6, 4, 2, 0, 0]);
+        assert_eq!(columns(&s, 10, 5, Metric::Requests, 1.0), [5500, 3500, 1500, 0, 0]);
+        // One request in a minute is a sixtieth of one a second, not zero.
+        let quiet = Series { start_ms: 0, points: pts(&[0, 0, 1, 0, 0, 0]).into() };
+        assert_eq!(columns(&quiet, 6, 1, Metric::Requests, 10.0), [17]);
         s.points[4].errors = 5; // of 5 requests
         s.points[5].errors = 0; // of 6
         assert_eq!(columns(&s, 6, 3, Metric::RatioErrors, 1.0), [454, 0, 0]);

@@ -47,29 +47,45 @@ fn have_tmux() -> bool {
     have
 }
 
-/// A tmux session that is killed when dropped.
+/// A tmux server of its own (a private socket: the developer's sessions,
+/// options and paste buffers are not touched) with one session, killed
+/// when dropped.
 struct Tmux(String);
 
 impl Tmux {
     fn start(cmd: &str) -> Tmux {
         let name = format!("tunnel-tui-test-{}", uuid::Uuid::new_v4().simple());
-        let ok = Command::new("tmux")
-            .args(["new-session", "-d", "-s", &name, "-x", "80", "-y", "24", cmd])
+        let t = Tmux(name);
+        let ok = t
+            .command()
+            .args(["new-session", "-d", "-s", &t.0, "-x", "80", "-y", "24", cmd])
             .status()
             .expect("tmux is installed (apt-get install tmux)")
             .success();
         assert!(ok, "tmux new-session failed");
-        Tmux(name)
+        t
+    }
+
+    /// A tmux command on this test's own server.
+    fn command(&self) -> Command {
+        let mut c = Command::new("tmux");
+        c.args(["-L", &self.0]);
+        c
+    }
+
+    /// Runs a tmux command on this server; its standard output.
+    fn run(&self, args: &[&str]) -> String {
+        let out = self.command().args(args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     fn screen(&self) -> String {
-        let out = Command::new("tmux").args(["capture-pane", "-p", "-t", &self.0]).output().unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        self.run(&["capture-pane", "-p", "-t", &self.0])
     }
 
     fn keys(&self, keys: &[&str]) {
         for k in keys {
-            let ok = Command::new("tmux").args(["send-keys", "-t", &self.0, k]).status().unwrap().success();
+            let ok = self.command().args(["send-keys", "-t", &self.0, k]).status().unwrap().success();
             assert!(ok, "send-keys {k}");
         }
     }
@@ -90,7 +106,7 @@ impl Tmux {
 
 impl Drop for Tmux {
     fn drop(&mut self) {
-        let _ = Command::new("tmux").args(["kill-session", "-t", &self.0]).status();
+        let _ = self.command().arg("kill-server").status();
     }
 }
 
@@ -646,7 +662,7 @@ async fn inspector_shows_replays_and_copies_a_request() {
 
     let tui = Tmux::start(&format!("{} --server {admin}", env!("CARGO_BIN_EXE_tunnel-tui")));
     // tmux takes an application's OSC 52 into its paste buffer with this on.
-    let _ = Command::new("tmux").args(["set-option", "-g", "set-clipboard", "on"]).status();
+    tui.run(&["set-option", "-g", "set-clipboard", "on"]);
     tui.wait("the console", Duration::from_secs(10), |s| s.contains("Streams (3)")).await;
     tui.keys(&["Tab", "Tab"]);
     tui.wait("the request", Duration::from_secs(5), |s| s.contains("Requests (1)") && s.contains("PUT")).await;
@@ -669,13 +685,12 @@ async fn inspector_shows_replays_and_copies_a_request() {
     assert_eq!(requests[1].authorization.as_deref(), Some("Bearer s3cret-token-value"));
     assert_eq!((requests[1].method.as_str(), requests[1].uri.as_str()), ("PUT", "/api/items/7?x=1"));
 
-    let _ = Command::new("tmux").args(["delete-buffer"]).status();
+    tui.run(&["delete-buffer"]);
     tui.keys(&["y"]);
     tui.wait("the curl line", Duration::from_secs(5), |s| s.contains("curl (y)")).await;
     let start = Instant::now();
     let line = loop {
-        let out = Command::new("tmux").args(["show-buffer"]).output().unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let text = tui.run(&["show-buffer"]);
         if text.starts_with("curl ") {
             break text;
         }

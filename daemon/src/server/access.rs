@@ -9,7 +9,6 @@
 //! one write. The lines keep their format, fields and filter; they appear
 //! at most `GATHER` later than the response.
 
-use super::capture::Recorded;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use prometheus_client::metrics::counter::Counter;
 use std::io::Write as _;
@@ -27,7 +26,7 @@ const GATHER: Duration = Duration::from_millis(20);
 const QUEUE_LIMIT: usize = 16 * 1024;
 
 /// A request's record, with the time it ended: its line's timestamp.
-type Entry = (SystemTime, Arc<Recorded>);
+type Entry = (SystemTime, Arc<RequestInfo>);
 
 enum Msg {
     Line(Entry),
@@ -67,7 +66,7 @@ impl AccessLog {
     }
 
     /// Queues one request's line; never blocks on the writing.
-    pub fn record(&self, rec: Arc<Recorded>) {
+    pub fn record(&self, rec: Arc<RequestInfo>) {
         // Filtered out (`access=off`): nothing to queue.
         if !tracing::enabled!(target: "access", tracing::Level::INFO) {
             return;
@@ -78,7 +77,7 @@ impl AccessLog {
                 self.dropped.inc();
             }
             // The thread has stopped (shutdown): written here.
-            Err(TrySendError::Disconnected(Msg::Line((_, rec)))) => emit(&rec.info),
+            Err(TrySendError::Disconnected(Msg::Line((_, rec)))) => emit(&rec),
             Err(TrySendError::Disconnected(Msg::Stop)) => {}
         }
     }
@@ -150,7 +149,7 @@ fn write_batch(batch: &mut Vec<Entry>) {
         Some((format, sink)) => {
             let mut out = Vec::with_capacity(batch.len() * 400);
             for (at, rec) in batch.drain(..) {
-                write_line(&mut out, format, at, &rec.info);
+                write_line(&mut out, format, at, &rec);
                 if out.len() >= WRITE_LIMIT {
                     sink(&out);
                     out.clear();
@@ -164,7 +163,7 @@ fn write_batch(batch: &mut Vec<Entry>) {
         // colours): tracing formats and writes them, a line at a time.
         None => {
             for (_, rec) in batch.drain(..) {
-                emit(&rec.info);
+                emit(&rec);
             }
         }
     }
@@ -275,20 +274,20 @@ mod tests {
         let (tx, _rx) = crossbeam_channel::bounded(QUEUE_LIMIT);
         let log = AccessLog { tx, thread: Mutex::new(None), dropped: Counter::default() };
         for _ in 0..QUEUE_LIMIT + 5 {
-            log.record(Arc::new(Recorded { info: RequestInfo::default(), head: None }));
+            log.record(Arc::new(RequestInfo::default()));
         }
         assert_eq!(log.dropped(), 5);
         assert_eq!(log.dropped.get(), 5);
 
         let log = AccessLog::new(Counter::default());
         for _ in 0..100 {
-            log.record(Arc::new(Recorded { info: RequestInfo::default(), head: None }));
+            log.record(Arc::new(RequestInfo::default()));
         }
         log.close();
         assert!(log.tx.is_empty(), "close writes the queue out");
         assert!(log.thread.lock().expect("lock").is_none(), "the thread ended");
         // Written at once now, not queued.
-        log.record(Arc::new(Recorded { info: RequestInfo::default(), head: None }));
+        log.record(Arc::new(RequestInfo::default()));
         assert!(log.tx.is_empty());
         assert_eq!(log.dropped(), 0);
     }

@@ -18,7 +18,8 @@ use tunnel_lib::introspection::{Capture, Header, RequestHead, RequestInfo};
 
 /// A public request as recorded: its log record and what the inspector shows.
 pub struct Recorded {
-    pub info: RequestInfo,
+    /// Shared with the access log's queue, which needs nothing else.
+    pub info: Arc<RequestInfo>,
     /// None for a head hyper refused before any of our code saw it.
     pub head: Option<Head>,
 }
@@ -31,6 +32,10 @@ pub struct Head {
     pub method: http::Method,
     /// Path and query as received.
     pub uri: String,
+    /// The authority the request was routed by (HTTP/2's :authority, an
+    /// absolute URI's) when its Host header does not say it; None when it
+    /// does (the usual case: nothing to copy) or before routing.
+    pub authority: Option<String>,
     pub version: http::Version,
     /// The request's headers as received, as a header block.
     pub request: Bytes,
@@ -59,6 +64,7 @@ impl Head {
             scheme,
             method: req.method().clone(),
             uri: req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string(),
+            authority: None,
             version: req.version(),
             request: tunnel_lib::frame::headers_to_block(req.headers()),
             response: Bytes::new(),
@@ -71,9 +77,9 @@ impl Head {
         i64::try_from(self.started.elapsed().as_micros()).unwrap_or(i64::MAX)
     }
 
-    /// A rule was chosen.
+    /// A rule was chosen (never 0 µs: 0 says it was not).
     pub fn routed(&mut self) {
-        self.timings.routed_us = self.since();
+        self.timings.routed_us = self.since().max(1);
     }
 
     /// The head was queued for the client.
@@ -117,7 +123,7 @@ impl Head {
 impl Recorded {
     /// The log record, with the head when `with_head`.
     pub fn info(&self, with_head: bool, secrets: &[&str]) -> RequestInfo {
-        let mut info = self.info.clone();
+        let mut info = RequestInfo::clone(&self.info);
         if with_head {
             info.head = self.head.as_ref().map(|h| h.to_proto(secrets));
         }
@@ -139,8 +145,10 @@ impl Recorded {
 /// mask ordinary words (a token of "t" is in every "text/plain").
 const MIN_SECRET: usize = 8;
 
-/// Header names whose values are secrets wherever they appear.
-const SECRET_NAMES: [&str; 4] = ["authorization", "proxy-authorization", "cookie", "set-cookie"];
+/// Header names whose values are secrets wherever they appear (compared
+/// without case: a response's block is the upstream's spelling).
+const SECRET_NAMES: [&str; 6] =
+    ["authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key", "x-auth-token"];
 
 /// The lines of a header block as introspection messages, in order; the
 /// values of secret names, and any value holding one of `secrets` (the
@@ -153,7 +161,7 @@ pub fn headers(block: &[u8], secrets: &[&str]) -> Vec<Header> {
             let colon = line.iter().position(|&b| b == b':')?;
             let name = String::from_utf8_lossy(&line[..colon]).into_owned();
             let value = String::from_utf8_lossy(&line[colon + 1..]).into_owned();
-            let secret = SECRET_NAMES.contains(&name.as_str())
+            let secret = SECRET_NAMES.iter().any(|s| s.eq_ignore_ascii_case(&name))
                 || secrets.iter().any(|s| s.len() >= MIN_SECRET && value.contains(s));
             Some(if secret {
                 Header { value: mask(&name, &value), name, masked: true }
@@ -167,12 +175,9 @@ pub fn headers(block: &[u8], secrets: &[&str]) -> Vec<Header> {
 /// "Bearer ••• (masked, 40 bytes)": the scheme of an Authorization value
 /// stays (it tells Basic from Bearer), the rest goes.
 fn mask(name: &str, value: &str) -> String {
-    let scheme = match name {
-        "authorization" | "proxy-authorization" => {
-            value.split_once(' ').map(|(s, _)| format!("{s} ")).unwrap_or_default()
-        }
-        _ => String::new(),
-    };
+    let auth = name.eq_ignore_ascii_case("authorization") || name.eq_ignore_ascii_case("proxy-authorization");
+    let scheme =
+        if auth { value.split_once(' ').map(|(s, _)| format!("{s} ")).unwrap_or_default() } else { String::new() };
     format!("{scheme}••• (masked, {} bytes)", value.len())
 }
 
@@ -200,16 +205,23 @@ impl Captures {
         (Tap::new(each, self.budget.clone(), most), Tap::new(each, self.budget.clone(), most))
     }
 
-    /// Keeps `r` (a request with bodies), dropping the oldest past `limit` bytes.
+    /// Keeps `r` (a request with bodies), dropping the oldest past `limit`
+    /// bytes: theirs and what the taps of requests still in flight hold.
+    /// A dropped record's bodies are let go at once, even while the
+    /// recent-request ring still lists it, so the newest always have room.
     pub fn keep(&self, r: Arc<Recorded>, limit: u64) {
         let size = r.head.as_ref().map_or(0, |h| h.body_bytes() + h.request.len() + h.response.len() + h.uri.len());
         let mut ring = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         ring.bytes += size;
         ring.records.push_back((r, size));
         let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-        while ring.bytes > limit {
-            let Some((_, n)) = ring.records.pop_front() else { break };
+        while ring.records.len() > 1 && (ring.bytes > limit || self.budget.held() > limit) {
+            let Some((old, n)) = ring.records.pop_front() else { break };
             ring.bytes -= n;
+            if let Some((q, r)) = old.head.as_ref().and_then(|h| h.bodies.as_ref()) {
+                q.release();
+                r.release();
+            }
         }
     }
 
@@ -234,11 +246,12 @@ mod tests {
     #[test]
     fn masking() {
         let block =
-            b"host:a.example.com\nauthorization:Bearer abc.def\ncookie:sid=1\nx-token:a-tok-123456\nx-a:1\nx-a:2\n";
+            b"host:a.example.com\nauthorization:Bearer abc.def\ncookie:sid=1\nx-token:a-tok-123456\nx-a:1\nx-a:2\nSet-Cookie:s=2\n";
         // A short token ("x") is not looked for: "x" is in too many values.
         let h = headers(block, &["tok-123456", "x"]);
         let names: Vec<&str> = h.iter().map(|h| h.name.as_str()).collect();
-        assert_eq!(names, ["host", "authorization", "cookie", "x-token", "x-a", "x-a"]);
+        assert_eq!(names, ["host", "authorization", "cookie", "x-token", "x-a", "x-a", "Set-Cookie"]);
+        assert!(h[6].masked, "names in any case");
         assert_eq!(h[0].value, "a.example.com");
         assert!(!h[0].masked);
         assert_eq!(h[1].value, "Bearer ••• (masked, 14 bytes)");
@@ -254,7 +267,8 @@ mod tests {
         q.take(&vec![b'q'; body]);
         r.take(&vec![b'r'; body * 2]);
         head.bodies = Some((q, r));
-        Arc::new(Recorded { info: RequestInfo { request_id: id.into(), ..Default::default() }, head: Some(head) })
+        let info = Arc::new(RequestInfo { request_id: id.into(), ..Default::default() });
+        Arc::new(Recorded { info, head: Some(head) })
     }
 
     /// The ring keeps the newest within its bytes; a capture says what was cut.
@@ -266,7 +280,7 @@ mod tests {
         }
         let (n, bytes, held) = c.usage();
         assert!(bytes <= 5000 && n == 2, "{n} requests, {bytes} bytes");
-        // The dropped ones' bodies were freed.
+        // The dropped ones' bodies were let go though the test still holds them.
         assert_eq!(held, 4000);
         assert!(c.find("r0").is_none());
         let got = c.find("r9").expect("newest kept").capture(&[]);

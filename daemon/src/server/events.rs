@@ -10,6 +10,10 @@ use tunnel_lib::introspection::{Event, EventKind};
 
 /// Events kept.
 pub const EVENTS: usize = 1000;
+/// Longest detail kept, and longest id: a client names itself and its
+/// reasons, and the ring must stay small whatever it sends.
+const MAX_DETAIL: usize = 512;
+const MAX_ID: usize = 128;
 /// Clients remembered as seen, to tell a reconnection from a first
 /// connection; past this many the oldest are forgotten (and would read as new).
 const SEEN: usize = 10_000;
@@ -45,17 +49,18 @@ impl Events {
 
     /// Records one event, now.
     pub fn record(&self, kind: EventKind, about: About<'_>, detail: impl Into<String>) {
-        let mut inner = self.lock();
-        inner.seq += 1;
         let event = Event {
-            seq: inner.seq,
+            seq: 0,
             unix_ms: now_ms(),
             kind: kind as i32,
-            client_id: about.client_id.to_string(),
-            group: about.group.to_string(),
-            stream_id: about.stream_id.to_string(),
-            detail: detail.into(),
+            client_id: cut(about.client_id, MAX_ID),
+            group: cut(about.group, MAX_ID),
+            stream_id: cut(about.stream_id, MAX_ID),
+            detail: cut(&detail.into(), MAX_DETAIL),
         };
+        let mut inner = self.lock();
+        inner.seq += 1;
+        let event = Event { seq: inner.seq, ..event };
         if inner.ring.len() == EVENTS {
             inner.ring.pop_front();
         }
@@ -64,6 +69,7 @@ impl Events {
 
     /// Notes that `client_id` connected; true if it had connected before.
     pub fn seen_before(&self, client_id: &str) -> bool {
+        let client_id = &cut(client_id, MAX_ID);
         let mut inner = self.lock();
         if inner.seen_set.contains(client_id) {
             return true;
@@ -85,6 +91,18 @@ impl Events {
     }
 }
 
+/// At most `max` bytes of `s`, cut at a character boundary, "…" marking a cut.
+fn cut(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,5 +120,13 @@ mod tests {
         assert_eq!(ev.since(all[EVENTS - 2].seq).len(), 1);
         assert!(!ev.seen_before("a"));
         assert!(ev.seen_before("a"));
+        // What a client sends is cut to size.
+        ev.record(
+            EventKind::Draining,
+            About { client_id: &"c".repeat(10_000), ..Default::default() },
+            "é".repeat(5000),
+        );
+        let last = ev.since(0).pop().expect("event");
+        assert!(last.client_id.len() <= MAX_ID + 3 && last.detail.len() <= MAX_DETAIL + 3, "{}", last.detail.len());
     }
 }

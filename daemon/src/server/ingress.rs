@@ -435,6 +435,10 @@ async fn forward(
         }
     };
     rec.host = host.clone();
+    // The replay's Host: copied only when the Host header does not say it.
+    if req.headers().get(header::HOST).is_none_or(|h| h.as_bytes() != authority.as_bytes()) {
+        capture.authority = Some(authority.clone());
+    }
     if req.method() == http::Method::CONNECT {
         // A reverse proxy serves its own hosts; it is not a way out to others.
         return reply(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not served");
@@ -455,7 +459,7 @@ async fn forward(
         return reply(StatusCode::NOT_FOUND, format!("no route for host {host:?} path {path:?}"));
     };
     rec.group = rule.group.clone();
-    rec.rule = rule.label();
+    rec.rule = rule.label.clone();
     capture.routed();
     // The inspector's copies of the bodies' first bytes, with capture_bodies.
     let taps = rule.capture_bodies.map(|n| shared.captures.taps(n, cfg.server.capture_limit));
@@ -631,10 +635,12 @@ async fn forward(
             return reply(StatusCode::BAD_GATEWAY, format!("tunnel client sent {e}"));
         }
     };
+    // A copy: the block is a slice of the link's read buffer, which a
+    // kept reference would pin whole for as long as the record lives.
     capture.answered(if resp_head.header_block.is_empty() {
         frame::headers_to_block(&resp_headers)
     } else {
-        resp_head.header_block.clone()
+        Bytes::copy_from_slice(&resp_head.header_block)
     });
     strip_hop_by_hop(&mut resp_headers);
     match (on_upgrade, status) {

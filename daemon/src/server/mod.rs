@@ -252,7 +252,8 @@ impl Shared {
             rule: &rec.rule,
             status: rec.status,
             // A 4xx the tunnel answered itself (no route, too large) is a 4xx.
-            errored: rec.status >= 500 || (rec.status < 400 && !rec.error.is_empty()),
+            errored: recent::is_error(&rec),
+            upgraded: rec.status == 101,
             took,
             bytes_in: rec.bytes_in,
             bytes_out: rec.bytes_out,
@@ -266,7 +267,7 @@ impl Shared {
         if bodies {
             self.captures.keep(recorded.clone(), self.config().server.capture_limit);
         }
-        self.access.record(recorded);
+        self.access.record(recorded.info.clone());
     }
 
     /// One line for `systemctl status`: clients, streams, requests in flight, config versions.

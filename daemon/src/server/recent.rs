@@ -23,7 +23,7 @@ pub struct RequestLog {
 impl RequestLog {
     /// Records a finished request; assigns its sequence number.
     pub fn record(&self, mut info: RequestInfo, head: Option<super::capture::Head>) -> Arc<Recorded> {
-        if info.status >= 500 || !info.error.is_empty() {
+        if is_error(&info) {
             self.errors.fetch_add(1, Ordering::Relaxed);
         }
         let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
@@ -31,14 +31,14 @@ impl RequestLog {
         if ring.len() == RECENT_REQUESTS {
             ring.pop_front();
         }
-        let rec = Arc::new(Recorded { info, head });
+        let rec = Arc::new(Recorded { info: Arc::new(info), head });
         ring.push_back(rec.clone());
         rec
     }
 
     /// The records of requests recorded after sequence number `seq`, oldest first.
     pub fn since(&self, seq: u64) -> Vec<RequestInfo> {
-        self.recorded_since(seq).iter().map(|r| r.info.clone()).collect()
+        self.recorded_since(seq).iter().map(|r| RequestInfo::clone(&r.info)).collect()
     }
 
     /// Requests recorded after sequence number `seq`, with their heads, oldest first.
@@ -62,6 +62,14 @@ impl RequestLog {
     pub fn errors(&self) -> u64 {
         self.errors.load(Ordering::Relaxed)
     }
+}
+
+/// Whether a request counts as an error: answered with a 5xx, or cut short
+/// after its head (a 4xx the tunnel answered itself, such as no route or a
+/// body over max_body, is a 4xx, not an error). The header's count, the
+/// traffic series and the metrics' classes agree on it.
+pub fn is_error(info: &RequestInfo) -> bool {
+    info.status >= 500 || (info.status < 400 && !info.error.is_empty())
 }
 
 #[cfg(test)]

@@ -2,8 +2,15 @@
 //! to its own public listener, built from the capture (method, path and
 //! query, the headers as received, the kept body), so it takes exactly the
 //! path a public request takes (routing, a client, its upstream) and is
-//! recorded like one. A one-time marker header, stripped on arrival, tells
-//! the ingress which capture it replays and hands its request id back.
+//! recorded like one. A one-time marker header tells the ingress which
+//! capture it replays and hands its request id back; while a replay is
+//! pending the ingress removes the header from every request, and only
+//! the marker of a pending replay counts (nothing else can be learnt or
+//! done by sending it).
+//!
+//! The replay carries the host the original was routed by, whatever its
+//! Host header said (an HTTP/2 request has none; an absolute URI names
+//! its own), so it is served by the same rule.
 
 use super::capture::Recorded;
 use super::Shared;
@@ -78,6 +85,7 @@ impl Replays {
         Ok((key, rx))
     }
 
+    /// Forgets a pending replay (it ended or failed before its marker arrived).
     fn forget(&self, key: &str) {
         if self.waiting.lock().unwrap_or_else(|e| e.into_inner()).remove(key).is_some() {
             self.pending.fetch_sub(1, Ordering::Relaxed);
@@ -88,6 +96,19 @@ impl Replays {
 /// Methods that may be sent twice with the effect of once (RFC 9110 9.2.2).
 fn idempotent(m: &Method) -> bool {
     matches!(*m, Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS | Method::TRACE)
+}
+
+/// A pending replay, forgotten however its wait ends (error, timeout, or
+/// the console hanging up and the call being dropped).
+struct Pending<'a> {
+    replays: &'a Replays,
+    key: String,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.replays.forget(&self.key);
+    }
 }
 
 /// Why replaying `r` needs confirmation, if it does.
@@ -128,10 +149,23 @@ fn own_listener(http: SocketAddr) -> SocketAddr {
     SocketAddr::new(ip, http.port())
 }
 
+/// How long a replay may take: its rule's timeout bounds the wait for the
+/// head (the longest of the rules', not knowing which it will match), this
+/// the whole answer. The console waits a little longer.
+pub fn replay_limit(shared: &Shared) -> Duration {
+    shared.config().rules.rules().iter().map(|r| r.timeout).max().unwrap_or_default() + Duration::from_secs(30)
+}
+
 /// Sends the capture of `original` again and returns the record of the new request.
 pub async fn replay(shared: &Arc<Shared>, original: &Arc<Recorded>, force: bool) -> Result<Arc<Recorded>, ReplayError> {
     let id = &original.info.request_id;
     let head = original.head.as_ref().ok_or_else(|| ReplayError::NotFound(id.clone()))?;
+    if original.info.status == 101 || !original.info.upgrade.is_empty() {
+        return Err(ReplayError::Failed("an upgraded connection (WebSocket...) cannot be replayed".into()));
+    }
+    if head.timings.routed_us == 0 {
+        return Err(ReplayError::Failed("it was refused before it was routed: nothing to replay".into()));
+    }
     if !force {
         if let Some(why) = needs_confirmation(original) {
             return Err(ReplayError::Unsafe(why));
@@ -142,34 +176,43 @@ pub async fn replay(shared: &Arc<Shared>, original: &Arc<Recorded>, force: bool)
     };
     let mut headers = tunnel_lib::frame::headers_from_block(&head.request)
         .map_err(|e| ReplayError::Failed(format!("the captured head does not parse: {e}")))?;
-    // The body goes as kept: the client library frames it.
-    let body = head.bodies.as_ref().map(|(q, _)| q.kept().0).unwrap_or_default();
-    for h in [http::header::CONTENT_LENGTH, http::header::TRANSFER_ENCODING, http::header::CONNECTION] {
-        headers.remove(h);
+    // What framed the original connection is not the replay's: the client
+    // library frames the kept body itself.
+    tunnel_lib::frame::strip_hop_by_hop(&mut headers);
+    headers.remove(http::header::CONTENT_LENGTH);
+    if let Some(authority) = &head.authority {
+        let host = HeaderValue::from_str(authority).map_err(|e| ReplayError::Failed(e.to_string()))?;
+        headers.insert(http::header::HOST, host);
     }
+    let body = head.bodies.as_ref().map(|(q, _)| q.kept().0).unwrap_or_default();
+    let uri: http::Uri = format!("http://{}{}", own_listener(http), head.uri)
+        .parse()
+        .map_err(|e| ReplayError::Failed(format!("{:?} cannot be sent again: {e}", head.uri)))?;
     let (key, new_id) = shared.replays.expect(id)?;
+    let _pending = Pending { replays: &shared.replays, key: key.clone() };
     let marker = HeaderValue::from_str(&key).map_err(|e| ReplayError::Failed(e.to_string()))?;
     headers.insert(MARKER, marker);
-    let uri = format!("http://{}{}", own_listener(http), head.uri);
     let mut req = http::Request::builder()
         .method(head.method.clone())
-        .uri(&uri)
+        .uri(uri)
         .body(Full::new(body))
         .map_err(|e| ReplayError::Failed(e.to_string()))?;
     *req.headers_mut() = headers;
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    // The rule's own timeout bounds the wait for the head; this bounds the rest.
-    let limit =
-        shared.config().rules.rules().iter().map(|r| r.timeout).max().unwrap_or_default() + Duration::from_secs(30);
+    let limit = replay_limit(shared);
     let sent = async {
         let resp = client.request(req).await.map_err(|e| ReplayError::Failed(e.to_string()))?;
-        // Read to the end: the record is written when the response ends.
-        resp.into_body().collect().await.map_err(|e| ReplayError::Failed(e.to_string()))?;
+        // Read to the end, keeping nothing: the record is written when the
+        // response ends, and a large or endless one must not fill memory.
+        let mut body = resp.into_body();
+        while let Some(frame) = body.frame().await {
+            frame.map_err(|e| ReplayError::Failed(e.to_string()))?;
+        }
         Ok::<_, ReplayError>(())
     };
-    let outcome = tokio::time::timeout(limit, sent).await;
-    shared.replays.forget(&key);
-    outcome.map_err(|_| ReplayError::Failed(format!("no answer within {limit:?}")))??;
+    tokio::time::timeout(limit, sent)
+        .await
+        .map_err(|_| ReplayError::Failed(format!("no answer within {limit:?}")))??;
     let new_id = new_id.await.map_err(|_| ReplayError::Failed("the replay never reached the ingress".into()))?;
     let start = tokio::time::Instant::now();
     loop {

@@ -34,6 +34,9 @@ pub struct Sample<'a> {
     pub status: u32,
     /// Answered with a 5xx, or a response cut short.
     pub errored: bool,
+    /// An upgraded connection (WebSocket...), recorded when it closed: its
+    /// duration is the connection's life, not a latency.
+    pub upgraded: bool,
     pub took: Duration,
     pub bytes_in: u64,
     pub bytes_out: u64,
@@ -49,7 +52,10 @@ struct Acc {
 }
 
 impl Acc {
-    fn add(&mut self, s: &Sample<'_>, us: u32) {
+    /// Counts `s`; `step_us` is the step's length, the most one request
+    /// adds to its mean in flight (a long one ending now was not in flight
+    /// for longer than the step it is counted in).
+    fn add(&mut self, s: &Sample<'_>, us: u32, step_us: u64) {
         let p = &mut self.point;
         p.requests = p.requests.saturating_add(1);
         if s.errored {
@@ -59,8 +65,10 @@ impl Acc {
         }
         p.bytes_in = p.bytes_in.saturating_add(s.bytes_in);
         p.bytes_out = p.bytes_out.saturating_add(s.bytes_out);
-        self.latency.add(us);
-        self.busy_us = self.busy_us.saturating_add(u64::from(us));
+        if !s.upgraded {
+            self.latency.add(us);
+            self.busy_us = self.busy_us.saturating_add(u64::from(us).min(step_us));
+        }
     }
 
     /// The finished step's point; the accumulator starts over. Requests
@@ -86,7 +94,12 @@ impl Acc {
 struct Hour {
     minutes: VecDeque<Point>,
     acc: Acc,
+    /// The most in flight of the minute's seconds closed so far.
+    peak: u32,
 }
+
+const SECOND_US: u64 = 1_000_000;
+const MINUTE_US: u64 = 60_000_000;
 
 /// One subject's rings. The seconds ring ends with the second before the
 /// open one (`Inner::head`), the minutes ring with the minute before the
@@ -106,9 +119,9 @@ impl Rings {
     }
 
     fn add(&mut self, s: &Sample<'_>, us: u32, now: i64) {
-        self.acc.add(s, us);
+        self.acc.add(s, us, SECOND_US);
         if let Some(h) = &mut self.hour {
-            h.acc.add(s, us);
+            h.acc.add(s, us, MINUTE_US);
         }
         self.last_active = now;
     }
@@ -126,14 +139,18 @@ impl Rings {
     /// Closes the open second and pads `gap - 1` empty ones after it; with
     /// `minutes` > 0, closes the open minute and pads `minutes - 1` more.
     fn close(&mut self, gap: i64, minutes: i64) {
-        let p = self.acc.close(1_000_000);
+        let p = self.acc.close(SECOND_US);
         push(&mut self.seconds, p, gap, SECONDS);
-        if let (Some(h), true) = (&mut self.hour, minutes > 0) {
-            let mut m = h.acc.close(60_000_000);
-            // The minute's requests were added as they came; its in-flight
-            // peak is the most of its seconds'.
-            m.in_flight = m.in_flight.max(p.in_flight);
-            push(&mut h.minutes, m, minutes, MINUTES);
+        if let Some(h) = &mut self.hour {
+            // The minute's requests were added as they came; its in flight
+            // is the most of its seconds'.
+            h.peak = h.peak.max(p.in_flight);
+            if minutes > 0 {
+                let mut m = h.acc.close(MINUTE_US);
+                m.in_flight = m.in_flight.max(h.peak);
+                h.peak = 0;
+                push(&mut h.minutes, m, minutes, MINUTES);
+            }
         }
     }
 
@@ -177,18 +194,19 @@ impl Default for Traffic {
     }
 }
 
-/// A subject's rings, made on first use while there is room.
-fn rings<'t>(table: &'t mut Table, name: &str, cap: usize, hour: bool, now: i64) -> Option<&'t mut Rings> {
+/// Applies `f` to a subject's rings, made on first use while there is
+/// room; one lookup when they exist (the path every request takes).
+fn with_rings(table: &mut Table, name: &str, cap: usize, hour: bool, now: i64, f: impl FnOnce(&mut Rings)) {
     if name.is_empty() {
-        return None;
+        return;
     }
-    if !table.contains_key(name) {
-        if table.len() >= cap {
-            return None;
-        }
-        table.insert(name.to_string(), Rings::new(hour, now));
+    if let Some(r) = table.get_mut(name) {
+        f(r);
+    } else if table.len() < cap {
+        let mut r = Rings::new(hour, now);
+        f(&mut r);
+        table.insert(name.to_string(), r);
     }
-    table.get_mut(name)
 }
 
 impl Inner {
@@ -240,15 +258,9 @@ impl Traffic {
         inner.advance(now);
         let inner = &mut *inner;
         inner.server.add(s, us, now);
-        if let Some(r) = rings(&mut inner.groups, s.group, MAX_NAMED_SERIES, true, now) {
-            r.add(s, us, now);
-        }
-        if let Some(r) = rings(&mut inner.clients, s.client, MAX_CLIENT_SERIES, false, now) {
-            r.add(s, us, now);
-        }
-        if let Some(r) = rings(&mut inner.rules, s.rule, MAX_NAMED_SERIES, true, now) {
-            r.add(s, us, now);
-        }
+        with_rings(&mut inner.groups, s.group, MAX_NAMED_SERIES, true, now, |r| r.add(s, us, now));
+        with_rings(&mut inner.clients, s.client, MAX_CLIENT_SERIES, false, now, |r| r.add(s, us, now));
+        with_rings(&mut inner.rules, s.rule, MAX_NAMED_SERIES, true, now, |r| r.add(s, us, now));
     }
 
     /// Closes the seconds before `now_ms` and notes the requests in flight
@@ -265,19 +277,11 @@ impl Traffic {
         inner.advance(now);
         let inner = &mut *inner;
         inner.server.in_flight(total, now);
-        for (name, n) in groups {
-            if n > 0 {
-                if let Some(r) = rings(&mut inner.groups, name, MAX_NAMED_SERIES, true, now) {
-                    r.in_flight(n, now);
-                }
-            }
+        for (name, n) in groups.into_iter().filter(|(_, n)| *n > 0) {
+            with_rings(&mut inner.groups, name, MAX_NAMED_SERIES, true, now, |r| r.in_flight(n, now));
         }
-        for (name, n) in clients {
-            if n > 0 {
-                if let Some(r) = rings(&mut inner.clients, name, MAX_CLIENT_SERIES, false, now) {
-                    r.in_flight(n, now);
-                }
-            }
+        for (name, n) in clients.into_iter().filter(|(_, n)| *n > 0) {
+            with_rings(&mut inner.clients, name, MAX_CLIENT_SERIES, false, now, |r| r.in_flight(n, now));
         }
     }
 
@@ -286,32 +290,39 @@ impl Traffic {
     /// it, the steps that began at or after it (the open second at the last
     /// call), and only subjects with something in them.
     pub fn export(&self, after_ms: Option<i64>) -> (Vec<TrafficSeries>, i64) {
-        let inner = self.lock();
-        let head = inner.head;
-        let mut out = Vec::new();
-        let subjects = std::iter::once((TrafficSubject::Server, "", &inner.server))
-            .chain(inner.groups.iter().map(|(n, r)| (TrafficSubject::Group, n.as_str(), r)))
-            .chain(inner.clients.iter().map(|(n, r)| (TrafficSubject::Client, n.as_str(), r)))
-            .chain(inner.rules.iter().map(|(n, r)| (TrafficSubject::Rule, n.as_str(), r)));
-        for (subject, name, r) in subjects {
-            let start = head - r.seconds.len() as i64;
-            let from = after_ms.map_or(start, |a| a.div_euclid(1000).max(start));
-            let skip = usize::try_from(from - start).unwrap_or(0);
-            let pts = r.seconds.range(skip.min(r.seconds.len())..);
-            if after_ms.is_none() || pts.clone().any(|p| !p.is_zero()) {
-                out.push(series(subject, name, SECOND_MS, from * 1000, pts));
-            }
-            if let Some(h) = &r.hour {
-                let head_min = head.div_euclid(60);
-                let start = head_min - h.minutes.len() as i64;
-                let from = after_ms.map_or(start, |a| a.div_euclid(60_000).max(start));
-                let skip = usize::try_from(from - start).unwrap_or(0);
-                let pts = h.minutes.range(skip.min(h.minutes.len())..);
+        // The points are copied under the lock (a memcpy) and the messages
+        // built after it: a full export of thousands of subjects must not
+        // hold up the requests that record into the same lock.
+        type Run = (TrafficSubject, String, u32, i64, Vec<Point>);
+        let mut runs: Vec<Run> = Vec::new();
+        let head = {
+            let inner = self.lock();
+            let head = inner.head;
+            let subjects = std::iter::once((TrafficSubject::Server, "", &inner.server))
+                .chain(inner.groups.iter().map(|(n, r)| (TrafficSubject::Group, n.as_str(), r)))
+                .chain(inner.clients.iter().map(|(n, r)| (TrafficSubject::Client, n.as_str(), r)))
+                .chain(inner.rules.iter().map(|(n, r)| (TrafficSubject::Rule, n.as_str(), r)));
+            let mut take = |subject, name: &str, ring: &VecDeque<Point>, step: u32, open: i64| {
+                let start = open - ring.len() as i64;
+                let from = after_ms.map_or(start, |a| a.div_euclid(i64::from(step)).max(start));
+                let skip = usize::try_from(from - start).unwrap_or(0).min(ring.len());
+                let pts = ring.range(skip..);
                 if after_ms.is_none() || pts.clone().any(|p| !p.is_zero()) {
-                    out.push(series(subject, name, MINUTE_MS, from * 60_000, pts));
+                    runs.push((subject, name.to_string(), step, from * i64::from(step), pts.copied().collect()));
+                }
+            };
+            for (subject, name, r) in subjects {
+                take(subject, name, &r.seconds, SECOND_MS, head);
+                if let Some(h) = &r.hour {
+                    take(subject, name, &h.minutes, MINUTE_MS, head.div_euclid(60));
                 }
             }
-        }
+            head
+        };
+        let out = runs
+            .iter()
+            .map(|(subject, name, step, start, pts)| series(*subject, name, *step, *start, pts.iter()))
+            .collect();
         (out, head * 1000)
     }
 
@@ -358,6 +369,7 @@ mod tests {
             rule: "*/",
             status,
             errored: status >= 500,
+            upgraded: false,
             took: Duration::from_millis(ms),
             bytes_in: 10,
             bytes_out: 100,

@@ -76,6 +76,7 @@ impl InboundBody {
 
     /// Copies the body's first bytes into `tap` as they pass.
     pub fn tap(mut self, tap: Tap) -> Self {
+        tap.expect(self.expected);
         self.tap = Some(tap);
         self
     }
@@ -237,17 +238,32 @@ impl TapBudget {
 }
 
 struct TapState {
+    /// What is kept.
     data: Vec<u8>,
+    /// Bytes drawn from the budget for `data`: what goes back when it goes.
+    charged: usize,
     limit: usize,
     total: u64,
+    /// The body's announced length, when known: room for all of it (to
+    /// `limit`) is taken at once, not grown a chunk at a time.
+    expected: Option<u64>,
     budget: TapBudget,
     /// The most all taps may hold.
     most: usize,
 }
 
+impl TapState {
+    /// Gives the kept bytes and their budget back.
+    fn release(&mut self) {
+        self.budget.held.fetch_sub(self.charged, std::sync::atomic::Ordering::Relaxed);
+        self.charged = 0;
+        self.data = Vec::new();
+    }
+}
+
 impl Drop for TapState {
     fn drop(&mut self) {
-        self.budget.held.fetch_sub(self.data.len(), std::sync::atomic::Ordering::Relaxed);
+        self.release();
     }
 }
 
@@ -255,37 +271,66 @@ impl Tap {
     /// A tap keeping at most `limit` bytes, and nothing that would take
     /// `budget` past `most`.
     pub fn new(limit: usize, budget: TapBudget, most: usize) -> Tap {
-        Tap(Arc::new(Mutex::new(TapState { data: Vec::new(), limit, total: 0, budget, most })))
+        let state = TapState { data: Vec::new(), charged: 0, limit, total: 0, expected: None, budget, most };
+        Tap(Arc::new(Mutex::new(state)))
     }
 
-    /// Counts `b` and keeps what fits.
+    fn lock(&self) -> std::sync::MutexGuard<'_, TapState> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The body's announced length (Content-Length), when it has one.
+    pub fn expect(&self, len: Option<u64>) {
+        self.lock().expected = len;
+    }
+
+    /// Counts `b` and keeps what fits. Room is drawn from the budget in
+    /// exact amounts, allocated once for an announced length: a doubling
+    /// Vec would hold up to twice capture_limit, and regrowing by chunks
+    /// left the allocator holding the smaller buffers freed on the way.
     pub fn take(&self, b: &[u8]) {
         use std::sync::atomic::Ordering::Relaxed;
-        let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = self.lock();
         s.total += b.len() as u64;
-        let want = s.limit.saturating_sub(s.data.len()).min(b.len());
+        let mut want = s.limit.saturating_sub(s.data.len()).min(b.len());
         if want == 0 {
             return;
         }
-        let most = s.most;
-        let granted = s
-            .budget
-            .held
-            .fetch_update(Relaxed, Relaxed, |held| Some(held + want.min(most.saturating_sub(held))))
-            .map_or(0, |before| want.min(most.saturating_sub(before)));
-        s.data.extend_from_slice(&b[..granted]);
+        let len = s.data.len();
+        if len + want > s.charged {
+            // Room for the whole announced body at once, or for this chunk.
+            let whole = s.expected.map_or(0, |e| usize::try_from(e).unwrap_or(usize::MAX)).min(s.limit);
+            let extra = (len + want).max(whole) - s.charged;
+            let most = s.most;
+            let granted = s
+                .budget
+                .held
+                .fetch_update(Relaxed, Relaxed, |held| Some(held + extra.min(most.saturating_sub(held))))
+                .map_or(0, |before| extra.min(most.saturating_sub(before)));
+            s.charged += granted;
+            let room = s.charged - len;
+            s.data.reserve_exact(room);
+            want = want.min(room);
+        }
+        s.data.extend_from_slice(&b[..want]);
     }
 
     /// Bytes kept.
     pub fn kept_len(&self) -> usize {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).data.len()
+        self.lock().data.len()
     }
 
     /// What was kept, and the body's length so far (more than the bytes
     /// kept when the body was cut short for the inspector).
     pub fn kept(&self) -> (Bytes, u64) {
-        let s = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let s = self.lock();
         (Bytes::copy_from_slice(&s.data), s.total)
+    }
+
+    /// Forgets the kept bytes and gives their room back to the budget,
+    /// however many records still hold the tap (the capture ring let it go).
+    pub fn release(&self) {
+        self.lock().release();
     }
 }
 
@@ -297,7 +342,11 @@ pub struct Tapped<B> {
 
 impl<B> Tapped<B> {
     /// `inner`, tapped.
-    pub fn new(inner: B, tap: Tap) -> Self {
+    pub fn new(inner: B, tap: Tap) -> Self
+    where
+        B: Body,
+    {
+        tap.expect(inner.size_hint().exact());
         Tapped { inner, tap }
     }
 }

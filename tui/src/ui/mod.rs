@@ -150,8 +150,10 @@ fn areas(app: &App, area: Rect) -> Areas {
     let (table, below) = if app.view == View::Traffic {
         // The charts are this view's detail: always there, for the selected row.
         let rows = app.rows().len() as u16;
-        let [t, c] = Layout::vertical([Constraint::Length((rows + 2).clamp(4, main.height / 3)), Constraint::Min(6)])
-            .areas(main);
+        // A third of the room, at least four lines (clamp would panic on a
+        // terminal short enough to leave a third under four).
+        let table = (rows + 2).min(main.height / 3).max(4);
+        let [t, c] = Layout::vertical([Constraint::Length(table), Constraint::Min(6)]).areas(main);
         (t, Some(c))
     } else if app.detail {
         // The inspector has heads and bodies to show: it takes most of the room.
@@ -238,7 +240,7 @@ pub fn render(app: &App, f: &mut Frame) {
         _ => {}
     }
     render_footer(app, f, a.footer);
-    if let Some(c) = app.confirm.as_ref().filter(|_| app.view != View::Traffic) {
+    if let Some(c) = &app.confirm {
         render_confirm(app, c, f);
     }
     if app.help {

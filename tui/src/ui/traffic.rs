@@ -170,7 +170,7 @@ const PANELS: [Panel; 5] = [
     Panel {
         title: "requests/s",
         traces: &[Trace { label: "", metric: Metric::Requests, color: Color::Cyan }],
-        fmt: |v| v.to_string(),
+        fmt: |v| short_rate(v as f64 / 1000.0),
     },
     Panel {
         title: "errors",
@@ -194,7 +194,7 @@ const PANELS: [Panel; 5] = [
             Trace { label: "out", metric: Metric::BytesOut, color: Color::Green },
             Trace { label: "in", metric: Metric::BytesIn, color: Color::Cyan },
         ],
-        fmt: |v| short_bytes(v),
+        fmt: |v| short_bytes(v / 1000),
     },
     Panel {
         title: "in flight",

@@ -71,6 +71,7 @@ pub(super) fn check(src: &Source, raw: &[RuleSection], groups: &[GroupSettings])
             idle_timeout: r.idle_timeout.map_or(DEFAULT_IDLE_TIMEOUT, |d| d.0),
             max_body: r.max_body.as_ref().map(|b| b.get_ref().0),
             capture_bodies,
+            label: String::new(),
         });
         rule_lines.push(r.group.span().start);
     }
