@@ -157,7 +157,7 @@ pub async fn run(bins: &Path, count: usize) -> anyhow::Result<()> {
         per(own_rss, own_idle),
     );
     println!(
-        "| {count} clients, {served} of {rounds} requests through them ({} clients with series) | {:.1} MiB | | {:.1} KiB | | |",
+        "| with traffic: {served} of {rounds} requests through them ({} clients with series) | {:.1} MiB | | {:.1} KiB | | |",
         with_series.map_or("?".to_string(), |n| n.to_string()),
         series_rss as f64 / 1024.0,
         per(series_rss, server_rss),

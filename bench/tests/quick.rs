@@ -131,6 +131,12 @@ fn fleet_of_clients_connects_and_serves() {
     let row = rows(&stdout, &["50 clients"]);
     assert_eq!(row.len(), 1, "{stdout}");
     assert!(row[0][1].ends_with("MiB"), "{:?}", row[0]);
+    // Traffic through every client gives each its series; the capture ring fills.
+    assert!(stdout.contains("(50 clients with series)"), "{stdout}");
+    let later = rows(&stdout, &["with traffic", "after"]);
+    assert_eq!(later.len(), 3, "{stdout}");
+    assert!(later.iter().all(|r| r[1].ends_with("MiB")), "{later:?}");
+    assert!(stdout.contains("of 400 more on a rule keeping bodies"), "{stdout}");
 }
 
 #[test]
