@@ -374,7 +374,7 @@ fn request_inspector() {
     assert!(
         app.clipboard
             .as_deref()
-            .is_some_and(|c| c.starts_with("curl -X POST 'https://app.example.com/api/items/2?page=2'")),
+            .is_some_and(|c| c.starts_with("curl -X 'POST' 'https://app.example.com/api/items/2?page=2'")),
         "{:?}",
         app.clipboard
     );
