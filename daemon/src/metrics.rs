@@ -92,6 +92,9 @@ pub struct ServerState {
     pub config: Vec<(String, String)>,
     /// Traffic series kept, by subject ("group", "client", "rule").
     pub traffic_series: Vec<(&'static str, i64)>,
+    /// Keys each keyed `rate_limit` remembers, by rule: one at its
+    /// `rate_limit_max_keys` is forgetting keys (many clients, or an attack).
+    pub rate_limit_keys: Vec<(String, i64)>,
 }
 
 /// Reads the server's state for a scrape.
@@ -146,6 +149,13 @@ impl Collector for StateCollector {
             "traffic_series",
             "Traffic series the console's charts are drawn from, by subject",
             &series,
+        )?;
+        let keys: Vec<_> = s.rate_limit_keys.iter().map(|(r, n)| ([("rule", r.as_str())], *n)).collect();
+        gauge_family(
+            &mut e,
+            "rate_limit_keys",
+            "Keys (client addresses, header values) each rule's rate_limit remembers",
+            &keys,
         )
     }
 }
@@ -188,6 +198,8 @@ pub struct ServerMetrics {
     pub cluster_registry_writes: Counter,
     /// Access lines dropped because their writer fell behind.
     pub access_log_dropped: Counter,
+    /// Public requests the gate refused (address, credentials, rates), by rule and reason.
+    pub refused: Family<Labels, Counter>,
     /// Each group's request metrics, looked up once per group rather than
     /// by building label sets on every request.
     groups: std::sync::RwLock<std::collections::HashMap<String, Arc<GroupMetrics>>>,
@@ -238,6 +250,7 @@ impl Default for ServerMetrics {
             cluster_revision: Gauge::default(),
             cluster_registry_writes: Counter::default(),
             access_log_dropped: Counter::default(),
+            refused: Family::default(),
             groups: Default::default(),
             process: ProcessGauges::default(),
             registry: Registry::default(),
@@ -277,6 +290,11 @@ impl Default for ServerMetrics {
             "access_log_dropped",
             "Access lines dropped because the log's writer fell behind",
             m.access_log_dropped.clone(),
+        );
+        registry.register(
+            "refused_requests",
+            "Public requests refused before reaching a client, by rule and reason (address, basic_auth, jwt, rate_limit, group_rate)",
+            m.refused.clone(),
         );
         registry.register_with_unit(
             "request_duration",

@@ -25,6 +25,7 @@ fuzz_target!(|data: &[u8]| {
             idle_timeout: Duration::from_secs(1),
             max_body: None,
             capture_bodies: None,
+            policy: Default::default(),
             label: String::new(),
         });
     }

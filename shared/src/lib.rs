@@ -7,6 +7,7 @@ pub mod codec;
 pub mod config;
 pub mod frame;
 pub mod head;
+pub mod policy;
 pub mod rules;
 pub mod tls;
 pub mod traffic;

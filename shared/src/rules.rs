@@ -99,6 +99,8 @@ pub struct Rule {
     /// Keep the first this-many bytes of each request and response body for
     /// the console's inspector; None = no bodies kept (they are private).
     pub capture_bodies: Option<u64>,
+    /// Who may use the rule, and how often (its own keys, else its group's).
+    pub policy: crate::policy::Policy,
     /// How the console and the traffic series name the rule: its host
     /// pattern and path prefix, "app.example.com/api" or "*/". Set by
     /// [`RuleSet::new`], made once rather than per request.
@@ -182,6 +184,7 @@ mod tests {
             idle_timeout: Duration::from_secs(300),
             max_body: None,
             capture_bodies: None,
+            policy: Default::default(),
             label: String::new(),
         }
     }

@@ -43,6 +43,7 @@ fn rules(patterns: &[String]) -> RuleSet {
             idle_timeout: Duration::from_secs(1),
             max_body: None,
             capture_bodies: None,
+            policy: Default::default(),
             label: String::new(),
         })
         .collect();

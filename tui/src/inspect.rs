@@ -189,9 +189,20 @@ impl RequestFilter {
             && self.client.iter().all(|c| has(&r.client_id, c))
             && self.slower_ms.is_none_or(|ms| r.duration_ms > ms)
             && self.words.iter().all(|w| {
-                [&r.method, &r.host, &r.path, &r.client_id, &r.trace_id, &r.error, &r.rule, &status]
-                    .iter()
-                    .any(|f| has(f, w))
+                [
+                    &r.method,
+                    &r.host,
+                    &r.path,
+                    &r.client_id,
+                    &r.trace_id,
+                    &r.error,
+                    &r.rule,
+                    &status,
+                    &r.refused,
+                    &r.remote_addr,
+                ]
+                .iter()
+                .any(|f| has(f, w))
                     || also.iter().any(|f| has(f, w))
             })
     }

@@ -273,6 +273,8 @@ fn model_json(m: &Model, now_ms: i64) -> Value {
                 "upgrade": r.upgrade,
                 "forwarded_to": r.forwarded_to,
                 "replay_of": r.replay_of,
+                "remote_addr": r.remote_addr,
+                "refused": r.refused,
                 "error": r.error,
                 "head": r.head.as_ref().map(head_json),
             })

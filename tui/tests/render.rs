@@ -135,6 +135,8 @@ fn snapshot(server_id: &str, mark: Option<char>) -> WatchUpdate {
             rule: "app.example.com/".into(),
             head: Some(head(i)),
             replay_of: String::new(),
+            remote_addr: format!("198.51.100.{}", i + 10),
+            refused: String::new(),
         })
         .collect();
     WatchUpdate {

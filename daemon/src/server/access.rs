@@ -187,7 +187,9 @@ fn write_line(out: &mut Vec<u8>, format: LogFormat, at: SystemTime, rec: &Reques
         ("bytes_in", rec.bytes_in),
         ("bytes_out", rec.bytes_out),
     ];
-    let tail: [(&str, &str); 6] = [
+    let tail: [(&str, &str); 8] = [
+        ("remote_addr", &rec.remote_addr),
+        ("refused", &rec.refused),
         ("group", &rec.group),
         ("client", &rec.client_id),
         ("stream", &rec.stream_id),
@@ -250,6 +252,8 @@ fn emit(rec: &RequestInfo) {
         duration_ms = rec.duration_ms,
         bytes_in = rec.bytes_in,
         bytes_out = rec.bytes_out,
+        remote_addr = %rec.remote_addr,
+        refused = %rec.refused,
         group = %rec.group,
         client = %rec.client_id,
         stream = %rec.stream_id,

@@ -5,6 +5,7 @@
 use super::accept::{next_connection, MaybeTls};
 use super::budget::WindowBudget;
 use super::capture::Head;
+use super::gate::{self, Refused};
 use super::keepalive::{Activity, Counted, Verdict};
 use super::registry::NoStream;
 use super::Shared;
@@ -29,7 +30,9 @@ use tunnel_lib::config;
 use tunnel_lib::frame::{self, now_ms, strip_hop_by_hop};
 use tunnel_lib::head::{self, PublicHost};
 use tunnel_lib::introspection::RequestInfo;
+use tunnel_lib::policy;
 use tunnel_lib::proto::{self, exchange_error::Kind, tunnel_message::Payload};
+use tunnel_lib::rules::Rule;
 
 /// Response bytes hyper's h2 may hold per public stream, past one chunk.
 const PUBLIC_H2_SEND_BUFFER: usize = 16 << 10;
@@ -338,17 +341,21 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Sets X-Forwarded-For (appended), -Proto and -Host. `peer_ip` is the
-/// connection's address as a header value, made once per connection.
+/// connection's address as a header value, made once per connection. A
+/// chain split over several X-Forwarded-For lines is joined, hops in order.
 fn set_forwarded(headers: &mut HeaderMap, peer_ip: &HeaderValue, scheme: Scheme, host: &str) {
-    let xff = match headers.get(&X_FORWARDED_FOR).map(|v| v.as_bytes()) {
-        Some(prev) => {
-            let mut v = Vec::with_capacity(prev.len() + 2 + peer_ip.len());
-            v.extend_from_slice(prev);
-            v.extend_from_slice(b", ");
+    let mut prev = headers.get_all(&X_FORWARDED_FOR).iter();
+    let xff = match (prev.next(), prev.next()) {
+        (None, _) => Some(peer_ip.clone()),
+        (Some(first), second) => {
+            let mut v = Vec::with_capacity(first.len() + 2 + peer_ip.len());
+            for line in [first].into_iter().chain(second).chain(prev) {
+                v.extend_from_slice(line.as_bytes());
+                v.extend_from_slice(b", ");
+            }
             v.extend_from_slice(peer_ip.as_bytes());
             HeaderValue::from_maybe_shared(Bytes::from(v)).ok()
         }
-        None => Some(peer_ip.clone()),
     };
     if let Some(v) = xff {
         headers.insert(X_FORWARDED_FOR, v);
@@ -426,6 +433,14 @@ async fn forward(
     let trace = trace_id(req.headers(), &request_id);
     rec.request_id = request_id.clone();
     rec.trace_id = trace.clone();
+    let cfg = shared.config();
+    let server = &cfg.server;
+    let client = if server.trusted_proxies.is_empty() {
+        conn.peer.ip()
+    } else {
+        policy::client_address(conn.peer.ip(), req.headers(), &server.trusted_proxies, server.client_address_header)
+    };
+    rec.remote_addr = client.to_string();
     let path = req.uri().path().to_string();
     let PublicHost { authority, host } = match head::check_host(req.version(), req.uri(), req.headers()) {
         Ok(h) => h,
@@ -443,7 +458,6 @@ async fn forward(
         // A reverse proxy serves its own hosts; it is not a way out to others.
         return reply(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not served");
     }
-    let cfg = shared.config();
     // HTTP/1.1 heads past the limits are refused by hyper itself (431/414
     // before a service runs); these also cover HTTP/2.
     let uri_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len()) as u64;
@@ -461,6 +475,12 @@ async fn forward(
     rec.group = rule.group.clone();
     rec.rule = rule.label.clone();
     capture.routed();
+    let group = cfg.group(&rule.group);
+    if gate::applies(rule, group) {
+        if let Err(refused) = shared.gate.admit(&cfg, rule, group, client, req.headers_mut()).await {
+            return refuse(shared, rule, rec, refused);
+        }
+    }
     // The inspector's copies of the bodies' first bytes, with capture_bodies.
     let taps = rule.capture_bodies.map(|n| shared.captures.taps(n, cfg.server.capture_limit));
     capture.bodies = taps.clone();
@@ -470,7 +490,6 @@ async fn forward(
             return reply(StatusCode::PAYLOAD_TOO_LARGE, format!("request body over the {max}-byte limit"));
         }
     }
-    let group = cfg.group(&rule.group);
     // Taken out of the connection's budget before the exchange opens, and
     // given back when its body is dropped.
     let lease = conn.budget.lease(group.map_or(frame::DEFAULT_EXCHANGE_WINDOW, |g| g.exchange_window));
@@ -760,6 +779,19 @@ impl Upgrading {
     }
 }
 
+/// The gate's refusal, answered: counted by rule and reason, and recorded.
+fn refuse(shared: &Shared, rule: &Rule, rec: &mut RequestInfo, refused: Refused) -> Response<ProxyBody> {
+    let reason = refused.refusal.as_str();
+    tracing::info!(host = %rec.host, path = %rec.path, rule = %rule.label, client = %rec.remote_addr, reason, "refused: {}: {}", refused.reason, refused.status.as_u16());
+    shared.metrics.refused.get_or_create(&vec![("rule", rule.label.clone()), ("reason", reason.to_string())]).inc();
+    rec.refused = reason.to_string();
+    let mut r = reply(refused.status, refused.reason);
+    for (name, value) in refused.headers {
+        r.headers_mut().insert(name, value);
+    }
+    r
+}
+
 fn timeout_reply(host: &str, path: &str, timeout: Duration) -> Response<ProxyBody> {
     tracing::info!(%host, %path, ?timeout, "no response head in time: 504");
     reply(StatusCode::GATEWAY_TIMEOUT, format!("upstream did not answer within {}", humantime(timeout)))
@@ -813,6 +845,16 @@ mod tests {
         assert_eq!(trace_id(&h, "a-b"), "req-7");
         h.insert("traceparent", HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
         assert_eq!(trace_id(&h, "a-b"), "4bf92f3577b34da6a3ce929d0e0e4736");
+    }
+
+    #[test]
+    fn forwarded_for_lines_are_joined_before_the_peer() {
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        h.append("x-forwarded-for", HeaderValue::from_static("10.0.0.2, 10.0.0.3"));
+        set_forwarded(&mut h, &HeaderValue::from_static("127.0.0.1"), Scheme::Http, "a");
+        let lines: Vec<_> = h.get_all("x-forwarded-for").iter().collect();
+        assert_eq!(lines, ["10.0.0.1, 10.0.0.2, 10.0.0.3, 127.0.0.1"]);
     }
 
     #[test]

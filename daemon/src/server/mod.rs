@@ -7,6 +7,7 @@ pub mod budget;
 pub mod capture;
 pub mod cluster;
 pub mod events;
+pub mod gate;
 pub mod ingress;
 pub mod introspection;
 pub mod keepalive;
@@ -127,6 +128,8 @@ pub struct Shared {
     pub captures: capture::Captures,
     /// Replays from the console on their way through the ingress.
     pub replays: replay::Replays,
+    /// The rules' access policies' state: rate buckets, verified credentials.
+    pub gate: gate::Gate,
     /// Streams closed for an overdue heartbeat, since start.
     pub streams_reaped: AtomicU64,
     /// Exchanges closed because nothing moved for their rule's idle_timeout.
@@ -174,6 +177,7 @@ impl Shared {
     }
 
     fn set_config(&self, cfg: ServerConfig) {
+        self.gate.reconfigured(&cfg);
         *self.versions.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(group_versions(&cfg));
         *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(cfg);
     }
@@ -305,6 +309,7 @@ impl Shared {
                 .map(|(g, v)| (g.clone(), v.clone()))
                 .collect(),
             traffic_series: vec![("group", groups as i64), ("client", clients as i64), ("rule", rules as i64)],
+            rate_limit_keys: self.gate.keys(),
         }
     }
 
@@ -394,6 +399,7 @@ impl Server {
             events: events::Events::default(),
             captures: capture::Captures::default(),
             replays: replay::Replays::default(),
+            gate: gate::Gate::default(),
             streams_reaped: AtomicU64::new(0),
             exchanges_idle_closed: AtomicU64::new(0),
             addrs: OnceLock::new(),

@@ -50,6 +50,11 @@ pub const DEFAULT_CAPTURE_LIMIT: u64 = 16 << 20;
 pub const MAX_CAPTURE_LIMIT: u64 = 1 << 30;
 /// A rule's `capture_bodies` keeps at most this much of each body.
 pub const MAX_CAPTURE_BODIES: u64 = 1 << 20;
+/// Keys a `rate_limit` remembers by default: about 100 bytes each, so
+/// 10 MiB per limited rule at worst, whatever an attacker rotates through.
+pub const DEFAULT_RATE_LIMIT_MAX_KEYS: usize = 100_000;
+/// Most keys a `rate_limit` may be told to remember.
+pub const MAX_RATE_LIMIT_MAX_KEYS: usize = 10_000_000;
 /// Default cap on requests in flight to one client of a group.
 pub const DEFAULT_MAX_IN_FLIGHT: u32 = 1000;
 /// Default bound on a link connection's TLS handshake, or on its first plaintext byte.

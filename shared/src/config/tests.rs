@@ -178,3 +178,86 @@ web = "http://127.0.0.1:3000"
         assert!(err.starts_with(want), "{bad}: {err}");
     }
 }
+
+/// The access keys: a group's are its rules' default, a rule's own replace
+/// them key by key, and every bad value names file, line and key.
+#[test]
+fn access_policies_default_from_the_group_and_errors_name_the_key() {
+    let text = r#"
+[server]
+trusted_proxies = ["10.0.0.1", "fd00::/8"]
+client_address_header = "forwarded"
+
+[[groups]]
+name = "demo"
+token = "t"
+deny = ["192.0.2.0/24"]
+rate_limit = { requests = 100, per = "1m" }
+max_requests_per_second = 50
+
+[[rules]]
+path_prefix = "/api"
+group = "demo"
+upstream = "web"
+allow = ["10.0.0.0/8", "2001:db8::/32"]
+rate_limit = { requests = 5, burst = 10, by = "X-Api-Key" }
+
+[[rules]]
+path_prefix = "/"
+group = "demo"
+upstream = "web"
+"#;
+    let c = ServerConfig::from_str_named(text, "server.toml").expect("valid");
+    assert!(c.server.trusted_proxies.contains("fd00::1".parse().expect("ip")));
+    assert_eq!(c.server.client_address_header, crate::policy::ForwardedHeader::Forwarded);
+    assert_eq!(c.server.rate_limit_max_keys, DEFAULT_RATE_LIMIT_MAX_KEYS);
+    assert_eq!(c.groups[0].max_requests_per_second.map(|n| n.get()), Some(50));
+    let (api, rest) = (&c.rules.rules()[0].policy, &c.rules.rules()[1].policy);
+    // The rule's allow, with the group's deny still in force.
+    assert!(api.addresses.admits("10.1.1.1".parse().expect("ip")));
+    assert!(!api.addresses.admits("192.0.2.1".parse().expect("ip")));
+    let limit = api.rate_limit.as_ref().expect("limit");
+    assert_eq!((limit.requests.get(), limit.burst.get(), limit.per), (5, 10, Duration::from_secs(1)));
+    assert_eq!(limit.by, crate::policy::RateKey::Header(http::HeaderName::from_static("x-api-key")));
+    // The group's, untouched.
+    assert!(rest.addresses.admits("10.1.1.1".parse().expect("ip")));
+    assert!(!rest.addresses.admits("192.0.2.1".parse().expect("ip")));
+    let limit = rest.rate_limit.as_ref().expect("the group's limit");
+    assert_eq!((limit.requests.get(), limit.burst.get(), limit.per), (100, 100, Duration::from_secs(60)));
+    assert_eq!(limit.by, crate::policy::RateKey::ClientIp);
+
+    let cases = [
+        (text.replace("\"2001:db8::/32\"", "\"2001:db8::/200\""), 17, "rules[0].allow", "CIDR"),
+        (text.replace("\"192.0.2.0/24\"", "\"192.0.2.9/24\""), 9, "groups[0].deny", "192.0.2.0/24"),
+        (text.replace("\"10.0.0.1\"", "\"proxy.local\""), 3, "server.trusted_proxies", "not an address"),
+        (text.replace("requests = 5,", "requests = 0,"), 18, "rules[0].rate_limit.requests", "at least 1"),
+        (text.replace("by = \"X-Api-Key\"", "by = \"the key\""), 18, "rules[0].rate_limit.by", "header name"),
+        (text.replace("per = \"1m\"", "per = \"0s\""), 10, "groups[0].rate_limit.per", "at least 1ms"),
+        (
+            text.replace("max_requests_per_second = 50", "max_requests_per_second = 0"),
+            11,
+            "groups[0].max_requests_per_second",
+            "at least 1",
+        ),
+        (
+            text.replace(
+                "upstream = \"web\"\nallow",
+                "upstream = \"web\"\nbasic_auth = \"/nonexistent/users.htpasswd\"\nallow",
+            ),
+            17,
+            "rules[0].basic_auth",
+            "cannot read /nonexistent/users.htpasswd",
+        ),
+        (
+            text.replace("rate_limit = { requests = 5,", "rate_limit = { rate = 5,"),
+            18,
+            "rules[0].rate_limit.rate",
+            "unknown field",
+        ),
+    ];
+    for (text, line, key, message) in cases {
+        let e = ServerConfig::from_str_named(&text, "server.toml").expect_err(key).to_string();
+        assert!(e.starts_with(&format!("server.toml:{line}: {key}: ")), "{key}: {e}");
+        assert!(e.contains(message), "{key}: {e}");
+    }
+}

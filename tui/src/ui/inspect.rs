@@ -51,16 +51,21 @@ pub fn request_lines(app: &App, server: usize, r: &RequestInfo) -> Vec<Line<'sta
         status.push_str(&format!(", upgraded to {} (connection closed)", r.upgrade));
     }
     lines.push(kv("status", status));
+    if !r.refused.is_empty() {
+        lines.push(kv("refused", format!("by the rule's {} check, before any client", r.refused)));
+    }
     if !r.error.is_empty() {
         lines.push(Line::from(vec![
             Span::styled(format!("{:>10}: ", "error"), Style::new().fg(Color::Cyan)),
             Span::styled(r.error.clone(), Style::new().fg(Color::Red)),
         ]));
     }
-    lines.push(kv("bytes", format!("{} in, {} out", short_bytes(r.bytes_in), short_bytes(r.bytes_out))));
+    let from = if r.remote_addr.is_empty() { String::new() } else { format!(" · from {}", r.remote_addr) };
+    lines.push(kv("bytes", format!("{} in, {} out{from}", short_bytes(r.bytes_in), short_bytes(r.bytes_out))));
     let rule = if r.rule.is_empty() { "no rule".to_string() } else { format!("rule {} → group {}", r.rule, r.group) };
     lines.push(kv("via", format!("{rule}, client {} stream {}", r.client_id, crate::model::short_id(&r.stream_id))));
     lines.push(kv("ids", format!("trace {} · request {}", r.trace_id, r.request_id)));
+
     if !r.replay_of.is_empty() {
         lines.push(kv("replay of", r.replay_of.clone()));
     }

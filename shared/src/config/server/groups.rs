@@ -1,13 +1,18 @@
 //! `[[groups]]`: the groups of clients and the settings pushed to them.
 
+use super::policy::{self, JwtSection, PolicyKeys, RateLimitSection};
 use crate::config::defaults::*;
 use crate::config::ranged::{self, Bound::*};
 use crate::config::secret::Secret;
 use crate::config::source::{ConfigError, Source};
 use crate::frame::{DEFAULT_EXCHANGE_WINDOW, MAX_EXCHANGE_WINDOW, MIN_EXCHANGE_WINDOW};
+use crate::policy::Policy;
 use crate::units::{ByteSize, HumanDuration};
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::collections::BTreeSet;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
 use std::time::Duration;
 use toml::Spanned;
 
@@ -21,6 +26,14 @@ pub(super) struct GroupSection {
     data_streams: Option<Spanned<u32>>,
     exchange_window: Option<Spanned<ByteSize>>,
     max_in_flight: Option<Spanned<u32>>,
+    max_requests_per_second: Option<Spanned<u32>>,
+    allow: Option<Spanned<Vec<String>>>,
+    deny: Option<Spanned<Vec<String>>>,
+    basic_auth: Option<Spanned<PathBuf>>,
+    jwt: Option<Spanned<JwtSection>>,
+    jwt_claims_to_headers: Option<Spanned<BTreeMap<String, String>>>,
+    pass_auth: Option<bool>,
+    rate_limit: Option<Spanned<RateLimitSection>>,
 }
 
 /// One group of clients and what the server manages for them.
@@ -37,6 +50,10 @@ pub struct GroupSettings {
     pub exchange_window: u32,
     /// Requests in flight to one client of the group past which new ones get 503.
     pub max_in_flight: u32,
+    /// Requests a second the whole group may be sent; past it, 503. None = no limit.
+    pub max_requests_per_second: Option<NonZeroU32>,
+    /// The access policy of the group's rules, where a rule sets none of its own.
+    pub policy: Policy,
 }
 
 /// Checks the groups: unique names, tokens, and the settings pushed to their
@@ -92,6 +109,22 @@ pub(super) fn check(
             Range(u64::from(MIN_EXCHANGE_WINDOW), u64::from(MAX_EXCHANGE_WINDOW)),
         )?;
         let max_in_flight = ranged::value(src, &g.max_in_flight, key("max_in_flight"), DEFAULT_MAX_IN_FLIGHT, Min(1))?;
+        let max_requests_per_second = match &g.max_requests_per_second {
+            None => None,
+            Some(m) => Some(NonZeroU32::new(*m.get_ref()).ok_or_else(|| {
+                src.at(m, key("max_requests_per_second"), "must be at least 1 (omit it for no limit)")
+            })?),
+        };
+        let keys = PolicyKeys {
+            allow: &g.allow,
+            deny: &g.deny,
+            basic_auth: &g.basic_auth,
+            jwt: &g.jwt,
+            jwt_claims_to_headers: &g.jwt_claims_to_headers,
+            pass_auth: g.pass_auth,
+            rate_limit: &g.rate_limit,
+        };
+        let policy = policy::check(src, keys, &format!("groups[{i}]"), &Policy::default())?;
         groups.push(GroupSettings {
             name: name.to_string(),
             token: g.token.get_ref().clone(),
@@ -101,6 +134,8 @@ pub(super) fn check(
             // At most MAX_EXCHANGE_WINDOW, a u32.
             exchange_window: exchange_window as u32,
             max_in_flight,
+            max_requests_per_second,
+            policy,
         });
     }
     Ok(groups)

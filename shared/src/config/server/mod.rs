@@ -4,6 +4,7 @@
 mod certificates;
 mod cluster;
 mod groups;
+mod policy;
 mod rules;
 mod settings;
 

@@ -1,12 +1,15 @@
 //! `[[rules]]`: which group and upstream serve a request, by host and path.
 
 use super::groups::GroupSettings;
+use super::policy::{self, JwtSection, PolicyKeys, RateLimitSection};
 use crate::config::defaults::{DEFAULT_IDLE_TIMEOUT, DEFAULT_RULE_TIMEOUT, MAX_CAPTURE_BODIES};
 use crate::config::source::{join, ConfigError, Source};
 use crate::rules::{HostPattern, Rule, RuleProblem, RuleSet};
 use crate::units::{ByteSize, HumanDuration};
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::collections::BTreeSet;
+use std::path::PathBuf;
 use toml::Spanned;
 
 /// A `[[rules]]` entry as written.
@@ -21,6 +24,13 @@ pub(super) struct RuleSection {
     idle_timeout: Option<HumanDuration>,
     max_body: Option<Spanned<ByteSize>>,
     capture_bodies: Option<Spanned<ByteSize>>,
+    allow: Option<Spanned<Vec<String>>>,
+    deny: Option<Spanned<Vec<String>>>,
+    basic_auth: Option<Spanned<PathBuf>>,
+    jwt: Option<Spanned<JwtSection>>,
+    jwt_claims_to_headers: Option<Spanned<BTreeMap<String, String>>>,
+    pass_auth: Option<bool>,
+    rate_limit: Option<Spanned<RateLimitSection>>,
 }
 
 /// Checks each rule, that it names one of `groups`, and that none is a
@@ -62,6 +72,17 @@ pub(super) fn check(src: &Source, raw: &[RuleSection], groups: &[GroupSettings])
             }
             c => c.as_ref().map(|c| c.get_ref().0),
         };
+        let keys = PolicyKeys {
+            allow: &r.allow,
+            deny: &r.deny,
+            basic_auth: &r.basic_auth,
+            jwt: &r.jwt,
+            jwt_claims_to_headers: &r.jwt_claims_to_headers,
+            pass_auth: r.pass_auth,
+            rate_limit: &r.rate_limit,
+        };
+        let base = groups.iter().find(|g| g.name == group).map(|g| &g.policy);
+        let policy = policy::check(src, keys, &format!("rules[{i}]"), base.unwrap_or(&Default::default()))?;
         rules.push(Rule {
             host,
             path_prefix,
@@ -71,6 +92,7 @@ pub(super) fn check(src: &Source, raw: &[RuleSection], groups: &[GroupSettings])
             idle_timeout: r.idle_timeout.map_or(DEFAULT_IDLE_TIMEOUT, |d| d.0),
             max_body: r.max_body.as_ref().map(|b| b.get_ref().0),
             capture_bodies,
+            policy,
             label: String::new(),
         });
         rule_lines.push(r.group.span().start);

@@ -7,6 +7,7 @@ use crate::config::secret::Secret;
 use crate::config::source::{ConfigError, Source};
 use crate::config::tls::{check_link_tls, LinkTls, LinkTlsSection};
 use crate::frame::MIN_EXCHANGE_WINDOW;
+use crate::policy::{ForwardedHeader, NetList};
 use crate::units::{ByteSize, HumanDuration};
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -36,6 +37,9 @@ pub(super) struct ServerSection {
     max_headers: Option<Spanned<usize>>,
     max_uri_bytes: Option<Spanned<ByteSize>>,
     capture_limit: Option<Spanned<ByteSize>>,
+    trusted_proxies: Option<Spanned<Vec<String>>>,
+    client_address_header: Option<ForwardedHeader>,
+    rate_limit_max_keys: Option<Spanned<usize>>,
     pub(super) https_listen: Option<Spanned<SocketAddr>>,
     metrics_listen: Option<SocketAddr>,
     tls: Option<LinkTlsSection>,
@@ -109,6 +113,14 @@ pub struct ServerSettings {
     /// Bytes the console's request captures (heads, and bodies of rules
     /// with `capture_bodies`) may hold in all; the oldest go first.
     pub capture_limit: u64,
+    /// Load balancers whose `client_address_header` names the public
+    /// client (right-most untrusted hop); from anyone else it is not believed.
+    pub trusted_proxies: NetList,
+    /// The header trusted proxies name the client in.
+    pub client_address_header: ForwardedHeader,
+    /// Keys (client addresses, header values) each `rate_limit` remembers
+    /// at most; past it, the least recently seen key is forgotten.
+    pub rate_limit_max_keys: usize,
     /// Public HTTPS listener (`[[certificates]]` chosen by SNI).
     pub https_listen: Option<SocketAddr>,
     /// Prometheus `/metrics`; None = off.
@@ -197,6 +209,18 @@ pub(super) fn check(src: &Source, s: &ServerSection) -> Result<ServerSettings, C
             "server.capture_limit",
             DEFAULT_CAPTURE_LIMIT,
             Range(64 * 1024, MAX_CAPTURE_LIMIT),
+        )?,
+        trusted_proxies: match &s.trusted_proxies {
+            None => NetList::default(),
+            Some(t) => NetList::parse(t.get_ref()).map_err(|m| src.at(t, "server.trusted_proxies", m))?,
+        },
+        client_address_header: s.client_address_header.unwrap_or_default(),
+        rate_limit_max_keys: ranged::value(
+            src,
+            &s.rate_limit_max_keys,
+            "server.rate_limit_max_keys",
+            DEFAULT_RATE_LIMIT_MAX_KEYS,
+            Range(1, MAX_RATE_LIMIT_MAX_KEYS),
         )?,
         https_listen: s.https_listen.as_ref().map(|a| *a.get_ref()),
         metrics_listen: s.metrics_listen,
