@@ -110,6 +110,10 @@ async fn both_daemons_count_what_happens() {
     assert_eq!(value(&cs, "tunnel_client_upstream_duration_seconds_count", &[("upstream", "web")]), Some(4.0));
     let unknown = [("upstream", "nowhere"), ("kind", "unknown_upstream")];
     assert_eq!(value(&cs, "tunnel_client_upstream_errors_total", &unknown), Some(1.0));
+    // What it served, as the server counts it (the unknown upstream's 502 is
+    // the server's answer for no upstream of the client's).
+    let served = |class| value(&cs, "tunnel_client_requests_total", &[("upstream", "web"), ("class", class)]);
+    assert_eq!((served("2xx"), served("4xx"), served("5xx")), (Some(3.0), Some(1.0), None));
     assert!(value(&cs, "tunnel_client_heartbeat_rtt_seconds_count", &[]).unwrap() >= 1.0);
     assert_eq!(value(&cs, "tunnel_client_config_info", &[("version", version.as_str())]), Some(1.0));
     // Anything but /metrics is a 404.

@@ -376,6 +376,9 @@ pub struct ClientMetrics {
     pub upstream_duration: Histograms,
     /// Upstream failures by upstream and kind.
     pub upstream_errors: Family<Labels, Counter>,
+    /// Requests served, by upstream and the class of the status the public
+    /// client got (a failure before the head counts as the 5xx the server sends).
+    pub requests: Family<Labels, Counter>,
     /// Heartbeat round trips as the client measures them.
     pub heartbeat_rtt: Histogram,
     /// 1 for the config version each server's session applied, by server.
@@ -396,6 +399,7 @@ impl Default for ClientMetrics {
             reconnects: Counter::default(),
             upstream_duration: Family::new_with_constructor(duration_histogram as fn() -> Histogram),
             upstream_errors: Family::default(),
+            requests: Family::default(),
             heartbeat_rtt: heartbeat_histogram(),
             config_info: Family::default(),
             server_streams: Family::default(),
@@ -415,6 +419,7 @@ impl Default for ClientMetrics {
             m.upstream_duration.clone(),
         );
         registry.register("upstream_errors", "Upstream failures by upstream and kind", m.upstream_errors.clone());
+        registry.register("requests", "Requests served, by upstream and status class", m.requests.clone());
         registry.register_with_unit("heartbeat_rtt", "Heartbeat round trip", Unit::Seconds, m.heartbeat_rtt.clone());
         registry.register("config_info", "The config version applied, by server (value 1)", m.config_info.clone());
         ClientMetrics { registry, ..m }

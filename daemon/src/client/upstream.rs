@@ -35,6 +35,9 @@ pub struct Upstreams {
     /// Each upstream's response-time histogram, looked up on its first
     /// answer (so that only upstreams that answered are exported, as before).
     durations: BTreeMap<String, OnceLock<prometheus_client::metrics::histogram::Histogram>>,
+    /// Each upstream's request counters by status class (index: status /
+    /// 100), made on first use, so that only the classes seen are exported.
+    served: BTreeMap<String, [OnceLock<prometheus_client::metrics::counter::Counter>; 6]>,
     http1: Arc<Pool<UpstreamBody>>,
     /// One multiplexed HTTP/2 connection per upstream (gRPC services).
     h2c: Client<HttpConnector, UpstreamBody>,
@@ -63,7 +66,17 @@ impl Upstreams {
             .http2_initial_connection_window_size(4 * DEFAULT_EXCHANGE_WINDOW)
             .build(connector);
         let durations = targets.keys().map(|name| (name.clone(), OnceLock::new())).collect();
-        Arc::new(Upstreams { targets, metrics, durations, http1, h2c })
+        let served = targets.keys().map(|name| (name.clone(), Default::default())).collect();
+        Arc::new(Upstreams { targets, metrics, durations, served, http1, h2c })
+    }
+
+    /// Counts a request to `upstream` answered with `status`.
+    fn count(&self, upstream: &str, status: u16) {
+        let Some(classes) = self.served.get(upstream) else { return };
+        let i = usize::from(status / 100).min(classes.len() - 1);
+        let labels =
+            || vec![("upstream", upstream.to_string()), ("class", crate::metrics::status_class(u32::from(status)))];
+        classes[i].get_or_init(|| self.metrics.requests.get_or_create(&labels()).clone()).inc();
     }
 
     /// The names, for config sync.
@@ -97,6 +110,10 @@ pub async fn serve(up: Arc<Upstreams>, exchanges: Arc<Exchanges>, new: NewReques
                 tracing::info!(request_id = %request_id, trace_id = %trace_id, ?kind, "{message}");
                 let labels = vec![("upstream", upstream_name.clone()), ("kind", kind.as_str_name().trim_start_matches("KIND_").to_ascii_lowercase())];
                 up.metrics.upstream_errors.get_or_create(&labels).inc();
+                // The server answers these 502 or 504; a cancel has no answer.
+                if kind != Kind::ShuttingDown {
+                    up.count(&upstream_name, 502);
+                }
                 exchanges.fail(&request_id, kind, message);
             }
         }
@@ -201,6 +218,7 @@ async fn forward(
         });
         h.observe(asked.elapsed().as_secs_f64());
     }
+    up.count(&head.upstream, resp.status().as_u16());
     if let (Some(inbound), StatusCode::SWITCHING_PROTOCOLS) = (held, resp.status()) {
         let io = ExchangeIo { request_id, credit, cancel, max_chunk, body: inbound };
         return switch(exchanges, &head.upstream, resp, io).await;
