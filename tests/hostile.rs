@@ -52,6 +52,8 @@ async fn tunnel() -> Tunnel {
 struct Answer {
     statuses: Vec<u16>,
     text: String,
+    /// Whether the server closed the connection (rather than went quiet).
+    closed: bool,
 }
 
 /// Writes `request` on a fresh connection and reads until the server closes
@@ -62,15 +64,20 @@ async fn exchange(addr: std::net::SocketAddr, request: Vec<u8>) -> Answer {
     let _ = tcp.write_all(&request).await;
     let mut got = Vec::new();
     let mut buf = vec![0u8; 64 << 10];
+    let mut closed = false;
     // Bounded: at most 30 reads of QUIET each.
     for _ in 0..30 {
         match tokio::time::timeout(QUIET, tcp.read(&mut buf)).await {
             Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
-            _ => break,
+            Ok(_) => {
+                closed = true;
+                break;
+            }
+            Err(_) => break,
         }
     }
     let text = String::from_utf8_lossy(&got).to_string();
-    Answer { statuses: statuses_of(&got), text }
+    Answer { statuses: statuses_of(&got), text, closed }
 }
 
 /// The status of each response in `b`, read in sequence by their framing
@@ -117,8 +124,10 @@ enum Expect {
     One,
     /// Either of the two.
     RefusedOrOne,
-    /// Refused, or its head forwarded with a body that never completes.
-    NeverWhole,
+    /// Malformed framing: 400 at once and the connection closed; no whole
+    /// body at any upstream, and no head either when the bad bytes came
+    /// with it.
+    Malformed { head_may_pass: bool },
 }
 
 struct Case {
@@ -199,22 +208,22 @@ fn framing_cases() -> Vec<Case> {
         ),
         case(
             "chunk-size-junk",
-            NeverWhole,
+            Malformed { head_may_pass: false },
             format!("POST /upload-sha?c=chunk-size-junk HTTP/1.1\r\nHost: a.example\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n{smuggled}"),
         ),
         case(
             "chunk-size-overflow",
-            NeverWhole,
+            Malformed { head_may_pass: false },
             format!("POST /upload-sha?c=chunk-size-overflow HTTP/1.1\r\nHost: a.example\r\nTransfer-Encoding: chunked\r\n\r\n1ffffffffffffffff\r\nabc\r\n0\r\n\r\n{smuggled}"),
         ),
         case(
             "chunk-size-negative",
-            NeverWhole,
+            Malformed { head_may_pass: false },
             format!("POST /upload-sha?c=chunk-size-negative HTTP/1.1\r\nHost: a.example\r\nTransfer-Encoding: chunked\r\n\r\n-3\r\nabc\r\n0\r\n\r\n{smuggled}"),
         ),
         case(
             "chunk-ext-huge",
-            NeverWhole,
+            Malformed { head_may_pass: true },
             format!(
                 "POST /upload-sha?c=chunk-ext-huge HTTP/1.1\r\nHost: a.example\r\nTransfer-Encoding: chunked\r\n\r\n3;{}\r\nabc\r\n0\r\n\r\n",
                 "x".repeat(200 << 10)
@@ -222,7 +231,7 @@ fn framing_cases() -> Vec<Case> {
         ),
         case(
             "chunk-data-overrun",
-            NeverWhole,
+            Malformed { head_may_pass: true },
             format!("POST /upload-sha?c=chunk-data-overrun HTTP/1.1\r\nHost: a.example\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcdef\r\n0\r\n\r\n{smuggled}"),
         ),
         case(
@@ -236,7 +245,12 @@ fn framing_cases() -> Vec<Case> {
         case("space-in-name", Refused, "GET /echo?c=space-in-name HTTP/1.1\r\nHost: a.example\r\nX A: b\r\n\r\n"),
         case("line-extra-token", Refused, "GET /echo?c=line-extra-token HTTP/1.1 x\r\nHost: a.example\r\n\r\n"),
         case("line-double-space", RefusedOrOne, "GET  /echo?c=line-double-space HTTP/1.1\r\nHost: a.example\r\n\r\n"),
-        case("version-junk", Refused, "GET /echo?c=version-junk HTTP/9.9\r\nHost: a.example\r\n\r\n"),
+        case("version-junk", Malformed { head_may_pass: false }, "GET /echo?c=version-junk HTTP/9.9\r\nHost: a.example\r\n\r\n"),
+        case("version-2", Malformed { head_may_pass: false }, "GET /echo?c=version-2 HTTP/2.0\r\nHost: a.example\r\n\r\n"),
+        case("version-lower", Malformed { head_may_pass: false }, "GET /echo?c=version-lower http/1.1\r\nHost: a.example\r\n\r\n"),
+        case("http09", Malformed { head_may_pass: false }, "GET /echo?c=http09\r\n\r\n"),
+        case("no-version", Malformed { head_may_pass: false }, "GET /echo?c=no-version \r\nHost: a.example\r\n\r\n"),
+        case("not-http", Malformed { head_may_pass: false }, "HELLO?c=not-http\r\n\r\n"),
         case("two-hosts", Refused, "GET /echo?c=two-hosts HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n"),
         case("no-host", Refused, "GET /echo?c=no-host HTTP/1.1\r\n\r\n"),
         case("host-userinfo", Refused, "GET /echo?c=host-userinfo HTTP/1.1\r\nHost: b.example@a.example\r\n\r\n"),
@@ -272,17 +286,17 @@ async fn ambiguous_framing_is_refused_or_normalized() {
         let first = a.statuses.first().copied();
         let refused = first.is_some_and(|s| (400..500).contains(&s)) && heads == 0;
         let one = a.statuses.len() == 1 && first.is_some_and(|s| (200..300).contains(&s)) && heads == 1;
-        // Closed with no answer at all counts as refused only if nothing reached an upstream.
-        let dropped = a.statuses.is_empty() && heads == 0;
         let ok = match c.expect {
             Expect::Refused => refused,
             Expect::One => one,
             Expect::RefusedOrOne => refused || one,
-            Expect::NeverWhole => (refused || dropped || heads <= 1) && whole == 0,
+            Expect::Malformed { head_may_pass } => {
+                a.statuses == [400] && a.closed && whole == 0 && (head_may_pass && heads <= 1 || heads == 0)
+            }
         };
         report.push(format!(
-            "{:<24} {:?} -> statuses {:?}, heads at upstream {heads}, whole bodies {whole}",
-            c.name, c.expect, a.statuses
+            "{:<24} {:?} -> statuses {:?}, closed {}, heads at upstream {heads}, whole bodies {whole}",
+            c.name, c.expect, a.statuses, a.closed
         ));
         assert!(ok, "case {}: expected {:?}, got statuses {:?} with {heads} heads and {whole} whole bodies at the upstream; answer: {:?}", c.name, c.expect, a.statuses, a.text.chars().take(300).collect::<String>());
     }

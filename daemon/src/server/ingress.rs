@@ -9,7 +9,7 @@ use super::gate::{self, Refused};
 use super::keepalive::{Activity, Counted, Verdict};
 use super::registry::NoStream;
 use super::Shared;
-use crate::tunnel::body::{send_body, SendError, Tapped};
+use crate::tunnel::body::{send_body, Peeked, Prepended, SendError, Tapped};
 use crate::tunnel::exchange::{ExchangeFailure, ExchangeGuard, ExchangeIo};
 use crate::tunnel::{next_request_id, upgrade};
 use bytes::Bytes;
@@ -490,6 +490,24 @@ async fn forward(
             return reply(StatusCode::PAYLOAD_TOO_LARGE, format!("request body over the {max}-byte limit"));
         }
     }
+    // HTTP/1.x: the body's first bytes, when they came with the head, are
+    // read before the head goes anywhere, so that a malformed chunk line in
+    // them gets 400 and the upstream sees nothing of the request. (One look,
+    // and one yield for hyper to decode what it holds: a body still on its
+    // way is not waited for.)
+    let mut peeked = Peeked::Nothing;
+    if req.version() <= http::Version::HTTP_11 && !hyper::body::Body::is_end_stream(req.body()) {
+        let body = req.body_mut();
+        tokio::select! {
+            biased;
+            f = http_body_util::BodyExt::frame(body) => match f {
+                None => peeked = Peeked::Ended,
+                Some(Ok(f)) => peeked = Peeked::Frame(f),
+                Some(Err(e)) => return malformed(&host, &path, &e),
+            },
+            _ = tokio::task::yield_now() => {}
+        }
+    }
     // Taken out of the connection's budget before the exchange opens, and
     // given back when its body is dropped.
     let lease = conn.budget.lease(group.map_or(frame::DEFAULT_EXCHANGE_WINDOW, |g| g.exchange_window));
@@ -547,13 +565,16 @@ async fn forward(
     // An upgrade without a request body: its body frames will be the
     // upgraded connection's. (With a body it goes as an ordinary request.)
     let upgrade = match req.version() {
-        http::Version::HTTP_11 if hyper::body::Body::is_end_stream(req.body()) => upgrade::requested(req.headers()),
+        http::Version::HTTP_11 if hyper::body::Body::is_end_stream(req.body()) && matches!(peeked, Peeked::Nothing) => {
+            upgrade::requested(req.headers())
+        }
         _ => None,
     };
     let on_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     rec.client_id = stream.client_id.clone();
     rec.stream_id = stream.stream_id.clone();
     let (parts, body) = req.into_parts();
+    let body = Prepended::new(peeked, body);
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
     // The host the request was routed by is the one its upstream is told,
@@ -591,6 +612,7 @@ async fn forward(
     }
     capture.sent();
     let too_large = Arc::new(AtomicBool::new(false));
+    let failed_body: Arc<std::sync::OnceLock<String>> = Arc::default();
     if end_of_stream {
         exchanges.finish_outbound(&request_id);
     } else if upgrade.is_some() {
@@ -600,7 +622,7 @@ async fn forward(
         let (ex, id, credit, cancel, max_chunk) =
             (exchanges.clone(), request_id.clone(), io.credit.clone(), io.cancel.clone(), io.max_chunk);
         let uploaded = uploaded.clone();
-        let (limit, flag) = (rule.max_body, too_large.clone());
+        let (limit, flag, failed) = (rule.max_body, too_large.clone(), failed_body.clone());
         let tap = taps.as_ref().map(|(request, _)| request.clone());
         // Owned by the exchange: it ends when the body is sent or the exchange is cancelled.
         tokio::spawn(async move {
@@ -618,7 +640,11 @@ async fn forward(
                 }
                 Err(SendError::Cancelled) => {}
                 Err(SendError::Body(e)) => {
+                    // Malformed framing, or the client gone: either way the
+                    // upstream's request is cut off, and whoever is still
+                    // there gets 400.
                     tracing::debug!(request_id = %id, "public request body failed: {e}");
+                    let _ = failed.set(e);
                     ex.abandon(&id, "public request body failed");
                 }
             }
@@ -630,6 +656,10 @@ async fn forward(
         let max = rule.max_body.unwrap_or_default();
         tracing::info!(%host, %path, max_body = max, "request body over max_body: 413");
         return reply(StatusCode::PAYLOAD_TOO_LARGE, format!("request body over the {max}-byte limit"));
+    }
+    if let Some(e) = failed_body.get() {
+        tracing::info!(%host, %path, "request body failed: 400: {e}");
+        return close_after(reply(StatusCode::BAD_REQUEST, format!("malformed request body: {e}")));
     }
     let resp_head = match resp_head {
         Err(_) => return timeout_reply(&host, &path, rule.timeout),
@@ -789,6 +819,26 @@ fn refuse(shared: &Shared, rule: &Rule, rec: &mut RequestInfo, refused: Refused)
     for (name, value) in refused.headers {
         r.headers_mut().insert(name, value);
     }
+    r
+}
+
+/// 400 for a body whose framing is malformed, and the connection closed:
+/// nothing after the bad bytes can be trusted to start a request.
+fn malformed(host: &str, path: &str, e: &hyper::Error) -> Response<ProxyBody> {
+    let mut why = e.to_string();
+    let mut source = std::error::Error::source(e);
+    // Bounded by the error's chain.
+    while let Some(s) = source {
+        why = format!("{why}: {s}");
+        source = s.source();
+    }
+    tracing::info!(%host, %path, "malformed request body: 400: {why}");
+    close_after(reply(StatusCode::BAD_REQUEST, format!("malformed request body: {why}")))
+}
+
+/// `r`, closing its HTTP/1.1 connection once written (HTTP/2 ignores it).
+fn close_after(mut r: Response<ProxyBody>) -> Response<ProxyBody> {
+    r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
     r
 }
 

@@ -374,6 +374,69 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Tapped<B> {
     }
 }
 
+/// What a look at a body's first frame found.
+pub enum Peeked<D> {
+    /// Nothing yet: the body's bytes are still on their way.
+    Nothing,
+    /// Its first frame.
+    Frame(Frame<D>),
+    /// Its end: the body is empty.
+    Ended,
+}
+
+/// A body whose first frame was read ahead (to look at it before the
+/// request went anywhere): that frame, then the rest.
+pub struct Prepended<B: Body> {
+    peeked: Peeked<B::Data>,
+    rest: B,
+}
+
+impl<B: Body> Prepended<B> {
+    /// `rest` after what was `peeked` of it.
+    pub fn new(peeked: Peeked<B::Data>, rest: B) -> Self {
+        Prepended { peeked, rest }
+    }
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Body for Prepended<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        match std::mem::replace(&mut self.peeked, Peeked::Nothing) {
+            Peeked::Frame(f) => Poll::Ready(Some(Ok(f))),
+            Peeked::Ended => {
+                self.peeked = Peeked::Ended;
+                Poll::Ready(None)
+            }
+            Peeked::Nothing => Pin::new(&mut self.rest).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.peeked {
+            Peeked::Ended => true,
+            Peeked::Frame(_) => false,
+            Peeked::Nothing => self.rest.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        let first = match &self.peeked {
+            Peeked::Ended => return http_body::SizeHint::with_exact(0),
+            Peeked::Frame(f) => f.data_ref().map_or(0, |d| d.len() as u64),
+            Peeked::Nothing => 0,
+        };
+        let rest = self.rest.size_hint();
+        let mut hint = http_body::SizeHint::new();
+        hint.set_lower(rest.lower() + first);
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper + first);
+        }
+        hint
+    }
+}
+
 /// Why sending a body stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
