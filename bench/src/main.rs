@@ -62,6 +62,9 @@ enum Cmd {
         /// Race without rathole even when it is installed.
         #[arg(long)]
         no_rathole: bool,
+        /// Access policies on the tunnel's rule, each a route of its own: none, allow, rate, basic, jwt.
+        #[arg(long, value_delimiter = ',', default_value = "none")]
+        policies: Vec<race::Policy>,
     },
     /// Server memory with many connected clients (real client code, in this process).
     Fleet {
@@ -119,7 +122,7 @@ async fn main() -> anyhow::Result<()> {
         None => vec![
             Cmd::Fleet { clients: if args.quick { 100 } else { 1000 } },
             defaults,
-            Cmd::Race { workers: vec![0, 1], no_rathole: false },
+            Cmd::Race { workers: vec![0, 1], no_rathole: false, policies: vec![race::Policy::None] },
             Cmd::Ws,
             Cmd::Ops,
             Cmd::Ha,
@@ -132,8 +135,9 @@ async fn main() -> anyhow::Result<()> {
                 let cfg = load::Config::new(args.quick, args.duration);
                 isolation::run(&bins, &transports, &scenarios, &cfg).await?;
             }
-            Cmd::Race { workers, no_rathole } => {
-                race::run(&bins, &race::Config::new(args.quick, args.duration, workers, no_rathole)).await?;
+            Cmd::Race { workers, no_rathole, policies } => {
+                let cfg = race::Config::new(args.quick, args.duration, workers, no_rathole, policies);
+                race::run(&bins, &cfg).await?;
             }
             Cmd::Fleet { clients } => fleet::run(&bins, clients).await?,
             Cmd::Ws => ws::run(&bins, &ws::Config::new(args.quick)).await?,

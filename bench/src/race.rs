@@ -24,13 +24,90 @@ pub struct Config {
     pub workers: Vec<usize>,
     /// Leave rathole out even when installed.
     pub no_rathole: bool,
+    /// Access policies on the tunnel's rule, each raced as a route of its own.
+    pub policies: Vec<Policy>,
+}
+
+/// An access policy on the raced rule, to measure what its check costs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Policy {
+    /// No access keys: the rule as users run it by default.
+    None,
+    /// `allow` and `deny` lists the client passes.
+    Allow,
+    /// `rate_limit` per client address, far above the race's rate.
+    Rate,
+    /// `basic_auth`, a bcrypt (cost 10) user, credentials on every request.
+    Basic,
+    /// `jwt`, an EdDSA token on every request, one claim to a header.
+    Jwt,
+}
+
+impl Policy {
+    fn name(self) -> &'static str {
+        match self {
+            Policy::None => "none",
+            Policy::Allow => "allow",
+            Policy::Rate => "rate",
+            Policy::Basic => "basic",
+            Policy::Jwt => "jwt",
+        }
+    }
+
+    /// The rule's keys (files written to `dir`), and the header every request then carries.
+    fn setup(self, dir: &TempDir) -> anyhow::Result<(String, Option<String>)> {
+        use base64::Engine as _;
+        Ok(match self {
+            Policy::None => (String::new(), None),
+            Policy::Allow => ("allow = [\"127.0.0.0/8\", \"::1\"]\ndeny = [\"10.0.0.0/8\"]\n".into(), None),
+            Policy::Rate => ("rate_limit = { requests = 10000000, per = \"1s\", by = \"client_ip\" }\n".into(), None),
+            Policy::Basic => {
+                let path = dir.join("users.htpasswd");
+                std::fs::write(&path, format!("bench:{}\n", bcrypt::hash("bench-password", 10)?))?;
+                let creds = base64::engine::general_purpose::STANDARD.encode("bench:bench-password");
+                (format!("basic_auth = \"{}\"\n", path.display()), Some(format!("Authorization: Basic {creds}")))
+            }
+            Policy::Jwt => {
+                use ring::signature::KeyPair as _;
+                let rng = ring::rand::SystemRandom::new();
+                let pkcs8 =
+                    ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).map_err(|e| anyhow::anyhow!("{e}"))?;
+                let pair =
+                    ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(|e| anyhow::anyhow!("{e}"))?;
+                let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+                let jwks = format!(
+                    r#"{{"keys":[{{"kty":"OKP","crv":"Ed25519","kid":"bench","x":"{}"}}]}}"#,
+                    b64(pair.public_key().as_ref())
+                );
+                let path = dir.join("jwks.json");
+                std::fs::write(&path, jwks)?;
+                let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
+                header.kid = Some("bench".into());
+                let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() + 3600;
+                let claims = serde_json::json!({"sub": "bench", "iss": "bench", "aud": "race", "exp": exp});
+                let token =
+                    jsonwebtoken::encode(&header, &claims, &jsonwebtoken::EncodingKey::from_ed_der(pkcs8.as_ref()))?;
+                let keys = format!(
+                    "jwt = {{ jwks = \"{}\", issuer = \"bench\", audience = \"race\" }}\njwt_claims_to_headers = {{ sub = \"X-User\" }}\n",
+                    path.display()
+                );
+                (keys, Some(format!("Authorization: Bearer {token}")))
+            }
+        })
+    }
 }
 
 impl Config {
     /// The issue's sizes, or small ones for `--quick`.
-    pub fn new(quick: bool, duration: Option<Duration>, workers: Vec<usize>, no_rathole: bool) -> Self {
+    pub fn new(
+        quick: bool,
+        duration: Option<Duration>,
+        workers: Vec<usize>,
+        no_rathole: bool,
+        policies: Vec<Policy>,
+    ) -> Self {
         let (d, size) = if quick { (Duration::from_secs(1), 64 << 20) } else { (Duration::from_secs(15), 1 << 30) };
-        Config { duration: duration.unwrap_or(d), connections: 64, bulk_size: size, workers, no_rathole }
+        Config { duration: duration.unwrap_or(d), connections: 64, bulk_size: size, workers, no_rathole, policies }
     }
 }
 
@@ -68,6 +145,8 @@ struct Route {
     upload: SocketAddr,
     /// The tunnel's processes (server, client), for RSS and CPU.
     pids: Vec<u32>,
+    /// A header every request carries (the policy's credentials).
+    header: Option<String>,
     _children: Vec<Child>,
 }
 
@@ -107,10 +186,19 @@ pub async fn run(bins: &Path, cfg: &Config) -> anyhow::Result<()> {
     write_big(&dir.join("big.bin"), cfg.bulk_size)?;
     let sink = upstream::start().await?;
     let (nginx, h1, h2) = start_nginx(&tools.nginx, &dir).await?;
-    let mut routes =
-        vec![Route { name: "direct nginx".into(), h1, h2, upload: sink.addr, pids: vec![], _children: vec![nginx] }];
+    let mut routes = vec![Route {
+        name: "direct nginx".into(),
+        h1,
+        h2,
+        upload: sink.addr,
+        pids: vec![],
+        header: None,
+        _children: vec![nginx],
+    }];
     for &w in &cfg.workers {
-        routes.push(start_tunnel(bins, &dir, w, h1, sink.addr).await?);
+        for &policy in &cfg.policies {
+            routes.push(start_tunnel(bins, &dir, w, policy, h1, sink.addr).await?);
+        }
     }
     match &tools.rathole {
         Some(r) => routes.push(start_rathole(r, &dir, h1, h2, sink.addr).await?),
@@ -232,10 +320,12 @@ async fn start_tunnel(
     bins: &Path,
     dir: &TempDir,
     workers: usize,
+    policy: Policy,
     nginx: SocketAddr,
     sink: SocketAddr,
 ) -> anyhow::Result<Route> {
     let (http, grpc, admin) = (free_port()?, free_port()?, free_port()?);
+    let (keys, header) = policy.setup(dir)?;
     let server_toml = format!(
         r#"
 [server]
@@ -255,12 +345,12 @@ timeout = "60s"
 group = "race"
 upstream = "web"
 timeout = "60s"
-"#
+{keys}"#
     );
     let client_toml = format!(
         "server = \"http://{grpc}\"\nclient_id = \"race-{workers}\"\ngroup = \"race\"\ntoken = \"race-token\"\nworker_threads = {workers}\n[upstreams]\nweb = \"http://{nginx}\"\nsink = \"http://{sink}\"\n"
     );
-    let tag = format!("tunnel-w{workers}");
+    let tag = format!("tunnel-w{workers}-{}", policy.name());
     let (sc, cc) = (dir.join(&format!("{tag}-server.toml")), dir.join(&format!("{tag}-client.toml")));
     std::fs::write(&sc, server_toml)?;
     std::fs::write(&cc, client_toml)?;
@@ -268,9 +358,14 @@ timeout = "60s"
     let server = spawn(&bins.join("tunnel-server"), &[OsStr::new("--config"), sc.as_os_str()], &logs[0])?;
     let client = spawn(&bins.join("tunnel-client"), &[OsStr::new("--config"), cc.as_os_str()], &logs[1])?;
     let pids = [&server, &client].iter().filter_map(|c| c.id()).collect();
-    procs::wait_serving_or_logs("the tunnel", http, "/small.txt", Duration::from_secs(20), &logs).await?;
-    let name = if workers == 0 { "tunnel (workers = cores)".into() } else { format!("tunnel (workers = {workers})") };
-    Ok(Route { name, h1: http, h2: http, upload: http, pids, _children: vec![server, client] })
+    // /upload has no policy: the sink answers it whatever the raced rule asks.
+    procs::wait_serving_or_logs("the tunnel", http, "/upload", Duration::from_secs(20), &logs).await?;
+    let mut name =
+        if workers == 0 { "tunnel (workers = cores)".into() } else { format!("tunnel (workers = {workers})") };
+    if policy != Policy::None {
+        name = format!("{name}, {}", policy.name());
+    }
+    Ok(Route { name, h1: http, h2: http, upload: http, pids, header, _children: vec![server, client] })
 }
 
 /// rathole server and client forwarding three ports: nginx's two and the sink.
@@ -301,7 +396,7 @@ async fn start_rathole(
     let logs = [dir.join("rathole-server.log"), dir.join("rathole-client.log")];
     procs::wait_serving_or_logs("rathole", h1, "/small.txt", Duration::from_secs(20), &logs).await?;
     procs::wait_serving(upload, "/small", Duration::from_secs(20)).await.context("rathole's sink service")?;
-    Ok(Route { name: "rathole".into(), h1, h2, upload, pids, _children: vec![s, c] })
+    Ok(Route { name: "rathole".into(), h1, h2, upload, pids, header: None, _children: vec![s, c] })
 }
 
 fn cpu_total(pids: &[u32]) -> Duration {
@@ -327,7 +422,8 @@ async fn output(cmd: &mut Command, what: &str, limit: Duration) -> anyhow::Resul
 /// the path is far from saturated, so the difference to direct is what the
 /// route itself adds to a request.
 async fn paced(route: &Route, cfg: &Config) -> Small {
-    let p = probe(&format!("http://{}/small.txt", route.h1), PACED_RATE, cfg.duration).await;
+    let p =
+        probe_with(&format!("http://{}/small.txt", route.h1), route.header.as_deref(), PACED_RATE, cfg.duration).await;
     Small { rps: p.rps, p50_us: p.p50_us, p99_us: p.p99_us, errors: p.errors, cpu_us: 0.0 }
 }
 
@@ -351,6 +447,12 @@ pub struct Probe {
 /// GETs `url` `rate` times a second for `duration`, each request on its own
 /// task and timed alone, and gives the latency distribution of those answered.
 pub async fn probe(url: &str, rate: u32, duration: Duration) -> Probe {
+    probe_with(url, None, rate, duration).await
+}
+
+/// [`probe`], each request carrying `header` ("Name: value").
+pub async fn probe_with(url: &str, header: Option<&str>, rate: u32, duration: Duration) -> Probe {
+    let header = header.and_then(|h| h.split_once(": ")).map(|(k, v)| (k.to_string(), v.to_string()));
     let client = crate::load::client();
     let mut tasks = tokio::task::JoinSet::new();
     let start = tokio::time::Instant::now();
@@ -361,10 +463,14 @@ pub async fn probe(url: &str, rate: u32, duration: Duration) -> Probe {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     while tokio::time::Instant::now() < deadline {
         tick.tick().await;
-        let (c, url) = (client.clone(), url.to_string());
+        let (c, url, header) = (client.clone(), url.to_string(), header.clone());
         tasks.spawn(async move {
             let t = tokio::time::Instant::now();
-            let req = http::Request::get(url).body(crate::load::empty()).ok()?;
+            let mut req = http::Request::get(url);
+            if let Some((k, v)) = header {
+                req = req.header(k, v);
+            }
+            let req = req.body(crate::load::empty()).ok()?;
             let r = tokio::time::timeout(Duration::from_secs(5), c.request(req)).await.ok()?.ok()?;
             let ok = r.status().is_success();
             http_body_util::BodyExt::collect(r.into_body()).await.ok()?;
@@ -423,6 +529,7 @@ async fn wrk(wrk: &Path, route: &Route, cfg: &Config) -> anyhow::Result<Small> {
             .arg(format!("-c{}", cfg.connections))
             .arg(format!("-d{}s", cfg.duration.as_secs().max(1)))
             .arg("--latency")
+            .args(route.header.iter().flat_map(|h| ["-H", h.as_str()]))
             .arg(format!("http://{}/small.txt", route.h1)),
         "wrk",
         cfg.duration + Duration::from_secs(30),
@@ -483,6 +590,7 @@ async fn h2load(h2load: &Path, route: &Route, cfg: &Config, dir: &TempDir) -> an
             .arg("-m1")
             .arg(format!("-D{}", cfg.duration.as_secs().max(1)))
             .arg(format!("--log-file={}", log.display()))
+            .args(route.header.iter().flat_map(|h| ["-H", h.as_str()]))
             .arg(format!("http://{}/small.txt", route.h2)),
         "h2load",
         cfg.duration + Duration::from_secs(30),
@@ -533,6 +641,9 @@ async fn curl(curl: &Path, route: &Route, h2: bool, up: bool, dir: &TempDir, siz
         cmd.arg("--http2-prior-knowledge");
     }
     let addr = if h2 { route.h2 } else { route.h1 };
+    if let Some(h) = &route.header {
+        cmd.args(["-H", h.as_str()]);
+    }
     if up {
         cmd.arg("-T").arg(dir.join("big.bin")).arg(format!("http://{}/upload", route.upload));
         cmd.args(["-w", "%{http_code} %{size_upload} %{speed_upload}"]);

@@ -132,6 +132,9 @@ pub enum RuleProblem {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RuleSet {
     rules: Vec<Rule>,
+    /// Every header any rule's `jwt_claims_to_headers` sets: only the
+    /// tunnel writes them, so they are removed from every public request.
+    claim_headers: Vec<http::HeaderName>,
 }
 
 impl RuleSet {
@@ -140,7 +143,19 @@ impl RuleSet {
         for r in &mut rules {
             r.label = format!("{}{}", r.host, r.path_prefix);
         }
-        RuleSet { rules }
+        let mut claim_headers: Vec<http::HeaderName> = rules
+            .iter()
+            .filter_map(|r| r.policy.jwt.as_ref())
+            .flat_map(|j| j.claims_to_headers.iter().map(|(_, h)| h.clone()))
+            .collect();
+        claim_headers.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        claim_headers.dedup();
+        RuleSet { rules, claim_headers }
+    }
+
+    /// The headers only the tunnel may set (see the field).
+    pub fn claim_headers(&self) -> &[http::HeaderName] {
+        &self.claim_headers
     }
 
     /// The first rule that serves `host` (normalized) and `path`.

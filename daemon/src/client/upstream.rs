@@ -73,9 +73,9 @@ impl Upstreams {
     /// Counts a request to `upstream` answered with `status`.
     fn count(&self, upstream: &str, status: u16) {
         let Some(classes) = self.served.get(upstream) else { return };
-        let i = usize::from(status / 100).min(classes.len() - 1);
-        let labels =
-            || vec![("upstream", upstream.to_string()), ("class", crate::metrics::status_class(u32::from(status)))];
+        // 1xx to 5xx; the odd status past 599 counts with the 5xx.
+        let i = usize::from(status / 100).clamp(1, classes.len() - 1);
+        let labels = || vec![("upstream", upstream.to_string()), ("class", format!("{i}xx"))];
         classes[i].get_or_init(|| self.metrics.requests.get_or_create(&labels()).clone()).inc();
     }
 
@@ -99,24 +99,31 @@ pub async fn serve(up: Arc<Upstreams>, exchanges: Arc<Exchanges>, new: NewReques
     // the whole request body).
     let _guard = ExchangeGuard::new(exchanges.clone(), request_id.clone());
     let cancel = io.cancel.clone();
+    // The status the public client was sent, once the head went back.
+    let mut answered = None;
+    let mut failed = false;
     tokio::select! {
         // Cancelled by the server (public client gone): dropping the request
         // future closes the upstream connection, so the upstream sees it too.
         _ = cancel.cancelled() => {
             tracing::debug!(request_id = %request_id, trace_id = %trace_id, "exchange cancelled; upstream request dropped");
         }
-        r = forward(&up, &exchanges, head, io) => {
+        r = forward(&up, &exchanges, head, io, &mut answered) => {
             if let Err(Failure(kind, message)) = r {
                 tracing::info!(request_id = %request_id, trace_id = %trace_id, ?kind, "{message}");
                 let labels = vec![("upstream", upstream_name.clone()), ("kind", kind.as_str_name().trim_start_matches("KIND_").to_ascii_lowercase())];
                 up.metrics.upstream_errors.get_or_create(&labels).inc();
-                // The server answers these 502 or 504; a cancel has no answer.
-                if kind != Kind::ShuttingDown {
-                    up.count(&upstream_name, 502);
-                }
+                failed = kind != Kind::ShuttingDown;
                 exchanges.fail(&request_id, kind, message);
             }
         }
+    }
+    // Counted once, as the public client saw it: the status it was sent, or
+    // for a failure before the head, the 5xx the server answers it with.
+    match (answered, failed) {
+        (Some(status), _) => up.count(&upstream_name, status),
+        (None, true) => up.count(&upstream_name, 502),
+        (None, false) => {}
     }
 }
 
@@ -125,6 +132,7 @@ async fn forward(
     exchanges: &Arc<Exchanges>,
     head: proto::HttpRequest,
     io: ExchangeIo,
+    answered: &mut Option<u16>,
 ) -> Result<(), Failure> {
     let Some(target) = up.targets.get(&head.upstream) else {
         return Err(Failure(Kind::UnknownUpstream, format!("no upstream named {:?} in client.toml", head.upstream)));
@@ -218,7 +226,7 @@ async fn forward(
         });
         h.observe(asked.elapsed().as_secs_f64());
     }
-    up.count(&head.upstream, resp.status().as_u16());
+    *answered = Some(resp.status().as_u16());
     if let (Some(inbound), StatusCode::SWITCHING_PROTOCOLS) = (held, resp.status()) {
         let io = ExchangeIo { request_id, credit, cancel, max_chunk, body: inbound };
         return switch(exchanges, &head.upstream, resp, io).await;

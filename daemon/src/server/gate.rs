@@ -20,7 +20,7 @@ use std::num::{NonZeroU32, NonZeroUsize};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tunnel_lib::config::{GroupSettings, ServerConfig};
-use tunnel_lib::policy::jwt::claim_value;
+use tunnel_lib::policy::jwt::{claim_value, Claims, LEEWAY_SECS};
 use tunnel_lib::policy::{Htpasswd, JwtPolicy, RateKey, RateLimit, Refusal};
 use tunnel_lib::rules::Rule;
 
@@ -28,9 +28,9 @@ use tunnel_lib::rules::Rule;
 /// password): a browser sends them with every request, and each check
 /// costs a bcrypt or argon2 run.
 const VERIFIED_CACHE: usize = 4096;
-/// Password checks run at once, on blocking threads: failed guesses cannot
-/// take more than this many cores.
-const VERIFY_AT_ONCE: usize = 2;
+/// How long a request waits for its turn at a password check before it is
+/// answered 503: a flood of guesses must not hold requests without bound.
+const VERIFY_WAIT: Duration = Duration::from_secs(2);
 
 /// A request the gate refused: its status, reason and extra headers.
 #[derive(Debug)]
@@ -55,6 +55,15 @@ impl Refused {
     }
 }
 
+/// What the gate adds to an admitted request: the verified claims, as the
+/// headers `jwt_claims_to_headers` names. They are set after the headers
+/// are sanitized, so that nothing the client sends (`Connection` naming
+/// them) can remove them.
+#[derive(Debug, Default)]
+pub struct Admitted {
+    pub claims: Vec<(HeaderName, HeaderValue)>,
+}
+
 /// The gate's state: see the module.
 pub struct Gate {
     /// Each rule's buckets, by its label (unique: duplicate rules are refused).
@@ -65,6 +74,12 @@ pub struct Gate {
     /// so that a client cannot aim a collision at another's bucket.
     hasher: RandomState,
     verified: Mutex<LruCache<u64, ()>>,
+    /// Bearer tokens verified recently, by a seeded digest of the policy's
+    /// fingerprint and the token: a client sends the same token with every
+    /// request, and checking its signature cost more than the rest of the
+    /// request (docs/benchmarks.md). Their `exp` and `nbf` are checked on
+    /// every use.
+    tokens: Mutex<LruCache<u64, Arc<VerifiedToken>>>,
     verifying: Arc<tokio::sync::Semaphore>,
 }
 
@@ -75,7 +90,12 @@ impl Default for Gate {
             groups: Mutex::default(),
             hasher: RandomState::new(),
             verified: Mutex::new(LruCache::new(NonZeroUsize::new(VERIFIED_CACHE).unwrap_or(NonZeroUsize::MIN))),
-            verifying: Arc::new(tokio::sync::Semaphore::new(VERIFY_AT_ONCE)),
+            tokens: Mutex::new(LruCache::new(NonZeroUsize::new(VERIFIED_CACHE).unwrap_or(NonZeroUsize::MIN))),
+            // One check per core at once, on blocking threads: failed
+            // guesses cannot take more than the machine.
+            verifying: Arc::new(tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+            )),
         }
     }
 }
@@ -100,7 +120,8 @@ impl Gate {
         group: Option<&GroupSettings>,
         client: IpAddr,
         headers: &mut HeaderMap,
-    ) -> Result<(), Refused> {
+    ) -> Result<Admitted, Refused> {
+        let mut admitted = Admitted::default();
         let policy = &rule.policy;
         if !policy.addresses.admits(client) {
             let why = format!("address {client} may not use this route");
@@ -121,7 +142,7 @@ impl Gate {
             self.basic_auth(users, &rule.label, headers).await?;
         }
         if let Some(jwt) = &policy.jwt {
-            bearer(jwt, &rule.label, headers)?;
+            admitted.claims = bearer(self, jwt, &rule.label, headers)?;
         }
         if (policy.basic_auth.is_some() || policy.jwt.is_some()) && !policy.pass_auth {
             headers.remove(header::AUTHORIZATION);
@@ -132,12 +153,13 @@ impl Gate {
                 Refused::new(Refusal::GroupRate, StatusCode::SERVICE_UNAVAILABLE, why).retry_after(wait)
             })?;
         }
-        Ok(())
+        Ok(admitted)
     }
 
     /// After a reload: limits whose rule or settings went are dropped (the
-    /// rest keep their buckets); verified credentials are forgotten, since
-    /// a password file may have changed.
+    /// rest keep their buckets). Verified credentials stay: they are keyed
+    /// by the hash they were checked against, which a changed password or
+    /// a removed user no longer matches.
     pub fn reconfigured(&self, cfg: &ServerConfig) {
         let max_keys = cfg.server.rate_limit_max_keys;
         lock(&self.rules).retain(|label, l| {
@@ -149,7 +171,6 @@ impl Gate {
         lock(&self.groups).retain(|name, l| {
             cfg.group(name).and_then(|g| g.max_requests_per_second).is_some_and(|n| l.is(&group_rate(n), 1))
         });
-        lock(&self.verified).clear();
     }
 
     /// Keys each keyed rate limit remembers now, by rule.
@@ -164,6 +185,25 @@ impl Gate {
             .collect();
         keys.sort();
         keys
+    }
+
+    /// The token's claims: remembered if verified before and still within
+    /// its times, else verified now (and remembered).
+    fn verified_token(&self, jwt: &JwtPolicy, token: &str) -> Result<Arc<Claims>, String> {
+        let key = self.hasher.hash_one((jwt.fingerprint(), token));
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let cached = lock(&self.tokens).get(&key).cloned();
+        if let Some(t) = cached {
+            if t.valid_at(now) {
+                return Ok(t.claims.clone());
+            }
+            lock(&self.tokens).pop(&key);
+        }
+        let claims = Arc::new(jwt.verify(token)?);
+        let time = |name: &str| claims.get(name).and_then(serde_json::Value::as_u64);
+        let verified = VerifiedToken { exp: time("exp").unwrap_or(0), nbf: time("nbf"), claims: claims.clone() };
+        lock(&self.tokens).put(key, Arc::new(verified));
+        Ok(claims)
     }
 
     fn rule_limiter(&self, rule: &Rule, spec: &RateLimit, max_keys: usize) -> Arc<Limiter> {
@@ -195,12 +235,12 @@ impl Gate {
     fn rate_key(&self, limit: &RateLimit, client: IpAddr, headers: &HeaderMap) -> u64 {
         match &limit.by {
             RateKey::Rule => 0,
-            RateKey::ClientIp => self.hasher.hash_one(client),
+            RateKey::ClientIp => self.hasher.hash_one(bucket_address(client)),
             RateKey::Header(name) => match headers.get(name) {
                 // Tagged apart from addresses: a header's value never shares
                 // an address's bucket.
                 Some(v) => self.hasher.hash_one((1u8, v.as_bytes())),
-                None => self.hasher.hash_one(client),
+                None => self.hasher.hash_one(bucket_address(client)),
             },
         }
     }
@@ -217,14 +257,26 @@ impl Gate {
         let Some((user, password)) = basic_credentials(headers) else {
             return Err(challenge("user and password required"));
         };
-        // The file and the credentials, seeded: the cache holds no password.
-        let key = self.hasher.hash_one((users.path.as_os_str(), &user, &password));
-        if lock(&self.verified).get(&key).is_some() {
+        // The credentials and the hash they are checked against, seeded:
+        // the cache holds no password, and a changed one misses it.
+        let stored = users.hash_of(&user).unwrap_or_default();
+        let key = self.hasher.hash_one((&user, &password, stored));
+        if !stored.is_empty() && lock(&self.verified).get(&key).is_some() {
             return Ok(());
         }
-        let Ok(permit) = self.verifying.clone().acquire_owned().await else {
-            return Err(challenge("password check unavailable"));
+        let permit = match tokio::time::timeout(VERIFY_WAIT, self.verifying.clone().acquire_owned()).await {
+            Ok(Ok(p)) => p,
+            _ => {
+                let why = "password checks are busy".to_string();
+                let busy = Refused::new(Refusal::BasicAuth, StatusCode::SERVICE_UNAVAILABLE, why);
+                return Err(busy.retry_after(Duration::from_secs(1)));
+            }
         };
+        // A browser's first requests come together: the ones that waited
+        // for a turn find the first one's answer here, and hash nothing.
+        if !stored.is_empty() && lock(&self.verified).get(&key).is_some() {
+            return Ok(());
+        }
         let users = users.clone();
         let who = user.clone();
         // Owned by this request, which awaits it; one hash run, bounded.
@@ -235,7 +287,8 @@ impl Gate {
         .await
         .unwrap_or(false);
         if !verified {
-            tracing::info!(user = %user, "basic_auth: wrong user or password");
+            // Escaped: the name is the client's, and may hold anything.
+            tracing::info!(user = ?user, "basic_auth: wrong user or password");
             return Err(challenge("wrong user or password"));
         }
         lock(&self.verified).put(key, ());
@@ -243,10 +296,15 @@ impl Gate {
     }
 }
 
-/// Checks the bearer token and puts its claims in the headers named by
-/// `jwt_claims_to_headers`, which are always set by us alone: a client's own
-/// values for them are dropped, whether the claim is there or not.
-fn bearer(jwt: &JwtPolicy, realm: &str, headers: &mut HeaderMap) -> Result<(), Refused> {
+/// Checks the bearer token; the headers `jwt_claims_to_headers` makes of
+/// its claims (the client's own values for them never get this far: the
+/// ingress drops them from every request).
+fn bearer(
+    gate: &Gate,
+    jwt: &JwtPolicy,
+    realm: &str,
+    headers: &HeaderMap,
+) -> Result<Vec<(HeaderName, HeaderValue)>, Refused> {
     let refuse = |why: String, error: bool| {
         let realm: String = realm.chars().filter(|c| *c != '"' && *c != '\\').collect();
         let value = if error {
@@ -271,14 +329,40 @@ fn bearer(jwt: &JwtPolicy, realm: &str, headers: &mut HeaderMap) -> Result<(), R
     let Some(token) = token else {
         return Err(refuse("bearer token required".into(), false));
     };
-    let claims = jwt.verify(&token).map_err(|why| refuse(why, true))?;
-    for (claim, name) in &jwt.claims_to_headers {
-        headers.remove(name);
-        if let Some(v) = claims.get(claim).and_then(|v| HeaderValue::from_str(&claim_value(v)).ok()) {
-            headers.insert(name.clone(), v);
-        }
+    let claims = gate.verified_token(jwt, &token).map_err(|why| refuse(why, true))?;
+    Ok(jwt
+        .claims_to_headers
+        .iter()
+        .filter_map(|(claim, name)| {
+            let v = HeaderValue::from_str(&claim_value(claims.get(claim)?)).ok()?;
+            Some((name.clone(), v))
+        })
+        .collect())
+}
+
+/// The address a `client_ip` bucket is kept for: an IPv4 address, or an
+/// IPv6 address's /64, the least a single site is given, so that one
+/// client cannot take a fresh bucket per request from its own prefix.
+fn bucket_address(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        v4 => v4,
     }
-    Ok(())
+}
+
+/// A token whose signature, issuer and audience were verified, with the
+/// times it is valid between.
+struct VerifiedToken {
+    exp: u64,
+    nbf: Option<u64>,
+    claims: Arc<Claims>,
+}
+
+impl VerifiedToken {
+    /// Whether it is valid at `now` (unix seconds), with the verifier's leeway.
+    fn valid_at(&self, now: u64) -> bool {
+        now <= self.exp.saturating_add(LEEWAY_SECS) && self.nbf.is_none_or(|nbf| nbf <= now.saturating_add(LEEWAY_SECS))
+    }
 }
 
 /// `Authorization: Basic base64(user:password)`, decoded.
@@ -418,6 +502,26 @@ mod tests {
         }
         let Buckets::Keyed(_, store) = &l.buckets else { panic!("keyed") };
         assert_eq!(store.len(), 3);
+    }
+
+    #[test]
+    fn remembered_tokens_keep_their_times() {
+        let t = VerifiedToken { exp: 1000, nbf: Some(500), claims: Arc::default() };
+        assert!(t.valid_at(700));
+        assert!(t.valid_at(1000 + LEEWAY_SECS), "leeway past exp");
+        assert!(!t.valid_at(1001 + LEEWAY_SECS), "expired while remembered");
+        assert!(t.valid_at(500 - LEEWAY_SECS), "leeway before nbf");
+        assert!(!t.valid_at(499 - LEEWAY_SECS), "not yet valid");
+    }
+
+    #[test]
+    fn ipv6_clients_share_their_64s_bucket() {
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        assert_eq!(bucket_address(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
+        assert_eq!(bucket_address(ip("2001:db8:1:2:ffff::9")), bucket_address(ip("2001:db8:1:2::7")));
+        assert_ne!(bucket_address(ip("2001:db8:1:3::1")), bucket_address(ip("2001:db8:1:2::1")));
+        assert_eq!(bucket_address(ip("192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(bucket_address(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
     }
 
     #[test]

@@ -475,10 +475,16 @@ async fn forward(
     rec.group = rule.group.clone();
     rec.rule = rule.label.clone();
     capture.routed();
+    // Headers the tunnel sets from verified claims are never the client's.
+    for name in cfg.rules.claim_headers() {
+        req.headers_mut().remove(name);
+    }
     let group = cfg.group(&rule.group);
+    let mut admitted = gate::Admitted::default();
     if gate::applies(rule, group) {
-        if let Err(refused) = shared.gate.admit(&cfg, rule, group, client, req.headers_mut()).await {
-            return refuse(shared, rule, rec, refused);
+        match shared.gate.admit(&cfg, rule, group, client, req.headers_mut()).await {
+            Ok(a) => admitted = a,
+            Err(refused) => return refuse(shared, rule, rec, refused),
         }
     }
     // The inspector's copies of the bodies' first bytes, with capture_bodies.
@@ -496,7 +502,12 @@ async fn forward(
     // and one yield for hyper to decode what it holds: a body still on its
     // way is not waited for.)
     let mut peeked = Peeked::Nothing;
-    if req.version() <= http::Version::HTTP_11 && !hyper::body::Body::is_end_stream(req.body()) {
+    // Not with `Expect: 100-continue`: reading the body would have hyper
+    // send 100 before we know a client can take the request (and the body
+    // cannot have come with the head anyway).
+    let expects_continue =
+        req.headers().get(header::EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if req.version() <= http::Version::HTTP_11 && !expects_continue && !hyper::body::Body::is_end_stream(req.body()) {
         let body = req.body_mut();
         tokio::select! {
             biased;
@@ -581,6 +592,9 @@ async fn forward(
     // whatever the Host header said or `Connection` asked to strip.
     head::set_host(&mut headers, &authority);
     set_forwarded(&mut headers, &conn.peer_ip, conn.scheme, &authority);
+    for (name, value) in admitted.claims {
+        headers.insert(name, value);
+    }
     let end_of_stream = upgrade.is_none() && hyper::body::Body::is_end_stream(&body);
     let (header_block, headers) = stream.exchanges.headers_for_peer(&headers);
     let head = proto::HttpRequest {

@@ -177,9 +177,12 @@ impl Shared {
     }
 
     fn set_config(&self, cfg: ServerConfig) {
-        self.gate.reconfigured(&cfg);
         *self.versions.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(group_versions(&cfg));
-        *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(cfg);
+        let cfg = Arc::new(cfg);
+        *self.config.write().unwrap_or_else(|e| e.into_inner()) = cfg.clone();
+        // After the swap: a request on the old config could otherwise make
+        // a limit again that the new one dropped.
+        self.gate.reconfigured(&cfg);
     }
 
     /// The fleet's pushed groups and rules in force, with their etcd revision.

@@ -255,6 +255,12 @@ upstream = "web"
             "unknown field",
         ),
     ];
+    let huge = text.replace(
+        "rate_limit = { requests = 5, burst = 10,",
+        "rate_limit = { requests = 1, per = \"365d\", burst = 1000,",
+    );
+    let e = ServerConfig::from_str_named(&huge, "server.toml").expect_err("a bucket deeper than a year").to_string();
+    assert!(e.starts_with("server.toml:18: rules[0].rate_limit: ") && e.contains("365 days"), "{e}");
     for (text, line, key, message) in cases {
         let e = ServerConfig::from_str_named(&text, "server.toml").expect_err(key).to_string();
         assert!(e.starts_with(&format!("server.toml:{line}: {key}: ")), "{key}: {e}");

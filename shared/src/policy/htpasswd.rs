@@ -99,6 +99,14 @@ impl Htpasswd {
         self.users.is_empty()
     }
 
+    /// The hash the file holds for `user`: what a verified password is
+    /// remembered with, so that a changed one is checked afresh.
+    pub fn hash_of(&self, user: &str) -> Option<&str> {
+        self.users.get(user).map(|h| match h {
+            Hash::Bcrypt(s) | Hash::Argon2(s) => s.as_str(),
+        })
+    }
+
     /// Whether `password` is `user`'s. Slow by design (see the type).
     pub fn verify(&self, user: &str, password: &[u8]) -> bool {
         match self.users.get(user) {

@@ -19,6 +19,9 @@ pub struct JwtPolicy {
     pub jwks: PathBuf,
     /// The file as read: two policies are the same when their texts are.
     text: String,
+    /// Names the keys and checks (not the claims copied): tokens verified
+    /// under one fingerprint are valid under any policy of the same one.
+    fingerprint: u64,
     pub issuer: Option<String>,
     pub audience: Option<String>,
     /// Verified claims copied to the upstream request: (claim, header).
@@ -110,7 +113,19 @@ impl JwtPolicy {
         if keys.is_empty() {
             return Err(format!("{}: no keys", jwks.display()));
         }
-        Ok(JwtPolicy { jwks: jwks.to_path_buf(), text, issuer, audience, claims_to_headers, keys })
+        let fingerprint = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (jwks, &text, &issuer, &audience).hash(&mut h);
+            h.finish()
+        };
+        Ok(JwtPolicy { jwks: jwks.to_path_buf(), text, fingerprint, issuer, audience, claims_to_headers, keys })
+    }
+
+    /// What a verified token is remembered under, with the token: the
+    /// keys, issuer and audience it was checked against.
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
     }
 
     /// The same keys and checks, copying `claims` to the upstream.
@@ -133,8 +148,12 @@ impl JwtPolicy {
             let mut v = Validation::new(header.alg);
             v.leeway = LEEWAY_SECS;
             v.validate_nbf = true;
-            // `exp` is required; `iss` and `aud` when configured.
-            v.set_required_spec_claims(&["exp"]);
+            // `exp` is required, and `iss` and `aud` when configured: the
+            // crate checks them only when a token carries them.
+            let mut required = vec!["exp"];
+            required.extend(self.issuer.as_ref().map(|_| "iss"));
+            required.extend(self.audience.as_ref().map(|_| "aud"));
+            v.set_required_spec_claims(&required);
             match &self.issuer {
                 Some(iss) => v.set_issuer(&[iss]),
                 None => v.iss = None,

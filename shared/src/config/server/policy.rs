@@ -45,6 +45,8 @@ pub(super) struct PolicyKeys<'a> {
 
 /// Shortest `per`: a finer one is a typo, and the limiter's clock is in ms.
 const MIN_RATE_PER: Duration = Duration::from_millis(1);
+/// Longest `per`, and longest refill of a full bucket.
+const MAX_RATE_PER: Duration = Duration::from_secs(365 * 86_400);
 
 /// The entry's policy: each key it sets replaces `base`'s (its group's, or
 /// none); `entry` names it in errors ("rules[2]").
@@ -118,6 +120,14 @@ fn rate_limit(src: &Source, r: &RateLimitSection, key: &str) -> Result<RateLimit
             NonZeroU32::new(*b.get_ref()).ok_or_else(|| src.at(b, format!("{key}.burst"), "must be at least 1"))?
         }
     };
+    // The bucket's depth in time (a token's period x burst) must fit the
+    // limiter's nanosecond clock with room to spare: past a year it is a typo.
+    let depth = (per / requests.get()).as_nanos() * u128::from(burst.get());
+    if per > MAX_RATE_PER || depth > MAX_RATE_PER.as_nanos() {
+        let at = r.burst.as_ref().map_or(r.requests.span().start, |b| b.span().start);
+        let why = "per, and per / requests x burst (the time a full bucket takes to refill), must be at most 365 days";
+        return Err(src.error(Some(at), key.to_string(), why));
+    }
     let by = match &r.by {
         None => RateKey::ClientIp,
         Some(b) => RateKey::parse(b.get_ref()).map_err(|m| src.at(b, format!("{key}.by"), m))?,
