@@ -41,6 +41,8 @@ pub struct Upstreams {
     http1: Arc<Pool<UpstreamBody>>,
     /// One multiplexed HTTP/2 connection per upstream (gRPC services).
     h2c: Client<HttpConnector, UpstreamBody>,
+    /// Bound on connecting to a tcp:// upstream.
+    connect_timeout: Duration,
 }
 
 impl Upstreams {
@@ -67,7 +69,15 @@ impl Upstreams {
             .build(connector);
         let durations = targets.keys().map(|name| (name.clone(), OnceLock::new())).collect();
         let served = targets.keys().map(|name| (name.clone(), Default::default())).collect();
-        Arc::new(Upstreams { targets, metrics, durations, served, http1, h2c })
+        Arc::new(Upstreams {
+            targets,
+            metrics,
+            durations,
+            served,
+            http1,
+            h2c,
+            connect_timeout: cfg.upstream_connect_timeout,
+        })
     }
 
     /// Counts a request to `upstream` answered with `status`.
@@ -108,7 +118,13 @@ pub async fn serve(up: Arc<Upstreams>, exchanges: Arc<Exchanges>, new: NewReques
         _ = cancel.cancelled() => {
             tracing::debug!(request_id = %request_id, trace_id = %trace_id, "exchange cancelled; upstream request dropped");
         }
-        r = forward(&up, &exchanges, head, io, &mut answered) => {
+        r = async {
+            if head.tcp {
+                connect_tcp(&up, &exchanges, head, io, &mut answered).await
+            } else {
+                forward(&up, &exchanges, head, io, &mut answered).await
+            }
+        } => {
             if let Err(Failure(kind, message)) = r {
                 tracing::info!(request_id = %request_id, trace_id = %trace_id, ?kind, "{message}");
                 let labels = vec![("upstream", upstream_name.clone()), ("kind", kind.as_str_name().trim_start_matches("KIND_").to_ascii_lowercase())];
@@ -137,6 +153,10 @@ async fn forward(
     let Some(target) = up.targets.get(&head.upstream) else {
         return Err(Failure(Kind::UnknownUpstream, format!("no upstream named {:?} in client.toml", head.upstream)));
     };
+    if target.is_tcp() {
+        let why = format!("upstream {:?} is a tcp:// upstream, for [[tcp]] services only", head.upstream);
+        return Err(Failure(Kind::UpstreamFailed, why));
+    }
     let bad = |what: &str| Failure(Kind::Protocol, format!("invalid {what} in request head"));
     let method = Method::from_bytes(head.method.as_bytes()).map_err(|_| bad("method"))?;
     let base = &target.url;
@@ -412,6 +432,78 @@ async fn switch(
         Some(e) => tracing::info!(request_id = %request_id, sent, received, "upgraded connection ended: {e}"),
     }
     Ok(())
+}
+
+/// A `[[tcp]]` connection: connects to the tcp:// upstream (after a PROXY
+/// protocol v2 header when the service asks for one), says so with status
+/// 200, and carries the bytes both ways until both sides are done.
+async fn connect_tcp(
+    up: &Upstreams,
+    exchanges: &Arc<Exchanges>,
+    head: proto::HttpRequest,
+    io: ExchangeIo,
+    answered: &mut Option<u16>,
+) -> Result<(), Failure> {
+    use tokio::io::AsyncWriteExt as _;
+    let Some(target) = up.targets.get(&head.upstream) else {
+        return Err(Failure(Kind::UnknownUpstream, format!("no upstream named {:?} in client.toml", head.upstream)));
+    };
+    if !target.is_tcp() {
+        let why = format!("upstream {:?} is not a tcp:// upstream; a [[tcp]] service needs one", head.upstream);
+        return Err(Failure(Kind::UpstreamFailed, why));
+    }
+    let addr = target.url.authority().map_or(String::new(), |a| a.as_str().to_string());
+    let unreachable =
+        |why: String| Failure(Kind::UpstreamUnreachable, format!("cannot connect to tcp://{addr}: {why}"));
+    let mut conn = match tokio::time::timeout(up.connect_timeout, tokio::net::TcpStream::connect(&addr)).await {
+        Err(_) => return Err(unreachable(format!("no answer within {:?}", up.connect_timeout))),
+        Ok(Err(e)) => return Err(unreachable(e.to_string())),
+        Ok(Ok(c)) => c,
+    };
+    let _ = conn.set_nodelay(true);
+    if head.proxy_protocol {
+        let header = proxy_v2(&head.client_addr, &head.service_addr).map_err(|e| Failure(Kind::Protocol, e))?;
+        conn.write_all(&header).await.map_err(|e| unreachable(format!("writing the PROXY header: {e}")))?;
+    }
+    let request_id = io.request_id.clone();
+    let connected = proto::HttpResponse { status: 200, ..Default::default() };
+    exchanges
+        .outbound()
+        .send_data(exchanges.message(&request_id, Payload::HttpResponse(connected)))
+        .await
+        .map_err(|_| Failure(Kind::ShuttingDown, "stream closed".into()))?;
+    *answered = Some(200);
+    exchanges.mark_upgraded(&request_id);
+    tracing::info!(request_id = %request_id, upstream = %head.upstream, client = %head.client_addr, "tcp connection open");
+    let outcome = upgrade::pipe(conn, io, exchanges).await;
+    let (sent, received) = (outcome.moved.sent, outcome.moved.received);
+    match outcome.error {
+        None => tracing::info!(request_id = %request_id, sent, received, "tcp connection closed"),
+        // The guard in `serve` tells the server.
+        Some(e) => tracing::info!(request_id = %request_id, sent, received, "tcp connection ended: {e}"),
+    }
+    Ok(())
+}
+
+/// A PROXY protocol v2 header (the `ppp` crate) saying that `client`
+/// connected to `service` over TCP.
+fn proxy_v2(client: &str, service: &str) -> Result<Vec<u8>, String> {
+    use ppp::v2::{Builder, Command, Protocol, Version};
+    let parse = |s: &str| s.parse::<std::net::SocketAddr>().map_err(|_| format!("invalid address {s:?} for PROXY"));
+    let (src, dst) = (parse(client)?, parse(service)?);
+    // Both of one family, as v2 wants: an IPv4 client of an IPv6 socket is mapped.
+    let (src, dst) = match (src, dst) {
+        (std::net::SocketAddr::V4(s), std::net::SocketAddr::V6(d)) => {
+            (std::net::SocketAddr::new(s.ip().to_ipv6_mapped().into(), s.port()), std::net::SocketAddr::V6(d))
+        }
+        (std::net::SocketAddr::V6(s), std::net::SocketAddr::V4(d)) => {
+            (std::net::SocketAddr::V6(s), std::net::SocketAddr::new(d.ip().to_ipv6_mapped().into(), d.port()))
+        }
+        pair => pair,
+    };
+    Builder::with_addresses(Version::Two | Command::Proxy, Protocol::Stream, (src, dst))
+        .build()
+        .map_err(|e| format!("building the PROXY header: {e}"))
 }
 
 /// An error with its causes, on one line.

@@ -610,6 +610,7 @@ async fn forward(
         window,
         upgrade: upgrade.clone().unwrap_or_default(),
         header_block,
+        ..Default::default()
     };
     let exchanges = stream.exchanges.clone();
     // From here, dropping the guard (public client gone, timeout) cancels the exchange at the client.

@@ -17,6 +17,7 @@ pub mod registry;
 pub mod reload;
 pub mod replay;
 pub mod service;
+pub mod tcp;
 pub mod traffic;
 
 use anyhow::Context as _;
@@ -136,6 +137,8 @@ pub struct Shared {
     pub exchanges_idle_closed: AtomicU64,
     /// The listeners' bound addresses, for introspection.
     pub addrs: OnceLock<(SocketAddr, SocketAddr, SocketAddr)>,
+    /// Each `[[tcp]]` service's configured and bound address.
+    pub tcp_addrs: OnceLock<Vec<(SocketAddr, SocketAddr)>>,
     /// Where the config came from, for reloads.
     pub config_path: Option<PathBuf>,
     pub registry: Registry,
@@ -406,6 +409,7 @@ impl Server {
             streams_reaped: AtomicU64::new(0),
             exchanges_idle_closed: AtomicU64::new(0),
             addrs: OnceLock::new(),
+            tcp_addrs: OnceLock::new(),
             config_path,
             registry: Registry::new(),
             cluster,
@@ -467,6 +471,19 @@ impl Server {
             tokio::spawn(ingress::run(shared.clone(), listeners.http, ingress::Scheme::Http, ingress_stop.clone()));
         let secure_ingress =
             https.map(|l| tokio::spawn(ingress::run(shared.clone(), l, ingress::Scheme::Https, ingress_stop.clone())));
+        // The [[tcp]] services' ports, bound now: like the other listen
+        // addresses, a reload that changes them applies at the next restart.
+        let tcp_stop = CancellationToken::new();
+        let (mut tcp_tasks, mut tcp_addrs) = (Vec::new(), Vec::new());
+        for t in &cfg.tcp {
+            let l =
+                TcpListener::bind(t.listen).await.with_context(|| format!("binding [[tcp]] listen {}", t.listen))?;
+            let bound = l.local_addr()?;
+            tracing::info!(service = %t.label, %bound, group = %t.group, upstream = %t.upstream, "serving a tcp service");
+            tcp_addrs.push((t.listen, bound));
+            tcp_tasks.push(tokio::spawn(tcp::run(shared.clone(), t.listen, l, tcp_stop.clone())));
+        }
+        let _ = shared.tcp_addrs.set(tcp_addrs);
         let reaper = tokio::spawn(reap(shared.clone(), background.clone()));
         let series = tokio::spawn(traffic::run(shared.clone(), background.clone()));
         let metrics = match (listeners.metrics, cfg.server.metrics_listen) {
@@ -527,6 +544,10 @@ impl Server {
         crate::systemd::stopping_within(&format!("draining for up to {grace:?}: {}", shared.status_line()), whole_stop);
         tracing::info!(server_id = %shared.server_id, grace = ?grace, "shutting down: public listener closed, finishing in-flight requests");
         ingress_stop.cancel();
+        tcp_stop.cancel();
+        for task in tcp_tasks {
+            let _ = task.await;
+        }
         for task in std::iter::once(ingress).chain(secure_ingress) {
             match task.await {
                 Ok(Ok(())) => {}

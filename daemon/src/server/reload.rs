@@ -144,6 +144,10 @@ pub fn apply(shared: &Shared, new: ServerConfig) -> Reload {
         ("link_ping_interval", o.link_ping_interval != n.link_ping_interval),
         ("link_ping_timeout", o.link_ping_timeout != n.link_ping_timeout),
     ];
+    let tcp_ports = |c: &ServerConfig| c.tcp.iter().map(|t| t.listen).collect::<Vec<_>>();
+    if tcp_ports(&old) != tcp_ports(&new) {
+        tracing::warn!("[[tcp]] listen addresses changed in the file; new ports open and removed ones close at the next restart (the other keys of each service apply now)");
+    }
     let changed: Vec<&str> = restart_only.iter().filter(|(_, c)| *c).map(|(k, _)| *k).collect();
     if !changed.is_empty() {
         tracing::warn!(keys = ?changed, "these [server] settings changed in the file; they apply at the next restart");

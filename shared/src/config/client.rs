@@ -4,7 +4,7 @@ use super::defaults::*;
 use super::log::{merge_log, LogConfig, LogFormat};
 use super::ranged::{self, Bound::*, SECOND, TENTH};
 use super::secret::Secret;
-use super::source::{parse_http_url, parse_url, read, ConfigError, Source};
+use super::source::{parse_url, read, ConfigError, Source};
 use super::tls::{check_client_tls, ClientTls, ClientTlsSection};
 use crate::units::HumanDuration;
 use serde::Deserialize;
@@ -113,10 +113,17 @@ impl<'de> Deserialize<'de> for RawUpstream {
 /// A local service the client forwards to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {
-    /// Base URL, `http://host:port`.
+    /// Base URL, `http://host:port`, or `tcp://host:port` for a `[[tcp]]` service.
     pub url: http::Uri,
     /// Speak HTTP/2 without TLS (h2c, prior knowledge) to it: gRPC services.
     pub http2: bool,
+}
+
+impl Upstream {
+    /// Whether it is a `tcp://` upstream: connections, not HTTP requests.
+    pub fn is_tcp(&self) -> bool {
+        self.url.scheme_str() == Some("tcp")
+    }
 }
 
 /// The whole client configuration, checked.
@@ -390,7 +397,7 @@ fn check_reconnect_min(
     }
 }
 
-/// The `[upstreams]` entries, each an http:// URL.
+/// The `[upstreams]` entries: http:// URLs, and tcp:// addresses for `[[tcp]]` services.
 fn check_upstreams(
     src: &Source,
     raw: &BTreeMap<String, Spanned<RawUpstream>>,
@@ -401,7 +408,15 @@ fn check_upstreams(
             RawUpstream::Url(u) => (u, false),
             RawUpstream::Table(t) => (&t.url, t.http2),
         };
-        let url = parse_http_url(url).map_err(|m| src.at(entry, format!("upstreams.{name}"), m))?;
+        let key = format!("upstreams.{name}");
+        let url = parse_url(url, &["http", "tcp"]).map_err(|m| src.at(entry, key.clone(), m))?;
+        let tcp = url.scheme_str() == Some("tcp");
+        if tcp && http2 {
+            return Err(src.at(entry, key, "http2 is for http:// upstreams; a tcp:// one carries any protocol"));
+        }
+        if tcp && url.port_u16().is_none() {
+            return Err(src.at(entry, key, "a tcp:// upstream needs a port, e.g. \"tcp://127.0.0.1:22\""));
+        }
         upstreams.insert(name.clone(), Upstream { url, http2 });
     }
     Ok(upstreams)

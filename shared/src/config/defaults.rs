@@ -55,6 +55,11 @@ pub const MAX_CAPTURE_BODIES: u64 = 1 << 20;
 pub const DEFAULT_RATE_LIMIT_MAX_KEYS: usize = 100_000;
 /// Most keys a `rate_limit` may be told to remember.
 pub const MAX_RATE_LIMIT_MAX_KEYS: usize = 10_000_000;
+/// A `[[tcp]]` connection silent both ways this long is closed (an SSH
+/// session with keepalives off sits idle for long).
+pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Default cap on a `[[tcp]]` service's open connections.
+pub const DEFAULT_TCP_MAX_CONNECTIONS: usize = 1000;
 /// Default cap on requests in flight to one client of a group.
 pub const DEFAULT_MAX_IN_FLIGHT: u32 = 1000;
 /// Default bound on a link connection's TLS handshake, or on its first plaintext byte.

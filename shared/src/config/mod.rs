@@ -28,7 +28,7 @@ pub use log::{LogConfig, LogFormat};
 pub use secret::Secret;
 pub use server::{
     ClusterSettings, ConfigPush, EtcdTls, GroupSettings, IngressCert, PeerTls, PushedConfig, ServerConfig,
-    ServerSettings,
+    ServerSettings, TcpService,
 };
 pub use source::ConfigError;
 pub use tls::{ClientTls, LinkTls};

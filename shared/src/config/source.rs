@@ -94,11 +94,6 @@ pub(super) fn join(names: &BTreeSet<String>) -> String {
     }
 }
 
-/// Checks an `http://host:port[/]` URL.
-pub(super) fn parse_http_url(s: &str) -> Result<http::Uri, String> {
-    parse_url(s, &["http"])
-}
-
 /// Checks a `scheme://host:port[/]` URL with one of `schemes`.
 pub(super) fn parse_url(s: &str, schemes: &[&str]) -> Result<http::Uri, String> {
     let uri: http::Uri = s.trim().parse().map_err(|e| format!("invalid URL {s:?}: {e}"))?;

@@ -7,11 +7,13 @@ mod groups;
 mod policy;
 mod rules;
 mod settings;
+mod tcp;
 
 pub use certificates::IngressCert;
 pub use cluster::{ClusterSettings, EtcdTls, PeerTls};
 pub use groups::GroupSettings;
 pub use settings::{ConfigPush, ServerSettings};
+pub use tcp::TcpService;
 
 use super::log::{merge_log, LogConfig};
 use super::source::{read, ConfigError, Source};
@@ -36,6 +38,8 @@ struct ServerFile {
     rules: Vec<rules::RuleSection>,
     #[serde(default)]
     certificates: Vec<certificates::CertificateSection>,
+    #[serde(default)]
+    tcp: Vec<tcp::TcpSection>,
     cluster: Option<cluster::ClusterSection>,
 }
 
@@ -48,6 +52,8 @@ pub struct ServerConfig {
     pub rules: RuleSet,
     /// HTTPS ingress certificates; the first is the default.
     pub certificates: Vec<IngressCert>,
+    /// Services that are not HTTP, each on a public TCP port of its own.
+    pub tcp: Vec<TcpService>,
     /// Membership and registry in etcd; None = a standalone server.
     pub cluster: Option<ClusterSettings>,
     /// The etcd revision of the groups and rules when they came from a
@@ -104,9 +110,10 @@ impl ServerConfig {
         let certificates = certificates::check(&src, &raw.certificates, raw.server.https_listen.as_ref())?;
         let groups = groups::check(&src, &raw.groups, raw.server.heartbeat_timeout.as_ref())?;
         let rules = rules::check(&src, &raw.rules, &groups)?;
+        let tcp = tcp::check(&src, &raw.tcp, &groups)?;
         let cluster = raw.cluster.as_ref().map(|c| cluster::check(&src, c)).transpose()?;
         let log = merge_log(&src, raw.log, raw.server.log_level, raw.server.log_format, "server.")?;
-        Ok(ServerConfig { server, log, groups, rules, certificates, cluster, pushed_revision: None })
+        Ok(ServerConfig { server, log, groups, rules, certificates, tcp, cluster, pushed_revision: None })
     }
 
     /// This config with the fleet's pushed groups and rules in place of the
@@ -128,6 +135,11 @@ impl ServerConfig {
         let certs: Vec<_> =
             self.certificates.iter().map(|c| (c.hosts.clone(), c.cert.as_path(), c.key.as_path())).collect();
         crate::tls::ingress_server_config(&certs).map(Some)
+    }
+
+    /// The TCP service listening on `listen` (as configured).
+    pub fn tcp_service(&self, listen: std::net::SocketAddr) -> Option<&TcpService> {
+        self.tcp.iter().find(|t| t.listen == listen)
     }
 
     /// The group named `name`.
