@@ -104,7 +104,7 @@ async fn closes_within(s: &mut TcpStream, limit: Duration) -> bool {
 async fn a_tcp_service_carries_bytes_both_ways_exactly() {
     let echo = tcp_upstream("echo").await;
     let t = tunnel(&[("echo", "")], &[("echo", format!("tcp://{echo}"))]).await;
-    const SIZE: usize = 256 << 20;
+    const SIZE: usize = 1 << 30;
     let s = TcpStream::connect(t.public[0]).await.unwrap();
     let (mut r, mut w) = s.into_split();
     let started = Instant::now();
@@ -200,6 +200,10 @@ async fn denied_addresses_are_closed_and_proxy_v2_names_the_client() {
     let mut answer = String::new();
     tokio::time::timeout(WAIT, s.read_to_string(&mut answer)).await.expect("answer in time").unwrap();
     // The upstream's parser read our public address and the service's.
-    assert!(answer.contains(&local.ip().to_string()) && answer.contains(&local.port().to_string()), "{answer}");
+    let records: Vec<_> = t.server.shared.requests.since(0).iter().map(|r| (r.status, r.error.clone())).collect();
+    assert!(
+        answer.contains(&local.ip().to_string()) && answer.contains(&local.port().to_string()),
+        "{answer:?} {records:?}"
+    );
     assert!(answer.contains(&t.public[1].port().to_string()), "{answer}");
 }

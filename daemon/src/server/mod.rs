@@ -475,13 +475,13 @@ impl Server {
         // addresses, a reload that changes them applies at the next restart.
         let tcp_stop = CancellationToken::new();
         let (mut tcp_tasks, mut tcp_addrs) = (Vec::new(), Vec::new());
-        for t in &cfg.tcp {
+        for (i, t) in cfg.tcp.iter().enumerate() {
             let l =
                 TcpListener::bind(t.listen).await.with_context(|| format!("binding [[tcp]] listen {}", t.listen))?;
             let bound = l.local_addr()?;
             tracing::info!(service = %t.label, %bound, group = %t.group, upstream = %t.upstream, "serving a tcp service");
             tcp_addrs.push((t.listen, bound));
-            tcp_tasks.push(tokio::spawn(tcp::run(shared.clone(), t.listen, l, tcp_stop.clone())));
+            tcp_tasks.push(tokio::spawn(tcp::run(shared.clone(), i, t.listen, l, tcp_stop.clone())));
         }
         let _ = shared.tcp_addrs.set(tcp_addrs);
         let reaper = tokio::spawn(reap(shared.clone(), background.clone()));

@@ -23,9 +23,16 @@ use tunnel_lib::proto::{self, tunnel_message::Payload};
 /// How long a client may take to reach its upstream and say so.
 const CONNECT_WAIT: Duration = Duration::from_secs(10);
 
-/// Accepts the connections of the service configured at `listen` until
-/// `stop` fires; then gives open ones the shutdown grace, and closes them.
-pub async fn run(shared: Arc<Shared>, listen: SocketAddr, listener: TcpListener, stop: CancellationToken) {
+/// Accepts the connections of the service configured at `listen` (entry
+/// `index` of `[[tcp]]` at start) until `stop` fires; then gives open ones
+/// the shutdown grace, and closes them.
+pub async fn run(
+    shared: Arc<Shared>,
+    index: usize,
+    listen: SocketAddr,
+    listener: TcpListener,
+    stop: CancellationToken,
+) {
     let (connections, closing) = (TaskTracker::new(), CancellationToken::new());
     let open = Arc::new(AtomicUsize::new(0));
     let public = listener.local_addr().unwrap_or(listen);
@@ -43,7 +50,7 @@ pub async fn run(shared: Arc<Shared>, listen: SocketAddr, listener: TcpListener,
             },
         };
         let cfg = shared.config();
-        let Some(service) = cfg.tcp_service(listen).cloned() else {
+        let Some(service) = cfg.tcp_service(index, listen).cloned() else {
             tracing::warn!(%listen, %peer, "no [[tcp]] service at this address any more (removed by a reload; the port closes at the next restart): connection closed");
             continue;
         };

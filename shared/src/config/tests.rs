@@ -267,3 +267,53 @@ upstream = "web"
         assert!(e.contains(message), "{key}: {e}");
     }
 }
+
+/// `[[tcp]]` entries and tcp:// upstreams: checked, errors naming the key.
+#[test]
+fn tcp_services_and_upstreams_are_checked() {
+    let text = r#"
+[[groups]]
+name = "demo"
+token = "t"
+
+[[tcp]]
+listen = "0.0.0.0:2222"
+group = "demo"
+upstream = "ssh"
+deny = ["192.0.2.0/24"]
+proxy_protocol = true
+"#;
+    let c = ServerConfig::from_str_named(text, "server.toml").expect("valid");
+    let t = &c.tcp[0];
+    assert_eq!((t.label.as_str(), t.upstream.as_str(), t.proxy_protocol), ("tcp:0.0.0.0:2222", "ssh", true));
+    assert_eq!((t.idle_timeout, t.max_connections), (DEFAULT_TCP_IDLE_TIMEOUT, DEFAULT_TCP_MAX_CONNECTIONS));
+    assert!(!t.addresses.admits("192.0.2.9".parse().expect("ip")));
+    let twice = format!("{text}\n[[tcp]]\nlisten = \"0.0.0.0:2222\"\ngroup = \"demo\"\nupstream = \"db\"\n");
+    let cases = [
+        (
+            text.replace("group = \"demo\"\nupstream", "group = \"other\"\nupstream"),
+            8,
+            "tcp[0].group",
+            "no group named",
+        ),
+        (text.replace("192.0.2.0/24", "192.0.2.0/99"), 10, "tcp[0].deny", "CIDR"),
+        (twice, 14, "tcp[1].listen", "listed twice"),
+    ];
+    for (text, line, key, message) in cases {
+        let e = ServerConfig::from_str_named(&text, "server.toml").expect_err(key).to_string();
+        assert!(e.starts_with(&format!("server.toml:{line}: {key}: ")) && e.contains(message), "{key}: {e}");
+    }
+    let client = |up: &str| {
+        ClientConfig::from_str_named(
+            &format!("server = \"http://127.0.0.1:7000\"\ngroup = \"demo\"\ntoken = \"t\"\n[upstreams]\nssh = {up}\n"),
+            "client.toml",
+        )
+    };
+    assert!(client("\"tcp://127.0.0.1:22\"").expect("valid").upstreams["ssh"].is_tcp());
+    let e = client("\"tcp://127.0.0.1\"").expect_err("no port").to_string();
+    assert!(e.contains("upstreams.ssh") && e.contains("needs a port"), "{e}");
+    let e = client("{ url = \"tcp://127.0.0.1:22\", http2 = true }").expect_err("http2").to_string();
+    assert!(e.contains("http2 is for http://"), "{e}");
+    let e = client("\"udp://127.0.0.1:53\"").expect_err("scheme").to_string();
+    assert!(e.contains("use http:// or tcp://"), "{e}");
+}

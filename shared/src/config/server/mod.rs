@@ -137,9 +137,14 @@ impl ServerConfig {
         crate::tls::ingress_server_config(&certs).map(Some)
     }
 
-    /// The TCP service listening on `listen` (as configured).
-    pub fn tcp_service(&self, listen: std::net::SocketAddr) -> Option<&TcpService> {
-        self.tcp.iter().find(|t| t.listen == listen)
+    /// The TCP service listening on `listen` (as configured), which was
+    /// entry `index` when its port was bound: that entry if it still
+    /// listens there (several may say port 0), else the one that does.
+    pub fn tcp_service(&self, index: usize, listen: std::net::SocketAddr) -> Option<&TcpService> {
+        match self.tcp.get(index) {
+            Some(t) if t.listen == listen => Some(t),
+            _ => self.tcp.iter().find(|t| t.listen == listen && t.listen.port() != 0),
+        }
     }
 
     /// The group named `name`.
