@@ -2,7 +2,8 @@
 //! (a large echo, compared by hash), a public peer that stops reading stalls
 //! nothing else, an upstream that refuses gets the public connection closed
 //! at once, allow/deny, and a PROXY protocol v2 header a real parser (the
-//! `ppp` crate) reads the public client's address from.
+//! `ppp` crate) reads the public client's address from; and a real OpenSSH
+//! session through a TCP service.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -206,4 +207,70 @@ async fn denied_addresses_are_closed_and_proxy_v2_names_the_client() {
         "{answer:?} {records:?}"
     );
     assert!(answer.contains(&t.public[1].port().to_string()), "{answer}");
+}
+
+/// A real OpenSSH server (Debian's openssh-server) on a loopback port,
+/// reached through a `[[tcp]]` service by the real ssh client, runs a
+/// command. Skipped, saying so, where either is missing (never under CI,
+/// where .ci/run installs them).
+#[tokio::test]
+async fn ssh_runs_a_command_through_a_tcp_service() {
+    let (sshd, ssh) = (std::path::Path::new("/usr/sbin/sshd"), which("ssh"));
+    let (true, Some(ssh)) = (sshd.exists(), ssh) else {
+        assert!(std::env::var_os("CI").is_none(), "sshd and ssh are required under CI (.ci/run installs them)");
+        eprintln!("SKIPPED: /usr/sbin/sshd or ssh missing (apt-get install openssh-server openssh-client)");
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("tunnel-ssh-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for key in ["host_key", "id"] {
+        let ok = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(dir.join(key))
+            .status()
+            .unwrap();
+        assert!(ok.success(), "ssh-keygen");
+    }
+    std::fs::copy(dir.join("id.pub"), dir.join("authorized_keys")).unwrap();
+    // sshd wants its privilege separation directory (made by its package's service, which is not running here).
+    let _ = std::fs::create_dir_all("/run/sshd");
+    let [port] = free_ports::<1>();
+    let d = dir.display();
+    let config = format!(
+        "Port {}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nPermitRootLogin prohibit-password\nPidFile {d}/sshd.pid\nLogLevel ERROR\n",
+        port.port()
+    );
+    std::fs::write(dir.join("sshd_config"), config).unwrap();
+    let mut daemon = tokio::process::Command::new(sshd)
+        .args(["-D", "-e", "-f"])
+        .arg(dir.join("sshd_config"))
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // Up when its port answers, within the bound.
+    let deadline = Instant::now() + WAIT;
+    while TcpStream::connect(port).await.is_err() {
+        assert!(Instant::now() < deadline, "sshd did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let t = tunnel(&[("ssh", "")], &[("ssh", format!("tcp://{port}"))]).await;
+    let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
+    let run = tokio::process::Command::new(ssh)
+        .args(["-i"])
+        .arg(dir.join("id"))
+        .args(["-p", &t.public[0].port().to_string()])
+        .args(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes"])
+        .args(["-o", "LogLevel=ERROR", &format!("{user}@127.0.0.1"), "echo", "through-the-tunnel"])
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(30), run).await.expect("ssh finished in time").unwrap();
+    let _ = daemon.kill().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(out.status.success(), "ssh failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "through-the-tunnel");
+}
+
+/// The program `name` on PATH.
+fn which(name: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| std::path::Path::new(d).join(name)).find(|p| p.exists())
 }
