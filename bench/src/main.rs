@@ -14,6 +14,7 @@ mod ops;
 mod procs;
 mod race;
 mod soak;
+mod tcp;
 mod upstream;
 mod ws;
 
@@ -66,6 +67,8 @@ enum Cmd {
         #[arg(long, value_delimiter = ',', default_value = "none")]
         policies: Vec<race::Policy>,
     },
+    /// A [[tcp]] service vs rathole vs direct: connection setup and one-way throughput each direction.
+    Tcp,
     /// Server memory with many connected clients (real client code, in this process).
     Fleet {
         #[arg(long, default_value_t = 1000)]
@@ -140,6 +143,7 @@ async fn main() -> anyhow::Result<()> {
                 race::run(&bins, &cfg).await?;
             }
             Cmd::Fleet { clients } => fleet::run(&bins, clients).await?,
+            Cmd::Tcp => tcp::run(&bins, args.quick).await?,
             Cmd::Ws => ws::run(&bins, &ws::Config::new(args.quick)).await?,
             Cmd::Ops => ops::run(&bins, &ops::Config::new(args.quick)).await?,
             Cmd::Ha => ha::run(&bins, &ha::Config::new(args.quick)).await?,
