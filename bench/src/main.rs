@@ -126,6 +126,7 @@ async fn main() -> anyhow::Result<()> {
             Cmd::Fleet { clients: if args.quick { 100 } else { 1000 } },
             defaults,
             Cmd::Race { workers: vec![0, 1], no_rathole: false, policies: vec![race::Policy::None] },
+            Cmd::Tcp,
             Cmd::Ws,
             Cmd::Ops,
             Cmd::Ha,

@@ -244,3 +244,14 @@ fn cluster_forwards_and_its_fleet_recovers_from_a_killed_server() {
     assert_eq!(fleet.len(), 3, "{stdout}");
     assert!(fleet[2][1].contains("sessions back and agreed on by every server"), "{stdout}");
 }
+
+#[test]
+fn tcp_services_print_setup_and_throughput() {
+    let stdout = bench(&["tcp"]);
+    let r = rows(&stdout, &["direct", "tunnel", "rathole"]);
+    for route in ["direct", "tunnel (workers = 1)"] {
+        let row = r.iter().find(|x| x[0] == route).unwrap_or_else(|| panic!("no {route} row:\n{stdout}"));
+        assert!(num(row, 1) > 0.0 && num(row, 1) <= num(row, 2), "{row:?}");
+        assert!(num(row, 3) > 0.0 && num(row, 4) > 0.0, "bytes moved: {row:?}");
+    }
+}
