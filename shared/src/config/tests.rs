@@ -255,6 +255,20 @@ upstream = "web"
             "unknown field",
         ),
     ];
+    // A JWKS that does not parse, and one with a symmetric key: refused at load, naming the key.
+    let dir = std::env::temp_dir().join(format!("tunnel-config-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    for (body, want) in [("not json", "not a JWKS"), (r#"{"keys":[{"kty":"oct","k":"c2VjcmV0"}]}"#, "symmetric")] {
+        let jwks = dir.join("jwks.json");
+        std::fs::write(&jwks, body).expect("write");
+        let with = text.replace(
+            "upstream = \"web\"\nallow",
+            &format!("upstream = \"web\"\njwt = {{ jwks = \"{}\" }}\nallow", jwks.display()),
+        );
+        let e = ServerConfig::from_str_named(&with, "server.toml").expect_err(want).to_string();
+        assert!(e.starts_with("server.toml:17: rules[0].jwt: ") && e.contains(want), "{e}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
     let huge = text.replace(
         "rate_limit = { requests = 5, burst = 10,",
         "rate_limit = { requests = 1, per = \"365d\", burst = 1000,",
