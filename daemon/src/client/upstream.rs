@@ -80,6 +80,23 @@ impl Upstreams {
         })
     }
 
+    /// The upstream named `name`, when it is of the kind the exchange needs:
+    /// a tcp:// one for a `[[tcp]]` connection, an http:// one otherwise.
+    fn target(&self, name: &str, tcp: bool) -> Result<&Upstream, Failure> {
+        let Some(target) = self.targets.get(name) else {
+            return Err(Failure(Kind::UnknownUpstream, format!("no upstream named {name:?} in client.toml")));
+        };
+        if target.is_tcp() != tcp {
+            let why = if tcp {
+                format!("upstream {name:?} is not a tcp:// upstream; a [[tcp]] service needs one")
+            } else {
+                format!("upstream {name:?} is a tcp:// upstream, for [[tcp]] services only")
+            };
+            return Err(Failure(Kind::UpstreamFailed, why));
+        }
+        Ok(target)
+    }
+
     /// Counts a request to `upstream` answered with `status`.
     fn count(&self, upstream: &str, status: u16) {
         let Some(classes) = self.served.get(upstream) else { return };
@@ -150,13 +167,7 @@ async fn forward(
     io: ExchangeIo,
     answered: &mut Option<u16>,
 ) -> Result<(), Failure> {
-    let Some(target) = up.targets.get(&head.upstream) else {
-        return Err(Failure(Kind::UnknownUpstream, format!("no upstream named {:?} in client.toml", head.upstream)));
-    };
-    if target.is_tcp() {
-        let why = format!("upstream {:?} is a tcp:// upstream, for [[tcp]] services only", head.upstream);
-        return Err(Failure(Kind::UpstreamFailed, why));
-    }
+    let target = up.target(&head.upstream, false)?;
     let bad = |what: &str| Failure(Kind::Protocol, format!("invalid {what} in request head"));
     let method = Method::from_bytes(head.method.as_bytes()).map_err(|_| bad("method"))?;
     let base = &target.url;
@@ -445,13 +456,7 @@ async fn connect_tcp(
     answered: &mut Option<u16>,
 ) -> Result<(), Failure> {
     use tokio::io::AsyncWriteExt as _;
-    let Some(target) = up.targets.get(&head.upstream) else {
-        return Err(Failure(Kind::UnknownUpstream, format!("no upstream named {:?} in client.toml", head.upstream)));
-    };
-    if !target.is_tcp() {
-        let why = format!("upstream {:?} is not a tcp:// upstream; a [[tcp]] service needs one", head.upstream);
-        return Err(Failure(Kind::UpstreamFailed, why));
-    }
+    let target = up.target(&head.upstream, true)?;
     let addr = target.url.authority().map_or(String::new(), |a| a.as_str().to_string());
     let unreachable =
         |why: String| Failure(Kind::UpstreamUnreachable, format!("cannot connect to tcp://{addr}: {why}"));
