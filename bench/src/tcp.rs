@@ -25,7 +25,9 @@ struct Ports {
 struct Route {
     name: &'static str,
     ports: Ports,
-    _children: Vec<Child>,
+    children: Vec<Child>,
+    /// The daemons' logs, shown when a measurement fails.
+    logs: Vec<std::path::PathBuf>,
 }
 
 /// Runs the comparison and prints its table; `size` per transfer.
@@ -35,7 +37,7 @@ pub async fn run(bins: &Path, quick: bool) -> anyhow::Result<()> {
     let dir = TempDir::new("tcp")?;
     let local =
         Ports { echo: serve("echo", 0).await?, sink: serve("sink", 0).await?, source: serve("source", size).await? };
-    let mut routes = vec![Route { name: "direct", ports: local, _children: vec![] }];
+    let mut routes = vec![Route { name: "direct", ports: local, children: vec![], logs: vec![] }];
     routes.push(start_tunnel(bins, &dir, local).await?);
     match which("rathole") {
         Some(r) => routes.push(start_rathole(&r, &dir, local).await?),
@@ -44,10 +46,17 @@ pub async fn run(bins: &Path, quick: bool) -> anyhow::Result<()> {
     println!("\nTCP services: connection setup ({connects} sequential: connect, 1 byte echoed, close) and one transfer of {} MiB each way.\n", size >> 20);
     println!("| route | setup p50 ms | setup p99 ms | upload MB/s | download MB/s |");
     println!("|---|---:|---:|---:|---:|");
-    for r in &routes {
-        let (p50, p99) = setup(r.ports.echo, connects).await?;
-        let up = upload(r.ports.sink, size).await?;
-        let down = download(r.ports.source, size).await?;
+    for r in &mut routes {
+        let (p50, p99, up, down) = match measure(r.ports, connects, size).await {
+            Ok(m) => m,
+            Err(e) => {
+                // Whatever the daemons said, and whether they still run, is the
+                // first thing whoever reads this failure needs.
+                let alive: Vec<String> = r.children.iter_mut().map(|c| format!("{:?}", c.try_wait())).collect();
+                let tails: Vec<String> = r.logs.iter().map(|l| procs::log_tail(l)).collect();
+                bail!("{}: {e:#}\nprocesses (None = running): {}\n{}", r.name, alive.join(", "), tails.join("\n"));
+            }
+        };
         println!("| {} | {:.3} | {:.3} | {:.0} | {:.0} |", r.name, p50 * 1e3, p99 * 1e3, up, down);
     }
     Ok(())
@@ -88,6 +97,14 @@ async fn serve(kind: &'static str, size: u64) -> anyhow::Result<SocketAddr> {
         }
     });
     Ok(addr)
+}
+
+/// Setup p50 and p99 (seconds), upload and download MB/s through one route.
+async fn measure(ports: Ports, connects: usize, size: u64) -> anyhow::Result<(f64, f64, f64, f64)> {
+    let (p50, p99) = setup(ports.echo, connects).await.context("setup")?;
+    let up = upload(ports.sink, size).await.context("upload")?;
+    let down = download(ports.source, size).await.context("download")?;
+    Ok((p50, p99, up, down))
 }
 
 /// Median and 99th percentile, seconds, of `n` connects with one echoed byte.
@@ -181,7 +198,7 @@ async fn start_tunnel(bins: &Path, dir: &TempDir, local: Ports) -> anyhow::Resul
     let s = spawn(&bins.join("tunnel-server"), &[OsStr::new("--config"), sc.as_os_str()], &logs[0])?;
     let c = spawn(&bins.join("tunnel-client"), &[OsStr::new("--config"), cc.as_os_str()], &logs[1])?;
     echoing(public.echo, "the tunnel", &logs).await?;
-    Ok(Route { name: "tunnel (workers = 1)", ports: public, _children: vec![s, c] })
+    Ok(Route { name: "tunnel (workers = 1)", ports: public, children: vec![s, c], logs: logs.to_vec() })
 }
 
 /// rathole forwarding the same three services.
@@ -205,7 +222,7 @@ async fn start_rathole(rathole: &Path, dir: &TempDir, local: Ports) -> anyhow::R
     let s = spawn(rathole, &[OsStr::new("--server"), sc.as_os_str()], &logs[0])?;
     let c = spawn(rathole, &[OsStr::new("--client"), cc.as_os_str()], &logs[1])?;
     echoing(public.echo, "rathole", &logs).await?;
-    Ok(Route { name: "rathole", ports: public, _children: vec![s, c] })
+    Ok(Route { name: "rathole", ports: public, children: vec![s, c], logs: logs.to_vec() })
 }
 
 /// Waits until `echo` echoes a byte (its client connected), within 20 s.
