@@ -12,11 +12,99 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tokio::process::Child;
+use tunnel_lib::config::LinkTuning;
 use tunnel_lib::introspection::WatchUpdate;
+use tunnel_lib::units::ByteSize;
+
+/// The link sockets' TCP timers a set of cells runs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timers {
+    /// Whatever the daemons default to (no key written).
+    Default,
+    /// Written out: `LinkTuning::OFF` is the kernel's own timers.
+    Set(LinkTuning),
+}
+
+impl std::str::FromStr for Timers {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "default" => return Ok(Timers::Default),
+            "off" => return Ok(Timers::Set(LinkTuning::OFF)),
+            _ => {}
+        }
+        let mut t = LinkTuning::OFF;
+        let timer = |v: &str| humantime::parse_duration(v).map_err(|e| format!("{v:?}: {e}"));
+        for item in s.trim().split('+') {
+            match item.split_once('=') {
+                Some(("rto", v)) => t.rto_min = Some(timer(v)?),
+                Some(("delack", v)) => t.delack_max = Some(timer(v)?),
+                Some(("lowat", v)) => t.notsent_lowat = Some(ByteSize::parse(v)?.0 as u32),
+                None if item == "thin" => t.thin_timeouts = true,
+                _ => {
+                    return Err(format!(
+                        "{item:?} in {s:?}: write default, off, or options joined by +: rto=20ms, delack=8ms, lowat=128KiB, thin"
+                    ))
+                }
+            }
+        }
+        Ok(Timers::Set(t))
+    }
+}
+
+impl std::fmt::Display for Timers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let t = match self {
+            Timers::Default => return write!(f, "default"),
+            Timers::Set(t) if t.is_off() => return write!(f, "off"),
+            Timers::Set(t) => t,
+        };
+        let mut items = Vec::new();
+        if let Some(d) = t.rto_min {
+            items.push(format!("rto={}ms", d.as_millis()));
+        }
+        if let Some(d) = t.delack_max {
+            items.push(format!("delack={}ms", d.as_millis()));
+        }
+        if let Some(n) = t.notsent_lowat {
+            items.push(format!("lowat={}KiB", n >> 10));
+        }
+        if t.thin_timeouts {
+            items.push("thin".into());
+        }
+        write!(f, "{}", items.join("+"))
+    }
+}
+
+impl Timers {
+    /// The keys as a config file writes them (none for the daemons' defaults).
+    fn keys(&self) -> String {
+        let Timers::Set(t) = self else { return String::new() };
+        let v = |d: Option<Duration>| d.map_or("off".to_string(), |d| format!("{}ms", d.as_millis()));
+        format!(
+            "link_rto_min = \"{}\"\nlink_delack_max = \"{}\"\nlink_thin_timeouts = {}\nlink_notsent_lowat = {}\n",
+            v(t.rto_min),
+            v(t.delack_max),
+            t.thin_timeouts,
+            t.notsent_lowat.unwrap_or(0)
+        )
+    }
+
+    /// What the daemons' sockets get.
+    pub fn tuning(&self) -> LinkTuning {
+        match self {
+            Timers::Default => LinkTuning::default(),
+            Timers::Set(t) => *t,
+        }
+    }
+}
 
 /// What one cell measured.
 pub struct Cell {
     transport: String,
+    timers: Timers,
+    /// Segments retransmitted on the lossy link, both ends (None off it).
+    retransmits: Option<u64>,
     scenario: load::Scenario,
     /// Median of the streams' p50 delays, the worst p99, the worst max (ms).
     delay: (i64, i64, i64),
@@ -42,6 +130,7 @@ impl Tunnel {
         upstream: SocketAddr,
         grpc: SocketAddr,
         link: Option<SocketAddr>,
+        timers: Timers,
     ) -> anyhow::Result<Tunnel> {
         let dir = TempDir::new(transport)?;
         let (http, admin) = (free_port()?, free_port()?);
@@ -53,7 +142,7 @@ http_listen = "{http}"
 grpc_listen = "{grpc}"
 admin_listen = "{admin}"
 shutdown_grace = "1s"
-[[groups]]
+{}[[groups]]
 name = "bench"
 token = "bench-token"
 heartbeat_interval = "1s"
@@ -62,10 +151,12 @@ data_streams = 2
 group = "bench"
 upstream = "up"
 timeout = "60s"
-"#
+"#,
+            timers.keys()
         );
         let client_toml = format!(
-            "server = \"http://{dial}\"\nclient_id = \"bench-client\"\ngroup = \"bench\"\ntoken = \"bench-token\"\ntransport = \"{transport}\"\nheartbeat_interval = \"1s\"\nshutdown_grace = \"1s\"\n[upstreams]\nup = \"http://{upstream}\"\n"
+            "server = \"http://{dial}\"\nclient_id = \"bench-client\"\ngroup = \"bench\"\ntoken = \"bench-token\"\ntransport = \"{transport}\"\nheartbeat_interval = \"1s\"\nshutdown_grace = \"1s\"\n{}[upstreams]\nup = \"http://{upstream}\"\n",
+            timers.keys()
         );
         let server_cfg = dir.join("server.toml");
         let client_cfg = dir.join("client.toml");
@@ -112,20 +203,33 @@ fn median(mut v: Vec<i64>) -> i64 {
     v[v.len() / 2]
 }
 
-async fn run_cell(bins: &Path, transport: &str, scenario: load::Scenario, cfg: &load::Config) -> anyhow::Result<Cell> {
+async fn run_cell(
+    bins: &Path,
+    transport: &str,
+    scenario: load::Scenario,
+    timers: Timers,
+    link: lossy::Link,
+    cfg: &load::Config,
+) -> anyhow::Result<Cell> {
     let up = upstream::start().await?;
     // The lossy link: the client reaches the server through a relay that
     // delays every byte, on the port the namespace's firewall drops from.
+    // The relay's end of that segment stands in for the server's socket,
+    // so it gets the server's timers.
     let (grpc, relay) = if scenario == load::Scenario::Lossy {
-        let relay = lossy::Relay::start(lossy::RELAY_PORT, lossy::DELAY).await?;
+        let relay = lossy::Relay::start(lossy::RELAY_PORT, link.delay, timers.tuning()).await?;
         (relay.target, Some(relay))
     } else {
         (free_port()?, None)
     };
-    let link = relay.as_ref().map(|r| r.addr);
-    let tunnel = Tunnel::start(bins, transport, up.addr, grpc, link).await?;
+    let dial = relay.as_ref().map(|r| r.addr);
+    let tunnel = Tunnel::start(bins, transport, up.addr, grpc, dial, timers).await?;
     tokio::time::sleep(cfg.settle).await;
     let outcome = load::run(scenario, tunnel.http, cfg).await;
+    let retransmits = match relay {
+        Some(_) => Some(lossy::retransmits(lossy::RELAY_PORT).await?),
+        None => None,
+    };
     let after = tunnel.snapshot().await?;
     tunnel.stop().await;
     up.stop();
@@ -135,6 +239,8 @@ async fn run_cell(bins: &Path, transport: &str, scenario: load::Scenario, cfg: &
     let delays: Vec<_> = after.streams.iter().filter(|s| s.delay_max_ms >= 0).collect();
     Ok(Cell {
         transport: transport.to_string(),
+        timers,
+        retransmits,
         scenario,
         delay: (
             median(delays.iter().map(|s| s.delay_p50_ms).collect()),
@@ -152,9 +258,11 @@ impl Cell {
     /// The cell's row of the markdown table.
     pub fn row(&self) -> String {
         format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             self.transport,
             self.scenario.name(),
+            self.timers,
+            self.retransmits.map_or("-".to_string(), |r| r.to_string()),
             self.delay.0,
             self.delay.1,
             self.delay.2,
@@ -166,11 +274,13 @@ impl Cell {
     }
 }
 
-fn print_table(rows: &[String], cfg: &load::Config) {
+fn print_table(rows: &[String], link: lossy::Link, cfg: &load::Config) {
     println!("\nHeartbeat one-way delay (ms) per transport and load; heartbeat interval 1 s, reap timeout 3 s.");
+    println!("The lossy link: {}% of packets dropped each way, {:?} added each way.", link.loss, link.delay);
     println!("Each cell: fresh server and client processes, {:?} of load. {}\n", cfg.duration, cfg.describe());
-    println!("| transport | load | hb delay p50 | p99 | max | hb rtt p99 | streams | reaped | throughput |");
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---|");
+    println!("Link options: the link sockets' TCP options (default: the daemons' own; off: the kernel's); retrans: segments retransmitted on the lossy link.\n");
+    println!("| transport | load | link options | retrans | hb delay p50 | p99 | max | hb rtt p99 | streams | reaped | throughput |");
+    println!("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|");
     for r in rows {
         println!("{r}");
     }
@@ -179,22 +289,31 @@ fn print_table(rows: &[String], cfg: &load::Config) {
 /// Runs every requested cell and prints the table. Lossy cells run in a
 /// network namespace of their own (`lossy::run_in_netns`) unless this
 /// process already is in one.
-pub async fn run(bins: &Path, transports: &[String], scenarios: &[String], cfg: &load::Config) -> anyhow::Result<()> {
+pub async fn run(
+    bins: &Path,
+    transports: &[String],
+    scenarios: &[String],
+    timers: &[Timers],
+    link: lossy::Link,
+    cfg: &load::Config,
+) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for scenario in scenarios {
         let scenario = load::Scenario::parse(scenario)?;
-        for transport in transports {
-            if !["split", "single", "split-connection"].contains(&transport.as_str()) {
-                bail!("unknown transport {transport:?}");
+        for &t in timers {
+            for transport in transports {
+                if !["split", "single", "split-connection"].contains(&transport.as_str()) {
+                    bail!("unknown transport {transport:?}");
+                }
+                eprintln!("running {transport} / {} / link timers {t} for {:?}", scenario.name(), cfg.duration);
+                if scenario == load::Scenario::Lossy && !lossy::inside_netns() {
+                    rows.push(lossy::run_in_netns(bins, transport, t, link, cfg).await);
+                    continue;
+                }
+                rows.push(run_cell(bins, transport, scenario, t, link, cfg).await?.row());
             }
-            eprintln!("running {transport} / {} for {:?}", scenario.name(), cfg.duration);
-            if scenario == load::Scenario::Lossy && !lossy::inside_netns() {
-                rows.push(lossy::run_in_netns(bins, transport, cfg).await);
-                continue;
-            }
-            rows.push(run_cell(bins, transport, scenario, cfg).await?.row());
         }
     }
-    print_table(&rows, cfg);
+    print_table(&rows, link, cfg);
     Ok(())
 }

@@ -7,6 +7,7 @@
 //! TCP therefore sees real loss and retransmits, but on a loopback round
 //! trip; the delay sits outside its congestion control.
 
+use crate::isolation::Timers;
 use crate::procs::{which, TempDir};
 use crate::{load, procs};
 use anyhow::{bail, Context as _};
@@ -20,6 +21,7 @@ use tokio::process::Command;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tunnel_lib::config::LinkTuning;
 
 /// The relay's port inside the namespace (fresh, so a fixed port is free).
 pub const RELAY_PORT: u16 = 17999;
@@ -27,6 +29,15 @@ pub const RELAY_PORT: u16 = 17999;
 pub const DELAY: Duration = Duration::from_millis(20);
 /// Packets dropped on the link, percent, each direction.
 pub const LOSS_PERCENT: u32 = 1;
+/// The lossy link's shape.
+#[derive(Debug, Clone, Copy)]
+pub struct Link {
+    /// Packets dropped, percent, each direction.
+    pub loss: u32,
+    /// Added to each direction.
+    pub delay: Duration,
+}
+
 /// Set in the re-executed bench so it knows it is in the namespace.
 const NETNS_ENV: &str = "TUNNEL_BENCH_NETNS";
 
@@ -50,9 +61,13 @@ impl Drop for Relay {
 }
 
 impl Relay {
-    /// Listens on 127.0.0.1:`port` and forwards each connection with `delay` each way.
-    pub async fn start(port: u16, delay: Duration) -> anyhow::Result<Relay> {
+    /// Listens on 127.0.0.1:`port` and forwards each connection with `delay`
+    /// each way. Its accepted sockets are the far end of the lossy segment,
+    /// where the server's would be: they get `timers`, as the server's do.
+    pub async fn start(port: u16, delay: Duration, timers: LinkTuning) -> anyhow::Result<Relay> {
         let listener = TcpListener::bind(("127.0.0.1", port)).await.with_context(|| format!("relay port {port}"))?;
+        // Inherited by accepted sockets, in force from their handshake on.
+        tunnel_daemon::tunnel::tuning::apply(&listener, &timers);
         let addr = listener.local_addr()?;
         let target = procs::free_port()?;
         let task = tokio::spawn(async move {
@@ -110,15 +125,37 @@ async fn pump(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp:
 
 /// Runs the lossy cell for `transport` in a fresh network namespace and
 /// returns its table row, or a row saying why it was skipped.
-pub async fn run_in_netns(bins: &Path, transport: &str, cfg: &load::Config) -> String {
-    match in_netns(bins, transport, cfg).await {
+pub async fn run_in_netns(bins: &Path, transport: &str, timers: Timers, link: Link, cfg: &load::Config) -> String {
+    match in_netns(bins, transport, timers, link, cfg).await {
         Ok(row) => row,
         Err(e) => {
             let reason = format!("{e:#}").replace('|', "/").replace('\n', " ");
             eprintln!("lossy cell skipped: {reason}");
-            format!("| {transport} | {} | skipped: {reason} | | | | | | |", load::Scenario::Lossy.name())
+            format!("| {transport} | {} | {timers} | | skipped: {reason} | | | | | | |", load::Scenario::Lossy.name())
         }
     }
+}
+
+/// Segments retransmitted, over their lives, by the sockets at either end
+/// of the lossy segment (`ss -ti`'s "retrans:now/total", summed).
+pub async fn retransmits(port: u16) -> anyhow::Result<u64> {
+    let filter = format!("( sport = :{port} or dport = :{port} )");
+    let out = Command::new(which("ss").context("ss (iproute2) not found")?)
+        .args(["-tinH", "state", "established"])
+        .arg(filter)
+        .output()
+        .await?;
+    if !out.status.success() {
+        bail!("ss: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(parse_retransmits(&String::from_utf8_lossy(&out.stdout)))
+}
+
+fn parse_retransmits(ss: &str) -> u64 {
+    ss.split_whitespace()
+        .filter_map(|w| w.strip_prefix("retrans:"))
+        .filter_map(|r| r.split_once('/').and_then(|(_, total)| total.parse::<u64>().ok()))
+        .sum()
 }
 
 async fn ip(args: &[&str]) -> anyhow::Result<()> {
@@ -153,7 +190,13 @@ async fn remove_stale_netns() {
     }
 }
 
-async fn in_netns(bins: &Path, transport: &str, cfg: &load::Config) -> anyhow::Result<String> {
+async fn in_netns(
+    bins: &Path,
+    transport: &str,
+    timers: Timers,
+    link: Link,
+    cfg: &load::Config,
+) -> anyhow::Result<String> {
     which("nft").context("nft (nftables) not found")?;
     remove_stale_netns().await;
     let ns = format!("tunnel-bench-{}", std::process::id());
@@ -167,7 +210,8 @@ async fn in_netns(bins: &Path, transport: &str, cfg: &load::Config) -> anyhow::R
         std::fs::write(
             &rules,
             format!(
-                "table inet tunnel_bench {{\n  chain out {{\n    type filter hook output priority 0; policy accept;\n    tcp dport {RELAY_PORT} numgen random mod 100 < {LOSS_PERCENT} drop\n    tcp sport {RELAY_PORT} numgen random mod 100 < {LOSS_PERCENT} drop\n  }}\n}}\n"
+                "table inet tunnel_bench {{\n  chain out {{\n    type filter hook output priority 0; policy accept;\n    tcp dport {RELAY_PORT} numgen random mod 100 < {loss} drop\n    tcp sport {RELAY_PORT} numgen random mod 100 < {loss} drop\n  }}\n}}\n",
+                loss = link.loss
             ),
         )?;
         let rules = rules.display().to_string();
@@ -183,7 +227,15 @@ async fn in_netns(bins: &Path, transport: &str, cfg: &load::Config) -> anyhow::R
         if cfg.quick {
             cmd.arg("--quick");
         }
-        cmd.args(["isolation", "--scenarios", "lossy", "--transports", transport]).env(NETNS_ENV, &ns).kill_on_drop(true);
+        cmd.args(["isolation", "--scenarios", "lossy", "--transports", transport])
+            .arg("--link-timers")
+            .arg(timers.to_string())
+            .arg("--loss")
+            .arg(link.loss.to_string())
+            .arg("--link-delay")
+            .arg(format!("{}ms", link.delay.as_millis()))
+            .env(NETNS_ENV, &ns)
+            .kill_on_drop(true);
         let limit = cfg.duration + Duration::from_secs(120);
         let out = tokio::time::timeout(limit, cmd.output()).await.context("the lossy cell overran")??;
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -196,4 +248,13 @@ async fn in_netns(bins: &Path, transport: &str, cfg: &load::Config) -> anyhow::R
     .await;
     remove_netns(&ns).await;
     result
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn retransmits_sum_each_sockets_total() {
+        let ss = "0 0 127.0.0.1:17999 127.0.0.1:40000\n\t cubic rto:204 rtt:0.1/0.05 retrans:0/12 rcv_space:1\n0 0 127.0.0.1:40000 127.0.0.1:17999\n\t cubic retrans:1/30 lost:1\n0 0 127.0.0.1:1 127.0.0.1:2\n\t cubic rto:200\n";
+        assert_eq!(super::parse_retransmits(ss), 42);
+    }
 }

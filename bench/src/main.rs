@@ -54,6 +54,17 @@ enum Cmd {
         /// idle, bulk, slow, slowreader, lossy.
         #[arg(long, value_delimiter = ',', default_value = "idle,bulk,slow,slowreader,lossy")]
         scenarios: Vec<String>,
+        /// The link sockets' TCP options, each a set of rows: default (the
+        /// daemons'), off (the kernel's), or options joined by +
+        /// ("rto=20ms+delack=8ms+lowat=128KiB+thin"; those not named are off).
+        #[arg(long, value_delimiter = ',', default_value = "default")]
+        link_timers: Vec<isolation::Timers>,
+        /// Packets dropped on the lossy link, percent each way.
+        #[arg(long, default_value_t = lossy::LOSS_PERCENT)]
+        loss: u32,
+        /// Delay added to each direction of the lossy link.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "20ms")]
+        link_delay: Duration,
     },
     /// Direct nginx vs this tunnel vs rathole: small requests (wrk, h2load), 1 GiB transfers (curl), memory.
     Race {
@@ -117,6 +128,9 @@ async fn main() -> anyhow::Result<()> {
     let defaults = Cmd::Isolation {
         transports: vec!["split".into(), "single".into(), "split-connection".into()],
         scenarios: ["idle", "bulk", "slow", "slowreader", "lossy"].map(String::from).to_vec(),
+        link_timers: vec![isolation::Timers::Default],
+        loss: lossy::LOSS_PERCENT,
+        link_delay: lossy::DELAY,
     };
     let commands = match args.command {
         Some(c) => vec![c],
@@ -135,9 +149,10 @@ async fn main() -> anyhow::Result<()> {
     };
     for c in commands {
         match c {
-            Cmd::Isolation { transports, scenarios } => {
+            Cmd::Isolation { transports, scenarios, link_timers, loss, link_delay } => {
                 let cfg = load::Config::new(args.quick, args.duration);
-                isolation::run(&bins, &transports, &scenarios, &cfg).await?;
+                let link = lossy::Link { loss, delay: link_delay };
+                isolation::run(&bins, &transports, &scenarios, &link_timers, link, &cfg).await?;
             }
             Cmd::Race { workers, no_rathole, policies } => {
                 let cfg = race::Config::new(args.quick, args.duration, workers, no_rathole, policies);

@@ -160,6 +160,16 @@ impl Collector for StateCollector {
     }
 }
 
+const LINK_TUNING_HELP: &str =
+    "The tunnel link sockets' TCP timers (value 1): state applied, off (not configured) or unsupported (this kernel lacks it)";
+
+/// Sets `family` to the link tuning's state per option (`tuning::states`).
+pub fn set_link_tuning(family: &Family<Labels, Gauge>, wanted: &tunnel_lib::config::LinkTuning) {
+    for (option, state) in crate::tunnel::tuning::states(wanted) {
+        family.get_or_create(&vec![("option", option.to_string()), ("state", state.to_string())]).set(1);
+    }
+}
+
 /// The server's metrics.
 pub struct ServerMetrics {
     registry: Registry,
@@ -180,6 +190,8 @@ pub struct ServerMetrics {
     state: StateCollector,
     /// 1, labelled with this server's server_id and version.
     pub server_info: Family<Labels, Gauge>,
+    /// The link sockets' TCP timers, by option and state (value 1).
+    pub link_tuning: Family<Labels, Gauge>,
     /// 1 while draining (SIGTERM received): /ready answers 503.
     pub draining: Gauge,
     /// Requests forwarded to a peer server, by group and peer.
@@ -241,6 +253,7 @@ impl Default for ServerMetrics {
             auth_failures: Counter::default(),
             state: StateCollector::default(),
             server_info: Family::default(),
+            link_tuning: Family::default(),
             draining: Gauge::default(),
             forwarded: Family::default(),
             forwarded_in: Family::default(),
@@ -258,6 +271,7 @@ impl Default for ServerMetrics {
         m.process.register(&mut registry);
         registry.register("server_info", "This server's server_id and version (value 1)", m.server_info.clone());
         registry.register("draining", "1 while the server drains before stopping", m.draining.clone());
+        registry.register("link_tuning", LINK_TUNING_HELP, m.link_tuning.clone());
         registry.register(
             "forwarded_requests",
             "Public requests forwarded to a peer server holding a client of their group, by group and peer",
@@ -385,6 +399,8 @@ pub struct ClientMetrics {
     pub config_info: Family<Labels, Gauge>,
     /// Streams registered now, by server (its address and server_id).
     pub server_streams: Family<Labels, Gauge>,
+    /// The link sockets' TCP timers, by option and state (value 1).
+    pub link_tuning: Family<Labels, Gauge>,
     /// The version in `config_info` for each server.
     applied: std::sync::Mutex<std::collections::HashMap<String, String>>,
     render_lock: std::sync::Mutex<()>,
@@ -403,6 +419,7 @@ impl Default for ClientMetrics {
             heartbeat_rtt: heartbeat_histogram(),
             config_info: Family::default(),
             server_streams: Family::default(),
+            link_tuning: Family::default(),
             applied: Default::default(),
             render_lock: Default::default(),
             process: ProcessGauges::default(),
@@ -422,6 +439,7 @@ impl Default for ClientMetrics {
         registry.register("requests", "Requests served, by upstream and status class", m.requests.clone());
         registry.register_with_unit("heartbeat_rtt", "Heartbeat round trip", Unit::Seconds, m.heartbeat_rtt.clone());
         registry.register("config_info", "The config version applied, by server (value 1)", m.config_info.clone());
+        registry.register("link_tuning", LINK_TUNING_HELP, m.link_tuning.clone());
         ClientMetrics { registry, ..m }
     }
 }

@@ -109,3 +109,22 @@ mod tests {
         let _ = std::fs::remove_file(&path);
     }
 }
+
+/// A duration, or "off" for the system's own value: `Some` when a duration
+/// was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DurationOrOff(pub Option<Duration>);
+
+impl<'de> Deserialize<'de> for DurationOrOff {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.trim().eq_ignore_ascii_case("off") {
+            return Ok(DurationOrOff(None));
+        }
+        humantime::parse_duration(s.trim()).map(|d| DurationOrOff(Some(d))).map_err(|e| {
+            de::Error::custom(format!(
+                "invalid duration {s:?} ({e}); write e.g. \"20ms\", or \"off\" for the kernel's own"
+            ))
+        })
+    }
+}

@@ -1,6 +1,7 @@
-//! The client's dialer for the tunnel link: hyper-util's `HttpConnector`
-//! (connect timeout, TCP keepalive, nodelay) pinned to the one address a
-//! session is for, plus a signal on the first byte the server sends.
+//! The client's dialer for the tunnel link: a TCP connection to the one
+//! address a session is for (connect timeout, TCP keepalive, nodelay and the
+//! link's TCP timers, all set before the SYN), plus a signal on the first
+//! byte the server sends.
 //!
 //! That signal is why this is not tonic's own connector: tonic returns as
 //! soon as TCP (and TLS) is up, and HTTP/2's client handshake waits for
@@ -12,19 +13,19 @@
 //! terminator in front of a wedged server passes, and the registration
 //! timeout is what notices it.
 
-use hyper_util::client::legacy::connect::dns::Name;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::oneshot;
 use tokio_util::io::InspectReader;
 use tonic::codegen::Service;
+use tunnel_lib::config::LinkTuning;
 
 /// Called with each read's bytes.
 type OnRead = Box<dyn FnMut(&[u8]) + Send>;
@@ -32,30 +33,15 @@ type OnRead = Box<dyn FnMut(&[u8]) + Send>;
 /// What the dialer hands tonic: the TCP stream, watched for its first byte.
 pub type LinkIo = TokioIo<InspectReader<TcpStream, OnRead>>;
 
-/// A "resolver" that answers every name with the session's own address: the
-/// client resolves server names itself, one session per address, while the
-/// URL keeps the name for the `:authority` and TLS.
-#[derive(Clone, Copy)]
-pub struct Pinned(SocketAddr);
-
-impl Service<Name> for Pinned {
-    type Response = std::iter::Once<SocketAddr>;
-    type Error = std::io::Error;
-    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: Name) -> Self::Future {
-        std::future::ready(Ok(std::iter::once(self.0)))
-    }
-}
-
-/// Dials one server address; the first connection it makes signals its first byte.
+/// Dials one server address (the client resolves server names itself, one
+/// session per address, while the URL keeps the name for the `:authority`
+/// and TLS); the first connection it makes signals its first byte.
 #[derive(Clone)]
 pub struct Dialer {
-    http: HttpConnector<Pinned>,
+    addr: SocketAddr,
+    tcp_keepalive: Duration,
+    connect_timeout: Duration,
+    timers: LinkTuning,
     heard: Arc<Mutex<Option<oneshot::Sender<()>>>>,
 }
 
@@ -65,15 +51,30 @@ impl Dialer {
         addr: SocketAddr,
         tcp_keepalive: Duration,
         connect_timeout: Duration,
+        timers: LinkTuning,
     ) -> (Dialer, oneshot::Receiver<()>) {
-        let mut http = HttpConnector::new_with_resolver(Pinned(addr));
-        // tonic puts TLS on top for https:// URLs; this only makes the TCP connection.
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_keepalive(Some(tcp_keepalive));
-        http.set_connect_timeout(Some(connect_timeout));
         let (tx, rx) = oneshot::channel();
-        (Dialer { http, heard: Arc::new(Mutex::new(Some(tx))) }, rx)
+        (Dialer { addr, tcp_keepalive, connect_timeout, timers, heard: Arc::new(Mutex::new(Some(tx))) }, rx)
+    }
+}
+
+/// Connects to `addr` with the link's socket options set before the SYN:
+/// the timers must be in place when the handshake takes the first RTT
+/// sample, or the kernel's 200 ms floor lingers in the RTO for many round
+/// trips (docs/benchmarks.md section 12).
+async fn connect(
+    addr: SocketAddr,
+    keepalive: Duration,
+    timeout: Duration,
+    timers: LinkTuning,
+) -> io::Result<TcpStream> {
+    let sock = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    sock.set_nodelay(true)?;
+    socket2::SockRef::from(&sock).set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(keepalive))?;
+    crate::tunnel::tuning::apply(&sock, &timers);
+    match tokio::time::timeout(timeout, sock.connect(addr)).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("connecting to {addr} took over {timeout:?}"))),
     }
 }
 
@@ -82,15 +83,16 @@ impl Service<http::Uri> for Dialer {
     type Error = Box<dyn std::error::Error + Send + Sync>;
     type Future = Pin<Box<dyn Future<Output = Result<LinkIo, Self::Error>> + Send>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.http.poll_ready(cx).map_err(Into::into)
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, uri: http::Uri) -> Self::Future {
-        let connecting = self.http.call(uri);
+    /// tonic puts TLS on top for https:// URLs; this only makes the TCP connection.
+    fn call(&mut self, _: http::Uri) -> Self::Future {
+        let (addr, keepalive, timeout, timers) = (self.addr, self.tcp_keepalive, self.connect_timeout, self.timers);
         let heard = self.heard.clone();
         Box::pin(async move {
-            let tcp = connecting.await?.into_inner();
+            let tcp = connect(addr, keepalive, timeout, timers).await?;
             let mut heard = heard.lock().unwrap_or_else(|e| e.into_inner()).take();
             let on_read: OnRead = Box::new(move |bytes: &[u8]| {
                 if !bytes.is_empty() {

@@ -163,6 +163,8 @@ impl Client {
         };
         let servers: Vec<String> = self.config.servers.iter().map(fleet::url_text).collect();
         tracing::info!(servers = %servers.join(", "), client = %self.config.client_id, group = %self.config.group, transport = %self.config.transport, upstreams = ?upstreams.borrow().names(), "tunnel-client starting");
+        crate::tunnel::tuning::announce("client", &self.config.link_tuning);
+        crate::metrics::set_link_tuning(&self.metrics.link_tuning, &self.config.link_tuning);
         let reloader = self.config_path.clone().map(|path| {
             let reload =
                 Reloader { path, applied: self.config.clone(), upstreams: upstreams_tx, metrics: self.metrics.clone() };

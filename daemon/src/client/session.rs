@@ -111,7 +111,8 @@ async fn connect(link: &Link) -> anyhow::Result<Channel> {
     if let Some(tls) = &cfg.tls {
         ep = ep.tls_config(client_tls(&link.target.url, tls)?).context("TLS settings")?;
     }
-    let (dialer, heard) = super::dial::Dialer::new(link.target.addr, cfg.tcp_keepalive, cfg.connect_timeout);
+    let (dialer, heard) =
+        super::dial::Dialer::new(link.target.addr, cfg.tcp_keepalive, cfg.connect_timeout, cfg.link_tuning);
     // Connected means the server spoke: TCP, TLS, and its first bytes, all
     // within connect_timeout (a tarpit costs this, not a registration timeout).
     let connected = tokio::time::timeout(cfg.connect_timeout, async {

@@ -20,6 +20,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::{Connected, TcpConnectInfo};
+use tunnel_lib::config::LinkTuning;
 use tunnel_lib::tls::rustls;
 
 /// The first byte of every TLS connection (a handshake record).
@@ -179,6 +180,12 @@ pub fn link_connections(
     let pending = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     // Fixed at start like hyper's PING timeout it goes with (a restart-only key).
     let stall = shared.config().server.link_ping_timeout;
+    // Set on the listener too: accepted sockets inherit them, so they are in
+    // force when the handshake takes the first RTT sample (set only after
+    // accept, the kernel's 200 ms floor lingers in the RTO for many round
+    // trips). A reload's new values reach the listener at the next accept.
+    let mut listening = shared.config().server.link_tuning;
+    crate::tunnel::tuning::apply(&listener, &listening);
     tokio::spawn(async move {
         while let Some((tcp, peer)) = next_connection(&listener, "tunnel link", &stop).await {
             let Ok(slot) = pending.clone().try_acquire_owned() else {
@@ -186,7 +193,11 @@ pub fn link_connections(
                 continue;
             };
             let cfg = shared.config();
-            tune(&tcp, cfg.server.tcp_keepalive);
+            tune(&tcp, cfg.server.tcp_keepalive, &cfg.server.link_tuning);
+            if cfg.server.link_tuning != listening {
+                listening = cfg.server.link_tuning;
+                crate::tunnel::tuning::apply(&listener, &listening);
+            }
             let (tx, tls, failures) = (tx.clone(), shared.link_tls(), failures.clone());
             let bound = cfg.server.link_handshake_timeout;
             // Ends with the handshake, bounded by link_handshake_timeout.
@@ -205,10 +216,11 @@ pub fn link_connections(
     ReceiverStream::new(rx)
 }
 
-fn tune(tcp: &TcpStream, keepalive: Duration) {
+fn tune(tcp: &TcpStream, keepalive: Duration, timers: &LinkTuning) {
     let _ = tcp.set_nodelay(true);
     let sock = socket2::SockRef::from(tcp);
     let _ = sock.set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(keepalive));
+    crate::tunnel::tuning::apply(tcp, timers);
 }
 
 /// Completes a connection's handshake; the error is the cause to log, if any.

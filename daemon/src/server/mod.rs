@@ -462,6 +462,9 @@ impl Server {
             tracing::warn!(%grpc_addr, "the tunnel link is plaintext on a non-loopback address: group tokens and traffic cross the network in clear; set [server.tls]");
         }
 
+        crate::tunnel::tuning::announce("server", &cfg.server.link_tuning);
+        crate::metrics::set_link_tuning(&shared.metrics.link_tuning, &cfg.server.link_tuning);
+
         let background = CancellationToken::new();
         let grpc_stop = CancellationToken::new();
         let grpc = tokio::spawn(service::serve(shared.clone(), listeners.grpc, grpc_stop.clone()));

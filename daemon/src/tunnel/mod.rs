@@ -1,11 +1,12 @@
 //! Stream plumbing both daemons share: the outbound queues of a gRPC stream,
 //! the table of exchanges on it, and bodies and upgraded connections crossing
-//! it under credit.
+//! it under credit; and the link sockets' TCP timers.
 
 pub mod body;
 pub mod exchange;
 pub mod link;
 pub mod outbound;
+pub mod tuning;
 pub mod upgrade;
 
 /// A request id: 128 random bits from a user-space generator, the shape of

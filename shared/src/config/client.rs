@@ -1,12 +1,13 @@
 //! client.toml: the file as written, and its checks into a `ClientConfig`.
 
 use super::defaults::*;
+use super::link::{self, LinkTuning};
 use super::log::{merge_log, LogConfig, LogFormat};
 use super::ranged::{self, Bound::*, SECOND, TENTH};
 use super::secret::Secret;
 use super::source::{parse_url, read, ConfigError, Source};
 use super::tls::{check_client_tls, ClientTls, ClientTlsSection};
-use crate::units::HumanDuration;
+use crate::units::{ByteSize, DurationOrOff, HumanDuration};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -60,6 +61,10 @@ struct ClientFile {
     reconnect_max: Option<Spanned<HumanDuration>>,
     registration_timeout: Option<Spanned<HumanDuration>>,
     tcp_keepalive: Option<Spanned<HumanDuration>>,
+    link_rto_min: Option<Spanned<DurationOrOff>>,
+    link_delack_max: Option<Spanned<DurationOrOff>>,
+    link_thin_timeouts: Option<bool>,
+    link_notsent_lowat: Option<Spanned<ByteSize>>,
     ping_interval: Option<Spanned<HumanDuration>>,
     ping_timeout: Option<Spanned<HumanDuration>>,
     upstream_connect_timeout: Option<Spanned<HumanDuration>>,
@@ -153,6 +158,8 @@ pub struct ClientConfig {
     pub registration_timeout: Duration,
     /// TCP keepalive idle time on the link.
     pub tcp_keepalive: Duration,
+    /// TCP timers set on each link connection.
+    pub link_tuning: LinkTuning,
     /// HTTP/2 PING interval on the link (and on h2c upstream connections).
     pub ping_interval: Duration,
     /// The link is closed when a PING goes unanswered this long.
@@ -191,6 +198,7 @@ impl ClientConfig {
             reconnect_max,
             registration_timeout,
             tcp_keepalive,
+            link_tuning,
             ping_interval,
             ping_timeout,
             upstream_connect_timeout,
@@ -216,6 +224,10 @@ impl ClientConfig {
             ("reconnect_max", *reconnect_max != other.reconnect_max),
             ("registration_timeout", *registration_timeout != other.registration_timeout),
             ("tcp_keepalive", *tcp_keepalive != other.tcp_keepalive),
+            ("link_rto_min", link_tuning.rto_min != other.link_tuning.rto_min),
+            ("link_delack_max", link_tuning.delack_max != other.link_tuning.delack_max),
+            ("link_thin_timeouts", link_tuning.thin_timeouts != other.link_tuning.thin_timeouts),
+            ("link_notsent_lowat", link_tuning.notsent_lowat != other.link_tuning.notsent_lowat),
             ("ping_interval", *ping_interval != other.ping_interval),
             ("ping_timeout", *ping_timeout != other.ping_timeout),
             ("upstream_connect_timeout", *upstream_connect_timeout != other.upstream_connect_timeout),
@@ -283,6 +295,16 @@ impl ClientConfig {
                 "tcp_keepalive",
                 DEFAULT_TCP_KEEPALIVE,
                 Min(SECOND),
+            )?,
+            link_tuning: link::check(
+                &src,
+                "",
+                &link::RawLink {
+                    link_rto_min: raw.link_rto_min.clone(),
+                    link_delack_max: raw.link_delack_max.clone(),
+                    link_thin_timeouts: raw.link_thin_timeouts,
+                    link_notsent_lowat: raw.link_notsent_lowat.clone(),
+                },
             )?,
             ping_interval: ranged::value(
                 &src,

@@ -68,6 +68,15 @@ pub const DEFAULT_LINK_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_REGISTRATION_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default TCP keepalive idle time, for peers that vanish without a FIN.
 pub const DEFAULT_TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+/// Default minimum retransmission timeout of a tunnel-link socket (Linux
+/// 6.15+; docs/benchmarks.md section 12 measured the choice).
+pub const DEFAULT_LINK_RTO_MIN: Option<Duration> = Some(Duration::from_millis(20));
+/// Default maximum delayed-ACK time of a tunnel-link socket.
+pub const DEFAULT_LINK_DELACK_MAX: Option<Duration> = Some(Duration::from_millis(8));
+/// Default for TCP_THIN_LINEAR_TIMEOUTS on tunnel-link sockets.
+pub const DEFAULT_LINK_THIN_TIMEOUTS: bool = false;
+/// Default TCP_NOTSENT_LOWAT of tunnel-link sockets.
+pub const DEFAULT_LINK_NOTSENT_LOWAT: Option<u32> = Some(128 << 10);
 /// Default HTTP/2 PING interval on idle connections, and the wait for its answer.
 pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(20);
 /// Default wait for a PING's answer before the connection is closed.

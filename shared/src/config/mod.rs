@@ -3,7 +3,7 @@
 //! and the key.
 //!
 //! Layout: `server` and `client` are the two file formats, each a checker
-//! per section; `tls` and `log` are sections both files have; `defaults`
+//! per section; `tls`, `log` and `link` (the link's TCP timers) are sections both files have; `defaults`
 //! holds every key's default and bounds; `ranged` checks the many keys that
 //! are a duration, size or count with a default and a bound; `source`
 //! locates errors in a file's text; `version` names a group's config by its
@@ -11,6 +11,7 @@
 
 mod client;
 mod defaults;
+mod link;
 mod log;
 mod ranged;
 mod secret;
@@ -24,6 +25,7 @@ mod tests;
 
 pub use client::{ClientConfig, Transport, Upstream};
 pub use defaults::*;
+pub use link::{LinkTuning, LINK_TIMER_MAX, LINK_TIMER_MIN};
 pub use log::{LogConfig, LogFormat};
 pub use secret::Secret;
 pub use server::{

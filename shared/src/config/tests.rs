@@ -331,3 +331,48 @@ proxy_protocol = true
     let e = client("\"udp://127.0.0.1:53\"").expect_err("scheme").to_string();
     assert!(e.contains("use http:// or tcp://"), "{e}");
 }
+
+/// The link's TCP timers: defaults, "off", set values, and what Linux would
+/// refuse refused at its line.
+#[test]
+fn link_timers_default_turn_off_and_stay_in_linux_range() {
+    let d = ServerConfig::from_str_named(SERVER, "s").expect("valid").server.link_tuning;
+    assert_eq!(d, LinkTuning::default());
+    assert_eq!(d.rto_min, DEFAULT_LINK_RTO_MIN);
+    let set =
+        |keys: &str| SERVER.replace("heartbeat_timeout = \"90s\"", &format!("heartbeat_timeout = \"90s\"\n{keys}"));
+    let off = ServerConfig::from_str_named(&set("link_rto_min = \"off\"\nlink_delack_max = \"OFF\"\nlink_notsent_lowat = 0"), "s")
+        .expect("valid")
+        .server
+        .link_tuning;
+    assert!(off.is_off(), "{off:?}");
+    let s = ServerConfig::from_str_named(&set("link_rto_min = \"40ms\"\nlink_thin_timeouts = true"), "s")
+        .expect("valid")
+        .server
+        .link_tuning;
+    assert_eq!(
+        (s.rto_min, s.delack_max, s.thin_timeouts),
+        (Some(Duration::from_millis(40)), DEFAULT_LINK_DELACK_MAX, true)
+    );
+    for (keys, expect) in [
+        ("link_rto_min = \"1ms\"", "server.toml:6: server.link_rto_min: must be 5ms to 200ms"),
+        ("link_delack_max = \"1s\"", "server.toml:6: server.link_delack_max: must be 5ms to 200ms"),
+        ("link_rto_min = \"soon\"", "server.toml:6: server.link_rto_min: invalid duration \"soon\""),
+        ("link_notsent_lowat = \"1KiB\"", "server.toml:6: server.link_notsent_lowat: must be 16KiB to 4GiB"),
+    ] {
+        let err = ServerConfig::from_str_named(&set(keys), "server.toml").expect_err("refused").to_string();
+        assert!(err.starts_with(expect), "{err}");
+    }
+
+    let client = "server = \"http://127.0.0.1:7000\"\ngroup = \"g\"\ntoken = \"t\"\n";
+    let c = ClientConfig::from_str_named(client, "c").expect("valid");
+    assert_eq!(c.link_tuning, LinkTuning::default());
+    let c = ClientConfig::from_str_named(&format!("{client}link_delack_max = \"12ms\"\n"), "c").expect("valid");
+    assert_eq!(c.link_tuning.delack_max, Some(Duration::from_millis(12)));
+    let err = ClientConfig::from_str_named(&format!("{client}link_rto_min = \"300ms\"\n"), "client.toml")
+        .expect_err("refused")
+        .to_string();
+    assert!(err.starts_with("client.toml:4: link_rto_min: must be 5ms to 200ms"), "{err}");
+    let changed = c.changed_keys(&ClientConfig::from_str_named(client, "c").expect("valid"));
+    assert_eq!(changed, vec!["link_delack_max"]);
+}

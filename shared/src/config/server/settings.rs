@@ -1,6 +1,7 @@
 //! `[server]`: the listeners and server-wide settings.
 
 use crate::config::defaults::*;
+use crate::config::link::{self, LinkTuning};
 use crate::config::log::LogFormat;
 use crate::config::ranged::{self, Bound::*, SECOND, TENTH};
 use crate::config::secret::Secret;
@@ -8,7 +9,7 @@ use crate::config::source::{ConfigError, Source};
 use crate::config::tls::{check_link_tls, LinkTls, LinkTlsSection};
 use crate::frame::MIN_EXCHANGE_WINDOW;
 use crate::policy::{ForwardedHeader, NetList};
-use crate::units::{ByteSize, HumanDuration};
+use crate::units::{ByteSize, DurationOrOff, HumanDuration};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -48,6 +49,10 @@ pub(super) struct ServerSection {
     tcp_keepalive: Option<Spanned<HumanDuration>>,
     link_ping_interval: Option<Spanned<HumanDuration>>,
     link_ping_timeout: Option<Spanned<HumanDuration>>,
+    link_rto_min: Option<Spanned<DurationOrOff>>,
+    link_delack_max: Option<Spanned<DurationOrOff>>,
+    link_thin_timeouts: Option<bool>,
+    link_notsent_lowat: Option<Spanned<ByteSize>>,
     public_ping_interval: Option<Spanned<HumanDuration>>,
     public_ping_timeout: Option<Spanned<HumanDuration>>,
     public_max_streams: Option<Spanned<u32>>,
@@ -139,6 +144,8 @@ pub struct ServerSettings {
     pub link_ping_interval: Duration,
     /// A link connection whose PING goes unanswered this long is closed.
     pub link_ping_timeout: Duration,
+    /// TCP timers set on each accepted link connection (new ones after a reload).
+    pub link_tuning: LinkTuning,
     /// HTTP/2 PING interval on idle public h2/h2c connections.
     pub public_ping_interval: Duration,
     /// A public h2 connection whose PING goes unanswered this long is closed.
@@ -259,6 +266,16 @@ pub(super) fn check(src: &Source, s: &ServerSection) -> Result<ServerSettings, C
             "server.link_ping_timeout",
             DEFAULT_PING_TIMEOUT,
             Min(SECOND),
+        )?,
+        link_tuning: link::check(
+            src,
+            "server.",
+            &link::RawLink {
+                link_rto_min: s.link_rto_min.clone(),
+                link_delack_max: s.link_delack_max.clone(),
+                link_thin_timeouts: s.link_thin_timeouts,
+                link_notsent_lowat: s.link_notsent_lowat.clone(),
+            },
         )?,
         public_ping_interval: ranged::value(
             src,
