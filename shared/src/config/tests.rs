@@ -341,10 +341,13 @@ fn link_timers_default_turn_off_and_stay_in_linux_range() {
     assert_eq!(d.rto_min, DEFAULT_LINK_RTO_MIN);
     let set =
         |keys: &str| SERVER.replace("heartbeat_timeout = \"90s\"", &format!("heartbeat_timeout = \"90s\"\n{keys}"));
-    let off = ServerConfig::from_str_named(&set("link_rto_min = \"off\"\nlink_delack_max = \"OFF\"\nlink_notsent_lowat = 0"), "s")
-        .expect("valid")
-        .server
-        .link_tuning;
+    let off = ServerConfig::from_str_named(
+        &set("link_rto_min = \"off\"\nlink_delack_max = \"OFF\"\nlink_notsent_lowat = 0"),
+        "s",
+    )
+    .expect("valid")
+    .server
+    .link_tuning;
     assert!(off.is_off(), "{off:?}");
     let s = ServerConfig::from_str_named(&set("link_rto_min = \"40ms\"\nlink_thin_timeouts = true"), "s")
         .expect("valid")
