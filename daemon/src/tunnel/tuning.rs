@@ -72,7 +72,16 @@ pub fn announce(side: &str, wanted: &LinkTuning) {
             missing.join(", ")
         );
     } else if !wanted.is_off() {
-        tracing::info!(side, rto_min = ?wanted.rto_min, delack_max = ?wanted.delack_max, thin_timeouts = wanted.thin_timeouts, notsent_lowat = ?wanted.notsent_lowat, "link sockets get their own TCP timers");
+        let timer = |d: Option<Duration>| d.map_or("off".to_string(), |d| humantime::format_duration(d).to_string());
+        let lowat = wanted.notsent_lowat.map_or("off".to_string(), |n| format!("{}KiB", n >> 10));
+        tracing::info!(
+            side,
+            rto_min = %timer(wanted.rto_min),
+            delack_max = %timer(wanted.delack_max),
+            notsent_lowat = %lowat,
+            thin_timeouts = wanted.thin_timeouts,
+            "link sockets get their own TCP options"
+        );
     }
 }
 
