@@ -112,13 +112,6 @@ pub struct Applied {
     pub notsent_lowat: Option<u32>,
 }
 
-impl Applied {
-    /// Whether any option of ours is on the socket.
-    pub fn any(&self) -> bool {
-        self.rto_min.is_some() || self.delack_max.is_some() || self.thin_timeouts || self.notsent_lowat.is_some()
-    }
-}
-
 /// Sets what `wanted` names and this kernel supports on a link socket, and
 /// reads it back. A refusal is logged at debug level and leaves the
 /// kernel's value: the link works either way.
@@ -155,8 +148,10 @@ pub fn apply(sock: &impl AsFd, wanted: &LinkTuning) -> Applied {
 }
 
 /// The timers a socket has now, as the kernel reports them (its defaults
-/// where none was set; None for an option this kernel lacks).
-pub fn read(sock: &impl AsFd) -> Applied {
+/// where none was set; None for an option this kernel lacks). The daemons
+/// keep `apply`'s read-back; the tests check the kernel's word afterwards.
+#[cfg(test)]
+fn read(sock: &impl AsFd) -> Applied {
     let s = support();
     let timer = |supported: bool, opt| {
         supported
