@@ -44,6 +44,13 @@ async fn admin(server: &TestServer) -> IntrospectionClient<Channel> {
     IntrospectionClient::connect(format!("http://{}", server.admin)).await.unwrap()
 }
 
+/// The server's link options as its first Watch update says.
+async fn view_server_tuning(c: &mut IntrospectionClient<Channel>) -> Vec<tunnel_lib::introspection::LinkOptionState> {
+    let mut s = c.watch(WatchRequest::default()).await.unwrap().into_inner();
+    let first = tokio::time::timeout(WAIT, s.message()).await.unwrap().unwrap().unwrap();
+    first.server.map(|s| s.link_tuning).unwrap_or_default()
+}
+
 /// Holds the state a watcher builds from updates, as the console does.
 #[derive(Default)]
 struct View {
@@ -170,6 +177,26 @@ async fn watch_shows_streams_clients_and_requests() {
     })
     .await;
     assert!(view.streams.values().any(|s| s.last_rtt_ms >= 0), "round trips reported");
+    // Each stream names its link connection as the server's socket sees it,
+    // and the client sums its connections: segments sent, none resent on
+    // loopback, both ends' options (the short timers where the kernel has them).
+    watch_until(&mut s, &mut view, "link counters", |v| {
+        v.clients.get("edge-1").is_some_and(|c| c.link_segments_out > 0)
+    })
+    .await;
+    let client = &view.clients["edge-1"];
+    assert_eq!(client.link_retransmits, 0, "{client:?}");
+    assert!(client.link_rtt_us > 0, "{client:?}");
+    let (server_end, client_end) = (client.server_link_options.clone(), client.client_link_options.clone());
+    let (server_end, client_end) = (server_end.expect("server's options"), client_end.expect("client's options"));
+    if tunnel_daemon::tunnel::tuning::support().rto_min {
+        assert_eq!((server_end.rto_min_us, server_end.delack_max_us), (20_000, 8_000), "{client:?}");
+        assert_eq!((client_end.rto_min_us, client_end.delack_max_us), (20_000, 8_000), "{client:?}");
+    }
+    assert_eq!((server_end.notsent_lowat, client_end.notsent_lowat), (128 << 10, 128 << 10), "{client:?}");
+    assert!(view.streams.values().all(|s| s.link.is_some() && s.client_link_options.is_some()));
+    let tuning = view_server_tuning(&mut c).await;
+    assert!(tuning.iter().any(|o| o.option == "rto_min" && o.value == "20ms"), "{tuning:?}");
 
     let channel =
         tonic::transport::Endpoint::from_shared(format!("http://{}", server.admin)).unwrap().connect().await.unwrap();

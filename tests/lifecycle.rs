@@ -81,8 +81,9 @@ fn open_msg(stream_id: &str, seq: u64) -> TunnelMessage {
             last_rtt_ms: -1,
             session_started_ms: 0,
             fleet_version: String::new(),
-            // As a client that predates header blocks.
+            // As a client that predates header blocks and link options.
             header_block: false,
+            link_options: None,
         })),
     }
 }

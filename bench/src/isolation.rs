@@ -108,6 +108,9 @@ pub struct Cell {
     scenario: load::Scenario,
     /// Median of the streams' p50 delays, the worst p99, the worst max (ms).
     delay: (i64, i64, i64),
+    /// The worst delay of the control stream (of the only stream with
+    /// `single`): on a shared connection it waits with the data.
+    control_max: i64,
     rtt_p99: i64,
     reaped: u64,
     streams: usize,
@@ -247,6 +250,13 @@ async fn run_cell(
             delays.iter().map(|s| s.delay_p99_ms).max().unwrap_or(-1),
             delays.iter().map(|s| s.delay_max_ms).max().unwrap_or(-1),
         ),
+        control_max: after
+            .streams
+            .iter()
+            .filter(|s| s.stream_type != tunnel_lib::proto::StreamType::Http as i32 || after.streams.len() == 1)
+            .map(|s| s.delay_max_ms)
+            .max()
+            .unwrap_or(-1),
         rtt_p99: after.streams.iter().map(|s| s.rtt_p99_ms).max().unwrap_or(-1),
         reaped: after.server.map_or(0, |s| s.streams_reaped),
         streams: after.streams.len(),
@@ -258,7 +268,7 @@ impl Cell {
     /// The cell's row of the markdown table.
     pub fn row(&self) -> String {
         format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             self.transport,
             self.scenario.name(),
             self.timers,
@@ -266,6 +276,7 @@ impl Cell {
             self.delay.0,
             self.delay.1,
             self.delay.2,
+            self.control_max,
             self.rtt_p99,
             self.streams,
             self.reaped,
@@ -279,8 +290,8 @@ fn print_table(rows: &[String], link: lossy::Link, cfg: &load::Config) {
     println!("The lossy link: {}% of packets dropped each way, {:?} added each way.", link.loss, link.delay);
     println!("Each cell: fresh server and client processes, {:?} of load. {}\n", cfg.duration, cfg.describe());
     println!("Link options: the link sockets' TCP options (default: the daemons' own; off: the kernel's); retrans: segments retransmitted on the lossy link.\n");
-    println!("| transport | load | link options | retrans | hb delay p50 | p99 | max | hb rtt p99 | streams | reaped | throughput |");
-    println!("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|");
+    println!("| transport | load | link options | retrans | hb delay p50 | p99 | max | control max | hb rtt p99 | streams | reaped | throughput |");
+    println!("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|");
     for r in rows {
         println!("{r}");
     }

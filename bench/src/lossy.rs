@@ -131,7 +131,7 @@ pub async fn run_in_netns(bins: &Path, transport: &str, timers: Timers, link: Li
         Err(e) => {
             let reason = format!("{e:#}").replace('|', "/").replace('\n', " ");
             eprintln!("lossy cell skipped: {reason}");
-            format!("| {transport} | {} | {timers} | | skipped: {reason} | | | | | | |", load::Scenario::Lossy.name())
+            format!("| {transport} | {} | {timers} | | skipped: {reason} | | | | | | | |", load::Scenario::Lossy.name())
         }
     }
 }

@@ -3,7 +3,10 @@
 //! views show (ages, health, sync).
 
 use std::collections::{BTreeMap, VecDeque};
-use tunnel_lib::introspection::{ClientInfo, Event, GroupInfo, RequestInfo, ServerInfo, StreamInfo, WatchUpdate};
+use tunnel_lib::introspection::{
+    ClientInfo, Event, GroupInfo, LinkOptionState, RequestInfo, ServerInfo, StreamInfo, WatchUpdate,
+};
+use tunnel_lib::proto::LinkOptions;
 
 /// Recent requests the console keeps.
 pub const MAX_REQUESTS: usize = 500;
@@ -243,8 +246,105 @@ pub fn short_id(id: &str) -> &str {
     id.get(..8).unwrap_or(id)
 }
 
+/// How a client's link stands: whether both ends lowered their TCP timers
+/// (a lost heartbeat then costs milliseconds, not 200), for the LINK cell.
+pub fn link_state(server: Option<&LinkOptions>, client: Option<&LinkOptions>) -> &'static str {
+    let timers = |o: &LinkOptions| o.rto_min_us > 0 && o.delack_max_us > 0;
+    match (server.map(timers), client.map(timers)) {
+        (None, _) => "-",
+        (Some(true), Some(true)) => "tuned",
+        (Some(true), _) => "server only",
+        (Some(false), Some(true)) => "client only",
+        (Some(false), _) => "untuned",
+    }
+}
+
+/// The server's link tuning in a few words (`short`: "link tuned", for the
+/// header), and whether it is a warning (configured options this kernel
+/// lacks); None from a server too old to say.
+pub fn link_tuning_summary(states: &[LinkOptionState], short: bool) -> Option<(String, bool)> {
+    if states.is_empty() {
+        return None;
+    }
+    let lacking: Vec<&str> = states.iter().filter(|o| o.state == "unsupported").map(|o| o.option.as_str()).collect();
+    if !lacking.is_empty() {
+        return Some((format!("link: kernel lacks {}", lacking.join(", ")), true));
+    }
+    let applied: Vec<String> =
+        states.iter().filter(|o| o.state == "applied").map(|o| format!("{} {}", o.option, o.value)).collect();
+    let timers = states.iter().any(|o| o.option == "rto_min" && o.state == "applied");
+    Some(if short {
+        (if timers { "link tuned" } else { "link: kernel's timers" }.into(), false)
+    } else if applied.is_empty() {
+        ("link: kernel's timers".into(), false)
+    } else {
+        (format!("link: {}", applied.join(", ")), false)
+    })
+}
+
+/// "rto_min 20ms, delack_max 8ms, notsent_lowat 128KiB", or "the kernel's
+/// own", and which configured options the kernel lacked.
+pub fn link_options_text(o: &LinkOptions) -> String {
+    let mut parts = Vec::new();
+    if o.rto_min_us > 0 {
+        parts.push(format!("rto_min {}", short_duration(i64::from(o.rto_min_us / 1000))));
+    }
+    if o.delack_max_us > 0 {
+        parts.push(format!("delack_max {}", short_duration(i64::from(o.delack_max_us / 1000))));
+    }
+    if o.notsent_lowat > 0 {
+        parts.push(format!("notsent_lowat {}KiB", o.notsent_lowat >> 10));
+    }
+    if o.thin_timeouts {
+        parts.push("thin_timeouts".into());
+    }
+    let mut text = if parts.is_empty() { "the kernel's own".to_string() } else { parts.join(", ") };
+    if !o.unsupported.is_empty() {
+        text.push_str(&format!(" (this kernel lacks {})", o.unsupported.join(", ")));
+    }
+    text
+}
+
+/// Retransmitted segments as a share of data segments sent: "1.25%", or
+/// "-" before any were sent.
+pub fn retransmit_share(retransmits: u64, segments: u64) -> String {
+    if segments == 0 {
+        return "-".into();
+    }
+    let share = retransmits as f64 * 100.0 / segments as f64;
+    if share == 0.0 {
+        "0%".into()
+    } else if share < 10.0 {
+        format!("{share:.2}%")
+    } else {
+        format!("{share:.0}%")
+    }
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn link_state_says_which_ends_lowered_their_timers() {
+        let tuned = LinkOptions { rto_min_us: 20_000, delack_max_us: 8_000, ..Default::default() };
+        let kernel = LinkOptions::default();
+        assert_eq!(link_state(Some(&tuned), Some(&tuned)), "tuned");
+        assert_eq!(link_state(Some(&tuned), Some(&kernel)), "server only");
+        assert_eq!(link_state(Some(&tuned), None), "server only");
+        assert_eq!(link_state(Some(&kernel), Some(&tuned)), "client only");
+        assert_eq!(link_state(Some(&kernel), Some(&kernel)), "untuned");
+        assert_eq!(link_state(None, Some(&tuned)), "-");
+        let lacking =
+            LinkOptions { notsent_lowat: 128 << 10, unsupported: vec!["rto_min".into()], ..Default::default() };
+        assert_eq!(link_options_text(&lacking), "notsent_lowat 128KiB (this kernel lacks rto_min)");
+        assert_eq!(link_options_text(&tuned), "rto_min 20ms, delack_max 8ms");
+        assert_eq!(link_options_text(&kernel), "the kernel's own");
+        assert_eq!(retransmit_share(0, 0), "-");
+        assert_eq!(retransmit_share(0, 10), "0%");
+        assert_eq!(retransmit_share(125, 10_000), "1.25%");
+        assert_eq!(retransmit_share(30, 100), "30%");
+    }
+
     use super::*;
 
     fn stream(id: &str, last_hb: i64) -> StreamInfo {

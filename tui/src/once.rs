@@ -106,7 +106,8 @@ fn server_line(s: &ServerInfo, m: &Model, now_ms: i64) -> String {
         s.in_flight,
         s.http_listen,
         s.grpc_listen,
-    ) + if s.draining { "  DRAINING" } else { "" }
+    ) + &crate::model::link_tuning_summary(&s.link_tuning, false).map_or(String::new(), |(t, _)| format!("  {t}"))
+        + if s.draining { "  DRAINING" } else { "" }
 }
 
 fn fleet_text(fleet: &Fleet, now_ms: i64) -> String {
@@ -247,6 +248,10 @@ fn model_json(m: &Model, now_ms: i64) -> Value {
                 "streams": c.streams,
                 "config_version_acked": c.config_version_acked,
                 "config_version_current": c.config_version_current,
+                "link": crate::model::link_state(c.server_link_options.as_ref(), c.client_link_options.as_ref()),
+                "link_retransmits": c.link_retransmits,
+                "link_segments_out": c.link_segments_out,
+                "link_rtt_us": c.link_rtt_us,
             })
         })
         .collect();

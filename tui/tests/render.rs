@@ -6,10 +6,10 @@
 use ratatui::backend::TestBackend;
 use ratatui::Terminal;
 use tunnel_lib::introspection::{
-    Capture, ClientInfo, Event, EventKind, GroupInfo, Header, RequestHead, RequestInfo, ServerInfo, StreamInfo,
-    TrafficSeries, TrafficSubject, WatchUpdate,
+    Capture, ClientInfo, Event, EventKind, GroupInfo, Header, LinkInfo, LinkOptionState, RequestHead, RequestInfo,
+    ServerInfo, StreamInfo, TrafficSeries, TrafficSubject, WatchUpdate,
 };
-use tunnel_lib::proto::StreamType;
+use tunnel_lib::proto::{LinkOptions, StreamType};
 use tunnel_lib::traffic::{series, Point, MINUTE_MS, SECOND_MS};
 use tunnel_tui::app::{update, Action, App};
 use tunnel_tui::model::ConnState;
@@ -46,7 +46,20 @@ fn stream(id: &str, client: &str, ty: StreamType, hb_age_ms: i64, depth: u32, in
         // The busiest stream carries a WebSocket.
         upgraded: u32::from(in_flight >= 3),
         delay_history_ms: vec![1, 1, 2, 1, 9, 1, 1, 3, 1, 2],
+        link: Some(LinkInfo {
+            server_options: Some(tuned()),
+            rtt_us: 41_250,
+            rto_us: 62_000,
+            retransmits: 12,
+            segments_out: 9_800,
+        }),
+        client_link_options: Some(tuned()),
     }
+}
+
+/// The daemons' default link options.
+fn tuned() -> LinkOptions {
+    LinkOptions { rto_min_us: 20_000, delack_max_us: 8_000, notsent_lowat: 128 << 10, ..Default::default() }
 }
 
 fn fixture() -> App {
@@ -88,6 +101,14 @@ fn snapshot(server_id: &str, mark: Option<char>) -> WatchUpdate {
         exchanges_idle_closed: 0,
         draining: false,
         cluster: None,
+        link_tuning: [("rto_min", "20ms"), ("delack_max", "8ms"), ("thin_timeouts", ""), ("notsent_lowat", "128KiB")]
+            .into_iter()
+            .map(|(option, value)| LinkOptionState {
+                option: option.into(),
+                state: if value.is_empty() { "off" } else { "applied" }.into(),
+                value: value.into(),
+            })
+            .collect(),
     };
     let clients = ["edge-1", "edge-2"]
         .iter()
@@ -102,6 +123,20 @@ fn snapshot(server_id: &str, mark: Option<char>) -> WatchUpdate {
             config_version_current: "a1b2c3d4e5f6".into(),
             streams: 3,
             session_id: format!("5e55{}-0000-4000-8000-000000000000", &c[5..]),
+            // edge-2's path loses packets, and its own kernel lacks the timers.
+            link_retransmits: if *c == "edge-1" { 12 } else { 1_450 },
+            link_segments_out: if *c == "edge-1" { 19_600 } else { 61_000 },
+            link_rtt_us: 41_250,
+            server_link_options: Some(tuned()),
+            client_link_options: Some(if *c == "edge-1" {
+                tuned()
+            } else {
+                LinkOptions {
+                    notsent_lowat: 128 << 10,
+                    unsupported: vec!["rto_min".into(), "delack_max".into()],
+                    ..Default::default()
+                }
+            }),
         })
         .collect();
     let streams = vec![

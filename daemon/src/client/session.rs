@@ -231,6 +231,33 @@ async fn hello(link: &Link, channel: Channel) -> anyhow::Result<ConfigSyncRespon
     }
 }
 
+/// Dials for the control connection of `split-connection` before giving up
+/// on reaching the data connection's server.
+const CONTROL_DIALS: usize = 4;
+
+/// The control stream's own connection (`split-connection`), to the server
+/// the session's first connection reached. Behind a balancer that spreads
+/// connections, a second dial may land on another server, whose registry
+/// would then hold a control stream without its data streams: it is dialled
+/// again until it reaches the same server, and after CONTROL_DIALS tries the
+/// session carries control on its data connection, as `split` does.
+async fn control_connection(link: &Link, server_id: &str, data: &Channel) -> anyhow::Result<Channel> {
+    for _ in 0..CONTROL_DIALS {
+        let channel = connect(link).await?;
+        let other = hello(link, channel.clone()).await?;
+        if other.server_id == server_id {
+            return Ok(channel);
+        }
+        tracing::debug!(server = %link.key, wanted = server_id, reached = %other.server_id, "the control connection reached another server; dialling again");
+    }
+    tracing::warn!(
+        server = %link.key,
+        server_id,
+        "the control connection reached other servers in {CONTROL_DIALS} dials (a balancer spreading connections): this session carries control on its data connection; balance by source address to keep a client's connections together"
+    );
+    Ok(data.clone())
+}
+
 /// A call the server answered with an error, in an operator's words.
 fn refusal(cfg: &ClientConfig, status: &tonic::Status, what: &str) -> anyhow::Error {
     if status.code() == tonic::Code::Unauthenticated {
@@ -263,7 +290,7 @@ pub async fn run(link: Arc<Link>, stop: CancellationToken) -> anyhow::Result<End
     let control_channel = match cfg.transport {
         Transport::SplitConnection => tokio::select! {
             _ = stop.cancelled() => return Ok(Ended::Stopped),
-            r = connect(&link) => r?,
+            r = control_connection(&link, &first.server_id, &data_channel) => r?,
         },
         _ => data_channel.clone(),
     };
@@ -495,6 +522,7 @@ fn open_message(session: &Session, stream_id: &str, kind: Kind, seq: u64, last_r
             last_rtt_ms,
             fleet_version: session.link.status().fleet_version,
             header_block: true,
+            link_options: Some(crate::tunnel::tuning::intended(&session.link.cfg.link_tuning)),
         })),
     }
 }

@@ -6,6 +6,7 @@
 
 use super::Shared;
 use crate::tunnel::link::StallGuard;
+use crate::tunnel::tuning::{self, Applied, Probed};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -19,8 +20,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::server::{Connected, TcpConnectInfo};
-use tunnel_lib::config::LinkTuning;
+use tonic::transport::server::Connected;
 use tunnel_lib::tls::rustls;
 
 /// The first byte of every TLS connection (a handshake record).
@@ -39,8 +39,9 @@ const REPEAT_MEMORY: usize = 1024;
 const MAX_HANDSHAKES: usize = 512;
 
 /// An accepted link connection: its socket guarded against a peer that
-/// stops taking our bytes (`link_ping_timeout`).
-pub type LinkIo = MaybeTls<StallGuard<TcpStream>>;
+/// stops taking our bytes (`link_ping_timeout`), and open to the console's
+/// probe (its requests carry a `tuning::LinkConnectInfo`).
+pub type LinkIo = MaybeTls<StallGuard<Probed>>;
 
 /// Handshake failures seen lately, by peer address and cause.
 #[derive(Default)]
@@ -84,10 +85,10 @@ pub enum MaybeTls<S = TcpStream> {
     Tls(Box<TlsStream<S>>),
 }
 
-impl<S: Connected<ConnectInfo = TcpConnectInfo>> Connected for MaybeTls<S> {
-    type ConnectInfo = TcpConnectInfo;
+impl<S: Connected> Connected for MaybeTls<S> {
+    type ConnectInfo = S::ConnectInfo;
 
-    fn connect_info(&self) -> TcpConnectInfo {
+    fn connect_info(&self) -> S::ConnectInfo {
         match self {
             MaybeTls::Plain(t) => t.connect_info(),
             MaybeTls::Tls(t) => t.get_ref().0.connect_info(),
@@ -185,7 +186,7 @@ pub fn link_connections(
     // accept, the kernel's 200 ms floor lingers in the RTO for many round
     // trips). A reload's new values reach the listener at the next accept.
     let mut listening = shared.config().server.link_tuning;
-    crate::tunnel::tuning::apply(&listener, &listening);
+    tuning::apply(&listener, &listening);
     tokio::spawn(async move {
         while let Some((tcp, peer)) = next_connection(&listener, "tunnel link", &stop).await {
             let Ok(slot) = pending.clone().try_acquire_owned() else {
@@ -193,17 +194,22 @@ pub fn link_connections(
                 continue;
             };
             let cfg = shared.config();
-            tune(&tcp, cfg.server.tcp_keepalive, &cfg.server.link_tuning);
+            let _ = tcp.set_nodelay(true);
+            let keepalive = socket2::TcpKeepalive::new().with_time(cfg.server.tcp_keepalive);
+            let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
             if cfg.server.link_tuning != listening {
                 listening = cfg.server.link_tuning;
-                crate::tunnel::tuning::apply(&listener, &listening);
+                tuning::apply(&listener, &listening);
             }
+            // Not all of them are inherited from the listener (the RTO floor
+            // is not), so each socket gets them, and says what it has.
+            let options = tuning::apply(&tcp, &listening);
             let (tx, tls, failures) = (tx.clone(), shared.link_tls(), failures.clone());
             let bound = cfg.server.link_handshake_timeout;
             // Ends with the handshake, bounded by link_handshake_timeout.
             tokio::spawn(async move {
                 let _slot = slot;
-                match handshake(tcp, tls, bound, stall).await {
+                match handshake(tcp, options, tls, bound, stall).await {
                     Ok(io) => {
                         let _ = tx.send(Ok(io)).await;
                     }
@@ -216,16 +222,10 @@ pub fn link_connections(
     ReceiverStream::new(rx)
 }
 
-fn tune(tcp: &TcpStream, keepalive: Duration, timers: &LinkTuning) {
-    let _ = tcp.set_nodelay(true);
-    let sock = socket2::SockRef::from(tcp);
-    let _ = sock.set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(keepalive));
-    crate::tunnel::tuning::apply(tcp, timers);
-}
-
 /// Completes a connection's handshake; the error is the cause to log, if any.
 async fn handshake(
     tcp: TcpStream,
+    options: Applied,
     tls: Option<Arc<rustls::ServerConfig>>,
     bound: Duration,
     stall: Duration,
@@ -242,14 +242,14 @@ async fn handshake(
         if first == TLS_HANDSHAKE_RECORD {
             return Err(Some("a TLS client on the plaintext port; refused (turn TLS on with [server.tls], or give the client an http:// server URL)".into()));
         }
-        return Ok(MaybeTls::Plain(StallGuard::new(tcp, stall)));
+        return Ok(MaybeTls::Plain(StallGuard::new(Probed::new(tcp, options), stall)));
     };
     if first != TLS_HANDSHAKE_RECORD {
         return Err(Some("a plaintext client on the TLS port; refused (its server URL must be https://)".into()));
     }
     // Guarded beneath TLS: progress is what the socket takes, whatever
     // rustls buffers or answers Pending for above it.
-    let tcp = StallGuard::new(tcp, stall);
+    let tcp = StallGuard::new(Probed::new(tcp, options), stall);
     match tokio::time::timeout_at(deadline, TlsAcceptor::from(cfg).accept(tcp)).await {
         Err(_) => Err(Some(format!("TLS handshake not done within {bound:?}; connection closed"))),
         Ok(Err(e)) => Err(Some(format!("TLS handshake failed: {}", handshake_error(&e)))),
@@ -289,5 +289,14 @@ pub fn handshake_error(e: &io::Error) -> String {
         Some(rustls::Error::InvalidCertificate(c)) => format!("the client's certificate is not acceptable: {c:?}"),
         Some(other) => other.to_string(),
         None => e.to_string(),
+    }
+}
+
+/// The peer's address and the console's probe on a tunnel-link request's
+/// connection (tonic's `remote_addr` knows only its own connect info).
+pub fn link_of<T>(req: &tonic::Request<T>) -> (Option<SocketAddr>, Option<Arc<tuning::LinkProbe>>) {
+    match req.extensions().get::<tuning::LinkConnectInfo>() {
+        Some(info) => (info.tcp.remote_addr(), Some(info.probe.clone())),
+        None => (req.remote_addr(), None),
     }
 }

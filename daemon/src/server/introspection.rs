@@ -6,6 +6,7 @@ use super::events::About;
 use super::reload;
 use super::replay::{self, ReplayError};
 use super::Shared;
+use crate::tunnel::tuning::{self, LinkProbe, LinkSample};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -16,13 +17,15 @@ use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataMap;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
+use tunnel_lib::config::LinkTuning;
 use tunnel_lib::frame::now_ms;
 use tunnel_lib::introspection::introspection_server::{Introspection, IntrospectionServer};
 use tunnel_lib::introspection::{
     Capture, ClientInfo, CloseClientRequest, CloseClientResponse, CloseStreamRequest, CloseStreamResponse, EventKind,
-    ForceResyncRequest, ForceResyncResponse, GetCaptureRequest, GroupInfo, ReplayRequest, ServerInfo, StreamInfo,
-    WatchRequest, WatchUpdate,
+    ForceResyncRequest, ForceResyncResponse, GetCaptureRequest, GroupInfo, LinkInfo, LinkOptionState, ReplayRequest,
+    ServerInfo, StreamInfo, WatchRequest, WatchUpdate,
 };
+use tunnel_lib::proto::{LinkOptions, StreamType};
 
 /// Update rate when the watcher asks for none, and the most it may ask for.
 const DEFAULT_RATE: u32 = 4;
@@ -179,16 +182,56 @@ fn server_info(shared: &Shared, clients: usize, streams: &HashMap<String, Stream
         exchanges_idle_closed: shared.exchanges_idle_closed.load(std::sync::atomic::Ordering::Relaxed),
         draining: shared.is_draining(),
         cluster: shared.cluster.as_ref().map(|c| c.info()),
+        link_tuning: link_tuning(&cfg.server.link_tuning),
     }
 }
 
+/// Each link option's state on this server, and its configured value.
+fn link_tuning(wanted: &LinkTuning) -> Vec<LinkOptionState> {
+    let timer = |d: Option<Duration>| d.map(|d| humantime::format_duration(d).to_string());
+    let values = [
+        timer(wanted.rto_min),
+        timer(wanted.delack_max),
+        wanted.thin_timeouts.then(|| "on".to_string()),
+        wanted.notsent_lowat.map(|n| format!("{}KiB", n >> 10)),
+    ];
+    tuning::states(wanted)
+        .into_iter()
+        .zip(values)
+        .map(|((option, state), value)| LinkOptionState {
+            option: option.to_string(),
+            state: state.to_string(),
+            value: value.unwrap_or_default(),
+        })
+        .collect()
+}
+
+/// One link connection of a client: the server's socket, and what the
+/// client says of its end.
+type HeldLink = (Arc<LinkProbe>, Option<LinkOptions>);
+
 /// The registry as introspection messages, keyed by id.
 fn current(shared: &Shared) -> (HashMap<String, ClientInfo>, HashMap<String, StreamInfo>) {
+    let wanted = shared.config().server.link_tuning;
+    // Each client's link connections (a probe per connection, whichever of
+    // its streams came on it), the control stream's first.
+    let mut links: HashMap<String, Vec<HeldLink>> = HashMap::new();
     let streams = shared
         .registry
         .streams()
         .into_iter()
         .map(|s| {
+            if let Some(probe) = &s.link {
+                let held = links.entry(s.client_id.clone()).or_default();
+                if !held.iter().any(|(p, _)| Arc::ptr_eq(p, probe)) {
+                    let entry = (probe.clone(), s.client_link.clone());
+                    if s.stream_type == StreamType::Control {
+                        held.insert(0, entry);
+                    } else {
+                        held.push(entry);
+                    }
+                }
+            }
             let info = StreamInfo {
                 stream_id: s.stream_id.clone(),
                 stream_type: s.stream_type as i32,
@@ -215,6 +258,8 @@ fn current(shared: &Shared) -> (HashMap<String, ClientInfo>, HashMap<String, Str
                 rtt_p99_ms: s.rtt.p99,
                 rtt_max_ms: s.rtt.max,
                 delay_history_ms: s.delay_history,
+                link: s.link.as_deref().map(|p| link_info(p, &wanted)),
+                client_link_options: s.client_link,
             };
             (s.stream_id, info)
         })
@@ -224,7 +269,7 @@ fn current(shared: &Shared) -> (HashMap<String, ClientInfo>, HashMap<String, Str
         .clients()
         .into_iter()
         .map(|c| {
-            let info = ClientInfo {
+            let mut info = ClientInfo {
                 client_id: c.client_id.clone(),
                 config_version_current: shared.group_version(&c.group).unwrap_or_default(),
                 group: c.group,
@@ -234,11 +279,39 @@ fn current(shared: &Shared) -> (HashMap<String, ClientInfo>, HashMap<String, Str
                 config_version_acked: c.config_version,
                 streams: c.streams.len() as u32,
                 session_id: c.session_id,
+                ..Default::default()
             };
+            let held = links.remove(&c.client_id).unwrap_or_default();
+            for (i, (probe, client_options)) in held.iter().enumerate() {
+                let LinkSample { options, counters } = probe.sample();
+                info.link_retransmits += u64::from(counters.retransmits);
+                info.link_segments_out += u64::from(counters.segments_out);
+                if i == 0 {
+                    info.link_rtt_us = micros(counters.rtt);
+                    info.server_link_options = Some(options.to_proto(&wanted));
+                    info.client_link_options = client_options.clone();
+                }
+            }
             (c.client_id, info)
         })
         .collect();
     (clients, streams)
+}
+
+/// One link connection as its server-side socket reports it.
+fn link_info(probe: &LinkProbe, wanted: &LinkTuning) -> LinkInfo {
+    let LinkSample { options, counters } = probe.sample();
+    LinkInfo {
+        server_options: Some(options.to_proto(wanted)),
+        rtt_us: micros(counters.rtt),
+        rto_us: micros(counters.rto),
+        retransmits: u64::from(counters.retransmits),
+        segments_out: u64::from(counters.segments_out),
+    }
+}
+
+fn micros(d: Duration) -> u32 {
+    u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
 }
 
 /// What changed from `old` to `new`: added or changed entries, and removed keys.

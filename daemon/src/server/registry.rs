@@ -3,13 +3,14 @@
 
 use crate::tunnel::exchange::Exchanges;
 use crate::tunnel::outbound::Outbound;
+use crate::tunnel::tuning::LinkProbe;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 use tokio_util::sync::CancellationToken;
-use tunnel_lib::proto::StreamType;
+use tunnel_lib::proto::{LinkOptions, StreamType};
 
 /// One live stream: fixed facts, and the handles to use and close it.
 pub struct StreamHandle {
@@ -23,6 +24,10 @@ pub struct StreamHandle {
     pub exchanges: Arc<Exchanges>,
     /// Fires to close the stream.
     pub cancel: CancellationToken,
+    /// The server's socket of the link connection carrying the stream.
+    pub link: Option<Arc<LinkProbe>>,
+    /// The options the client says its end of the link has.
+    pub client_link: Option<LinkOptions>,
     draining: AtomicBool,
     /// Has asked for config: config pushes go here.
     syncs_config: AtomicBool,
@@ -51,9 +56,19 @@ impl StreamHandle {
             connected_at: SystemTime::now(),
             exchanges,
             cancel,
+            link: None,
+            client_link: None,
             draining: AtomicBool::new(false),
             syncs_config: AtomicBool::new(false),
         }
+    }
+
+    /// Names the link connection the stream came on, and what the client
+    /// says of its end.
+    pub fn with_link(mut self, probe: Option<Arc<LinkProbe>>, client: Option<LinkOptions>) -> Self {
+        self.link = probe;
+        self.client_link = client;
+        self
     }
 
     /// The stream's outbound queues.
@@ -174,6 +189,9 @@ pub struct StreamView {
     pub queue_depth: usize,
     pub queue_capacity: usize,
     pub draining: bool,
+    /// The link connection's socket, read outside the registry's lock.
+    pub link: Option<Arc<LinkProbe>>,
+    pub client_link: Option<LinkOptions>,
 }
 
 /// A copy of one client's state.
@@ -562,6 +580,8 @@ impl Registry {
                     queue_depth: h.outbound().depth(),
                     queue_capacity: h.outbound().capacity(),
                     draining: h.is_draining(),
+                    link: h.link.clone(),
+                    client_link: h.client_link.clone(),
                 }
             })
             .collect();

@@ -108,7 +108,7 @@ impl TunnelSvc {
         req: Request<Streaming<TunnelMessage>>,
         rpc_type: StreamType,
     ) -> Result<Response<ServerOutbound>, Status> {
-        let peer = req.remote_addr();
+        let (peer, probe) = super::accept::link_of(&req);
         let group = self.authenticate(req.metadata(), peer)?;
         let mut inbound = req.into_inner();
         let bound = self.shared.config().server.registration_timeout;
@@ -135,16 +135,19 @@ impl TunnelSvc {
         let (out, outbound) = Outbound::new(cancel.clone());
         let exchanges = Exchanges::new(out, Role::Server, open.client_id.clone());
         exchanges.set_header_block(open.header_block);
-        let handle = Arc::new(StreamHandle::new(
-            open.stream_id.clone(),
-            open.client_id.clone(),
-            group.clone(),
-            stream_type,
-            open.session_id.clone(),
-            peer,
-            exchanges,
-            cancel,
-        ));
+        let handle = Arc::new(
+            StreamHandle::new(
+                open.stream_id.clone(),
+                open.client_id.clone(),
+                group.clone(),
+                stream_type,
+                open.session_id.clone(),
+                peer,
+                exchanges,
+                cancel,
+            )
+            .with_link(probe, open.link_options.clone()),
+        );
         let stale = self
             .shared
             .registry
@@ -388,7 +391,7 @@ impl TunnelService for TunnelSvc {
     }
 
     async fn config_sync(&self, req: Request<ConfigSyncRequest>) -> Result<Response<ConfigSyncResponse>, Status> {
-        let group = self.authenticate(req.metadata(), req.remote_addr())?;
+        let group = self.authenticate(req.metadata(), super::accept::link_of(&req).0)?;
         let body = req.into_inner();
         if body.group != group {
             return Err(Status::invalid_argument("group does not match the authenticated group"));

@@ -10,10 +10,16 @@
 #![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd};
-use std::sync::OnceLock;
-use std::time::Duration;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tonic::transport::server::{Connected, TcpConnectInfo};
 use tunnel_lib::config::LinkTuning;
+use tunnel_lib::proto::LinkOptions;
 
 /// Linux's option numbers (include/uapi/linux/tcp.h); libc has no names for them yet.
 const TCP_RTO_MIN_US: libc::c_int = 45;
@@ -30,6 +36,10 @@ pub struct Support {
     pub delack_max: bool,
     pub thin_timeouts: bool,
     pub notsent_lowat: bool,
+    /// The timers a fresh socket has (the kernel's sysctls), microseconds:
+    /// what an option turned off goes back to.
+    kernel_rto_min: libc::c_int,
+    kernel_delack_max: libc::c_int,
 }
 
 /// What this kernel supports, probed once on a socket of our own: an older
@@ -43,11 +53,14 @@ pub fn support() -> Support {
         let Ok(sock) = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None) else {
             return Support::default();
         };
+        let (rto_min, delack_max) = (get_int(&sock, TCP_RTO_MIN_US), get_int(&sock, TCP_DELACK_MAX_US));
         Support {
-            rto_min: get_int(&sock, TCP_RTO_MIN_US).is_ok(),
-            delack_max: get_int(&sock, TCP_DELACK_MAX_US).is_ok(),
+            rto_min: rto_min.is_ok(),
+            delack_max: delack_max.is_ok(),
             thin_timeouts: get_int(&sock, libc::TCP_THIN_LINEAR_TIMEOUTS).is_ok(),
             notsent_lowat: get_int(&sock, libc::TCP_NOTSENT_LOWAT).is_ok(),
+            kernel_rto_min: rto_min.unwrap_or_default(),
+            kernel_delack_max: delack_max.unwrap_or_default(),
         }
     })
 }
@@ -102,8 +115,8 @@ pub fn states(wanted: &LinkTuning) -> [(&'static str, &'static str); 4] {
     ]
 }
 
-/// What one link socket has: the timers read back from the kernel after
-/// setting them (rounded up to its tick), None where nothing was set.
+/// What one link socket has, as the kernel reports it: None / false / 0
+/// where the socket keeps the kernel's own value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Applied {
     pub rto_min: Option<Duration>,
@@ -112,56 +125,78 @@ pub struct Applied {
     pub notsent_lowat: Option<u32>,
 }
 
-/// Sets what `wanted` names and this kernel supports on a link socket, and
-/// reads it back. A refusal is logged at debug level and leaves the
-/// kernel's value: the link works either way.
-pub fn apply(sock: &impl AsFd, wanted: &LinkTuning) -> Applied {
-    let s = support();
-    let mut applied = Applied::default();
-    for (value, supported, opt, slot) in [
-        (wanted.rto_min, s.rto_min, TCP_RTO_MIN_US, &mut applied.rto_min),
-        (wanted.delack_max, s.delack_max, TCP_DELACK_MAX_US, &mut applied.delack_max),
-    ] {
-        let Some(d) = value.filter(|_| supported) else { continue };
-        let us = libc::c_int::try_from(d.as_micros()).unwrap_or(libc::c_int::MAX);
-        match set_int(sock, opt, us).and_then(|()| get_int(sock, opt)) {
-            Ok(v) => *slot = Some(Duration::from_micros(u64::try_from(v).unwrap_or_default())),
-            Err(e) => tracing::debug!(option = opt, "link socket timer not set: {e}"),
+impl Applied {
+    /// As the protocol carries it, with the configured options this kernel lacks.
+    pub fn to_proto(&self, wanted: &LinkTuning) -> LinkOptions {
+        let us = |d: Option<Duration>| d.map_or(0, |d| u32::try_from(d.as_micros()).unwrap_or(u32::MAX));
+        LinkOptions {
+            rto_min_us: us(self.rto_min),
+            delack_max_us: us(self.delack_max),
+            notsent_lowat: self.notsent_lowat.unwrap_or(0),
+            thin_timeouts: self.thin_timeouts,
+            unsupported: states(wanted)
+                .into_iter()
+                .filter(|(_, state)| *state == "unsupported")
+                .map(|(option, _)| option.to_string())
+                .collect(),
         }
     }
-    if wanted.thin_timeouts && s.thin_timeouts {
-        match set_int(sock, libc::TCP_THIN_LINEAR_TIMEOUTS, 1)
-            .and_then(|()| get_int(sock, libc::TCP_THIN_LINEAR_TIMEOUTS))
-        {
-            Ok(v) => applied.thin_timeouts = v != 0,
-            Err(e) => tracing::debug!("TCP_THIN_LINEAR_TIMEOUTS not set: {e}"),
-        }
-    }
-    if let (Some(n), true) = (wanted.notsent_lowat, s.notsent_lowat) {
-        let n = libc::c_int::try_from(n).unwrap_or(libc::c_int::MAX);
-        match set_int(sock, libc::TCP_NOTSENT_LOWAT, n).and_then(|()| get_int(sock, libc::TCP_NOTSENT_LOWAT)) {
-            Ok(v) => applied.notsent_lowat = u32::try_from(v).ok(),
-            Err(e) => tracing::debug!("TCP_NOTSENT_LOWAT not set: {e}"),
-        }
-    }
-    applied
 }
 
-/// The timers a socket has now, as the kernel reports them (its defaults
-/// where none was set; None for an option this kernel lacks). The daemons
-/// keep `apply`'s read-back; the tests check the kernel's word afterwards.
-#[cfg(test)]
-fn read(sock: &impl AsFd) -> Applied {
+/// What a daemon's link sockets get from `wanted` on this kernel, without a
+/// socket to read: the client's word to the server, which cannot see it.
+pub fn intended(wanted: &LinkTuning) -> LinkOptions {
     let s = support();
-    let timer = |supported: bool, opt| {
+    Applied {
+        rto_min: wanted.rto_min.filter(|_| s.rto_min),
+        delack_max: wanted.delack_max.filter(|_| s.delack_max),
+        thin_timeouts: wanted.thin_timeouts && s.thin_timeouts,
+        notsent_lowat: wanted.notsent_lowat.filter(|_| s.notsent_lowat),
+    }
+    .to_proto(wanted)
+}
+
+/// Gives a link socket exactly what `wanted` names, as far as this kernel
+/// supports it: configured options set, the others back to the kernel's own
+/// (a listener keeps what an earlier config gave it), and says what it has
+/// now. A refusal is logged at debug level and leaves the kernel's value:
+/// the link works either way.
+pub fn apply(sock: &impl AsFd, wanted: &LinkTuning) -> Applied {
+    let s = support();
+    let us = |d: Duration| libc::c_int::try_from(d.as_micros()).unwrap_or(libc::c_int::MAX);
+    let bytes = |n: u32| libc::c_int::try_from(n).unwrap_or(libc::c_int::MAX);
+    for (supported, opt, want) in [
+        (s.rto_min, TCP_RTO_MIN_US, wanted.rto_min.map_or(s.kernel_rto_min, us)),
+        (s.delack_max, TCP_DELACK_MAX_US, wanted.delack_max.map_or(s.kernel_delack_max, us)),
+        (s.thin_timeouts, libc::TCP_THIN_LINEAR_TIMEOUTS, libc::c_int::from(wanted.thin_timeouts)),
+        // 0: the sysctl's limit, unlimited by default.
+        (s.notsent_lowat, libc::TCP_NOTSENT_LOWAT, wanted.notsent_lowat.map_or(0, bytes)),
+    ] {
+        // A socket already as wanted is left alone: a fresh one keeps the
+        // kernel's state untouched where nothing is configured.
+        if !supported || get_int(sock, opt).is_ok_and(|v| v == want) {
+            continue;
+        }
+        if let Err(e) = set_int(sock, opt, want) {
+            tracing::debug!(option = opt, value = want, "link socket option not set: {e}");
+        }
+    }
+    read(sock)
+}
+
+/// The options a socket has now, as the kernel reports them.
+pub fn read(sock: &impl AsFd) -> Applied {
+    let s = support();
+    let timer = |supported: bool, opt, kernel| {
         supported
             .then(|| get_int(sock, opt).ok())
             .flatten()
+            .filter(|&v| v != kernel)
             .map(|v| Duration::from_micros(u64::try_from(v).unwrap_or_default()))
     };
     Applied {
-        rto_min: timer(s.rto_min, TCP_RTO_MIN_US),
-        delack_max: timer(s.delack_max, TCP_DELACK_MAX_US),
+        rto_min: timer(s.rto_min, TCP_RTO_MIN_US, s.kernel_rto_min),
+        delack_max: timer(s.delack_max, TCP_DELACK_MAX_US, s.kernel_delack_max),
         thin_timeouts: s.thin_timeouts && get_int(sock, libc::TCP_THIN_LINEAR_TIMEOUTS).is_ok_and(|v| v != 0),
         // 0 is the kernel's "no limit" (its sysctl's default, UINT_MAX, reads back as -1).
         notsent_lowat: s
@@ -182,6 +217,8 @@ pub struct Counters {
     pub rto: Duration,
     /// Segments retransmitted over the connection's life.
     pub retransmits: u32,
+    /// Data segments sent over the connection's life.
+    pub segments_out: u32,
 }
 
 /// The socket's counters, None if the kernel will not say.
@@ -191,7 +228,127 @@ pub fn counters(sock: &impl AsFd) -> Option<Counters> {
         rtt: Duration::from_micros(u64::from(info.tcpi_rtt)),
         rto: Duration::from_micros(u64::from(info.tcpi_rto)),
         retransmits: info.tcpi_total_retrans,
+        segments_out: info.tcpi_data_segs_out,
     })
+}
+
+/// A sample older than this is read again; younger, it is answered from
+/// memory, so that many consoles watching many streams of one connection
+/// cost one getsockopt a second.
+const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+
+/// The console's view of one accepted link socket: its options and
+/// counters, read from the live socket on demand.
+#[derive(Debug)]
+pub struct LinkProbe {
+    socket: Mutex<Sampled>,
+}
+
+/// What a link socket has and has counted, read together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LinkSample {
+    pub options: Applied,
+    pub counters: Counters,
+}
+
+#[derive(Debug)]
+struct Sampled {
+    /// The socket's descriptor while `Probed` owns it; None once it closes.
+    fd: Option<RawFd>,
+    /// The last reading and when; the options alone come from the accept.
+    last: LinkSample,
+    at: Option<Instant>,
+}
+
+impl LinkProbe {
+    /// The socket's options and counters, at most a second old; after it
+    /// closed, the last ones read.
+    pub fn sample(&self) -> LinkSample {
+        // std Mutex: held for a few getsockopt calls, never across an await.
+        let mut s = self.socket.lock().unwrap_or_else(|e| e.into_inner());
+        let fresh = s.at.is_some_and(|at| at.elapsed() < SAMPLE_EVERY);
+        if let (Some(fd), false) = (s.fd, fresh) {
+            // SAFETY: `fd` is open: Probed clears it under this lock before
+            // its socket closes, and the lock is held until the borrow ends.
+            let sock = unsafe { BorrowedFd::borrow_raw(fd) };
+            if let Some(counters) = counters(&sock) {
+                s.last = LinkSample { options: read(&sock), counters };
+                s.at = Some(Instant::now());
+            }
+        }
+        s.last
+    }
+}
+
+/// An accepted link socket that its console probe can read while it is open.
+pub struct Probed {
+    tcp: TcpStream,
+    probe: Arc<LinkProbe>,
+}
+
+impl Probed {
+    /// Wraps an accepted socket, with the options it has.
+    pub fn new(tcp: TcpStream, options: Applied) -> Self {
+        let fd = Some(tcp.as_raw_fd());
+        let last = LinkSample { options, counters: Counters::default() };
+        let probe = Arc::new(LinkProbe { socket: Mutex::new(Sampled { fd, last, at: None }) });
+        Probed { tcp, probe }
+    }
+}
+
+impl Drop for Probed {
+    // Runs before `tcp` closes the descriptor, which may then be reused.
+    fn drop(&mut self) {
+        self.probe.socket.lock().unwrap_or_else(|e| e.into_inner()).fd = None;
+    }
+}
+
+/// What a tunnel-link request knows of its connection: the peer's address
+/// and the probe on its socket.
+#[derive(Debug, Clone)]
+pub struct LinkConnectInfo {
+    pub tcp: TcpConnectInfo,
+    pub probe: Arc<LinkProbe>,
+}
+
+impl Connected for Probed {
+    type ConnectInfo = LinkConnectInfo;
+
+    fn connect_info(&self) -> LinkConnectInfo {
+        LinkConnectInfo { tcp: self.tcp.connect_info(), probe: self.probe.clone() }
+    }
+}
+
+impl AsyncRead for Probed {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Probed {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+    }
 }
 
 fn set_int(sock: &impl AsFd, opt: libc::c_int, value: libc::c_int) -> io::Result<()> {
@@ -282,10 +439,12 @@ mod tests {
         assert!(applied.thin_timeouts);
         assert_eq!(applied.notsent_lowat, Some(128 << 10));
         assert_eq!(read(&a), applied, "what the kernel says afterwards");
-        // A fresh socket has the kernel's own.
+        // Turned off again (a listener after a reload): the kernel's own.
+        assert_eq!(apply(&a, &LinkTuning::OFF), Applied::default());
+        assert_eq!(get_int(&a, TCP_RTO_MIN_US).ok(), Some(200_000), "the kernel's 200 ms");
+        // A fresh socket has the kernel's own, and nothing wanted sets nothing.
         let (c, _d) = connected();
-        assert_eq!(read(&c).rto_min, Some(Duration::from_millis(200)));
-        // Nothing wanted, nothing set.
+        assert_eq!(read(&c), Applied::default());
         assert_eq!(apply(&c, &LinkTuning::OFF), Applied::default());
     }
 
@@ -299,5 +458,30 @@ mod tests {
         let c = counters(&a).expect("TCP_INFO on Linux");
         assert!(c.rto > Duration::ZERO, "{c:?}");
         assert_eq!(c.retransmits, 0, "loopback loses nothing: {c:?}");
+    }
+
+    /// The probe reads the live socket; once the socket is gone it answers
+    /// with the last reading and never touches the closed descriptor.
+    #[tokio::test]
+    async fn the_probe_reads_while_the_socket_lives_and_remembers_after() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let mut a = TcpStream::connect(l.local_addr().expect("addr")).await.expect("connect");
+        let (b, _) = l.accept().await.expect("accept");
+        let wanted = LinkTuning { notsent_lowat: Some(64 << 10), ..LinkTuning::OFF };
+        let options = apply(&b, &wanted);
+        let mut b = Probed::new(b, options);
+        let probe = b.connect_info().probe;
+        b.write_all(b"hello").await.expect("write");
+        let mut buf = [0u8; 5];
+        a.read_exact(&mut buf).await.expect("read");
+        let live = probe.sample();
+        assert!(live.counters.segments_out >= 1 && live.counters.rto > Duration::ZERO, "{live:?}");
+        assert_eq!(live.options.notsent_lowat, Some(64 << 10));
+        drop(b);
+        // Another socket may now take the descriptor number: the probe must not read it.
+        let (_c, _d) = connected();
+        tokio::time::sleep(SAMPLE_EVERY + Duration::from_millis(100)).await;
+        assert_eq!(probe.sample(), live);
     }
 }

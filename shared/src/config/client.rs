@@ -20,11 +20,13 @@ use toml::Spanned;
 #[serde(rename_all = "kebab-case")]
 pub enum Transport {
     /// Plan B: control on ControlStream, data on N Proxy streams, one connection.
-    #[default]
     Split,
     /// Plan A: everything on one Proxy stream.
     Single,
-    /// Plan 3: the control stream on its own TCP connection.
+    /// Plan 3, the default: the control stream on its own TCP connection, so
+    /// that on a lossy link a heartbeat never waits for the recovery of a
+    /// data segment lost before it (design.md, "Heartbeats on a lossy link").
+    #[default]
     SplitConnection,
 }
 

@@ -88,6 +88,10 @@ fn errors_name_file_line_and_key() {
             expect: "server.toml:5: server.heartbeat_timeout: invalid duration",
         },
         Case {
+            text: SERVER.replace("\"30s\"\ndata", "\"50ms\"\ndata"),
+            expect: "server.toml:10: groups[0].heartbeat_interval: must be at least 100ms",
+        },
+        Case {
             text: SERVER.replace("data_streams = 2", "data_streams = 0"),
             expect: "server.toml:11: groups[0].data_streams: must be 1",
         },
@@ -117,6 +121,10 @@ fn errors_name_file_line_and_key() {
         }
     }
     assert!(wrong.is_empty(), "{wrong:#?}");
+    // A quarter-second heartbeat reaped at 750 ms is a setting for a lossy link.
+    let fast = SERVER.replace("\"90s\"", "\"750ms\"").replace("\"30s\"\ndata", "\"250ms\"\ndata");
+    let c = ServerConfig::from_str_named(&fast, "server.toml").expect("250 ms heartbeats");
+    assert_eq!(c.groups[0].heartbeat_interval, Duration::from_millis(250));
 }
 
 /// The flat keys and the [log] section mean the same; both at once is an error.

@@ -5,7 +5,10 @@
 //! server's rows stay, greyed, under a banner.
 
 use crate::app::{event_kind_name, Action, App, Confirm, RowRef, View};
-use crate::model::{short_age, short_bytes, short_duration, short_id, ConnState, Fleet, Freshness, Model, Watched};
+use crate::model::{
+    link_options_text, link_state, link_tuning_summary, retransmit_share, short_age, short_bytes, short_duration,
+    short_id, ConnState, Fleet, Freshness, Model, Watched,
+};
 use crossterm::event::{MouseButton, MouseEvent, MouseEventKind};
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Color, Modifier, Style};
@@ -289,6 +292,14 @@ fn render_header(app: &App, f: &mut Frame, area: Rect) {
                     spans.push(Span::styled(format!(" v{}", s.version), dim));
                 }
                 spans.extend([sep(), Span::raw(format!("up {}", short_duration(up)))]);
+                if roomy {
+                    if let Some((text, warn)) = link_tuning_summary(&s.link_tuning, true) {
+                        spans.extend([
+                            sep(),
+                            Span::styled(text, if warn { Style::new().fg(Color::Yellow) } else { dim }),
+                        ]);
+                    }
+                }
                 if s.draining {
                     spans.extend([
                         sep(),
@@ -532,7 +543,7 @@ fn render_table(app: &App, f: &mut Frame, area: Rect) {
             }
             cols.extend([("CONNECTED", L(9)), ("VERSION", L(8)), ("STREAMS", L(7)), ("CONFIG", L(8)), ("REQ/S", L(6))]);
             if c.wide {
-                cols.extend([("P99", L(7)), ("TREND (5 min)", L(CLIENT_TREND.1)), ("SESSION", L(36))]);
+                cols.extend([("P99", L(7)), ("TREND (5 min)", L(CLIENT_TREND.1)), ("LINK", L(8)), ("SESSION", L(36))]);
             } else if !c.crowded() {
                 cols.push(("TREND", L(CLIENT_TREND.0)));
             }
@@ -693,11 +704,43 @@ fn client_row(app: &App, server: usize, cl: &ClientInfo, c: Cols) -> Row<'static
     if c.wide {
         cells.push(Cell::from(if now.p99_us > 0 { short_us(u64::from(now.p99_us)) } else { "-".into() }));
         cells.push(trend(CLIENT_TREND.1));
+        cells.push(link_cell(cl));
         cells.push(Cell::from(cl.session_id.clone()));
     } else if !c.crowded() {
         cells.push(trend(CLIENT_TREND.0));
     }
     finish_row(app, server, c, cells, false)
+}
+
+/// "✓ 0.06%": whether both ends of the client's link lowered their TCP
+/// timers (✓ both, ✗ not both), and the share of segments the server resent
+/// to it, yellow from 1% (a lossy path), red from 5%.
+fn link_cell(cl: &ClientInfo) -> Cell<'static> {
+    let state = link_state(cl.server_link_options.as_ref(), cl.client_link_options.as_ref());
+    if state == "-" {
+        return Cell::from("-");
+    }
+    let (retransmits, segments) = (cl.link_retransmits, cl.link_segments_out);
+    let share = if segments == 0 { 0.0 } else { retransmits as f64 / segments as f64 };
+    let style = match share {
+        s if s >= 0.05 => Style::new().fg(Color::Red),
+        s if s >= 0.01 => Style::new().fg(Color::Yellow),
+        _ if state != "tuned" => Style::new().fg(Color::Yellow),
+        _ => Style::new(),
+    };
+    let mark = if state == "tuned" { "✓" } else { "✗" };
+    Cell::from(format!("{mark} {}", retransmit_share(retransmits, segments))).style(style)
+}
+
+/// "rtt 41ms, rto 62ms, 12 of 9.8k segments resent (0.12%)": one link
+/// connection as the server's socket sees it.
+fn link_health(rtt_us: u32, rto_us: Option<u32>, retransmits: u64, segments: u64) -> String {
+    let rto = rto_us.map_or(String::new(), |r| format!(", rto {}", short_us(u64::from(r))));
+    format!(
+        "rtt {}{rto}, {retransmits} of {segments} segments resent ({})",
+        short_us(u64::from(rtt_us)),
+        retransmit_share(retransmits, segments)
+    )
 }
 
 fn request_row(app: &App, server: usize, r: &RequestInfo, c: Cols) -> Row<'static> {
@@ -829,6 +872,20 @@ fn render_detail(app: &App, f: &mut Frame, area: Rect) {
                     ),
                 ),
                 kv("config", m.config_of(&s.client_id).map_or("-".into(), |(a, c)| format!("acked {a}, current {c}"))),
+                kv(
+                    "link",
+                    s.link
+                        .as_ref()
+                        .map_or("-".into(), |l| link_health(l.rtt_us, Some(l.rto_us), l.retransmits, l.segments_out)),
+                ),
+                kv(
+                    "tcp opts",
+                    format!(
+                        "server: {}; client: {}",
+                        s.link.as_ref().and_then(|l| l.server_options.as_ref()).map_or("-".into(), link_options_text),
+                        s.client_link_options.as_ref().map_or("-".into(), link_options_text)
+                    ),
+                ),
             ]
         }
         Some(RowRef::Client(_, c)) => vec![
@@ -839,6 +896,22 @@ fn render_detail(app: &App, f: &mut Frame, area: Rect) {
             kv("streams", c.streams.to_string()),
             kv("config", format!("acked {}, current {}", c.config_version_acked, c.config_version_current)),
             kv("session", c.session_id.clone()),
+            kv(
+                "link",
+                format!(
+                    "{}: {}",
+                    link_state(c.server_link_options.as_ref(), c.client_link_options.as_ref()),
+                    link_health(c.link_rtt_us, None, c.link_retransmits, c.link_segments_out)
+                ),
+            ),
+            kv(
+                "tcp opts",
+                format!(
+                    "server: {}; client: {}",
+                    c.server_link_options.as_ref().map_or("-".into(), link_options_text),
+                    c.client_link_options.as_ref().map_or("-".into(), link_options_text)
+                ),
+            ),
         ],
         // The Traffic view draws charts instead.
         Some(RowRef::Subject(..)) => Vec::new(),
