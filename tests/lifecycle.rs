@@ -84,6 +84,7 @@ fn open_msg(stream_id: &str, seq: u64) -> TunnelMessage {
             // As a client that predates header blocks and link options.
             header_block: false,
             link_options: None,
+            link_counters: None,
         })),
     }
 }

@@ -137,7 +137,7 @@ pub async fn run(bins: &Path, count: usize) -> anyhow::Result<()> {
     up.stop();
 
     let per = |a: u64, b: u64| (a.saturating_sub(b)) as f64 / count as f64;
-    println!("\n{count} clients connected to one tunnel-server (the default split-connection transport: a control stream on one connection and 2 data streams on another, {want_streams} streams), connected in {:.1} s; {ok} of 200 requests through the fleet answered 200.", connect_time.as_secs_f64());
+    println!("\n{count} clients connected to one tunnel-server (split transport: a control stream and 2 data streams each, {want_streams} streams), connected in {:.1} s; {ok} of 200 requests through the fleet answered 200.", connect_time.as_secs_f64());
     println!("Client side: all clients in one process (this bench's, with the daemons' allocator), not {count} processes; a lone tunnel-client's RSS is in the race's memory table.\n");
     println!(
         "| | server RSS | server peak | per client, server side | clients' process RSS | per client, client side |"

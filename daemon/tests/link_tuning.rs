@@ -282,6 +282,12 @@ struct Netns(String);
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        // Deleting a namespace does not end what runs in it.
+        if let Ok(out) = Command::new("ip").args(["netns", "pids", &self.0]).output() {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = Command::new("kill").args(["-9", pid]).status();
+            }
+        }
         let _ = ip(&["netns", "del", &self.0]);
     }
 }
@@ -418,13 +424,13 @@ fn lossy_link_inside_the_namespace() {
     let sockets = loop {
         let sockets = t.link_sockets().expect("ss");
         let settled = sockets.iter().all(|(_, rto, ato)| *rto < 200.0 && *ato <= 8.0);
-        if (sockets.len() >= 4 && settled) || Instant::now() > settle {
+        if (sockets.len() >= 2 && settled) || Instant::now() > settle {
             break sockets;
         }
         std::thread::sleep(Duration::from_millis(250));
     };
-    // Two connections (split-connection), both ends of each.
-    assert!(sockets.len() >= 4, "{sockets:?}");
+    // Both ends of the link connection.
+    assert!(sockets.len() >= 2, "{sockets:?}");
     for (port, rto, ato) in &sockets {
         assert!(*rto < 200.0, "socket :{port} keeps the kernel's RTO floor: rto {rto} ms\n{sockets:?}");
         assert!(*ato <= 8.0, "socket :{port} delays ACKs {ato} ms\n{sockets:?}");
@@ -445,26 +451,24 @@ fn lossy_link_inside_the_namespace() {
         tokio::time::timeout(Duration::from_secs(10), s.message()).await.unwrap().unwrap().unwrap()
     });
     let client = update.clients.first().expect("the client in the console");
-    let server_end = client.server_link_options.clone().unwrap_or_default();
+    let link = client.link.clone().unwrap_or_default();
+    let server_end = link.server_options.clone().unwrap_or_default();
     let client_end = client.client_link_options.clone().unwrap_or_default();
     for end in [&server_end, &client_end] {
-        assert_eq!((end.rto_min_us, end.delack_max_us), (20_000, 8_000), "{client:?}");
+        assert!(end.rto_min_us == 20_000 && (8_000..=10_000).contains(&end.delack_max_us), "{client:?}");
         assert_eq!(end.notsent_lowat, 128 << 10, "{client:?}");
     }
-    assert!(client.link_retransmits > 0 && client.link_segments_out > 0, "no loss seen: {client:?}");
+    // The downloads cross the link from the client: its socket resends what the nftables rule dropped.
+    let client_counts = link.client.unwrap_or_default();
+    assert!(client_counts.retransmits > 0 && client_counts.bytes_retrans > 0, "no loss seen: {client:?}");
     for s in &update.streams {
         let link = s.link.clone().unwrap_or_default();
         assert_eq!(link.server_options.map(|o| o.rto_min_us), Some(20_000), "{s:?}");
+        let (server, client) = (link.server.unwrap_or_default(), link.client.unwrap_or_default());
         eprintln!(
-            "stream {} type {}: heartbeat delay p50/p99/max {}/{}/{} ms; link rtt {} us, {} of {} segments resent",
-            s.stream_id,
-            s.stream_type,
-            s.delay_p50_ms,
-            s.delay_p99_ms,
-            s.delay_max_ms,
-            link.rtt_us,
-            link.retransmits,
-            link.segments_out
+            "stream {} type {}: heartbeat delay p50/p99/max {}/{}/{} ms; server resent {} segments ({} of {} bytes), client {} ({} of {} bytes)",
+            s.stream_id, s.stream_type, s.delay_p50_ms, s.delay_p99_ms, s.delay_max_ms,
+            server.retransmits, server.bytes_retrans, server.bytes_sent, client.retransmits, client.bytes_retrans, client.bytes_sent
         );
     }
 }

@@ -4,9 +4,9 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use tunnel_lib::introspection::{
-    ClientInfo, Event, GroupInfo, LinkOptionState, RequestInfo, ServerInfo, StreamInfo, WatchUpdate,
+    ClientInfo, Event, GroupInfo, LinkInfo, LinkOptionState, RequestInfo, ServerInfo, StreamInfo, WatchUpdate,
 };
-use tunnel_lib::proto::LinkOptions;
+use tunnel_lib::proto::{LinkCounters, LinkOptions};
 
 /// Recent requests the console keeps.
 pub const MAX_REQUESTS: usize = 500;
@@ -305,20 +305,37 @@ pub fn link_options_text(o: &LinkOptions) -> String {
     text
 }
 
-/// Retransmitted segments as a share of data segments sent: "1.25%", or
-/// "-" before any were sent.
-pub fn retransmit_share(retransmits: u64, segments: u64) -> String {
-    if segments == 0 {
-        return "-".into();
+/// The share of bytes resent in one direction of a link; None before any
+/// were sent.
+pub fn resent_share(c: &LinkCounters) -> Option<f64> {
+    (c.bytes_sent > 0).then(|| c.bytes_retrans as f64 / c.bytes_sent as f64)
+}
+
+/// The worse of a link's two directions (the server's sending, and the
+/// client's as its heartbeats say): loss either way delays heartbeats.
+pub fn link_loss(link: &LinkInfo) -> Option<f64> {
+    [link.server.as_ref(), link.client.as_ref()].into_iter().flatten().filter_map(resent_share).reduce(f64::max)
+}
+
+/// "1.25%", "0%", or "-" with nothing sent.
+pub fn share_text(share: Option<f64>) -> String {
+    match share.map(|s| s * 100.0) {
+        None => "-".into(),
+        Some(0.0) => "0%".into(),
+        Some(p) if p < 10.0 => format!("{p:.2}%"),
+        Some(p) => format!("{p:.0}%"),
     }
-    let share = retransmits as f64 * 100.0 / segments as f64;
-    if share == 0.0 {
-        "0%".into()
-    } else if share < 10.0 {
-        format!("{share:.2}%")
-    } else {
-        format!("{share:.0}%")
-    }
+}
+
+/// "rtt 41.2ms, resent 12 segments (0.06% of 9.4 MiB)": one direction of a link.
+pub fn link_counts(c: &LinkCounters) -> String {
+    format!(
+        "rtt {:.1}ms, resent {} segments ({} of {})",
+        f64::from(c.rtt_us) / 1000.0,
+        c.retransmits,
+        share_text(resent_share(c)),
+        short_bytes(c.bytes_sent)
+    )
 }
 
 #[cfg(test)]
@@ -339,10 +356,17 @@ mod tests {
         assert_eq!(link_options_text(&lacking), "notsent_lowat 128KiB (this kernel lacks rto_min)");
         assert_eq!(link_options_text(&tuned), "rto_min 20ms, delack_max 8ms");
         assert_eq!(link_options_text(&kernel), "the kernel's own");
-        assert_eq!(retransmit_share(0, 0), "-");
-        assert_eq!(retransmit_share(0, 10), "0%");
-        assert_eq!(retransmit_share(125, 10_000), "1.25%");
-        assert_eq!(retransmit_share(30, 100), "30%");
+        let counts = |sent, resent| LinkCounters { bytes_sent: sent, bytes_retrans: resent, ..Default::default() };
+        assert_eq!(share_text(resent_share(&counts(0, 0))), "-");
+        assert_eq!(share_text(resent_share(&counts(10, 0))), "0%");
+        assert_eq!(share_text(resent_share(&counts(10_000, 125))), "1.25%");
+        assert_eq!(share_text(resent_share(&counts(100, 30))), "30%");
+        // The worse direction decides; an older client sends no counts.
+        let link =
+            LinkInfo { server: Some(counts(10_000, 10)), client: Some(counts(10_000, 300)), ..Default::default() };
+        assert_eq!(share_text(link_loss(&link)), "3.00%");
+        let old = LinkInfo { server: Some(counts(10_000, 10)), client: None, ..Default::default() };
+        assert_eq!(share_text(link_loss(&old)), "0.10%");
     }
 
     use super::*;

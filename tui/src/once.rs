@@ -248,10 +248,20 @@ fn model_json(m: &Model, now_ms: i64) -> Value {
                 "streams": c.streams,
                 "config_version_acked": c.config_version_acked,
                 "config_version_current": c.config_version_current,
-                "link": crate::model::link_state(c.server_link_options.as_ref(), c.client_link_options.as_ref()),
-                "link_retransmits": c.link_retransmits,
-                "link_segments_out": c.link_segments_out,
-                "link_rtt_us": c.link_rtt_us,
+                "link": c.link.as_ref().map(|l| {
+                    let counts = |c: Option<&tunnel_lib::proto::LinkCounters>| c.map(|c| json!({
+                        "rtt_us": c.rtt_us,
+                        "retransmits": c.retransmits,
+                        "bytes_sent": c.bytes_sent,
+                        "bytes_retrans": c.bytes_retrans,
+                    }));
+                    json!({
+                        "state": crate::model::link_state(l.server_options.as_ref(), c.client_link_options.as_ref()),
+                        "resent_share": crate::model::link_loss(l),
+                        "server": counts(l.server.as_ref()),
+                        "client": counts(l.client.as_ref()),
+                    })
+                }),
             })
         })
         .collect();

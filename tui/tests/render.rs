@@ -9,7 +9,7 @@ use tunnel_lib::introspection::{
     Capture, ClientInfo, Event, EventKind, GroupInfo, Header, LinkInfo, LinkOptionState, RequestHead, RequestInfo,
     ServerInfo, StreamInfo, TrafficSeries, TrafficSubject, WatchUpdate,
 };
-use tunnel_lib::proto::{LinkOptions, StreamType};
+use tunnel_lib::proto::{LinkCounters, LinkOptions, StreamType};
 use tunnel_lib::traffic::{series, Point, MINUTE_MS, SECOND_MS};
 use tunnel_tui::app::{update, Action, App};
 use tunnel_tui::model::ConnState;
@@ -48,13 +48,16 @@ fn stream(id: &str, client: &str, ty: StreamType, hb_age_ms: i64, depth: u32, in
         delay_history_ms: vec![1, 1, 2, 1, 9, 1, 1, 3, 1, 2],
         link: Some(LinkInfo {
             server_options: Some(tuned()),
-            rtt_us: 41_250,
-            rto_us: 62_000,
-            retransmits: 12,
-            segments_out: 9_800,
+            server: Some(counts(12, 9_800 << 10, 17 << 10)),
+            client: Some(counts(3, 250 << 20, 4 << 10)),
         }),
         client_link_options: Some(tuned()),
     }
+}
+
+/// A link direction's counters: 41 ms round trip.
+fn counts(retransmits: u64, bytes_sent: u64, bytes_retrans: u64) -> LinkCounters {
+    LinkCounters { rtt_us: 41_250, rto_us: 62_000, retransmits, bytes_sent, bytes_retrans }
 }
 
 /// The daemons' default link options.
@@ -124,10 +127,15 @@ fn snapshot(server_id: &str, mark: Option<char>) -> WatchUpdate {
             streams: 3,
             session_id: format!("5e55{}-0000-4000-8000-000000000000", &c[5..]),
             // edge-2's path loses packets, and its own kernel lacks the timers.
-            link_retransmits: if *c == "edge-1" { 12 } else { 1_450 },
-            link_segments_out: if *c == "edge-1" { 19_600 } else { 61_000 },
-            link_rtt_us: 41_250,
-            server_link_options: Some(tuned()),
+            link: Some(LinkInfo {
+                server_options: Some(tuned()),
+                server: Some(counts(12, 19 << 20, 17 << 10)),
+                client: Some(if *c == "edge-1" {
+                    counts(3, 500 << 20, 4 << 10)
+                } else {
+                    counts(1_450, 61 << 20, 1_450 << 10)
+                }),
+            }),
             client_link_options: Some(if *c == "edge-1" {
                 tuned()
             } else {

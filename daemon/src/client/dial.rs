@@ -13,6 +13,7 @@
 //! terminator in front of a wedged server passes, and the registration
 //! timeout is what notices it.
 
+use crate::tunnel::tuning::{Applied, LinkProbe, LinkSample, Probed};
 use hyper_util::rt::TokioIo;
 use std::future::Future;
 use std::io;
@@ -31,7 +32,24 @@ use tunnel_lib::config::LinkTuning;
 type OnRead = Box<dyn FnMut(&[u8]) + Send>;
 
 /// What the dialer hands tonic: the TCP stream, watched for its first byte.
-pub type LinkIo = TokioIo<InspectReader<TcpStream, OnRead>>;
+pub type LinkIo = TokioIo<InspectReader<Probed, OnRead>>;
+
+/// The link socket a dialer made last, read for the heartbeats' counts
+/// (the server sees only its own direction of the link).
+#[derive(Clone, Default)]
+pub struct LinkSlot(Arc<Mutex<Option<Arc<LinkProbe>>>>);
+
+impl LinkSlot {
+    /// The socket's options and counters; None before it connected.
+    pub fn sample(&self) -> Option<LinkSample> {
+        let probe = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        probe.map(|p| p.sample())
+    }
+
+    fn set(&self, probe: Arc<LinkProbe>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(probe);
+    }
+}
 
 /// Dials one server address (the client resolves server names itself, one
 /// session per address, while the URL keeps the name for the `:authority`
@@ -43,6 +61,7 @@ pub struct Dialer {
     connect_timeout: Duration,
     timers: LinkTuning,
     heard: Arc<Mutex<Option<oneshot::Sender<()>>>>,
+    slot: LinkSlot,
 }
 
 impl Dialer {
@@ -54,7 +73,13 @@ impl Dialer {
         timers: LinkTuning,
     ) -> (Dialer, oneshot::Receiver<()>) {
         let (tx, rx) = oneshot::channel();
-        (Dialer { addr, tcp_keepalive, connect_timeout, timers, heard: Arc::new(Mutex::new(Some(tx))) }, rx)
+        let heard = Arc::new(Mutex::new(Some(tx)));
+        (Dialer { addr, tcp_keepalive, connect_timeout, timers, heard, slot: LinkSlot::default() }, rx)
+    }
+
+    /// Where the socket of its connection can be read, once it is made.
+    pub fn slot(&self) -> LinkSlot {
+        self.slot.clone()
     }
 }
 
@@ -67,13 +92,13 @@ async fn connect(
     keepalive: Duration,
     timeout: Duration,
     timers: LinkTuning,
-) -> io::Result<TcpStream> {
+) -> io::Result<(TcpStream, Applied)> {
     let sock = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     sock.set_nodelay(true)?;
     socket2::SockRef::from(&sock).set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(keepalive))?;
-    crate::tunnel::tuning::apply(&sock, &timers);
+    let options = crate::tunnel::tuning::apply(&sock, &timers);
     match tokio::time::timeout(timeout, sock.connect(addr)).await {
-        Ok(r) => r,
+        Ok(r) => r.map(|tcp| (tcp, options)),
         Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("connecting to {addr} took over {timeout:?}"))),
     }
 }
@@ -90,9 +115,11 @@ impl Service<http::Uri> for Dialer {
     /// tonic puts TLS on top for https:// URLs; this only makes the TCP connection.
     fn call(&mut self, _: http::Uri) -> Self::Future {
         let (addr, keepalive, timeout, timers) = (self.addr, self.tcp_keepalive, self.connect_timeout, self.timers);
-        let heard = self.heard.clone();
+        let (heard, slot) = (self.heard.clone(), self.slot.clone());
         Box::pin(async move {
-            let tcp = connect(addr, keepalive, timeout, timers).await?;
+            let (tcp, options) = connect(addr, keepalive, timeout, timers).await?;
+            let tcp = Probed::new(tcp, options);
+            slot.set(tcp.probe());
             let mut heard = heard.lock().unwrap_or_else(|e| e.into_inner()).take();
             let on_read: OnRead = Box::new(move |bytes: &[u8]| {
                 if !bytes.is_empty() {

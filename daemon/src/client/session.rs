@@ -4,6 +4,7 @@
 //! the connection ends the session; its link reconnects with backoff and a
 //! new session id.
 
+use super::dial::LinkSlot;
 use super::fleet::{Claim, Link, Releases};
 use super::upstream;
 use crate::tunnel::exchange::{payload_name, Dispatched, ExchangeFailure, Exchanges, Role};
@@ -83,6 +84,10 @@ struct Session {
     failure: Mutex<Option<String>>,
     /// Data streams whose drain the server acknowledged: no request follows on them.
     drain_acked: Mutex<std::collections::HashSet<String>>,
+    /// The sockets of the data and the control connections (one and the
+    /// same unless `split-connection`), whose counts the heartbeats carry.
+    data_link: LinkSlot,
+    control_link: LinkSlot,
 }
 
 /// What a stream does.
@@ -96,7 +101,7 @@ enum Kind {
     Single,
 }
 
-async fn connect(link: &Link) -> anyhow::Result<Channel> {
+async fn connect(link: &Link) -> anyhow::Result<(Channel, LinkSlot)> {
     let cfg = &link.cfg;
     let server = &link.key;
     // No tonic connect_timeout: the dialer bounds the TCP connect, and the
@@ -113,6 +118,7 @@ async fn connect(link: &Link) -> anyhow::Result<Channel> {
     }
     let (dialer, heard) =
         super::dial::Dialer::new(link.target.addr, cfg.tcp_keepalive, cfg.connect_timeout, cfg.link_tuning);
+    let slot = dialer.slot();
     // Connected means the server spoke: TCP, TLS, and its first bytes, all
     // within connect_timeout (a tarpit costs this, not a registration timeout).
     let connected = tokio::time::timeout(cfg.connect_timeout, async {
@@ -128,7 +134,7 @@ async fn connect(link: &Link) -> anyhow::Result<Channel> {
             };
             bail!("connecting to {server}: connection closed before the server spoke{hint}");
         }
-        Ok::<_, anyhow::Error>(channel)
+        Ok::<_, anyhow::Error>((channel, slot))
     })
     .await;
     match connected {
@@ -239,23 +245,32 @@ const CONTROL_DIALS: usize = 4;
 /// the session's first connection reached. Behind a balancer that spreads
 /// connections, a second dial may land on another server, whose registry
 /// would then hold a control stream without its data streams: it is dialled
-/// again until it reaches the same server, and after CONTROL_DIALS tries the
-/// session carries control on its data connection, as `split` does.
-async fn control_connection(link: &Link, server_id: &str, data: &Channel) -> anyhow::Result<Channel> {
+/// again until it reaches the same server. After CONTROL_DIALS tries (a dial
+/// that fails counts as one), the session carries control on its data
+/// connection, as `split` does.
+async fn control_connection(link: &Link, server_id: &str, data: &(Channel, LinkSlot)) -> (Channel, LinkSlot) {
+    let mut last = String::new();
     for _ in 0..CONTROL_DIALS {
-        let channel = connect(link).await?;
-        let other = hello(link, channel.clone()).await?;
-        if other.server_id == server_id {
-            return Ok(channel);
+        let (channel, slot) = match connect(link).await {
+            Ok(c) => c,
+            Err(e) => {
+                last = format!("{e:#}");
+                continue;
+            }
+        };
+        match hello(link, channel.clone()).await {
+            Ok(other) if other.server_id == server_id => return (channel, slot),
+            Ok(other) => last = format!("it reached server {:?}", other.server_id),
+            Err(e) => last = format!("{e:#}"),
         }
-        tracing::debug!(server = %link.key, wanted = server_id, reached = %other.server_id, "the control connection reached another server; dialling again");
+        tracing::debug!(server = %link.key, "the control connection failed: {last}; dialling again");
     }
     tracing::warn!(
         server = %link.key,
         server_id,
-        "the control connection reached other servers in {CONTROL_DIALS} dials (a balancer spreading connections): this session carries control on its data connection; balance by source address to keep a client's connections together"
+        "no control connection of its own in {CONTROL_DIALS} dials (the last: {last}): this session carries control on its data connection; behind a balancer, balance by source address to keep a client's connections together"
     );
-    Ok(data.clone())
+    data.clone()
 }
 
 /// A call the server answered with an error, in an operator's words.
@@ -273,11 +288,11 @@ pub async fn run(link: Arc<Link>, stop: CancellationToken) -> anyhow::Result<End
     let cfg = link.cfg.clone();
     // A stop (or this address leaving DNS) must not wait for a tarpit's connect_timeout.
     let setup = async {
-        let data_channel = connect(&link).await?;
-        let first = hello(&link, data_channel.clone()).await?;
-        anyhow::Ok((data_channel, first))
+        let data = connect(&link).await?;
+        let first = hello(&link, data.0.clone()).await?;
+        anyhow::Ok((data, first))
     };
-    let (data_channel, first) = tokio::select! {
+    let ((data_channel, data_link), first) = tokio::select! {
         _ = stop.cancelled() => return Ok(Ended::Stopped),
         r = setup => r?,
     };
@@ -287,12 +302,13 @@ pub async fn run(link: Arc<Link>, stop: CancellationToken) -> anyhow::Result<End
         Err(holder) => return Ok(Ended::Duplicate { server_id: first.server_id, holder, releases }),
     };
     drop(releases);
-    let control_channel = match cfg.transport {
+    let data = (data_channel.clone(), data_link.clone());
+    let (control_channel, control_link) = match cfg.transport {
         Transport::SplitConnection => tokio::select! {
             _ = stop.cancelled() => return Ok(Ended::Stopped),
-            r = control_connection(&link, &first.server_id, &data_channel) => r?,
+            c = control_connection(&link, &first.server_id, &data) => c,
         },
-        _ => data_channel.clone(),
+        _ => data,
     };
     link.update(|s| s.server_id = first.server_id.clone());
     let held_version = link.status().config_version;
@@ -312,6 +328,8 @@ pub async fn run(link: Arc<Link>, stop: CancellationToken) -> anyhow::Result<End
         failure: Mutex::new(None),
         drain_acked: Mutex::new(std::collections::HashSet::new()),
         link,
+        data_link,
+        control_link,
     });
     // The first streams open with the server's config in force.
     if adopt_config(&session, &first) {
@@ -497,6 +515,11 @@ fn learn_fleet(session: &Session, ack: &StreamOpenResponse) {
 }
 
 fn open_message(session: &Session, stream_id: &str, kind: Kind, seq: u64, last_rtt_ms: i64) -> TunnelMessage {
+    let sample = match kind {
+        Kind::Control => &session.control_link,
+        Kind::Data | Kind::Single => &session.data_link,
+    }
+    .sample();
     let settings = session.settings.borrow();
     let now = now_ms();
     TunnelMessage {
@@ -522,7 +545,12 @@ fn open_message(session: &Session, stream_id: &str, kind: Kind, seq: u64, last_r
             last_rtt_ms,
             fleet_version: session.link.status().fleet_version,
             header_block: true,
-            link_options: Some(crate::tunnel::tuning::intended(&session.link.cfg.link_tuning)),
+            // The options with the registration only: they do not change.
+            link_options: (seq == 0).then(|| match &sample {
+                Some(s) => s.options.to_proto(&session.link.cfg.link_tuning),
+                None => crate::tunnel::tuning::intended(&session.link.cfg.link_tuning),
+            }),
+            link_counters: sample.map(|s| s.counters.to_proto()),
         })),
     }
 }

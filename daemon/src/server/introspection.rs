@@ -25,7 +25,7 @@ use tunnel_lib::introspection::{
     ForceResyncRequest, ForceResyncResponse, GetCaptureRequest, GroupInfo, LinkInfo, LinkOptionState, ReplayRequest,
     ServerInfo, StreamInfo, WatchRequest, WatchUpdate,
 };
-use tunnel_lib::proto::{LinkOptions, StreamType};
+use tunnel_lib::proto::{LinkCounters, LinkOptions, StreamType};
 
 /// Update rate when the watcher asks for none, and the most it may ask for.
 const DEFAULT_RATE: u32 = 4;
@@ -206,25 +206,26 @@ fn link_tuning(wanted: &LinkTuning) -> Vec<LinkOptionState> {
         .collect()
 }
 
-/// One link connection of a client: the server's socket, and what the
-/// client says of its end.
-type HeldLink = (Arc<LinkProbe>, Option<LinkOptions>);
+/// One link connection of a client: its server socket's probe, its counts,
+/// and the client's options for its end.
+type HeldLink = (Arc<LinkProbe>, LinkInfo, Option<LinkOptions>);
 
 /// The registry as introspection messages, keyed by id.
 fn current(shared: &Shared) -> (HashMap<String, ClientInfo>, HashMap<String, StreamInfo>) {
     let wanted = shared.config().server.link_tuning;
-    // Each client's link connections (a probe per connection, whichever of
-    // its streams came on it), the control stream's first.
+    // Each client's link connections (one entry per connection, whichever
+    // of its streams came on it), the control stream's first.
     let mut links: HashMap<String, Vec<HeldLink>> = HashMap::new();
     let streams = shared
         .registry
         .streams()
         .into_iter()
         .map(|s| {
-            if let Some(probe) = &s.link {
+            let link = s.link.as_ref().map(|p| link_info(p, &wanted, s.client_counters));
+            if let (Some(probe), Some(info)) = (&s.link, &link) {
                 let held = links.entry(s.client_id.clone()).or_default();
-                if !held.iter().any(|(p, _)| Arc::ptr_eq(p, probe)) {
-                    let entry = (probe.clone(), s.client_link.clone());
+                if !held.iter().any(|(p, _, _)| Arc::ptr_eq(p, probe)) {
+                    let entry = (probe.clone(), info.clone(), s.client_link.clone());
                     if s.stream_type == StreamType::Control {
                         held.insert(0, entry);
                     } else {
@@ -258,7 +259,7 @@ fn current(shared: &Shared) -> (HashMap<String, ClientInfo>, HashMap<String, Str
                 rtt_p99_ms: s.rtt.p99,
                 rtt_max_ms: s.rtt.max,
                 delay_history_ms: s.delay_history,
-                link: s.link.as_deref().map(|p| link_info(p, &wanted)),
+                link,
                 client_link_options: s.client_link,
             };
             (s.stream_id, info)
@@ -269,7 +270,8 @@ fn current(shared: &Shared) -> (HashMap<String, ClientInfo>, HashMap<String, Str
         .clients()
         .into_iter()
         .map(|c| {
-            let mut info = ClientInfo {
+            let held = links.remove(&c.client_id).unwrap_or_default();
+            let info = ClientInfo {
                 client_id: c.client_id.clone(),
                 config_version_current: shared.group_version(&c.group).unwrap_or_default(),
                 group: c.group,
@@ -279,39 +281,40 @@ fn current(shared: &Shared) -> (HashMap<String, ClientInfo>, HashMap<String, Str
                 config_version_acked: c.config_version,
                 streams: c.streams.len() as u32,
                 session_id: c.session_id,
-                ..Default::default()
+                client_link_options: held.first().and_then(|(_, _, o)| o.clone()),
+                link: summed(held.into_iter().map(|(_, info, _)| info)),
             };
-            let held = links.remove(&c.client_id).unwrap_or_default();
-            for (i, (probe, client_options)) in held.iter().enumerate() {
-                let LinkSample { options, counters } = probe.sample();
-                info.link_retransmits += u64::from(counters.retransmits);
-                info.link_segments_out += u64::from(counters.segments_out);
-                if i == 0 {
-                    info.link_rtt_us = micros(counters.rtt);
-                    info.server_link_options = Some(options.to_proto(&wanted));
-                    info.client_link_options = client_options.clone();
-                }
-            }
             (c.client_id, info)
         })
         .collect();
     (clients, streams)
 }
 
-/// One link connection as its server-side socket reports it.
-fn link_info(probe: &LinkProbe, wanted: &LinkTuning) -> LinkInfo {
+/// One link connection: the server's socket as read now, and the client's
+/// as its last heartbeat on the stream said.
+fn link_info(probe: &LinkProbe, wanted: &LinkTuning, client: Option<LinkCounters>) -> LinkInfo {
     let LinkSample { options, counters } = probe.sample();
-    LinkInfo {
-        server_options: Some(options.to_proto(wanted)),
-        rtt_us: micros(counters.rtt),
-        rto_us: micros(counters.rto),
-        retransmits: u64::from(counters.retransmits),
-        segments_out: u64::from(counters.segments_out),
-    }
+    LinkInfo { server_options: Some(options.to_proto(wanted)), server: Some(counters.to_proto()), client }
 }
 
-fn micros(d: Duration) -> u32 {
-    u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
+/// A client's connections together: counts summed, the first's (the
+/// control connection's) round trips and options.
+fn summed(links: impl Iterator<Item = LinkInfo>) -> Option<LinkInfo> {
+    let add = |sum: &mut Option<LinkCounters>, more: Option<LinkCounters>| {
+        if let Some(m) = more {
+            let s =
+                sum.get_or_insert_with(|| LinkCounters { rtt_us: m.rtt_us, rto_us: m.rto_us, ..Default::default() });
+            s.retransmits += m.retransmits;
+            s.bytes_sent += m.bytes_sent;
+            s.bytes_retrans += m.bytes_retrans;
+        }
+    };
+    links.fold(None, |total: Option<LinkInfo>, one| {
+        let mut total = total.unwrap_or(LinkInfo { server_options: one.server_options.clone(), ..Default::default() });
+        add(&mut total.server, one.server);
+        add(&mut total.client, one.client);
+        Some(total)
+    })
 }
 
 /// What changed from `old` to `new`: added or changed entries, and removed keys.

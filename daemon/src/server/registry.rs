@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 use tokio_util::sync::CancellationToken;
-use tunnel_lib::proto::{LinkOptions, StreamType};
+use tunnel_lib::proto::{LinkCounters, LinkOptions, StreamType};
 
 /// One live stream: fixed facts, and the handles to use and close it.
 pub struct StreamHandle {
@@ -104,6 +104,8 @@ struct StreamState {
     /// memory, which counts with thousands of streams.
     delays: VecDeque<i32>,
     rtts: VecDeque<i32>,
+    /// The client's socket of the stream's connection, as its last heartbeat said.
+    client_counters: Option<LinkCounters>,
 }
 
 /// Heartbeats kept per stream for delay statistics.
@@ -192,6 +194,7 @@ pub struct StreamView {
     /// The link connection's socket, read outside the registry's lock.
     pub link: Option<Arc<LinkProbe>>,
     pub client_link: Option<LinkOptions>,
+    pub client_counters: Option<LinkCounters>,
 }
 
 /// A copy of one client's state.
@@ -322,6 +325,7 @@ impl Registry {
                 heartbeats: 0,
                 delays: VecDeque::with_capacity(HEARTBEAT_WINDOW),
                 rtts: VecDeque::with_capacity(HEARTBEAT_WINDOW),
+                client_counters: None,
             },
         );
         self.changed.notify_one();
@@ -330,11 +334,21 @@ impl Registry {
 
     /// Records a heartbeat of `stream_id`, and the config version its client
     /// says it applies; true if that version is not the one it said before.
-    pub fn heartbeat(&self, stream_id: &str, delay_ms: i64, rtt_ms: i64, config_version: &str) -> bool {
+    pub fn heartbeat(
+        &self,
+        stream_id: &str,
+        delay_ms: i64,
+        rtt_ms: i64,
+        config_version: &str,
+        client_counters: Option<LinkCounters>,
+    ) -> bool {
         let mut inner = self.write();
         let Some(s) = inner.streams.get_mut(stream_id) else {
             return false;
         };
+        if client_counters.is_some() {
+            s.client_counters = client_counters;
+        }
         s.last_heartbeat = Instant::now();
         s.last_heartbeat_at = SystemTime::now();
         s.last_delay_ms = delay_ms;
@@ -582,6 +596,7 @@ impl Registry {
                     draining: h.is_draining(),
                     link: h.link.clone(),
                     client_link: h.client_link.clone(),
+                    client_counters: s.client_counters,
                 }
             })
             .collect();
@@ -692,8 +707,8 @@ mod tests {
         let r = Registry::new();
         r.register(handle("h1", "a", "s", StreamType::Http), "v", "", 1).expect("ok");
         r.register(handle("h2", "a", "s", StreamType::Http), "v", "", 1).expect("ok");
-        assert!(r.heartbeat("h1", 3, 1, "cfg1"));
-        assert!(!r.heartbeat("nope", 0, -1, ""));
+        assert!(r.heartbeat("h1", 3, 1, "cfg1", None));
+        assert!(!r.heartbeat("nope", 0, -1, "", None));
         let v = r.streams();
         assert_eq!((v[0].heartbeats, v[0].last_delay_ms), (1, 3));
         assert_eq!(v[0].delay, Percentiles { p50: 3, p99: 3, max: 3 });

@@ -317,7 +317,9 @@ fn on_message(svc: &TunnelSvc, handle: &Arc<StreamHandle>, m: TunnelMessage) {
             }
             let delay = now_ms().saturating_sub(open.timestamp_ms);
             svc.shared.metrics.heartbeat_delay.observe(delay.max(0) as f64 / 1000.0);
-            if svc.shared.registry.heartbeat(&handle.stream_id, delay, open.last_rtt_ms, &open.config_version) {
+            let registry = &svc.shared.registry;
+            let counters = open.link_counters;
+            if registry.heartbeat(&handle.stream_id, delay, open.last_rtt_ms, &open.config_version, counters) {
                 acked(&svc.shared, handle, &open.config_version);
             }
             if delay > 1000 {

@@ -19,7 +19,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 use tunnel_lib::config::LinkTuning;
-use tunnel_lib::proto::LinkOptions;
+use tunnel_lib::proto::{LinkCounters, LinkOptions};
 
 /// Linux's option numbers (include/uapi/linux/tcp.h); libc has no names for them yet.
 const TCP_RTO_MIN_US: libc::c_int = 45;
@@ -217,8 +217,24 @@ pub struct Counters {
     pub rto: Duration,
     /// Segments retransmitted over the connection's life.
     pub retransmits: u32,
-    /// Data segments sent over the connection's life.
-    pub segments_out: u32,
+    /// Bytes sent over the connection's life, retransmissions included, and
+    /// of them resent (64-bit counters: a busy link wraps no 32-bit one).
+    pub bytes_sent: u64,
+    pub bytes_retrans: u64,
+}
+
+impl Counters {
+    /// As the protocol carries them.
+    pub fn to_proto(&self) -> LinkCounters {
+        let us = |d: Duration| u32::try_from(d.as_micros()).unwrap_or(u32::MAX);
+        LinkCounters {
+            rtt_us: us(self.rtt),
+            rto_us: us(self.rto),
+            retransmits: u64::from(self.retransmits),
+            bytes_sent: self.bytes_sent,
+            bytes_retrans: self.bytes_retrans,
+        }
+    }
 }
 
 /// The socket's counters, None if the kernel will not say.
@@ -228,7 +244,8 @@ pub fn counters(sock: &impl AsFd) -> Option<Counters> {
         rtt: Duration::from_micros(u64::from(info.tcpi_rtt)),
         rto: Duration::from_micros(u64::from(info.tcpi_rto)),
         retransmits: info.tcpi_total_retrans,
-        segments_out: info.tcpi_data_segs_out,
+        bytes_sent: info.tcpi_bytes_sent,
+        bytes_retrans: info.tcpi_bytes_retrans,
     })
 }
 
@@ -237,8 +254,8 @@ pub fn counters(sock: &impl AsFd) -> Option<Counters> {
 /// cost one getsockopt a second.
 const SAMPLE_EVERY: Duration = Duration::from_secs(1);
 
-/// The console's view of one accepted link socket: its options and
-/// counters, read from the live socket on demand.
+/// A view of one link socket: its options and counters, read from the live
+/// socket on demand.
 #[derive(Debug)]
 pub struct LinkProbe {
     socket: Mutex<Sampled>,
@@ -280,19 +297,25 @@ impl LinkProbe {
     }
 }
 
-/// An accepted link socket that its console probe can read while it is open.
+/// A link socket that its probe can read while it is open: the server's
+/// accepted sockets, for the console, and the client's, for its heartbeats.
 pub struct Probed {
     tcp: TcpStream,
     probe: Arc<LinkProbe>,
 }
 
 impl Probed {
-    /// Wraps an accepted socket, with the options it has.
+    /// Wraps a link socket, with the options it has.
     pub fn new(tcp: TcpStream, options: Applied) -> Self {
         let fd = Some(tcp.as_raw_fd());
         let last = LinkSample { options, counters: Counters::default() };
         let probe = Arc::new(LinkProbe { socket: Mutex::new(Sampled { fd, last, at: None }) });
         Probed { tcp, probe }
+    }
+
+    /// The socket's probe, which outlives it.
+    pub fn probe(&self) -> Arc<LinkProbe> {
+        self.probe.clone()
     }
 }
 
@@ -435,13 +458,15 @@ mod tests {
         }
         let applied = apply(&a, &wanted);
         assert_eq!(applied.rto_min, Some(Duration::from_millis(20)));
-        assert_eq!(applied.delack_max, Some(Duration::from_millis(8)));
+        // Rounded up to the kernel's tick: 8 ms at HZ=250 or 1000, 10 ms at HZ=100.
+        let delack = applied.delack_max.expect("set");
+        assert!(delack >= Duration::from_millis(8) && delack <= Duration::from_millis(10), "{delack:?}");
         assert!(applied.thin_timeouts);
         assert_eq!(applied.notsent_lowat, Some(128 << 10));
         assert_eq!(read(&a), applied, "what the kernel says afterwards");
         // Turned off again (a listener after a reload): the kernel's own.
         assert_eq!(apply(&a, &LinkTuning::OFF), Applied::default());
-        assert_eq!(get_int(&a, TCP_RTO_MIN_US).ok(), Some(200_000), "the kernel's 200 ms");
+        assert_eq!(get_int(&a, TCP_RTO_MIN_US).ok(), Some(s.kernel_rto_min), "the kernel's own");
         // A fresh socket has the kernel's own, and nothing wanted sets nothing.
         let (c, _d) = connected();
         assert_eq!(read(&c), Applied::default());
@@ -476,7 +501,7 @@ mod tests {
         let mut buf = [0u8; 5];
         a.read_exact(&mut buf).await.expect("read");
         let live = probe.sample();
-        assert!(live.counters.segments_out >= 1 && live.counters.rto > Duration::ZERO, "{live:?}");
+        assert!(live.counters.bytes_sent >= 5 && live.counters.rto > Duration::ZERO, "{live:?}");
         assert_eq!(live.options.notsent_lowat, Some(64 << 10));
         drop(b);
         // Another socket may now take the descriptor number: the probe must not read it.

@@ -19,14 +19,16 @@ use toml::Spanned;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum Transport {
-    /// Plan B: control on ControlStream, data on N Proxy streams, one connection.
+    /// Plan B, the default: control on ControlStream, data on N Proxy
+    /// streams, one connection. On a lossy link it measured best: a lost
+    /// segment on a busy connection is recovered by the segments after it,
+    /// while a connection that carries only heartbeats waits for its timers
+    /// (design.md, "Heartbeats on a lossy link").
+    #[default]
     Split,
     /// Plan A: everything on one Proxy stream.
     Single,
-    /// Plan 3, the default: the control stream on its own TCP connection, so
-    /// that on a lossy link a heartbeat never waits for the recovery of a
-    /// data segment lost before it (design.md, "Heartbeats on a lossy link").
-    #[default]
+    /// Plan 3: the control stream on its own TCP connection.
     SplitConnection,
 }
 

@@ -11,9 +11,10 @@ pub const DEFAULT_GRPC_LISTEN: &str = "127.0.0.1:7000";
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:7001";
 /// Default heartbeat interval of a group's streams.
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(30);
-/// Shortest heartbeat interval accepted: fast enough to reap a dead link in
-/// under a second (250 ms beats, 750 ms timeout, tested on a lossy link),
-/// slow enough that a fleet's heartbeats stay a small load on the server.
+/// Shortest heartbeat interval accepted: fast enough to reap a dead link
+/// within about a second (250 ms beats, a 750 ms timeout, a reaper looking
+/// every 500 ms; tested on a lossy link), slow enough that a fleet's
+/// heartbeats stay a small load on the server.
 pub const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
 /// Default number of data (Proxy) streams per client.
 pub const DEFAULT_DATA_STREAMS: u32 = 2;

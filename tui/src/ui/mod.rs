@@ -6,8 +6,8 @@
 
 use crate::app::{event_kind_name, Action, App, Confirm, RowRef, View};
 use crate::model::{
-    link_options_text, link_state, link_tuning_summary, retransmit_share, short_age, short_bytes, short_duration,
-    short_id, ConnState, Fleet, Freshness, Model, Watched,
+    link_counts, link_loss, link_options_text, link_state, link_tuning_summary, share_text, short_age, short_bytes,
+    short_duration, short_id, ConnState, Fleet, Freshness, Model, Watched,
 };
 use crossterm::event::{MouseButton, MouseEvent, MouseEventKind};
 use ratatui::layout::{Constraint, Layout, Rect};
@@ -16,8 +16,8 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Cell, Clear, Paragraph, Row, Table, TableState, Wrap};
 use ratatui::Frame;
 use std::collections::BTreeSet;
-use tunnel_lib::introspection::{ClientInfo, Event, EventKind, RequestInfo, StreamInfo, TrafficSubject};
-use tunnel_lib::proto::StreamType;
+use tunnel_lib::introspection::{ClientInfo, Event, EventKind, LinkInfo, RequestInfo, StreamInfo, TrafficSubject};
+use tunnel_lib::proto::{LinkCounters, LinkOptions, StreamType};
 
 mod inspect;
 mod traffic;
@@ -713,34 +713,39 @@ fn client_row(app: &App, server: usize, cl: &ClientInfo, c: Cols) -> Row<'static
 }
 
 /// "✓ 0.06%": whether both ends of the client's link lowered their TCP
-/// timers (✓ both, ✗ not both), and the share of segments the server resent
-/// to it, yellow from 1% (a lossy path), red from 5%.
+/// timers (✓ both, ✗ not both), and the share of bytes resent in the worse
+/// direction, yellow from 1% (a lossy path), red from 5%.
 fn link_cell(cl: &ClientInfo) -> Cell<'static> {
-    let state = link_state(cl.server_link_options.as_ref(), cl.client_link_options.as_ref());
-    if state == "-" {
-        return Cell::from("-");
-    }
-    let (retransmits, segments) = (cl.link_retransmits, cl.link_segments_out);
-    let share = if segments == 0 { 0.0 } else { retransmits as f64 / segments as f64 };
-    let style = match share {
+    let Some(link) = &cl.link else { return Cell::from("-") };
+    let state = link_state(link.server_options.as_ref(), cl.client_link_options.as_ref());
+    let loss = link_loss(link);
+    let style = match loss.unwrap_or(0.0) {
         s if s >= 0.05 => Style::new().fg(Color::Red),
         s if s >= 0.01 => Style::new().fg(Color::Yellow),
         _ if state != "tuned" => Style::new().fg(Color::Yellow),
         _ => Style::new(),
     };
     let mark = if state == "tuned" { "✓" } else { "✗" };
-    Cell::from(format!("{mark} {}", retransmit_share(retransmits, segments))).style(style)
+    Cell::from(format!("{mark} {}", share_text(loss))).style(style)
 }
 
-/// "rtt 41ms, rto 62ms, 12 of 9.8k segments resent (0.12%)": one link
-/// connection as the server's socket sees it.
-fn link_health(rtt_us: u32, rto_us: Option<u32>, retransmits: u64, segments: u64) -> String {
-    let rto = rto_us.map_or(String::new(), |r| format!(", rto {}", short_us(u64::from(r))));
-    format!(
-        "rtt {}{rto}, {retransmits} of {segments} segments resent ({})",
-        short_us(u64::from(rtt_us)),
-        retransmit_share(retransmits, segments)
-    )
+/// The detail pane's lines for a link: each direction's counts, and each
+/// end's options.
+fn link_lines(link: Option<&LinkInfo>, client_options: Option<&LinkOptions>) -> [Line<'static>; 3] {
+    let counts = |c: Option<&LinkCounters>| c.map_or("-".into(), link_counts);
+    [
+        kv("server→", counts(link.and_then(|l| l.server.as_ref()))),
+        kv("client→", counts(link.and_then(|l| l.client.as_ref()))),
+        kv(
+            "tcp opts",
+            format!(
+                "{}; server: {}; client: {}",
+                link_state(link.and_then(|l| l.server_options.as_ref()), client_options),
+                link.and_then(|l| l.server_options.as_ref()).map_or("-".into(), link_options_text),
+                client_options.map_or("-".into(), link_options_text)
+            ),
+        ),
+    ]
 }
 
 fn request_row(app: &App, server: usize, r: &RequestInfo, c: Cols) -> Row<'static> {
@@ -872,21 +877,10 @@ fn render_detail(app: &App, f: &mut Frame, area: Rect) {
                     ),
                 ),
                 kv("config", m.config_of(&s.client_id).map_or("-".into(), |(a, c)| format!("acked {a}, current {c}"))),
-                kv(
-                    "link",
-                    s.link
-                        .as_ref()
-                        .map_or("-".into(), |l| link_health(l.rtt_us, Some(l.rto_us), l.retransmits, l.segments_out)),
-                ),
-                kv(
-                    "tcp opts",
-                    format!(
-                        "server: {}; client: {}",
-                        s.link.as_ref().and_then(|l| l.server_options.as_ref()).map_or("-".into(), link_options_text),
-                        s.client_link_options.as_ref().map_or("-".into(), link_options_text)
-                    ),
-                ),
             ]
+            .into_iter()
+            .chain(link_lines(s.link.as_ref(), s.client_link_options.as_ref()))
+            .collect()
         }
         Some(RowRef::Client(_, c)) => vec![
             kv("client", format!("{} (version {})", c.client_id, c.version)),
@@ -896,23 +890,10 @@ fn render_detail(app: &App, f: &mut Frame, area: Rect) {
             kv("streams", c.streams.to_string()),
             kv("config", format!("acked {}, current {}", c.config_version_acked, c.config_version_current)),
             kv("session", c.session_id.clone()),
-            kv(
-                "link",
-                format!(
-                    "{}: {}",
-                    link_state(c.server_link_options.as_ref(), c.client_link_options.as_ref()),
-                    link_health(c.link_rtt_us, None, c.link_retransmits, c.link_segments_out)
-                ),
-            ),
-            kv(
-                "tcp opts",
-                format!(
-                    "server: {}; client: {}",
-                    c.server_link_options.as_ref().map_or("-".into(), link_options_text),
-                    c.client_link_options.as_ref().map_or("-".into(), link_options_text)
-                ),
-            ),
-        ],
+        ]
+        .into_iter()
+        .chain(link_lines(c.link.as_ref(), c.client_link_options.as_ref()))
+        .collect(),
         // The Traffic view draws charts instead.
         Some(RowRef::Subject(..)) => Vec::new(),
         Some(RowRef::Event(_, e)) => vec![
