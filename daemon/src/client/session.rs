@@ -546,10 +546,8 @@ fn open_message(session: &Session, stream_id: &str, kind: Kind, seq: u64, last_r
             fleet_version: session.link.status().fleet_version,
             header_block: true,
             // The options with the registration only: they do not change.
-            link_options: (seq == 0).then(|| match &sample {
-                Some(s) => s.options.to_proto(&session.link.cfg.link_tuning),
-                None => crate::tunnel::tuning::intended(&session.link.cfg.link_tuning),
-            }),
+            // (The dialer fills the slot before any stream opens.)
+            link_options: sample.filter(|_| seq == 0).map(|s| s.options.to_proto(&session.link.cfg.link_tuning)),
             link_counters: sample.map(|s| s.counters.to_proto()),
         })),
     }

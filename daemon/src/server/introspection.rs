@@ -188,16 +188,9 @@ fn server_info(shared: &Shared, clients: usize, streams: &HashMap<String, Stream
 
 /// Each link option's state on this server, and its configured value.
 fn link_tuning(wanted: &LinkTuning) -> Vec<LinkOptionState> {
-    let timer = |d: Option<Duration>| d.map(|d| humantime::format_duration(d).to_string());
-    let values = [
-        timer(wanted.rto_min),
-        timer(wanted.delack_max),
-        wanted.thin_timeouts.then(|| "on".to_string()),
-        wanted.notsent_lowat.map(|n| format!("{}KiB", n >> 10)),
-    ];
     tuning::states(wanted)
         .into_iter()
-        .zip(values)
+        .zip(tuning::values(wanted))
         .map(|((option, state), value)| LinkOptionState {
             option: option.to_string(),
             state: state.to_string(),

@@ -85,17 +85,28 @@ pub fn announce(side: &str, wanted: &LinkTuning) {
             missing.join(", ")
         );
     } else if !wanted.is_off() {
-        let timer = |d: Option<Duration>| d.map_or("off".to_string(), |d| humantime::format_duration(d).to_string());
-        let lowat = wanted.notsent_lowat.map_or("off".to_string(), |n| format!("{}KiB", n >> 10));
+        let [rto_min, delack_max, _, notsent_lowat] = values(wanted).map(|v| v.unwrap_or_else(|| "off".into()));
         tracing::info!(
             side,
-            rto_min = %timer(wanted.rto_min),
-            delack_max = %timer(wanted.delack_max),
-            notsent_lowat = %lowat,
+            %rto_min,
+            %delack_max,
+            %notsent_lowat,
             thin_timeouts = wanted.thin_timeouts,
             "link sockets get their own TCP options"
         );
     }
+}
+
+/// Each option's configured value as an operator writes it ("20ms",
+/// "128KiB", "on"), in `states`' order; None where it is off.
+pub fn values(wanted: &LinkTuning) -> [Option<String>; 4] {
+    let timer = |d: Option<Duration>| d.map(|d| humantime::format_duration(d).to_string());
+    [
+        timer(wanted.rto_min),
+        timer(wanted.delack_max),
+        wanted.thin_timeouts.then(|| "on".to_string()),
+        wanted.notsent_lowat.map(|n| format!("{}KiB", n >> 10)),
+    ]
 }
 
 /// Each option's state for `wanted` on this kernel: "applied", "off" (not
@@ -141,19 +152,6 @@ impl Applied {
                 .collect(),
         }
     }
-}
-
-/// What a daemon's link sockets get from `wanted` on this kernel, without a
-/// socket to read: the client's word to the server, which cannot see it.
-pub fn intended(wanted: &LinkTuning) -> LinkOptions {
-    let s = support();
-    Applied {
-        rto_min: wanted.rto_min.filter(|_| s.rto_min),
-        delack_max: wanted.delack_max.filter(|_| s.delack_max),
-        thin_timeouts: wanted.thin_timeouts && s.thin_timeouts,
-        notsent_lowat: wanted.notsent_lowat.filter(|_| s.notsent_lowat),
-    }
-    .to_proto(wanted)
 }
 
 /// Gives a link socket exactly what `wanted` names, as far as this kernel
