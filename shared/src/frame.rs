@@ -285,6 +285,21 @@ pub fn headers_from_block(block: &[u8]) -> Result<HeaderMap, FrameError> {
     Ok(map)
 }
 
+/// A block's lines as protobuf headers, for a peer that predates blocks;
+/// a line without a colon is left out (blocks we write have none).
+pub fn block_to_proto(block: &[u8]) -> Vec<proto::Header> {
+    block
+        .split(|&b| b == b'\n')
+        .filter_map(|line| {
+            let colon = memchr::memchr(b':', line)?;
+            Some(proto::Header {
+                name: String::from_utf8_lossy(&line[..colon]).into_owned(),
+                value: bytes::Bytes::copy_from_slice(&line[colon + 1..]),
+            })
+        })
+        .collect()
+}
+
 /// Names every tunnelled request carries that `http` has no constant for:
 /// taken from here they cost no allocation per request.
 fn known_name(raw: &[u8]) -> Option<HeaderName> {

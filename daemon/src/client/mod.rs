@@ -5,6 +5,7 @@
 
 mod dial;
 pub mod fleet;
+pub mod h1;
 pub mod pool;
 pub mod session;
 pub mod upstream;

@@ -1,7 +1,8 @@
 //! Forwarding an exchange to a local upstream through a pooled HTTP client,
 //! and streaming the response back under the exchange's credit.
 
-use super::pool::{Lease, Pool, PoolError};
+use super::h1;
+use super::pool::{self, Pool, PoolError};
 use crate::metrics::ClientMetrics;
 use crate::tunnel::body::{send_body, InboundBody, SendError};
 use crate::tunnel::exchange::{ExchangeGuard, ExchangeIo, Exchanges, NewRequest};
@@ -19,7 +20,8 @@ use tunnel_lib::config::{ClientConfig, Upstream};
 use tunnel_lib::frame::{self, strip_hop_by_hop, DEFAULT_EXCHANGE_WINDOW};
 use tunnel_lib::proto::{self, exchange_error::Kind, tunnel_message::Payload};
 
-/// Largest read buffer of an HTTP/1.1 upstream connection.
+/// Largest response head of an HTTP/1.1 upstream, and hyper's read buffer
+/// for an Upgrade's connection.
 const UPSTREAM_READ_BUFFER: usize = 64 << 10;
 /// Added to the server's timeout for our own.
 const TIMEOUT_BACKSTOP: Duration = Duration::from_secs(1);
@@ -38,7 +40,7 @@ pub struct Upstreams {
     /// Each upstream's request counters by status class (index: status /
     /// 100), made on first use, so that only the classes seen are exported.
     served: BTreeMap<String, [OnceLock<prometheus_client::metrics::counter::Counter>; 6]>,
-    http1: Arc<Pool<UpstreamBody>>,
+    http1: Arc<Pool>,
     /// One multiplexed HTTP/2 connection per upstream (gRPC services).
     h2c: Client<HttpConnector, UpstreamBody>,
     /// Bound on connecting to a tcp:// upstream.
@@ -95,6 +97,51 @@ impl Upstreams {
             return Err(Failure(Kind::UpstreamFailed, why));
         }
         Ok(target)
+    }
+
+    /// Records how long `upstream` took to answer a request asked at `asked`.
+    fn observe(&self, upstream: &str, asked: std::time::Instant) {
+        if let Some(h) = self.durations.get(upstream) {
+            let h = h.get_or_init(|| {
+                self.metrics.upstream_duration.get_or_create(&vec![("upstream", upstream.to_string())]).clone()
+            });
+            h.observe(asked.elapsed().as_secs_f64());
+        }
+    }
+
+    /// Sends an Upgrade request on a connection of its own, through hyper,
+    /// which hands the connection over after a 101. Upgrades are rare and
+    /// their connections are not reused, so none is pooled.
+    async fn upgrade_request(
+        &self,
+        base: &Uri,
+        req: Request<UpstreamBody>,
+    ) -> Result<http::Response<hyper::body::Incoming>, PoolError> {
+        let authority = base.authority().map_or("", |a| a.as_str());
+        let addr = if authority.contains(':') && !authority.ends_with(']') {
+            authority.to_string()
+        } else {
+            format!("{authority}:80")
+        };
+        let tcp = match tokio::time::timeout(self.connect_timeout, tokio::net::TcpStream::connect(&addr)).await {
+            Err(_) => return Err(PoolError::Connect(format!("no connection within {:?}", self.connect_timeout))),
+            Ok(Err(e)) => return Err(PoolError::Connect(e.to_string())),
+            Ok(Ok(t)) => t,
+        };
+        let _ = tcp.set_nodelay(true);
+        let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
+            .max_buf_size(UPSTREAM_READ_BUFFER)
+            .handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| PoolError::Connect(e.to_string()))?;
+        // Owned by its sender and the upgrade: ends when the upstream closes
+        // the connection, the request is dropped, or hands it over after a 101.
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!("upstream connection ended: {e}");
+            }
+        });
+        sender.send_request(req).await.map_err(|e| PoolError::Failed(source_chain(&e)))
     }
 
     /// Counts a request to `upstream` answered with `status`.
@@ -168,6 +215,113 @@ async fn forward(
     answered: &mut Option<u16>,
 ) -> Result<(), Failure> {
     let target = up.target(&head.upstream, false)?;
+    if target.http2 || !head.upgrade.is_empty() {
+        return forward_hyper(up, exchanges, target, head, io, answered).await;
+    }
+    let upstream_authority = target.url.authority().map_or("", |a| a.as_str());
+    let request = h1::RequestHead {
+        method: &head.method,
+        target: &head.path_and_query,
+        // HTTP/2 public requests carry the host as :authority only.
+        authority: if head.authority.is_empty() { upstream_authority } else { &head.authority },
+        block: &head.header_block,
+        listed: &head.headers,
+        has_body: !head.end_of_stream,
+    };
+    let mut bytes = Vec::new();
+    let framing = h1::encode_request(&request, &mut bytes).map_err(|e| Failure(Kind::Protocol, e.to_string()))?;
+    let ExchangeIo { request_id, credit, cancel, max_chunk, body: inbound } = io;
+    let idempotent = matches!(head.method.as_str(), "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE");
+    let req = pool::Request {
+        head: bytes,
+        body: (!head.end_of_stream).then_some((inbound, framing)),
+        head_request: head.method == "HEAD",
+        retryable: idempotent && head.end_of_stream,
+    };
+    let timeout = answer_timeout(&head);
+    let asked = std::time::Instant::now();
+    let sent = up.http1.send(upstream_authority, req);
+    let (resp, mut body) = match tokio::time::timeout(timeout, sent).await {
+        Err(_) => return Err(too_late(&head.upstream, timeout)),
+        Ok(Err(PoolError::Connect(why))) => {
+            return Err(Failure(Kind::UpstreamUnreachable, format!("cannot connect to {}: {why}", target.url)))
+        }
+        Ok(Err(PoolError::Failed(why))) => return Err(Failure(Kind::UpstreamFailed, why)),
+        Ok(Ok(r)) => r,
+    };
+    up.observe(&head.upstream, asked);
+    *answered = Some(resp.status);
+    let mut end_of_stream = hyper::body::Body::is_end_stream(&body);
+    let mut inline = Bytes::new();
+    if !end_of_stream && exchanges.inline_body() {
+        // A small body read with its head goes in the head, paying its
+        // credit as a body frame would (a fresh exchange has its window).
+        if let Some(n) = body.whole_buffered(INLINE_MAX.min(max_chunk)) {
+            if let Ok(p) = credit.try_acquire_many(frame::frame_cost(n)) {
+                p.forget();
+                inline = body.take_whole().ok_or_else(|| {
+                    Failure(Kind::UpstreamFailed, "upstream response body failed: not as buffered".into())
+                })?;
+                end_of_stream = true;
+            }
+        }
+    }
+    exchanges.count_sent(inline.len());
+    let (header_block, headers) = exchanges.block_for_peer(resp.block);
+    let resp_head = proto::HttpResponse {
+        status: u32::from(resp.status),
+        headers,
+        end_of_stream,
+        upgrade: String::new(),
+        body: inline,
+        header_block,
+    };
+    exchanges
+        .outbound()
+        .send_data(exchanges.message(&request_id, Payload::HttpResponse(resp_head)))
+        .await
+        .map_err(|_| Failure(Kind::ShuttingDown, "stream closed".into()))?;
+    if end_of_stream {
+        exchanges.finish_outbound(&request_id);
+        body.finish().await;
+        return Ok(());
+    }
+    match send_body(&mut body, &request_id, &credit, &cancel, exchanges, max_chunk, None).await {
+        Ok(_) => {
+            body.finish().await;
+            Ok(())
+        }
+        Err(SendError::Cancelled) => Ok(()),
+        // No limit is passed, so TooLarge cannot happen; treated as a failure all the same.
+        Err(e @ (SendError::Body(_) | SendError::TooLarge(_))) => {
+            Err(Failure(Kind::UpstreamFailed, format!("upstream response body failed: {e}")))
+        }
+    }
+}
+
+/// How long the upstream has to answer: the server's deadline is
+/// authoritative (it answers 504 and cancels); ours, a little later, only
+/// frees the upstream request if the cancel is lost.
+fn answer_timeout(head: &proto::HttpRequest) -> Duration {
+    let timeout = if head.timeout_ms == 0 { DEFAULT_TIMEOUT } else { Duration::from_millis(head.timeout_ms) };
+    timeout + TIMEOUT_BACKSTOP
+}
+
+fn too_late(upstream: &str, timeout: Duration) -> Failure {
+    Failure(Kind::UpstreamTimeout, format!("upstream {upstream:?} did not answer within {timeout:?}"))
+}
+
+/// An exchange for an h2c upstream, or an HTTP/1.1 Upgrade, through hyper's
+/// client: multiplexed HTTP/2, and the hand-over of an upgraded connection.
+async fn forward_hyper(
+    up: &Upstreams,
+    exchanges: &Arc<Exchanges>,
+    target: &Upstream,
+    head: proto::HttpRequest,
+    io: ExchangeIo,
+    answered: &mut Option<u16>,
+) -> Result<(), Failure> {
+    let timeout = answer_timeout(&head);
     let bad = |what: &str| Failure(Kind::Protocol, format!("invalid {what} in request head"));
     let method = Method::from_bytes(head.method.as_bytes()).map_err(|_| bad("method"))?;
     let base = &target.url;
@@ -179,7 +333,7 @@ async fn forward(
             .build()
             .ok()
     } else {
-        // Our HTTP/1.1 pool sends the target as it is: origin-form.
+        // An Upgrade goes out as HTTP/1.1 sends it: origin-form.
         Uri::try_from(head.path_and_query.as_str()).ok()
     };
     let uri = match uri {
@@ -196,7 +350,9 @@ async fn forward(
         headers.remove(header::HOST);
     } else if !headers.contains_key(header::HOST) {
         // HTTP/2 public requests carry the host as :authority only.
-        if let Ok(v) = HeaderValue::from_str(&head.authority) {
+        let host =
+            if head.authority.is_empty() { base.authority().map_or("", |a| a.as_str()) } else { &head.authority };
+        if let Ok(v) = HeaderValue::from_str(host) {
             headers.insert(header::HOST, v);
         }
     }
@@ -220,15 +376,11 @@ async fn forward(
     *req.uri_mut() = uri;
     *req.headers_mut() = headers;
 
-    // The server's deadline is authoritative (it answers 504 and cancels);
-    // ours, a little later, only frees the upstream request if the cancel is lost.
-    let timeout = if head.timeout_ms == 0 { DEFAULT_TIMEOUT } else { Duration::from_millis(head.timeout_ms) };
-    let timeout = timeout + TIMEOUT_BACKSTOP;
     let asked = std::time::Instant::now();
     let unreachable = |why: String| Failure(Kind::UpstreamUnreachable, format!("cannot connect to {base}: {why}"));
     let sent = async {
         if target.http2 {
-            up.h2c.request(req).await.map(|r| (r, None)).map_err(|e| {
+            up.h2c.request(req).await.map_err(|e| {
                 if e.is_connect() {
                     unreachable(source_chain(&e))
                 } else {
@@ -236,27 +388,17 @@ async fn forward(
                 }
             })
         } else {
-            up.http1.send(base, req).await.map(|(r, lease)| (r, Some(lease))).map_err(|e| match e {
+            up.upgrade_request(base, req).await.map_err(|e| match e {
                 PoolError::Connect(why) => unreachable(why),
-                PoolError::Request(e) => Failure(Kind::UpstreamFailed, source_chain(&e)),
+                PoolError::Failed(why) => Failure(Kind::UpstreamFailed, why),
             })
         }
     };
-    let (resp, lease) = match tokio::time::timeout(timeout, sent).await {
-        Err(_) => {
-            return Err(Failure(
-                Kind::UpstreamTimeout,
-                format!("upstream {:?} did not answer within {timeout:?}", head.upstream),
-            ))
-        }
+    let resp = match tokio::time::timeout(timeout, sent).await {
+        Err(_) => return Err(too_late(&head.upstream, timeout)),
         Ok(r) => r?,
     };
-    if let Some(h) = up.durations.get(&head.upstream) {
-        let h = h.get_or_init(|| {
-            up.metrics.upstream_duration.get_or_create(&vec![("upstream", head.upstream.clone())]).clone()
-        });
-        h.observe(asked.elapsed().as_secs_f64());
-    }
+    up.observe(&head.upstream, asked);
     *answered = Some(resp.status().as_u16());
     if let (Some(inbound), StatusCode::SWITCHING_PROTOCOLS) = (held, resp.status()) {
         let io = ExchangeIo { request_id, credit, cancel, max_chunk, body: inbound };
@@ -293,7 +435,6 @@ async fn forward(
         .map_err(closed)?;
     if end_of_stream {
         exchanges.finish_outbound(&request_id);
-        give_back(up, lease);
         return Ok(());
     }
     if inline.ended {
@@ -302,15 +443,10 @@ async fn forward(
             proto::BodyEnd { trailers: inline.trailers.as_ref().map(frame::headers_to_proto).unwrap_or_default() };
         exchanges.outbound().send_data(exchanges.message(&request_id, Payload::End(end))).await.map_err(closed)?;
         exchanges.finish_outbound(&request_id);
-        give_back(up, lease);
         return Ok(());
     }
     match send_body(body, &request_id, &credit, &cancel, exchanges, max_chunk, None).await {
-        Ok(_) => {
-            give_back(up, lease);
-            Ok(())
-        }
-        Err(SendError::Cancelled) => Ok(()),
+        Ok(_) | Err(SendError::Cancelled) => Ok(()),
         // No limit is passed, so TooLarge cannot happen; treated as a failure all the same.
         Err(e @ (SendError::Body(_) | SendError::TooLarge(_))) => {
             Err(Failure(Kind::UpstreamFailed, format!("upstream response body failed: {e}")))
@@ -395,13 +531,6 @@ fn take_inline(body: &mut hyper::body::Incoming, credit: &tokio::sync::Semaphore
     let used = if inline.data.is_empty() { 0 } else { frame::frame_cost(inline.data.len()) };
     credit.add_permits((reserved - used.min(reserved)) as usize);
     inline
-}
-
-/// Keeps an HTTP/1.1 connection whose response was read to its end.
-fn give_back(up: &Upstreams, lease: Option<Lease<UpstreamBody>>) {
-    if let Some(l) = lease {
-        up.http1.give_back(l);
-    }
 }
 
 /// The upstream switched protocols: answer 101, then carry the upgraded

@@ -203,6 +203,15 @@ impl Exchanges {
         }
     }
 
+    /// A head's `name:value\n` block for this stream's peer, in the form it reads.
+    pub fn block_for_peer(&self, block: bytes::Bytes) -> (bytes::Bytes, Vec<proto::Header>) {
+        if self.header_block.load(Ordering::Relaxed) {
+            (block, Vec::new())
+        } else {
+            (bytes::Bytes::new(), frame::block_to_proto(&block))
+        }
+    }
+
     /// Exchanges in flight.
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
