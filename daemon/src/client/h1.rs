@@ -95,20 +95,19 @@ pub fn encode_request(head: &RequestHead<'_>, out: &mut Vec<u8>) -> Result<Reque
         if !value.iter().copied().all(is_value_byte) {
             return Err(H1Error::Request("header value"));
         }
-        match Hop::of(name) {
-            Hop::No => {}
+        match Field::of(name) {
+            Field::Other => {}
             // The one TE value that goes end to end (gRPC relies on it).
-            Hop::Te if value.eq_ignore_ascii_case(b"trailers") => {}
-            _ => return Ok(()),
-        }
-        if name.eq_ignore_ascii_case(b"content-length") {
-            let n = parse_length(value).ok_or(H1Error::Request("content-length"))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(H1Error::Request("content-length"));
+            Field::Te if value.eq_ignore_ascii_case(b"trailers") => {}
+            Field::ContentLength => {
+                let n = parse_length(value).ok_or(H1Error::Request("content-length"))?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(H1Error::Request("content-length"));
+                }
+                length = Some(n);
             }
-            length = Some(n);
-        } else if name.eq_ignore_ascii_case(b"host") {
-            host = true;
+            Field::Host => host = true,
+            _ => return Ok(()),
         }
         out.extend_from_slice(name);
         out.extend_from_slice(b": ");
@@ -236,30 +235,32 @@ pub fn parse_response(buf: &[u8], head_request: bool) -> Result<Parsed, H1Error>
     let mut transfer: Option<&[u8]> = None;
     let mut length: Option<u64> = None;
     let mut lengths_differ = false;
-    for h in resp.headers.iter() {
-        let name = h.name.as_bytes();
-        if name.eq_ignore_ascii_case(b"connection") {
-            for token in h.value.split(|&b| b == b',').map(trim) {
-                if token.eq_ignore_ascii_case(b"close") {
-                    says_close = true;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                    says_keep_alive = true;
-                } else if !token.is_empty() && n_listed < listed.len() {
-                    listed[n_listed] = token;
-                    n_listed += 1;
-                } else if !token.is_empty() {
-                    return Err(H1Error::Response("Connection lists too many headers"));
+    let mut fields = [Field::Other; MAX_HEADERS];
+    for (h, field) in resp.headers.iter().zip(fields.iter_mut()) {
+        *field = Field::of(h.name.as_bytes());
+        match *field {
+            Field::Connection => {
+                for token in h.value.split(|&b| b == b',').map(trim) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        says_close = true;
+                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                        says_keep_alive = true;
+                    } else if !token.is_empty() && n_listed < listed.len() {
+                        listed[n_listed] = token;
+                        n_listed += 1;
+                    } else if !token.is_empty() {
+                        return Err(H1Error::Response("Connection lists too many headers"));
+                    }
                 }
             }
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             // Several fields are one list; the last coding decides.
-            transfer = Some(h.value);
-        } else if name.eq_ignore_ascii_case(b"content-length") {
-            match parse_length(h.value) {
+            Field::TransferEncoding => transfer = Some(h.value),
+            Field::ContentLength => match parse_length(h.value) {
                 Some(n) if length.is_none_or(|l| l == n) => length = Some(n),
                 Some(_) => lengths_differ = true,
                 None => return Err(H1Error::Response("Content-Length")),
-            }
+            },
+            _ => {}
         }
     }
     let close = says_close || (!http11 && !says_keep_alive);
@@ -282,25 +283,25 @@ pub fn parse_response(buf: &[u8], head_request: bool) -> Result<Parsed, H1Error>
     } else {
         (BodyFraming::Close, false)
     };
+    // httparse has checked the names (tokens) and values (no CR, LF or
+    // other controls but tab); the server checks them again as it builds
+    // its response.
     let mut block = Vec::with_capacity(used);
-    for h in resp.headers.iter() {
+    for (h, field) in resp.headers.iter().zip(fields) {
         let name = h.name.as_bytes();
-        match Hop::of(name) {
-            Hop::No => {}
-            Hop::Te if h.value.eq_ignore_ascii_case(b"trailers") => {}
+        match field {
+            Field::Other | Field::Host => {}
+            // What framed the body here must not frame it again downstream.
+            Field::ContentLength if transfer.is_none() => {}
+            Field::Te if h.value.eq_ignore_ascii_case(b"trailers") => {}
             _ => continue,
         }
-        if listed[..n_listed].iter().any(|l| l.eq_ignore_ascii_case(name)) {
+        if n_listed > 0 && listed[..n_listed].iter().any(|l| l.eq_ignore_ascii_case(name)) {
             continue;
         }
-        // What framed the body here must not frame it again downstream.
-        if transfer.is_some() && name.eq_ignore_ascii_case(b"content-length") {
-            continue;
-        }
-        if !h.value.iter().copied().all(is_value_byte) {
-            return Err(H1Error::Response("header value"));
-        }
-        block.extend(name.iter().map(u8::to_ascii_lowercase));
+        let at = block.len();
+        block.extend_from_slice(name);
+        block[at..].make_ascii_lowercase();
         block.push(b':');
         block.extend_from_slice(trim(h.value));
         block.push(b'\n');
@@ -429,10 +430,7 @@ impl BodyDecoder {
                         Ok(httparse::Status::Complete((used, trailers))) => {
                             let mut block = Vec::new();
                             for h in trailers {
-                                if Hop::of(h.name.as_bytes()) != Hop::No
-                                    || h.name.eq_ignore_ascii_case("content-length")
-                                    || !h.value.iter().copied().all(is_value_byte)
-                                {
+                                if !matches!(Field::of(h.name.as_bytes()), Field::Other | Field::Host) {
                                     continue;
                                 }
                                 block.extend(h.name.bytes().map(|b| b.to_ascii_lowercase()));
@@ -493,7 +491,7 @@ pub fn chunk_head(len: usize, out: &mut Vec<u8>) {
 pub fn last_chunk(trailers: Option<&http::HeaderMap>) -> Vec<u8> {
     let mut out = b"0\r\n".to_vec();
     for (name, value) in trailers.into_iter().flatten() {
-        if Hop::of(name.as_str().as_bytes()) == Hop::No && name != http::header::CONTENT_LENGTH {
+        if matches!(Field::of(name.as_str().as_bytes()), Field::Other | Field::Host) {
             out.extend_from_slice(name.as_str().as_bytes());
             out.extend_from_slice(b": ");
             out.extend_from_slice(value.as_bytes());
@@ -504,37 +502,38 @@ pub fn last_chunk(trailers: Option<&http::HeaderMap>) -> Vec<u8> {
     out
 }
 
-/// Whether `name` is hop-by-hop (RFC 9110 7.6.1, as `frame::strip_hop_by_hop`).
+/// The fields a proxy treats apart: those that frame a message, Host, and
+/// the hop-by-hop ones (RFC 9110 7.6.1, as `frame::strip_hop_by_hop`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Hop {
-    No,
+enum Field {
+    Other,
+    Host,
+    ContentLength,
+    TransferEncoding,
+    Connection,
+    /// TE: hop-by-hop but for `trailers`.
     Te,
-    Yes,
+    /// Any other hop-by-hop field.
+    Hop,
 }
 
-impl Hop {
-    fn of(name: &[u8]) -> Hop {
-        // Every hop-by-hop name is 2, 7, 10, 16, 17 or 19 bytes long; most
-        // names are ruled out by their length alone.
-        const YES: [&[u8]; 10] = [
-            b"connection",
-            b"keep-alive",
-            b"proxy-authenticate",
-            b"proxy-authorization",
-            b"proxy-connection",
-            b"trailer",
-            b"transfer-encoding",
-            b"upgrade",
-            b"http2-settings",
-            b"te",
-        ];
-        if !matches!(name.len(), 2 | 7 | 10 | 14 | 16 | 17 | 18 | 19) {
-            return Hop::No;
-        }
-        match YES.iter().find(|h| h.eq_ignore_ascii_case(name)) {
-            None => Hop::No,
-            Some(h) if h.len() == 2 => Hop::Te,
-            Some(_) => Hop::Yes,
+impl Field {
+    fn of(name: &[u8]) -> Field {
+        // By length first: most names are ruled out by it alone.
+        let is = |known: &[u8]| name.eq_ignore_ascii_case(known);
+        match name.len() {
+            2 if is(b"te") => Field::Te,
+            4 if is(b"host") => Field::Host,
+            7 if is(b"trailer") || is(b"upgrade") => Field::Hop,
+            10 if is(b"connection") => Field::Connection,
+            10 if is(b"keep-alive") => Field::Hop,
+            14 if is(b"content-length") => Field::ContentLength,
+            14 if is(b"http2-settings") => Field::Hop,
+            16 if is(b"proxy-connection") => Field::Hop,
+            17 if is(b"transfer-encoding") => Field::TransferEncoding,
+            18 if is(b"proxy-authenticate") => Field::Hop,
+            19 if is(b"proxy-authorization") => Field::Hop,
+            _ => Field::Other,
         }
     }
 }
@@ -563,7 +562,34 @@ fn trim(v: &[u8]) -> &[u8] {
 
 /// A token character (RFC 9110 5.6.2).
 fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+    const TABLE: [bool; 256] = {
+        let mut t = [false; 256];
+        let mut i = 0;
+        while i < 256 {
+            let b = i as u8;
+            t[i] = b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'!' | b'#'
+                        | b'$'
+                        | b'%'
+                        | b'&'
+                        | b'\''
+                        | b'*'
+                        | b'+'
+                        | b'-'
+                        | b'.'
+                        | b'^'
+                        | b'_'
+                        | b'`'
+                        | b'|'
+                        | b'~'
+                );
+            i += 1;
+        }
+        t
+    };
+    TABLE[usize::from(b)]
 }
 
 /// A byte a field value may hold, as `http::HeaderValue` allows: visible

@@ -108,7 +108,7 @@ impl Pool {
         let key = self.key(authority);
         let conn = match self.take_idle(&key) {
             Some(c) => c,
-            None => self.connect(authority, key.clone()).await?,
+            None => Box::pin(self.connect(authority, key.clone())).await?,
         };
         let Request { head, body, head_request, retryable } = req;
         let Some((body, framing)) = body else {
@@ -117,7 +117,7 @@ impl Pool {
                 Err(e) if e.untouched && conn.reused && retryable => {
                     // The upstream closed the kept connection as we sent: once more, on a new one.
                     tracing::debug!("kept upstream connection closed under a request ({}); sent again", e.why);
-                    conn = self.connect(authority, key).await?;
+                    conn = Box::pin(self.connect(authority, key)).await?;
                     exchange(&mut conn, &head, head_request, self.max_head).await
                 }
                 r => r,
@@ -126,6 +126,23 @@ impl Pool {
             let body = ResponseBody::new(self, conn.key, Reader::Whole(conn.tcp), conn.buf, &head, Writer::None);
             return Ok((head, body));
         };
+        Box::pin(self.send_with_body(conn, head, body, framing, head_request)).await
+    }
+
+    /// `send` for a request with a body (boxed there: most requests have
+    /// none, and a future is as large as its largest path).
+    async fn send_with_body<B>(
+        self: &Arc<Self>,
+        conn: Conn,
+        head: Vec<u8>,
+        body: B,
+        framing: RequestFraming,
+        head_request: bool,
+    ) -> Result<(ResponseHead, ResponseBody), PoolError>
+    where
+        B: Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: std::fmt::Display + Send,
+    {
         // The body goes on in a task of its own, as long as the upstream
         // reads it: an upstream may answer, even stream its answer, before
         // it has read the whole request (an echo, an early 413).

@@ -184,7 +184,8 @@ pub async fn serve(up: Arc<Upstreams>, exchanges: Arc<Exchanges>, new: NewReques
         }
         r = async {
             if head.tcp {
-                connect_tcp(&up, &exchanges, head, io, &mut answered).await
+                // Boxed, as forward's hyper path is.
+                Box::pin(connect_tcp(&up, &exchanges, head, io, &mut answered)).await
             } else {
                 forward(&up, &exchanges, head, io, &mut answered).await
             }
@@ -216,7 +217,10 @@ async fn forward(
 ) -> Result<(), Failure> {
     let target = up.target(&head.upstream, false)?;
     if target.http2 || !head.upgrade.is_empty() {
-        return forward_hyper(up, exchanges, target, head, io, answered).await;
+        // Boxed: hyper's request and upgrade futures are large, and the
+        // exchange's future, which is as large as its largest path, is
+        // copied whole into its task at every spawn (issue 20).
+        return Box::pin(forward_hyper(up, exchanges, target, head, io, answered)).await;
     }
     let upstream_authority = target.url.authority().map_or("", |a| a.as_str());
     let request = h1::RequestHead {
@@ -286,7 +290,8 @@ async fn forward(
         body.finish().await;
         return Ok(());
     }
-    match send_body(&mut body, &request_id, &credit, &cancel, exchanges, max_chunk, None).await {
+    // Boxed: small responses, the most, end above.
+    match Box::pin(send_body(&mut body, &request_id, &credit, &cancel, exchanges, max_chunk, None)).await {
         Ok(_) => {
             body.finish().await;
             Ok(())

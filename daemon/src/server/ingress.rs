@@ -321,18 +321,24 @@ fn reply(status: StatusCode, reason: impl Into<String>) -> Response<ProxyBody> {
 
 /// The trace id of a request: the W3C traceparent's, the X-Request-Id, or a new one.
 fn trace_id(headers: &HeaderMap, request_id: &str) -> String {
-    if let Some(tp) = headers.get("traceparent").and_then(|v| v.to_str().ok()) {
+    const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+    const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+    if let Some(tp) = headers.get(TRACEPARENT).and_then(|v| v.to_str().ok()) {
         let parts: Vec<&str> = tp.split('-').collect();
         if parts.len() == 4 && parts[1].len() == 32 && parts[1].bytes().all(|b| b.is_ascii_hexdigit()) {
             return parts[1].to_string();
         }
     }
-    if let Some(id) = headers.get("x-request-id").and_then(|v| v.to_str().ok()) {
+    if let Some(id) = headers.get(X_REQUEST_ID).and_then(|v| v.to_str().ok()) {
         if !id.is_empty() && id.len() <= 128 {
             return id.to_string();
         }
     }
-    request_id.replace('-', "")
+    if request_id.contains('-') {
+        request_id.replace('-', "")
+    } else {
+        request_id.to_string()
+    }
 }
 
 /// Names set on every request, parsed once.
