@@ -36,7 +36,8 @@ fn answer(path: &str) -> (&'static [u8], bool) {
             false,
         ),
         "/close" => (b"HTTP/1.1 200 OK\r\nX-Framing: close\r\n\r\nuntil the end", true),
-        "/http10" => (b"HTTP/1.0 200 OK\r\nContent-Length: 4\r\n\r\nold!", true),
+        // Kept open by the upstream: HTTP/1.0 without keep-alive must not be reused all the same.
+        "/http10" => (b"HTTP/1.0 200 OK\r\nContent-Length: 4\r\n\r\nold!", false),
         "/continue" => (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 4\r\n\r\nmade", false),
         "/head" => (b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n", false),
         "/none" => (b"HTTP/1.1 204 No Content\r\nX-Why: nothing\r\n\r\n", false),
@@ -144,12 +145,16 @@ async fn every_response_framing_arrives_whole_and_doubt_is_not_reused() {
     assert_eq!(headers.get("x-kept").unwrap(), "yes");
     assert_eq!(accepted.load(Ordering::SeqCst), 1, "all of these reused the one connection");
 
-    // Until the upstream closes; and HTTP/1.0, which closes after one.
+    // Until the upstream closes; and HTTP/1.0, one request per connection
+    // unless it says keep-alive (this upstream would keep it open).
     let (status, _, body, _) = get(server.url("/close"), "GET").await.unwrap();
     assert_eq!((status, &body[..]), (StatusCode::OK, &b"until the end"[..]));
     let (status, _, body, _) = get(server.url("/http10"), "GET").await.unwrap();
     assert_eq!((status, &body[..]), (StatusCode::OK, &b"old!"[..]));
     assert_eq!(accepted.load(Ordering::SeqCst), 2, "the kept one ended with the first, the second was its own");
+    let (status, _, _, _) = get(server.url("/ok"), "GET").await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(accepted.load(Ordering::SeqCst), 3, "the HTTP/1.0 connection was not reused");
 
     // Two Content-Lengths that disagree: 502, not a guess.
     let (status, _, _, _) = get(server.url("/conflict"), "GET").await.unwrap();
@@ -157,16 +162,18 @@ async fn every_response_framing_arrives_whole_and_doubt_is_not_reused() {
 
     // Bytes past the framed end: the response is the framed part, and the
     // next request does not get the rest as its answer.
-    let before = accepted.load(Ordering::SeqCst);
     let (status, _, body, _) = get(server.url("/extra"), "GET").await.unwrap();
     assert_eq!((status, &body[..]), (StatusCode::OK, &b"ok"[..]));
+    let before = accepted.load(Ordering::SeqCst);
     let (status, _, body, _) = get(server.url("/ok"), "GET").await.unwrap();
     assert_eq!((status, &body[..]), (StatusCode::OK, &b"ok"[..]), "the extra bytes were taken for a response");
-    assert!(accepted.load(Ordering::SeqCst) > before, "the connection with extra bytes was not reused");
+    assert_eq!(accepted.load(Ordering::SeqCst), before + 1, "the connection with extra bytes was reused");
 
-    // A body cut short is an error at the public client, never a short 200.
+    // A body cut short is an error at the public client (a reset stream,
+    // or a 502 when the failure reaches the server before the head went
+    // out), never a short 200.
     match get(server.url("/short"), "GET").await {
+        Ok((StatusCode::BAD_GATEWAY, _, _, _)) | Err(_) => {}
         Ok((status, _, body, _)) => panic!("a cut body arrived as {status} with {} bytes", body.len()),
-        Err(e) => assert!(e.contains("body"), "{e}"),
     }
 }

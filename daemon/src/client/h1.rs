@@ -105,6 +105,10 @@ pub fn encode_request(head: &RequestHead<'_>, out: &mut Vec<u8>) -> Result<Reque
                     return Err(H1Error::Request("content-length"));
                 }
                 length = Some(n);
+                // Written once below, as one number: upstreams refuse a
+                // repeated or listed Content-Length (RFC 9110 8.6 allows
+                // them to).
+                return Ok(());
             }
             Field::Host => host = true,
             _ => return Ok(()),
@@ -130,6 +134,10 @@ pub fn encode_request(head: &RequestHead<'_>, out: &mut Vec<u8>) -> Result<Reque
         out.extend_from_slice(b"host: ");
         out.extend_from_slice(authority);
         out.extend_from_slice(b"\r\n");
+    }
+    if let Some(n) = length {
+        use std::io::Write as _;
+        let _ = write!(out, "content-length: {n}\r\n");
     }
     let framing = match (head.has_body, length) {
         (false, None | Some(0)) => RequestFraming::Empty,
@@ -222,6 +230,7 @@ pub fn parse_response(buf: &[u8], head_request: bool) -> Result<Parsed, H1Error>
     let status = resp.code.unwrap_or(0);
     let http11 = resp.version == Some(1);
     match status {
+        0..=99 => return Err(H1Error::Response("status code below 100")),
         // 101 is answered only to an Upgrade, which takes hyper's path.
         101 => return Err(H1Error::Response("101 Switching Protocols to a request that did not ask")),
         100..=199 => return Ok(Parsed::Interim(used)),
@@ -230,8 +239,8 @@ pub fn parse_response(buf: &[u8], head_request: bool) -> Result<Parsed, H1Error>
     // The names `Connection` lists are hop-by-hop too; nearly every
     // response names at most `keep-alive` or `close`.
     let (mut says_close, mut says_keep_alive) = (false, false);
-    let mut listed: [&[u8]; 8] = [&[]; 8];
-    let mut n_listed = 0;
+    // Allocates only for a response whose Connection names a field.
+    let mut listed: Vec<&[u8]> = Vec::new();
     let mut transfer: Option<&[u8]> = None;
     let mut length: Option<u64> = None;
     let mut lengths_differ = false;
@@ -245,11 +254,8 @@ pub fn parse_response(buf: &[u8], head_request: bool) -> Result<Parsed, H1Error>
                         says_close = true;
                     } else if token.eq_ignore_ascii_case(b"keep-alive") {
                         says_keep_alive = true;
-                    } else if !token.is_empty() && n_listed < listed.len() {
-                        listed[n_listed] = token;
-                        n_listed += 1;
                     } else if !token.is_empty() {
-                        return Err(H1Error::Response("Connection lists too many headers"));
+                        listed.push(token);
                     }
                 }
             }
@@ -271,8 +277,9 @@ pub fn parse_response(buf: &[u8], head_request: bool) -> Result<Parsed, H1Error>
         let last = te.rsplit(|&b| b == b',').map(trim).next().unwrap_or_default();
         // A Content-Length beside it is ignored and the connection not
         // reused (RFC 9112 6.3 item 3).
+        // Nor after HTTP/1.0 with Transfer-Encoding: faulty framing (RFC 9112 6.1).
         if last.eq_ignore_ascii_case(b"chunked") {
-            (BodyFraming::Chunked, !close && length.is_none())
+            (BodyFraming::Chunked, !close && length.is_none() && http11)
         } else {
             (BodyFraming::Close, false)
         }
@@ -296,7 +303,7 @@ pub fn parse_response(buf: &[u8], head_request: bool) -> Result<Parsed, H1Error>
             Field::Te if h.value.eq_ignore_ascii_case(b"trailers") => {}
             _ => continue,
         }
-        if n_listed > 0 && listed[..n_listed].iter().any(|l| l.eq_ignore_ascii_case(name)) {
+        if !listed.is_empty() && listed.iter().any(|l| l.eq_ignore_ascii_case(name)) {
             continue;
         }
         let at = block.len();
@@ -625,7 +632,8 @@ mod tests {
              transfer-encoding: chunked\r\n\r\n"
         );
         assert_eq!(framing, RequestFraming::Chunked);
-        let (text, framing) = request("host:h\ncontent-length:5\ntransfer-encoding:chunked\n", true).expect("valid");
+        let (text, framing) =
+            request("host:h\ncontent-length:5, 5\ntransfer-encoding:chunked\ncontent-length:5\n", true).expect("valid");
         assert_eq!(text, "POST /a?b=c HTTP/1.1\r\nhost: h\r\ncontent-length: 5\r\n\r\n");
         assert_eq!(framing, RequestFraming::Length(5));
         let (text, framing) = request("connection:close\nte:trailers\nte:gzip\nupgrade:x\n", false).expect("valid");
@@ -688,6 +696,12 @@ mod tests {
         let (h, _) = final_head("HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 0\r\n\r\n", false);
         assert!(h.keep_alive);
         let (h, _) =
+            final_head("HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n", false);
+        assert_eq!((h.framing, h.keep_alive), (BodyFraming::Chunked, false), "HTTP/1.0 with chunked is not reused");
+        let many =
+            "HTTP/1.1 200 OK\r\nConnection: a, b, c, d, e, f, g, h, i, j\r\nJ: 1\r\nK: 2\r\nContent-Length: 0\r\n\r\n";
+        assert_eq!(&final_head(many, false).0.block[..], b"k:2\ncontent-length:0\n");
+        let (h, _) =
             final_head("HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Private\r\nX-Private: 1\r\nKeep-Alive: timeout=5\r\nVary: a\r\nContent-Length: 0\r\n\r\n", false);
         assert_eq!(&h.block[..], b"vary:a\ncontent-length:0\n");
         assert!(matches!(parse_response(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1", false), Ok(Parsed::Interim(25))));
@@ -698,6 +712,7 @@ mod tests {
             "HTTP/1.1 200 OK\r\nContent-Length: 2, 3\r\n\r\n",
             "HTTP/1.1 101 Switching Protocols\r\n\r\n",
             "HTTP/1.1 2000 OK\r\n\r\n",
+            "HTTP/1.1 099 Low\r\n\r\n",
             "HTTP/1.1 200 OK\r\nBad Name: x\r\n\r\n",
         ] {
             assert!(parse_response(bad.as_bytes(), false).is_err(), "{bad:?} accepted");

@@ -166,9 +166,12 @@ impl Pool {
             Some(Err(w)) => PoolError::Failed(format!("{}; writing the request: {w}", e.why)),
             _ => PoolError::Failed(e.why),
         })?;
+        // An upstream that answered before it had the whole request may
+        // not read the rest as a body: its connection is not reused.
         let writer = match written {
             Some(w) => Writer::Done(w),
-            None => Writer::Running(writer),
+            None if writer.0.is_finished() => Writer::Running(writer),
+            None => Writer::Early { _writing: writer },
         };
         let body = ResponseBody::new(self, key, Reader::Half(rd), buf, &head, writer);
         Ok((head, body))
@@ -367,7 +370,16 @@ where
             RequestFraming::Length(n) if sent > n => {
                 return Err(format!("request body longer than its Content-Length {n}"))
             }
-            RequestFraming::Length(_) | RequestFraming::Empty => {
+            RequestFraming::Length(n) => {
+                wr.write_all(&data).await.map_err(|e| e.to_string())?;
+                if sent == n {
+                    // Whole: the end frame is not waited for (the body was
+                    // told its length, so dropping it cancels nothing), and
+                    // an upstream that answers at once finds this done.
+                    return Ok(());
+                }
+            }
+            RequestFraming::Empty => {
                 wr.write_all(&data).await.map_err(|e| e.to_string())?;
             }
             RequestFraming::Chunked => {
@@ -406,6 +418,10 @@ enum Writer {
     Running(Writing),
     /// Written, or failed.
     Done(Result<OwnedWriteHalf, String>),
+    /// Still being written when the response head came: it goes on (an
+    /// upstream may stream its answer as it reads), but the connection
+    /// is not reused.
+    Early { _writing: Writing },
 }
 
 /// The side of the connection a response is read from.

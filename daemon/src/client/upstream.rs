@@ -236,9 +236,15 @@ async fn forward(
     let framing = h1::encode_request(&request, &mut bytes).map_err(|e| Failure(Kind::Protocol, e.to_string()))?;
     let ExchangeIo { request_id, credit, cancel, max_chunk, body: inbound } = io;
     let idempotent = matches!(head.method.as_str(), "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE");
+    // Told its length, the body is whole once that many bytes were read,
+    // and the writer need not wait for its end frame.
+    let length = match framing {
+        h1::RequestFraming::Length(n) => Some(n),
+        _ => None,
+    };
     let req = pool::Request {
         head: bytes,
-        body: (!head.end_of_stream).then_some((inbound, framing)),
+        body: (!head.end_of_stream).then(|| (inbound.expect_len(length), framing)),
         head_request: head.method == "HEAD",
         retryable: idempotent && head.end_of_stream,
     };
