@@ -382,13 +382,13 @@ impl BodyDecoder {
             match self.state {
                 State::Done => return Ok(Decoded::End(Bytes::new())),
                 State::Length(n) => {
-                    if buf.is_empty() {
-                        return Ok(Decoded::NeedMore);
-                    }
-                    let take = buf.len().min(max).min(usize::try_from(n).unwrap_or(usize::MAX));
-                    let left = n - take as u64;
-                    self.state = if left == 0 { State::Done } else { State::Length(left) };
-                    return Ok(Decoded::Data(buf.split_to(take).freeze()));
+                    return Ok(match take_counted(buf, max, n) {
+                        None => Decoded::NeedMore,
+                        Some((data, left)) => {
+                            self.state = if left == 0 { State::Done } else { State::Length(left) };
+                            Decoded::Data(data)
+                        }
+                    });
                 }
                 State::Close => {
                     if buf.is_empty() {
@@ -409,13 +409,13 @@ impl BodyDecoder {
                     self.state = if size == 0 { State::Trailers } else { State::ChunkData(size) };
                 }
                 State::ChunkData(n) => {
-                    if buf.is_empty() {
-                        return Ok(Decoded::NeedMore);
-                    }
-                    let take = buf.len().min(max).min(usize::try_from(n).unwrap_or(usize::MAX));
-                    let left = n - take as u64;
-                    self.state = if left == 0 { State::ChunkEnd } else { State::ChunkData(left) };
-                    return Ok(Decoded::Data(buf.split_to(take).freeze()));
+                    return Ok(match take_counted(buf, max, n) {
+                        None => Decoded::NeedMore,
+                        Some((data, left)) => {
+                            self.state = if left == 0 { State::ChunkEnd } else { State::ChunkData(left) };
+                            Decoded::Data(data)
+                        }
+                    });
                 }
                 State::ChunkEnd => {
                     if buf.len() < 2 {
@@ -467,6 +467,16 @@ impl BodyDecoder {
             _ => Err(H1Error::Response("connection closed before the body's end")),
         }
     }
+}
+
+/// Up to `max` of the `n` bytes still due from `buf`, and how many are then
+/// left; `None` when `buf` is empty.
+fn take_counted(buf: &mut BytesMut, max: usize, n: u64) -> Option<(Bytes, u64)> {
+    if buf.is_empty() {
+        return None;
+    }
+    let take = buf.len().min(max).min(usize::try_from(n).unwrap_or(usize::MAX));
+    Some((buf.split_to(take).freeze(), n - take as u64))
 }
 
 /// The size on a chunk-size line (its LF excluded): hex digits, then

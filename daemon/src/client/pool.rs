@@ -217,17 +217,7 @@ impl Pool {
     }
 
     async fn connect(&self, authority: &str, key: Arc<str>) -> Result<Conn, PoolError> {
-        let addr = if authority.contains(':') && !authority.ends_with(']') {
-            authority.to_string()
-        } else {
-            format!("{authority}:80")
-        };
-        let tcp = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(&addr)).await {
-            Err(_) => return Err(PoolError::Connect(format!("no connection within {:?}", self.connect_timeout))),
-            Ok(Err(e)) => return Err(PoolError::Connect(e.to_string())),
-            Ok(Ok(t)) => t,
-        };
-        let _ = tcp.set_nodelay(true);
+        let tcp = connect(authority, self.connect_timeout).await?;
         Ok(Conn { tcp, buf: BytesMut::new(), key, reused: false })
     }
 
@@ -239,6 +229,23 @@ impl Pool {
         }
         idle.retain(|_, list| !list.is_empty());
     }
+}
+
+/// A connection to an upstream's `host[:port]` (port 80 when none), made
+/// within `timeout`, with Nagle off.
+pub async fn connect(authority: &str, timeout: Duration) -> Result<TcpStream, PoolError> {
+    let addr = if authority.contains(':') && !authority.ends_with(']') {
+        authority.to_string()
+    } else {
+        format!("{authority}:80")
+    };
+    let tcp = match tokio::time::timeout(timeout, TcpStream::connect(&addr)).await {
+        Err(_) => return Err(PoolError::Connect(format!("no connection within {timeout:?}"))),
+        Ok(Err(e)) => return Err(PoolError::Connect(e.to_string())),
+        Ok(Ok(t)) => t,
+    };
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
 }
 
 /// Sweeps `pool` every half idle timeout until it is dropped.

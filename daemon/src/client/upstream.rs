@@ -117,18 +117,7 @@ impl Upstreams {
         base: &Uri,
         req: Request<UpstreamBody>,
     ) -> Result<http::Response<hyper::body::Incoming>, PoolError> {
-        let authority = base.authority().map_or("", |a| a.as_str());
-        let addr = if authority.contains(':') && !authority.ends_with(']') {
-            authority.to_string()
-        } else {
-            format!("{authority}:80")
-        };
-        let tcp = match tokio::time::timeout(self.connect_timeout, tokio::net::TcpStream::connect(&addr)).await {
-            Err(_) => return Err(PoolError::Connect(format!("no connection within {:?}", self.connect_timeout))),
-            Ok(Err(e)) => return Err(PoolError::Connect(e.to_string())),
-            Ok(Ok(t)) => t,
-        };
-        let _ = tcp.set_nodelay(true);
+        let tcp = pool::connect(base.authority().map_or("", |a| a.as_str()), self.connect_timeout).await?;
         let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
             .max_buf_size(UPSTREAM_READ_BUFFER)
             .handshake(TokioIo::new(tcp))
