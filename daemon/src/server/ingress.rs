@@ -627,7 +627,7 @@ async fn forward(
     let head = proto::HttpRequest {
         method: parts.method.as_str().to_string(),
         path_and_query: parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string(),
-        authority: authority.clone(),
+        authority,
         scheme: conn.scheme.as_str().into(),
         headers,
         upstream: rule.upstream.clone(),
@@ -641,7 +641,7 @@ async fn forward(
     };
     let exchanges = stream.exchanges.clone();
     // From here, dropping the guard (public client gone, timeout) cancels the exchange at the client.
-    let guard = ExchangeGuard::new(exchanges.clone(), request_id.clone());
+    let guard = ExchangeGuard::new(exchanges.clone(), io.request_id.clone());
     let mut msg = exchanges.message(&request_id, Payload::HttpRequest(head));
     msg.trace_id = trace;
     // The rule's timeout bounds everything up to the response head, including

@@ -33,10 +33,12 @@ pub struct InboundBody {
     rx: mpsc::Receiver<BodyEvent>,
     window: Arc<Mutex<RecvWindow>>,
     exchanges: Arc<Exchanges>,
-    request_id: String,
+    request_id: Arc<str>,
     /// Credit owed to the peer and not yet queued.
     grant: u32,
-    sender: PollSender<crate::tunnel::outbound::Queued>,
+    /// Made when credit is first owed: most bodies are small and never
+    /// grant any, and making one costs an allocation.
+    sender: Option<PollSender<crate::tunnel::outbound::Queued>>,
     done: bool,
     guard: Option<ExchangeGuard>,
     delivered: u64,
@@ -54,16 +56,15 @@ impl InboundBody {
         rx: mpsc::Receiver<BodyEvent>,
         window: Arc<Mutex<RecvWindow>>,
         exchanges: Arc<Exchanges>,
-        request_id: String,
+        request_id: Arc<str>,
     ) -> Self {
-        let sender = PollSender::new(exchanges.outbound().priority_sender());
         InboundBody {
             rx,
             window,
             exchanges,
             request_id,
             grant: 0,
-            sender,
+            sender: None,
             done: false,
             guard: None,
             delivered: 0,
@@ -125,10 +126,14 @@ impl InboundBody {
         if self.grant == 0 {
             return;
         }
-        match self.sender.poll_reserve(cx) {
+        let exchanges = &self.exchanges;
+        let sender = self.sender.get_or_insert_with(|| PollSender::new(exchanges.outbound().priority_sender()));
+        match sender.poll_reserve(cx) {
             Poll::Ready(Ok(())) => {
                 let msg = self.grant_message();
-                let _ = self.sender.send_item(Box::new(msg));
+                if let Some(sender) = &mut self.sender {
+                    let _ = sender.send_item(Box::new(msg));
+                }
                 self.grant = 0;
             }
             // The stream is gone; the peer will never need the credit.
@@ -200,7 +205,8 @@ impl Drop for InboundBody {
             // wait for room off the dropper's path; the task ends when the
             // credit is queued or the stream closes.
             if self.grant > 0 {
-                if let (Some(tx), Ok(rt)) = (self.sender.get_ref().cloned(), tokio::runtime::Handle::try_current()) {
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    let tx = self.exchanges.outbound().priority_sender();
                     let msg = self.grant_message();
                     rt.spawn(async move {
                         let _ = tx.send(Box::new(msg)).await;

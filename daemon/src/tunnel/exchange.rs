@@ -21,7 +21,9 @@ use tunnel_lib::proto::{self, exchange_error::Kind, tunnel_message::Payload, Dir
 /// a peer server forwarding to it, or a client's own server): all
 /// authenticated, and the hash is seeded per process, so a fast hash is
 /// enough.
-type Table<T> = HashMap<String, T, foldhash::fast::RandomState>;
+/// Exchanges by request id; the id is shared with the exchange's io and
+/// body (one allocation per exchange, not one per holder).
+type Table<T> = HashMap<Arc<str>, T, foldhash::fast::RandomState>;
 
 /// Window per chunk that may wait for an exchange's reader as a slice of
 /// the decoder's buffer; past that, chunks are copied out (see `dispatch`).
@@ -57,7 +59,7 @@ pub type HeadReceiver = oneshot::Receiver<Result<proto::HttpResponse, ExchangeFa
 /// Our side of one exchange: credit to send our body, the peer's body, and
 /// the token that fires when the exchange is abandoned.
 pub struct ExchangeIo {
-    pub request_id: String,
+    pub request_id: Arc<str>,
     /// Our send credit, in bytes (see `frame::frame_cost`).
     pub credit: Arc<Semaphore>,
     pub cancel: CancellationToken,
@@ -271,7 +273,7 @@ impl Exchanges {
         self.slots.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn new_slot(self: &Arc<Self>, request_id: &str, window: u32, phase: Phase) -> (Slot, ExchangeIo) {
+    fn new_slot(self: &Arc<Self>, request_id: &Arc<str>, window: u32, phase: Phase) -> (Slot, ExchangeIo) {
         let window = if window == 0 { DEFAULT_EXCHANGE_WINDOW } else { window };
         let (tx, rx) = mpsc::channel(body_buffer_capacity(window));
         let recv = Arc::new(Mutex::new(RecvWindow::new(window)));
@@ -291,18 +293,18 @@ impl Exchanges {
             slices: (window / WINDOW_PER_SLICE) as usize,
         };
         let io = ExchangeIo {
-            request_id: request_id.to_string(),
+            request_id: request_id.clone(),
             credit,
             cancel,
             max_chunk: frame::max_chunk(window),
-            body: InboundBody::new(rx, recv, self.clone(), request_id.to_string()),
+            body: InboundBody::new(rx, recv, self.clone(), request_id.clone()),
         };
         (slot, io)
     }
 
     /// Adds an exchange; false when the stream has already ended. The check is
     /// made under the lock that fail_all drains, so no slot slips in after it.
-    fn insert(&self, request_id: String, slot: Slot) -> bool {
+    fn insert(&self, request_id: Arc<str>, slot: Slot) -> bool {
         let mut slots = self.lock();
         if self.closed.load(Ordering::Acquire) || self.draining.load(Ordering::Acquire) {
             return false;
@@ -342,11 +344,12 @@ impl Exchanges {
         window: u32,
         idle_timeout: Duration,
     ) -> Option<(ExchangeIo, HeadReceiver)> {
-        let (mut slot, io) = self.new_slot(request_id, window, Phase::AwaitHead);
+        let id: Arc<str> = Arc::from(request_id);
+        let (mut slot, io) = self.new_slot(&id, window, Phase::AwaitHead);
         let (head_tx, head_rx) = oneshot::channel();
         slot.head = Some(head_tx);
         slot.idle_timeout = Some(idle_timeout);
-        self.insert(request_id.to_string(), slot).then_some((io, head_rx))
+        self.insert(id, slot).then_some((io, head_rx))
     }
 
     /// Server side: opens an exchange relayed for a peer server. The
@@ -366,7 +369,7 @@ impl Exchanges {
         if relays.contains_key(request_id) {
             return false;
         }
-        relays.insert(request_id.to_string(), Relay { to_peer, client_done: false, peer_done: false });
+        relays.insert(Arc::from(request_id), Relay { to_peer, client_done: false, peer_done: false });
         self.relaying.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.stats.exchanges.fetch_add(1, Ordering::Relaxed);
@@ -393,7 +396,7 @@ impl Exchanges {
     pub async fn relay_to_client(&self, mut msg: TunnelMessage) -> bool {
         {
             let mut relays = self.relays();
-            let Some(r) = relays.get_mut(&msg.request_id) else { return false };
+            let Some(r) = relays.get_mut(msg.request_id.as_str()) else { return false };
             let over = match &msg.payload {
                 Some(Payload::Cancel(_)) => true,
                 // A head that ends the request has no End frame behind it.
@@ -432,7 +435,7 @@ impl Exchanges {
     /// what can be queued, so a full queue is the client breaking it.
     fn relay_to_peer(&self, msg: TunnelMessage) -> Option<Dispatched> {
         let mut relays = self.relays();
-        let r = relays.get_mut(&msg.request_id)?;
+        let r = relays.get_mut(msg.request_id.as_str())?;
         let id = msg.request_id.clone();
         let terminal = matches!(msg.payload, Some(Payload::Error(_)) | Some(Payload::Cancel(_)));
         // A head that ends the response (HEAD, 204, 304) has no End frame behind it.
@@ -502,7 +505,7 @@ impl Exchanges {
             .filter_map(|(id, s)| {
                 let limit = s.idle_timeout?;
                 (s.phase != Phase::AwaitHead && now.saturating_duration_since(s.last_activity) >= limit)
-                    .then(|| (id.clone(), limit))
+                    .then(|| (id.to_string(), limit))
             })
             .collect();
         for (id, limit) in &expired {
@@ -552,7 +555,7 @@ impl Exchanges {
 
     /// Fails every exchange in flight and tells the peer why (shutting down).
     pub fn fail_all_to_peer(&self, kind: Kind, message: &str) {
-        let ids: Vec<String> = self.lock().keys().cloned().collect();
+        let ids: Vec<Arc<str>> = self.lock().keys().cloned().collect();
         for id in ids {
             self.fail(&id, kind, message.to_string());
         }
@@ -565,7 +568,7 @@ impl Exchanges {
             self.closed.store(true, Ordering::Release);
             slots.drain().map(|(_, s)| s).collect()
         };
-        let relays: Vec<(String, Relay)> = self.relays().drain().collect();
+        let relays: Vec<(Arc<str>, Relay)> = self.relays().drain().collect();
         for (id, r) in relays {
             self.relaying.fetch_sub(1, Ordering::Relaxed);
             self.in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -600,7 +603,7 @@ impl Exchanges {
 
     /// Routes one exchange frame from the peer. Never blocks.
     pub fn dispatch(self: &Arc<Self>, msg: TunnelMessage) -> Dispatched {
-        if self.relaying.load(Ordering::Relaxed) > 0 && self.relays().contains_key(&msg.request_id) {
+        if self.relaying.load(Ordering::Relaxed) > 0 && self.relays().contains_key(msg.request_id.as_str()) {
             return self.relay_to_peer(msg).unwrap_or(Dispatched::Done);
         }
         let id = msg.request_id;
@@ -609,7 +612,7 @@ impl Exchanges {
         };
         match payload {
             Payload::HttpRequest(head) if self.role == Role::Client => {
-                if self.lock().contains_key(&id) {
+                if self.lock().contains_key(id.as_str()) {
                     self.protocol_error(&id, FrameError::DuplicateHead);
                     return Dispatched::Done;
                 }
@@ -621,18 +624,19 @@ impl Exchanges {
                     Ok(p) => p,
                     Err(e) => return self.protocol_error(&id, e),
                 };
-                let (slot, io) = self.new_slot(&id, head.window, phase);
+                let key: Arc<str> = Arc::from(id.as_str());
+                let (slot, io) = self.new_slot(&key, head.window, phase);
                 if head.end_of_stream {
                     let _ = slot.body.try_send(BodyEvent::End(None));
                 }
-                if !self.insert(id.clone(), slot) {
+                if !self.insert(key, slot) {
                     return Dispatched::Done;
                 }
                 Dispatched::NewRequest(Box::new(NewRequest { head, io, trace_id: msg.trace_id }))
             }
             Payload::HttpResponse(head) if self.role == Role::Server => {
                 let mut slots = self.lock();
-                let Some(slot) = slots.get_mut(&id) else {
+                let Some(slot) = slots.get_mut(id.as_str()) else {
                     drop(slots);
                     return self.unknown(&id, "response head");
                 };
@@ -677,7 +681,7 @@ impl Exchanges {
             }
             Payload::Body(chunk) => {
                 let mut slots = self.lock();
-                let Some(slot) = slots.get_mut(&id) else {
+                let Some(slot) = slots.get_mut(id.as_str()) else {
                     drop(slots);
                     return self.unknown(&id, "body");
                 };
@@ -712,7 +716,7 @@ impl Exchanges {
             }
             Payload::End(end) => {
                 let mut slots = self.lock();
-                let Some(slot) = slots.get_mut(&id) else {
+                let Some(slot) = slots.get_mut(id.as_str()) else {
                     drop(slots);
                     return self.unknown(&id, "end");
                 };
@@ -744,7 +748,7 @@ impl Exchanges {
             }
             Payload::WindowUpdate(w) => {
                 let slots = self.lock();
-                let Some(slot) = slots.get(&id) else {
+                let Some(slot) = slots.get(id.as_str()) else {
                     // Credit for an exchange that just finished: normal.
                     return Dispatched::Done;
                 };
@@ -850,14 +854,14 @@ pub fn payload_name(p: &Payload) -> &'static str {
 /// up, handler aborted), telling the peer to stop work on it.
 pub struct ExchangeGuard {
     exchanges: Arc<Exchanges>,
-    request_id: String,
+    request_id: Arc<str>,
     armed: bool,
 }
 
 impl ExchangeGuard {
     /// Guards `request_id` in `exchanges`.
-    pub fn new(exchanges: Arc<Exchanges>, request_id: String) -> Self {
-        ExchangeGuard { exchanges, request_id, armed: true }
+    pub fn new(exchanges: Arc<Exchanges>, request_id: impl Into<Arc<str>>) -> Self {
+        ExchangeGuard { exchanges, request_id: request_id.into(), armed: true }
     }
 
     /// The table the guarded exchange is in.

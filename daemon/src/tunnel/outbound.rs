@@ -39,7 +39,8 @@ impl Outbound {
     pub fn new(cancel: CancellationToken) -> (Outbound, OutboundStream) {
         let (prio, prio_rx) = mpsc::channel(PRIORITY_QUEUE);
         let (data, data_rx) = mpsc::channel(DATA_QUEUE);
-        let stream = OutboundStream { prio: prio_rx, data: data_rx, cancelled: Box::pin(cancel.cancelled_owned()) };
+        let cancelled = Box::pin(cancel.clone().cancelled_owned());
+        let stream = OutboundStream { prio: prio_rx, data: data_rx, cancel, cancelled };
         (Outbound { prio, data }, stream)
     }
 
@@ -83,6 +84,7 @@ impl Outbound {
 pub struct OutboundStream {
     prio: mpsc::Receiver<Queued>,
     data: mpsc::Receiver<Queued>,
+    cancel: CancellationToken,
     cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
 }
 
@@ -90,8 +92,10 @@ impl Stream for OutboundStream {
     type Item = TunnelMessage;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<TunnelMessage>> {
-        // Cancellation first: a closed stream sends nothing more.
-        if self.cancelled.as_mut().poll(cx).is_ready() {
+        // Cancellation first: a closed stream sends nothing more. (A flag
+        // read here; the wake-up is registered only before waiting, since
+        // registering it on every message cost a lock each.)
+        if self.cancel.is_cancelled() {
             return Poll::Ready(None);
         }
         // Biased: every ready priority message goes before any data frame.
@@ -102,7 +106,10 @@ impl Stream for OutboundStream {
             Poll::Ready(Some(m)) => Poll::Ready(Some(*m)),
             // Both senders live in the stream's handle; their end means the handle is gone.
             Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => match self.cancelled.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            },
         }
     }
 }
