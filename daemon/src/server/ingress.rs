@@ -211,7 +211,11 @@ impl Public {
         let (svc_shared, svc_ctx, svc_activity) = (shared.clone(), ctx.clone(), activity.clone());
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
             let in_service = svc_activity.request_started(req.version() == http::Version::HTTP_2);
-            let response = handle(svc_shared.clone(), svc_ctx.clone(), req);
+            // Boxed: a request's future is some 5 KiB, and hyper's HTTP/2
+            // spawns each stream as a task holding it, which tokio moves by
+            // value several times from spawn to completion (it boxes only
+            // futures past 16 KiB): measured at ten copies a request.
+            let response = Box::pin(handle(svc_shared.clone(), svc_ctx.clone(), req));
             async move {
                 let response = response.await?;
                 Ok::<_, Infallible>(response.map(|body| Counted::new(body, in_service)))
