@@ -31,8 +31,9 @@ static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
 /// 20's changes, 95.7 after them; 98.9 with issue 21's request heads kept
 /// for the console's inspector; 93.7 with the client's own HTTP/1.1 codec;
 /// 82.9 with an exchange's id shared by its holders and credit's sender
-/// made only when owed.)
-const MEASURED: f64 = 82.9;
+/// made only when owed; 84.1 with a public request's future boxed for
+/// HTTP/2's sake.)
+const MEASURED: f64 = 84.1;
 /// Room for the stack's own changes before the test fails: a fifth more,
 /// which issue 20's before (154.4) is past.
 const CEILING: f64 = 1.2;

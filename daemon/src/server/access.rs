@@ -11,9 +11,10 @@
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use prometheus_client::metrics::counter::Counter;
+use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tunnel_lib::config::LogFormat;
 use tunnel_lib::introspection::RequestInfo;
 
@@ -257,17 +258,21 @@ struct Clock {
 
 impl Clock {
     fn write(&mut self, out: &mut Vec<u8>, at: SystemTime) {
-        let Ok(since) = at.duration_since(SystemTime::UNIX_EPOCH) else {
-            out.extend_from_slice(humantime::format_rfc3339_micros(at).to_string().as_bytes());
+        let Ok(since) = at.duration_since(UNIX_EPOCH) else {
+            let mut text = String::new();
+            let _ = write!(text, "{}", humantime::format_rfc3339_micros(at));
+            out.extend_from_slice(text.as_bytes());
             return;
         };
         let secs = since.as_secs();
         let prefix = match &mut self.second {
             Some((s, text)) if *s == secs => text,
             slot => {
-                // "YYYY-MM-DDTHH:MM:SSZ" without its Z.
-                let mut text =
-                    humantime::format_rfc3339_seconds(SystemTime::UNIX_EPOCH + Duration::from_secs(secs)).to_string();
+                // "YYYY-MM-DDTHH:MM:SSZ" without its Z. (humantime refuses
+                // years past 9999: the line then has what it wrote, as
+                // tracing's would.)
+                let mut text = String::with_capacity(20);
+                let _ = write!(text, "{}", humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)));
                 text.pop();
                 &slot.insert((secs, text)).1
             }

@@ -157,7 +157,7 @@ async fn carry(
     rec.stream_id = stream.stream_id.clone();
     let exchanges = stream.exchanges.clone();
     // From here, dropping the guard cancels the exchange at the client.
-    let guard = ExchangeGuard::new(exchanges.clone(), request_id.clone());
+    let guard = ExchangeGuard::new(exchanges.clone(), io.request_id.clone());
     let head = proto::HttpRequest {
         upstream: service.upstream.clone(),
         timeout_ms: CONNECT_WAIT.as_millis() as u64,

@@ -92,9 +92,9 @@ impl Stream for OutboundStream {
     type Item = TunnelMessage;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<TunnelMessage>> {
-        // Cancellation first: a closed stream sends nothing more. (A flag
-        // read here; the wake-up is registered only before waiting, since
-        // registering it on every message cost a lock each.)
+        // Cancellation first: a closed stream sends nothing more. (Checked
+        // here; the wake-up is registered only before waiting, since
+        // re-registering it on every message cost more than the check.)
         if self.cancel.is_cancelled() {
             return Poll::Ready(None);
         }
