@@ -136,8 +136,9 @@ pub fn encode_request(head: &RequestHead<'_>, out: &mut Vec<u8>) -> Result<Reque
         out.extend_from_slice(b"\r\n");
     }
     if let Some(n) = length {
-        use std::io::Write as _;
-        let _ = write!(out, "content-length: {n}\r\n");
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+        out.extend_from_slice(b"\r\n");
     }
     let framing = match (head.has_body, length) {
         (false, None | Some(0)) => RequestFraming::Empty,

@@ -115,25 +115,17 @@ impl InboundBody {
         self
     }
 
-    /// The credit we owe, as a WindowUpdate to the peer.
-    fn grant_message(&self) -> proto::TunnelMessage {
-        self.exchanges.message(&self.request_id, Payload::WindowUpdate(proto::WindowUpdate { credit: self.grant }))
-    }
-
     /// Queues owed credit as a WindowUpdate if the priority queue has room;
     /// otherwise the waker is registered and the next poll retries.
     fn flush_grant(&mut self, cx: &mut Context<'_>) {
         if self.grant == 0 {
             return;
         }
-        let exchanges = &self.exchanges;
+        let (exchanges, request_id, grant) = (&self.exchanges, &self.request_id, self.grant);
         let sender = self.sender.get_or_insert_with(|| PollSender::new(exchanges.outbound().priority_sender()));
         match sender.poll_reserve(cx) {
             Poll::Ready(Ok(())) => {
-                let msg = self.grant_message();
-                if let Some(sender) = &mut self.sender {
-                    let _ = sender.send_item(Box::new(msg));
-                }
+                let _ = sender.send_item(Box::new(grant_message(exchanges, request_id, grant)));
                 self.grant = 0;
             }
             // The stream is gone; the peer will never need the credit.
@@ -191,6 +183,11 @@ impl Body for InboundBody {
     }
 }
 
+/// `grant` bytes of credit for `request_id`, as a WindowUpdate to the peer.
+fn grant_message(exchanges: &Exchanges, request_id: &str, grant: u32) -> proto::TunnelMessage {
+    exchanges.message(request_id, Payload::WindowUpdate(proto::WindowUpdate { credit: grant }))
+}
+
 impl Drop for InboundBody {
     fn drop(&mut self) {
         if self.done {
@@ -207,7 +204,7 @@ impl Drop for InboundBody {
             if self.grant > 0 {
                 if let Ok(rt) = tokio::runtime::Handle::try_current() {
                     let tx = self.exchanges.outbound().priority_sender();
-                    let msg = self.grant_message();
+                    let msg = grant_message(&self.exchanges, &self.request_id, self.grant);
                     rt.spawn(async move {
                         let _ = tx.send(Box::new(msg)).await;
                     });
